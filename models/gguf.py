@@ -1,0 +1,78 @@
+"""GGUF file -> an HF folder in a cache, converted once.
+
+transformers reads GGUF (undoing llama.cpp's q/k permutation and dequantizing) but takes ~30 s on
+two cores for SmolLM2; the result is saved as safetensors + tokenizer under a key made of the
+file's hash, so the next load is a plain HF-folder load of a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from llamatrt.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """$LLAMATRT_CACHE, else ~/.cache/llamatrt."""
+    return Path(os.environ.get("LLAMATRT_CACHE") or Path.home() / ".cache" / "llamatrt")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hf_dir_from_gguf(path: Path) -> Path:
+    """The cached HF folder for this GGUF file, converting it on first use (atomic rename)."""
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist; check the path")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path} is not a GGUF file (bad magic); pass a .gguf from llama.cpp")
+    target = cache_root() / "gguf" / file_digest(path)[:24]
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        _convert(path, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(path: Path, out: Path) -> None:
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    except ImportError as e:
+        raise CheckpointError(f"reading GGUF needs the `gguf` and `accelerate` packages ({e}); "
+                              "pip install gguf accelerate") from e  # fmt: skip
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"transformers cannot read {path.name} ({str(e).splitlines()[0]}); "
+                              "is it a Llama GGUF?") from e  # fmt: skip
+    model.config.quantization_config = None  # the saved copy is plain float
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,106 @@
+"""Llama building blocks: RMSNorm (fp32 statistics), GQA attention over a static cache, SwiGLU MLP.
+
+Parameter names equal transformers' (`q_proj`, `gate_proj`, `input_layernorm`, ...), so HF state
+dicts load without a name map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from llamatrt.models.config import LlamaConfig
+from llamatrt.models.kv_cache import write_kv
+from llamatrt.models.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 whatever the compute dtype: fp16 squares overflow past ~256.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.head_dim**-0.5
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (batch, seq, hidden)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,  # (batch, 1, seq, max_cache_len) fp32 additive
+        cache_position: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, seq, _ = x.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (batch, heads, seq, head_dim)
+        present_key = write_kv(past_key, k, cache_position)  # (batch, num_kv_heads, max_cache_len, head_dim)
+        present_value = write_kv(past_value, v, cache_position)
+        # GQA without repeating KV: fold each KV head's query group into the row axis.
+        q = q.reshape(batch, self.num_kv_heads, groups * seq, self.head_dim)
+        scores = torch.matmul(q, present_key.transpose(2, 3))  # (batch, kv_heads, groups*seq, cache)
+        scores = scores.float().view(batch, self.num_kv_heads, groups, seq, -1) * self.scale
+        probs = torch.softmax(scores + mask[:, :, None], dim=-1)  # fp32 mask add and softmax
+        probs = probs.to(q.dtype).view(batch, self.num_kv_heads, groups * seq, -1)
+        out = torch.matmul(probs, present_value)  # (batch, kv_heads, groups*seq, head_dim)
+        out = out.view(batch, self.num_heads, seq, self.head_dim).transpose(1, 2)
+        return self.o_proj(out.reshape(batch, seq, -1)), present_key, present_value
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        c = config
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache_position: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn, present_key, present_value = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, cache_position, past_key, past_value
+        )
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present_key, present_value

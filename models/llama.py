@@ -1,0 +1,89 @@
+"""StaticLlama: the exportable model. Static shapes, explicit KV cache in and out.
+
+forward(input_ids, position_ids, cache_position, attention_mask, *past) -> (logits, *present)
+with past/present flat in graph order (key0, value0, key1, value1, ...), per DESIGN.md §1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from llamatrt.errors import CheckpointError
+from llamatrt.models.config import LlamaConfig
+from llamatrt.models.layers import DecoderLayer, RMSNorm
+from llamatrt.models.mask import causal_mask
+from llamatrt.models.rope import inv_freq_from_config, rope_cos_sin
+
+
+class _Backbone(nn.Module):
+    """Holds parameters under transformers' `model.` prefix so HF state dicts load as they are."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class StaticLlama(nn.Module):
+    def __init__(self, config: LlamaConfig, full_logits: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.full_logits = full_logits
+        self.model = _Backbone(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", inv_freq_from_config(config), persistent=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(vocab, hidden): the tied embedding or the separate head."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (batch, seq) int64
+        position_ids: torch.Tensor,  # (batch, seq) int64
+        cache_position: torch.Tensor,  # (seq,) int64
+        attention_mask: torch.Tensor,  # (batch, max_cache_len) int64
+        *past: torch.Tensor,  # 2 * num_layers of (batch, num_kv_heads, max_cache_len, head_dim)
+    ) -> tuple[torch.Tensor, ...]:
+        x = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        mask = causal_mask(cache_position, attention_mask)
+        present: list[torch.Tensor] = []
+        for i, layer in enumerate(self.model.layers):
+            x, key, value = layer(x, cos, sin, mask, cache_position, past[2 * i], past[2 * i + 1])
+            present += (key, value)
+        if not self.full_logits:
+            x = x[:, -1:]  # the loop only needs the next-token logits of each row
+        x = self.model.norm(x)
+        logits = torch.matmul(x, self.head_weight.t()).float()  # (batch, seq or 1, vocab)
+        if not self.full_logits:
+            logits = logits[:, 0]  # (batch, vocab)
+        return (logits, *present)
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Strict load with one-line errors naming the missing / unexpected / mis-shaped tensor."""
+        own = self.state_dict()
+        sd = dict(state_dict)
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # tied checkpoints may still store the copy
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own) - {k for k in sd if k.endswith("rotary_emb.inv_freq")})
+        if missing:
+            raise CheckpointError(f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing); "
+                                  "is it a complete Llama checkpoint?")  # fmt: skip
+        if unexpected:
+            raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]!r}; "
+                                  "it does not match its config.json")  # fmt: skip
+        for name, tensor in own.items():
+            if tuple(sd[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(sd[name].shape)}, config "
+                                      f"implies {tuple(tensor.shape)}; the checkpoint and config.json disagree")  # fmt: skip
+        self.load_state_dict({k: sd[k] for k in own}, strict=True)

