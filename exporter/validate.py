@@ -51,7 +51,7 @@ def max_logits_error(folder: Path, prefill: GraphSpec, decode: GraphSpec, model:
             ref = model(ids, positions, cache_position, mask, *cache)
             feeds = {"input_ids": ids.numpy(), "position_ids": positions.contiguous().numpy(),
                      "cache_position": cache_position.numpy(), "attention_mask": mask.numpy()}  # fmt: skip
-            feeds.update(zip([t.name for t in graph.inputs[4:]], ort_cache))
+            feeds.update(zip([t.name for t in graph.inputs[4:]], ort_cache, strict=True))
             out = sessions[graph.name].run(None, feeds)
             worst = max(worst, float(np.abs(out[0] - ref[0].float().numpy()).max()))
             cache, ort_cache = list(ref[1:]), out[1:]

@@ -66,7 +66,7 @@ def test_onnx_equals_pytorch_prefill_and_16_decode_steps(artifacts, tiny_dir: Pa
         ref = model(ids, positions, cache_position, mask, *cache)
         feeds = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "cache_position": cache_position.numpy(),
                  "attention_mask": mask.numpy()}  # fmt: skip
-        feeds.update(zip([i.name for i in session.get_inputs()][4:], ort_cache))
+        feeds.update(zip([i.name for i in session.get_inputs()][4:], ort_cache, strict=True))
         out = session.run(None, feeds)
         assert np.abs(out[0] - ref[0].numpy()).max() <= 1e-4, f"step {step}"
         cache, ort_cache = list(ref[1:]), out[1:]
