@@ -16,7 +16,7 @@ from llamatrt.exporter.manifest import DTYPE_ALIASES, FORMAT_VERSION, GraphSpec,
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
 from llamatrt.exporter.validate import validate_export
-from llamatrt.exporter.weights_file import save_graph, write_shared_weights
+from llamatrt.exporter.weights_file import parameter_locations, save_graph, write_shared_weights
 from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
 from llamatrt.models.tokenizer import eos_token_ids, load_tokenizer
 
@@ -87,7 +87,8 @@ def export_artifact(
             step(f"exporting {name} graph")
             graphs[name] = optimize_graph(graph_to_onnx(torch_model, spec))
         step("writing weights")
-        weights_bytes, weights_sha = write_shared_weights(list(graphs.values()), tmp / WEIGHTS_FILE)
+        written = write_shared_weights(list(graphs.values()), tmp / WEIGHTS_FILE)
+        locations = parameter_locations(torch_model.state_dict(), written)
         for name, graph in graphs.items():
             specs[name] = GraphSpec(name, specs[name].path, specs[name].inputs, specs[name].outputs,
                                     save_graph(graph, tmp / specs[name].path))  # fmt: skip
@@ -100,7 +101,8 @@ def export_artifact(
         manifest = Manifest(
             format_version=FORMAT_VERSION, config=config, source=checkpoint.source, dtype=options.dtype,
             batch_size=b, max_cache_len=c, prefill_chunk=s, opset=OPSET, kv_write=KV_WRITE,
-            weights_file=WEIGHTS_FILE, weights_bytes=weights_bytes, weights_sha256=weights_sha, graphs=specs,
+            weights_file=WEIGHTS_FILE, weights_bytes=written.bytes, weights_sha256=written.sha256,
+            weights_map=locations, graphs=specs,
             tokenizer=tokenizer, validation=validation, versions=_versions(),
         )  # fmt: skip
         write_manifest(manifest, tmp)

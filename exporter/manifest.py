@@ -64,6 +64,7 @@ class Manifest:
     weights_bytes: int
     weights_sha256: str
     graphs: Mapping[str, GraphSpec]
+    weights_map: Mapping[str, Any] = field(default_factory=dict)  # param -> offset/shape/transposed
     tokenizer: Mapping[str, Any] = field(default_factory=dict)  # dir, eos_token_ids, pad_token_id, chat_template
     validation: Mapping[str, Any] = field(default_factory=dict)
     engines: Mapping[str, Any] = field(default_factory=dict)  # filled by `llamatrt build`
@@ -91,7 +92,12 @@ class Manifest:
             "prefill_chunk": self.prefill_chunk,
             "opset": self.opset,
             "kv_write": self.kv_write,
-            "weights": {"file": self.weights_file, "bytes": self.weights_bytes, "sha256": self.weights_sha256},
+            "weights": {
+                "file": self.weights_file,
+                "bytes": self.weights_bytes,
+                "sha256": self.weights_sha256,
+                "tensors": dict(self.weights_map),
+            },
             "graphs": {
                 name: {
                     "path": g.path,
@@ -140,6 +146,7 @@ class Manifest:
                 weights_file=weights["file"],
                 weights_bytes=int(weights["bytes"]),
                 weights_sha256=weights["sha256"],
+                weights_map=weights.get("tensors", {}),
                 graphs=graphs,
                 tokenizer=raw.get("tokenizer", {}),
                 validation=raw.get("validation", {}),

@@ -43,7 +43,7 @@ def max_logits_error(folder: Path, prefill: GraphSpec, decode: GraphSpec, model:
     cache = empty_cache(model.config, batch, max_cache_len, dtype)
     calls = [(prefill, ids, positions, torch.arange(seq))]
     worst = 0.0
-    ort_cache: list[np.ndarray] = [t.numpy() for t in cache]
+    ort_cache: list[np.ndarray] = [t.numpy().copy() for t in cache]  # eager writes in place
     sessions = {g.name: _ort_session(folder / g.path) for g in (prefill, decode)}
     with torch.no_grad():
         for step in range(steps + 1):

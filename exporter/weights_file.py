@@ -7,34 +7,44 @@ bytes. Disk use is then ~1x the weights, not 2x.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
 ALIGNMENT = 64  # bytes; keeps every tensor aligned for vector loads when memory-mapped
-INLINE_LIMIT = 1024  # smaller tensors (shape constants) stay inside the .onnx file
+INLINE_LIMIT = 1024  # smaller integer tensors (shape constants) stay inside the .onnx file
+
+
+@dataclass(frozen=True)
+class WrittenWeights:
+    bytes: int
+    sha256: str
+    offsets: dict[str, tuple[int, int]]  # sha1 of a tensor's bytes -> (offset, length) in the file
 
 
 def write_shared_weights(
     models: Sequence[ir.Model], path: Path, progress: Callable[[int], None] | None = None
-) -> tuple[int, str]:
-    """Move every large initializer of `models` into `path` (deduplicated). Returns (bytes, sha256)."""
+) -> WrittenWeights:
+    """Move every large initializer of `models` into `path`, each distinct tensor once."""
     import onnx_ir as ir
 
-    offsets: dict[tuple[str, tuple[int, ...], str], tuple[int, int]] = {}
+    offsets: dict[str, tuple[int, int]] = {}
     digest = hashlib.sha256()
     size = 0
     with path.open("wb") as f:
         for model in models:
             for value in model.graph.initializers.values():
                 tensor = value.const_value
-                if tensor is None or tensor.nbytes < INLINE_LIMIT:
-                    continue
+                if tensor is None or (tensor.nbytes < INLINE_LIMIT and not tensor.dtype.is_floating_point()):
+                    continue  # every float tensor goes out, so parameters are all found in the file
                 data = tensor.tobytes()
-                key = (str(tensor.dtype), tuple(tensor.shape), hashlib.sha1(data).hexdigest())
+                key = hashlib.sha1(data).hexdigest()
                 if key not in offsets:
                     pad = -size % ALIGNMENT
                     f.write(b"\0" * pad)
@@ -50,7 +60,23 @@ def write_shared_weights(
                     path.name, offset, length, tensor.dtype,
                     shape=tensor.shape, name=value.name or "", base_dir=path.parent,
                 )  # fmt: skip
-    return size, digest.hexdigest()
+    return WrittenWeights(size, digest.hexdigest(), offsets)
+
+
+def parameter_locations(state_dict: Mapping[str, torch.Tensor], written: WrittenWeights) -> dict[str, dict[str, Any]]:
+    """Where each model parameter lies in the weights file, found by content (the exporter renames
+    and pre-transposes weights). Lets the PyTorch backend run from the artifact's own weights."""
+    locations: dict[str, dict[str, Any]] = {}
+    for name, tensor in state_dict.items():
+        for transposed, candidate in ((False, tensor), (True, tensor.t() if tensor.dim() == 2 else None)):
+            if candidate is None:
+                continue
+            data = candidate.contiguous().view(torch.uint8).numpy().tobytes()
+            hit = written.offsets.get(hashlib.sha1(data).hexdigest())
+            if hit is not None and hit[1] == len(data):
+                locations[name] = {"offset": hit[0], "shape": list(candidate.shape), "transposed": transposed}
+                break
+    return locations
 
 
 def save_graph(model: ir.Model, path: Path) -> int:

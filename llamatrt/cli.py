@@ -92,3 +92,9 @@ def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefil
         f"S={manifest.prefill_chunk}, C={manifest.max_cache_len}) in {time.perf_counter() - started:.1f} s; "
         f"{size / 1e6:.1f} MB on disk; {check}"
     )
+
+
+from llamatrt.cli_generate import chat, generate  # noqa: E402  (commands register after `main` exists)
+
+main.add_command(generate)
+main.add_command(chat)

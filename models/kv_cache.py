@@ -1,9 +1,11 @@
 """The KV-cache write and the names/shapes of the cache tensors.
 
-`write_kv` is the only place new keys/values enter the cache. It is a torch custom op so the
-exporter can lower it to ONNX `TensorScatter` (opset 24), which ONNX Runtime runs and TensorRT
-maps to its in-place KV-cache update. Its contract matches TensorScatter's: the S new entries
-land contiguously at slots cache_position[0] .. cache_position[0] + S - 1, for every row.
+`write_kv` is the only place new keys/values enter the cache. Its contract is ONNX
+`TensorScatter`'s: the S new entries land contiguously at slots cache_position[0] ..
+cache_position[0] + S - 1, for every row. Eager PyTorch writes those S slots in place (present is
+past, no copy of the cache per step); under export it becomes the functional custom op
+`llamatrt::write_kv`, which the exporter lowers to `TensorScatter` (opset 24) — ONNX Runtime runs it
+in place with IO binding and TensorRT maps it to its KV-cache update layer.
 """
 
 from __future__ import annotations
@@ -13,17 +15,26 @@ import torch
 from llamatrt.models.config import LlamaConfig
 
 
-@torch.library.custom_op("llamatrt::write_kv", mutates_args=())
 def write_kv(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-    """present (batch, num_kv_heads, max_cache_len, head_dim) = past with `new` written at
-    the slots starting at cache_position[0] along the sequence axis."""
+    """present (batch, num_kv_heads, max_cache_len, head_dim) = past with `new` (batch,
+    num_kv_heads, seq, head_dim) written at slots cache_position[0] .. + seq - 1."""
+    if torch.compiler.is_exporting():
+        return write_kv_op(past, new, cache_position)
+    start = int(cache_position[0])
+    past[:, :, start : start + new.shape[2]] = new
+    return past
+
+
+@torch.library.custom_op("llamatrt::write_kv", mutates_args=())
+def write_kv_op(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """The functional form the exporter sees and lowers to TensorScatter."""
     start = int(cache_position[0])
     present = past.clone()
     present[:, :, start : start + new.shape[2]] = new
     return present
 
 
-@write_kv.register_fake
+@write_kv_op.register_fake
 def _write_kv_fake(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(past)
 

@@ -88,3 +88,15 @@ def smollm2_artifact(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "fp32"
     export_artifact("smollm2", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """A tiny llama3-scaled GQA model with a tokenizer, exported with B=3, S=8, C=48."""
+    from llamatrt.exporter.export import ExportOptions, export_artifact
+
+    root = tmp_path_factory.mktemp("tiny-artifact")
+    tiny_hf_model("gqa-llama3").save_pretrained(root / "hf")
+    save_tiny_tokenizer(root / "hf")
+    export_artifact(root / "hf", root / "b3", ExportOptions(batch_size=3, max_cache_len=48, prefill_chunk=8))
+    return root / "b3"

@@ -60,7 +60,7 @@ def test_onnx_equals_pytorch_prefill_and_16_decode_steps(artifacts, tiny_dir: Pa
         positions[b, CHUNK - n :] = torch.arange(n)
         mask[b, : CHUNK - n] = 0
     cache = empty_cache(model.config, batch, CACHE, torch.float32)
-    ort_cache = [t.numpy() for t in cache]
+    ort_cache = [t.numpy().copy() for t in cache]  # eager torch writes its cache in place
     session, cache_position = prefill, torch.arange(CHUNK)
     for step in range(17):
         ref = model(ids, positions, cache_position, mask, *cache)

@@ -1,0 +1,34 @@
+"""GPU-only imports, on first use, with a one-line error that says what to install."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from llamatrt.errors import BackendUnavailable
+
+
+def require_tensorrt(allow_rtx: bool = False) -> ModuleType:
+    """`tensorrt` (or, where allowed, `tensorrt_rtx`, which builds engines on a CPU-only machine)."""
+    try:
+        import tensorrt
+
+        return tensorrt
+    except ImportError:
+        if allow_rtx:
+            try:
+                import tensorrt_rtx
+
+                return tensorrt_rtx
+            except ImportError:
+                pass
+    raise BackendUnavailable(
+        "TensorRT is not installed; on a GPU machine run `pip install 'llamatrt[gpu]'` (or `pip install tensorrt`), "
+        "or use --backend onnxruntime"
+    )
+
+
+def require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("no CUDA device is visible; run on a GPU machine or use --backend onnxruntime")

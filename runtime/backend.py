@@ -1,0 +1,106 @@
+"""The Backend interface: run one graph on torch tensors. Generation never looks past it.
+
+Backends differ only in how they run a graph (and where the cache lives). Outputs are valid until
+the next `run`: present tensors may alias the past buffers they were fed (that is the point: no
+copy of the cache per step), and logits may live in a reused buffer.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from llamatrt.errors import InputError, ManifestMismatchError
+from llamatrt.exporter.manifest import GraphSpec, Manifest, read_manifest
+from llamatrt.models.kv_cache import cache_names
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt")
+BACKEND_ALIASES = {"ort": "onnxruntime", "pytorch": "torch", "trt": "tensorrt"}
+
+
+class Backend(abc.ABC):
+    name: str = "abstract"
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu") -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.check_inputs = True  # benchmarks may switch the (cheap) feed check off
+
+    def run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if graph not in self.manifest.graphs:
+            raise InputError(f"graph {graph!r} is not in this artifact; it has {', '.join(self.manifest.graphs)}")
+        if self.check_inputs:
+            check_feeds(self.manifest.graphs[graph], feeds)
+        return self._run(graph, feeds)
+
+    @abc.abstractmethod
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def allocate_cache(self) -> list[torch.Tensor]:
+        """Zeroed past buffers on this backend's device, flat in graph order; once per generation."""
+        spec = self.manifest.cache_spec
+        return [torch.zeros(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+                for _ in cache_names(self.manifest.config.num_layers)]  # fmt: skip
+
+    def close(self) -> None:  # noqa: B027  (optional hook: most backends hold nothing to release)
+        """Release sessions/engines; the default has nothing to release."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def check_feeds(spec: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
+    """One-line errors that name the tensor, instead of an ORT/TensorRT traceback."""
+    expected = {t.name for t in spec.inputs}
+    if set(feeds) != expected:
+        missing, extra = sorted(expected - set(feeds)), sorted(set(feeds) - expected)
+        raise InputError(f"{spec.name} feeds: missing {missing[:3]}, unexpected {extra[:3]}")
+    for t in spec.inputs:
+        value = feeds[t.name]
+        if tuple(value.shape) != t.shape or value.dtype != TORCH_DTYPES[t.dtype]:
+            raise InputError(f"{spec.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
+                             f"{t.shape} {t.dtype}")  # fmt: skip
+    seq = spec.seq_len
+    max_cache_len = spec.input("attention_mask").shape[1]
+    start = int(feeds["cache_position"][0])
+    if start < 0 or start + seq > max_cache_len:
+        raise InputError(f"cache_position {start}..{start + seq - 1} is outside the cache of {max_cache_len} slots; "
+                         "the cache is full — re-export with a larger --max-seq-len")  # fmt: skip
+
+
+def canonical_backend_name(name: str) -> str:
+    name = BACKEND_ALIASES.get(name, name)
+    if name not in BACKEND_NAMES:
+        raise InputError(f"unknown backend {name!r}; use one of {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+def open_backend(artifact: str | Path, kind: str = "onnxruntime", device: str | None = None) -> Backend:
+    """Read and check the artifact's manifest, then open the named backend on it."""
+    kind = canonical_backend_name(kind)
+    folder = Path(artifact)
+    if not folder.is_dir():
+        raise ManifestMismatchError(f"artifact {folder} does not exist; run `llamatrt export --out {folder}` first")
+    manifest = read_manifest(folder)
+    if kind == "torch":
+        from llamatrt.runtime.torch_backend import TorchBackend
+
+        return TorchBackend(folder, manifest, device or "cpu")
+    if kind == "onnxruntime":
+        from llamatrt.runtime.ort_backend import OrtBackend
+
+        return OrtBackend(folder, manifest, device or "cpu")
+    from llamatrt.runtime.trt_backend import TensorRTBackend
+
+    return TensorRTBackend(folder, manifest, device or "cuda")

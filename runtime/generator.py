@@ -1,0 +1,175 @@
+"""Generator: the only prefill/decode loop. It knows a Backend's `run` and nothing else of it.
+
+Prompts are left-padded to a common width (at least one prefill chunk) and prefilled in windows of
+the chunk size; the last window ends at the last prompt token, overlapping the one before it when
+the width is not a multiple of the chunk (rewriting a slot with the same token and context gives
+the same keys/values), so the logits of every row's last token are the graph's last position.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llamatrt.errors import InputError
+from llamatrt.runtime.backend import Backend
+from llamatrt.runtime.kv_state import KVState
+from llamatrt.runtime.sampling import SamplingParams, generators_for, next_tokens, token_logprobs
+from llamatrt.runtime.stopping import Detokenize, StopCriteria
+
+
+GREEDY = SamplingParams()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One event of one prompt: a new token, and/or the end of that prompt."""
+
+    index: int  # the prompt's position in the call
+    token_id: int | None  # None on a final step ended by a stop id (stop ids are not emitted)
+    logprob: float | None
+    finish_reason: str | None  # None while running, then "stop" or "length"
+    elapsed_s: float  # since its batch started (first step of a prompt = time to first token)
+
+
+def prefill_windows(width: int, chunk: int) -> list[int]:
+    """Start slots of the prefill calls covering [0, width), each `chunk` long, the last ending at width."""
+    starts = list(range(0, width - chunk + 1, chunk))
+    if starts[-1] + chunk < width:
+        starts.append(width - chunk)
+    return starts
+
+
+class Generator:
+    def __init__(
+        self, backend: Backend, stop_ids: Iterable[int] = (), pad_id: int = 0, detokenize: Detokenize | None = None
+    ) -> None:
+        self.backend = backend
+        self.manifest = backend.manifest
+        self.stop_ids = frozenset(stop_ids)
+        self.pad_id = pad_id
+        self.detokenize = detokenize
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, **kwargs) -> list[list[int]]:
+        """Token ids per prompt (stop ids excluded); drains `stream`."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream(prompts, max_new_tokens, **kwargs):
+            if step.token_id is not None:
+                out[step.index].append(step.token_id)
+        return out
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        sampling: SamplingParams = GREEDY,
+        stop_strings: Sequence[str] = (),
+        logprobs: bool = False,
+    ) -> Iterator[Step]:
+        """Steps of all prompts; more prompts than the artifact's batch run in successive batches."""
+        self._check(prompts, max_new_tokens, sampling.checked())
+        criteria = StopCriteria(self.stop_ids, tuple(stop_strings), self.detokenize)
+        generators = generators_for(sampling, len(prompts))
+        kv = KVState(self.backend)  # cache buffers allocated once for the whole call
+        batch = self.manifest.batch_size
+        for first in range(0, len(prompts), batch):
+            rows = [list(p) for p in prompts[first : first + batch]]
+            yield from self._stream_batch(kv, rows, first, max_new_tokens, sampling, criteria,
+                                          generators[first : first + batch], logprobs)  # fmt: skip
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams) -> None:
+        if not prompts:
+            raise InputError("no prompts given; pass at least one prompt")
+        if max_new_tokens < 1:
+            raise InputError(f"max new tokens {max_new_tokens} must be >= 1")
+        vocab, capacity = self.manifest.config.vocab_size, self.manifest.max_cache_len
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise InputError(f"prompt {i} is empty; give it at least one token")
+            if len(prompt) > capacity:
+                raise InputError(f"prompt {i} has {len(prompt)} tokens, the cache holds {capacity}; shorten it or "
+                                 "re-export with a larger --max-seq-len")  # fmt: skip
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise InputError(f"prompt {i} has a token id outside the vocabulary [0, {vocab})")
+
+    def _stream_batch(
+        self, kv: KVState, rows: list[list[int]], first: int, max_new_tokens: int, sampling: SamplingParams,
+        criteria: StopCriteria, generators: list[torch.Generator], logprobs: bool,
+    ) -> Iterator[Step]:  # fmt: skip
+        started = time.perf_counter()
+        batch, real = self.manifest.batch_size, len(rows)
+        lengths = [len(r) for r in rows] + [1] * (batch - real)  # filler rows hold one pad token
+        generators = generators + [torch.Generator() for _ in range(batch - real)]
+        width = max(*lengths, self.manifest.prefill_chunk)
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, width - len(row) :] = torch.tensor(row)
+            positions[b, width - len(row) :] = torch.arange(len(row))
+        kv.start([width - n for n in lengths])
+        seen = self._seen_tokens(rows, batch, sampling)
+        logits = self._prefill(kv, ids, positions)
+        next_position = torch.tensor(lengths)
+        active = [b < real for b in range(batch)]
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        while True:
+            tokens = next_tokens(logits, sampling, generators, seen)
+            chosen = token_logprobs(logits, tokens).tolist() if logprobs else [None] * batch
+            elapsed = time.perf_counter() - started
+            for b in range(real):
+                if active[b]:
+                    step = self._advance_row(b, int(tokens[b]), generated[b], max_new_tokens, kv, criteria)
+                    active[b] = step[1] is None
+                    yield Step(first + b, step[0], chosen[b] if step[0] is not None else None, step[1], elapsed)
+            if not any(active):
+                return
+            if seen is not None:
+                seen[torch.arange(batch), tokens] = True
+            tokens = torch.where(torch.tensor(active), tokens, self.pad_id)
+            logits = self._decode(kv, tokens, next_position)
+            next_position += 1
+
+    def _advance_row(
+        self, row: int, token: int, generated: list[int], max_new_tokens: int, kv: KVState, criteria: StopCriteria
+    ) -> tuple[int | None, str | None]:
+        """(token to emit or None, finish reason or None) for one row's newly sampled token."""
+        if token in criteria.stop_ids:
+            return None, "stop"
+        generated.append(token)
+        if criteria.stop_string_at(generated) is not None:
+            return token, "stop"
+        if len(generated) >= max_new_tokens or kv.free_slots == 0:  # no slot left to decode this token
+            return token, "length"
+        return token, None
+
+    def _seen_tokens(self, rows: list[list[int]], batch: int, sampling: SamplingParams) -> torch.Tensor | None:
+        if sampling.repetition_penalty == 1.0:
+            return None
+        seen = torch.zeros(batch, self.manifest.config.vocab_size, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            seen[b, torch.tensor(row)] = True
+        return seen
+
+    def _prefill(self, kv: KVState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        chunk, device = self.manifest.prefill_chunk, self.backend.device
+        for start in prefill_windows(ids.shape[1], chunk):
+            feeds = kv.feeds(device)
+            feeds["input_ids"] = ids[:, start : start + chunk].to(device)
+            feeds["position_ids"] = positions[:, start : start + chunk].to(device)
+            feeds["cache_position"] = torch.arange(start, start + chunk, device=device)
+            outputs = self.backend.run("prefill", feeds)
+            kv.update(outputs, next_slot=start + chunk)
+        return outputs["logits"].float().cpu()
+
+    def _decode(self, kv: KVState, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        device, slot = self.backend.device, kv.next_slot
+        feeds = kv.feeds(device)
+        feeds["input_ids"] = tokens[:, None].to(device)
+        feeds["position_ids"] = positions[:, None].to(device)
+        feeds["cache_position"] = torch.tensor([slot], device=device)
+        outputs = self.backend.run("decode", feeds)
+        kv.update(outputs, next_slot=slot + 1)
+        return outputs["logits"].float().cpu()

@@ -1,0 +1,84 @@
+"""The ONNX Runtime backend (CPU; CUDA where onnxruntime-gpu is installed).
+
+Every tensor is bound by address (IO binding), and each `present.*` output is bound to the very
+buffer fed as its `past_key_values.*` input, so TensorScatter updates the cache in place: no
+allocation and no copy of the cache per step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llamatrt.errors import BackendUnavailable, ManifestMismatchError
+from llamatrt.exporter.manifest import Manifest
+from llamatrt.runtime.backend import Backend
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+def physical_cores() -> int:
+    """Threads for intra-op parallelism: the cores this process may use (SMT siblings add little)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
+        super().__init__(folder, manifest, device)
+        import onnxruntime as ort
+
+        if manifest.dtype == "bfloat16" and self.device.type == "cpu":
+            raise BackendUnavailable("ONNX Runtime CPU cannot run bf16 graphs; use --backend torch or a GPU backend")
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailable("onnxruntime has no CUDA provider here; pip install onnxruntime-gpu")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or physical_cores()
+        options.log_severity_level = 3
+        self.sessions: dict[str, Any] = {}
+        for name, graph in manifest.graphs.items():
+            try:
+                self.sessions[name] = ort.InferenceSession(str(self.folder / graph.path), options, providers=providers)
+            except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)
+                raise ManifestMismatchError(f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
+                                            "re-run `llamatrt export --force`") from e  # fmt: skip
+        self.logits = {
+            name: torch.empty(g.outputs[0].shape, dtype=torch.float32, device=self.device)
+            for name, g in manifest.graphs.items()
+        }
+        self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
+
+    def _bind(self, binding: Any, name: str, tensor: torch.Tensor, output: bool) -> None:
+        dtype = NUMPY_DTYPES[str(tensor.dtype).removeprefix("torch.")]
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, self._ort_device, self.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr())
+
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        feeds = {k: v if v.is_contiguous() else v.contiguous() for k, v in feeds.items()}
+        for name, tensor in feeds.items():
+            self._bind(binding, name, tensor, output=False)
+        outputs = {"logits": self.logits[graph]}
+        for spec in self.manifest.graphs[graph].outputs[1:]:
+            outputs[spec.name] = feeds[spec.name.replace("present.", "past_key_values.", 1)]  # alias: in place
+        for name, tensor in outputs.items():
+            self._bind(binding, name, tensor, output=True)
+        session.run_with_iobinding(binding)
+        return outputs
+
+    def close(self) -> None:
+        self.sessions.clear()

@@ -1,0 +1,90 @@
+"""Sampling as pure functions of logits, with one seeded torch.Generator per prompt (no global seed).
+
+Order as transformers applies them: repetition penalty, temperature, top-k, top-p, min-p.
+A prompt's generator is seeded with `seed` alone, so a prompt samples the same tokens alone or in
+a batch, and on every backend whose logits agree.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from llamatrt.errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None: a fresh random seed per call
+
+    def checked(self) -> SamplingParams:
+        if not self.temperature >= 0:
+            raise InputError(f"temperature {self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise InputError(f"top-k {self.top_k} must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top-p {self.top_p} must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            raise InputError(f"min-p {self.min_p} must be in [0, 1)")
+        if not self.repetition_penalty > 0:
+            raise InputError(f"repetition penalty {self.repetition_penalty} must be > 0 (1 turns it off)")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def generators_for(params: SamplingParams, rows: int) -> list[torch.Generator]:
+    seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+    return [torch.Generator().manual_seed(seed) for _ in range(rows)]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style: seen tokens' positive logits divided by `penalty`, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k / top-p / min-p as -inf masks (batch, vocab) -> (batch, vocab)."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token crossing p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator], seen: torch.Tensor | None
+) -> torch.Tensor:
+    """(batch, vocab) fp32 logits -> (batch,) token ids."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, params).softmax(-1)
+    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each chosen token under the model's raw distribution."""
+    return logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]

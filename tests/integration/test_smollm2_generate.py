@@ -1,0 +1,59 @@
+"""SmolLM2: ONNX Runtime and PyTorch backends give the same greedy tokens as transformers' generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import llamatrt
+from llamatrt.runtime.generator import Generator
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the moon.",
+    "Explain in two sentences why the sky is blue.",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(smollm2_artifact: Path) -> list[list[int]]:
+    from transformers import LlamaForCausalLM
+
+    from llamatrt.models import load_checkpoint
+
+    hf = LlamaForCausalLM.from_pretrained(load_checkpoint("smollm2").hf_dir).eval()
+    with llamatrt.load(smollm2_artifact, "torch") as llm:
+        prompts = [llm.encode(p, chat=True) for p in PROMPTS]
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            # explicit mask: the chat prompt contains <|im_end|> = pad id, which generate() would mask out
+            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2)  # fmt: skip
+            out.append(gen[0, len(ids) :].tolist())
+    return out
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_greedy_64_tokens_equal_transformers(smollm2_artifact: Path, reference_tokens, backend: str) -> None:
+    with llamatrt.load(smollm2_artifact, backend) as llm:
+        prompts = [llm.encode(p, chat=True) for p in PROMPTS]
+        tokens = Generator(llm.backend, pad_id=2).generate(prompts, max_new_tokens=64)  # no stop ids: all 64
+        results = llm.generate(PROMPTS, chat=True, max_new_tokens=64)
+    assert tokens == reference_tokens
+    for result, ref in zip(results, reference_tokens, strict=True):
+        expected = ref[: ref.index(2)] if 2 in ref else ref  # generate() stops at <|im_end|>
+        assert result.token_ids == expected
+    assert "Paris" in results[0].text and results[0].finish_reason == "stop"
+
+
+def test_stream_text_equals_generate_text(smollm2_artifact: Path) -> None:
+    with llamatrt.load(smollm2_artifact) as llm:
+        streamed = "".join(d.text for d in llm.stream(PROMPTS[1], chat=True, max_new_tokens=40))
+        result = llm.generate(PROMPTS[1], chat=True, max_new_tokens=40)[0]
+        sampled = [llm.generate(PROMPTS[1], chat=True, max_new_tokens=20, temperature=0.8, top_p=0.9, seed=7)[0]
+                   for _ in range(2)]  # fmt: skip
+    assert streamed == result.text and len(result.token_ids) == 40
+    assert sampled[0].token_ids == sampled[1].token_ids

@@ -1,0 +1,46 @@
+"""A scripted Backend: next token = (last input token + 1) % vocab. Records every call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from llamatrt.exporter.manifest import FORMAT_VERSION, Manifest
+from llamatrt.exporter.onnx_export import graph_spec
+from llamatrt.models import LlamaConfig, StaticLlama
+from llamatrt.runtime.backend import Backend
+
+VOCAB = 32
+
+
+def fake_manifest(batch: int = 1, chunk: int = 4, cache: int = 24) -> Manifest:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
+                         tie_word_embeddings=True)  # fmt: skip
+    model = StaticLlama(config)
+    graphs = {
+        "prefill": graph_spec("prefill", model, batch, chunk, cache),
+        "decode": graph_spec("decode", model, batch, 1, cache),
+    }
+    return Manifest(FORMAT_VERSION, config, "fake", "float32", batch, cache, chunk, 24, "tensor_scatter",
+                    "weights.data", 0, "", graphs)  # fmt: skip
+
+
+class ScriptedBackend(Backend):
+    name = "scripted"
+
+    def __init__(self, manifest: Manifest, flat: bool = False) -> None:
+        super().__init__(Path("."), manifest)
+        self.calls: list[dict[str, torch.Tensor | str]] = []
+        self.flat = flat  # uniform logits, for sampling tests
+
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.calls.append({"graph": graph, **{k: v.clone() for k, v in feeds.items() if "past" not in k}})
+        last = feeds["input_ids"][:, -1]
+        logits = torch.zeros(last.shape[0], VOCAB)
+        if not self.flat:
+            logits[torch.arange(last.shape[0]), (last + 1) % VOCAB] = 10.0
+        present = {k.replace("past_key_values.", "present.", 1): v for k, v in feeds.items() if "past" in k}
+        return {"logits": logits, **present}
