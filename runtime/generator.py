@@ -20,7 +20,6 @@ from llamatrt.runtime.kv_state import KVState
 from llamatrt.runtime.sampling import SamplingParams, generators_for, next_tokens, token_logprobs
 from llamatrt.runtime.stopping import Detokenize, StopCriteria
 
-
 GREEDY = SamplingParams()
 
 
