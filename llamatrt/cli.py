@@ -95,6 +95,7 @@ def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefil
 
 
 from llamatrt.cli_generate import chat, generate  # noqa: E402  (commands register after `main` exists)
+from llamatrt.cli_tools import COMMANDS  # noqa: E402
 
-main.add_command(generate)
-main.add_command(chat)
+for _command in (generate, chat, *COMMANDS):
+    main.add_command(_command)

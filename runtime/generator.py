@@ -94,14 +94,37 @@ class Generator:
             if min(prompt) < 0 or max(prompt) >= vocab:
                 raise InputError(f"prompt {i} has a token id outside the vocabulary [0, {vocab})")
 
-    def _stream_batch(
-        self, kv: KVState, rows: list[list[int]], first: int, max_new_tokens: int, sampling: SamplingParams,
-        criteria: StopCriteria, generators: list[torch.Generator], logprobs: bool,
-    ) -> Iterator[Step]:  # fmt: skip
-        started = time.perf_counter()
-        batch, real = self.manifest.batch_size, len(rows)
-        lengths = [len(r) for r in rows] + [1] * (batch - real)  # filler rows hold one pad token
-        generators = generators + [torch.Generator() for _ in range(batch - real)]
+    def score(self, prompts: Sequence[Sequence[int]], forced: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Teacher-forced logits per prompt, (len(forced), vocab): row k predicts forced[k] (after the
+        prompt, then after each forced token but the last). The same prefill/decode as generation."""
+        self._check(prompts, 1, GREEDY)
+        if len(forced) != len(prompts) or len({len(f) for f in forced}) != 1:
+            raise InputError("score() needs one forced-token list per prompt, all of the same length")
+        steps = len(forced[0])
+        width = max(*map(len, prompts), self.manifest.prefill_chunk)  # prompts are padded to a full chunk
+        if width + steps - 1 > self.manifest.max_cache_len:
+            raise InputError(f"prompt ({width} slots with padding) plus {steps} forced tokens exceed the cache of "
+                             f"{self.manifest.max_cache_len}; use fewer steps or re-export with a larger --max-seq-len")  # fmt: skip
+        kv, batch, out = KVState(self.backend), self.manifest.batch_size, []
+        for first in range(0, len(prompts), batch):
+            rows = [list(p) for p in prompts[first : first + batch]]
+            tokens = torch.full((batch, steps), self.pad_id, dtype=torch.long)
+            for b, row in enumerate(forced[first : first + batch]):
+                tokens[b] = torch.tensor(row, dtype=torch.long)
+            logits, next_position = self._start_batch(kv, rows)
+            collected = [logits.clone()]
+            for step in range(steps - 1):
+                collected.append(self._decode(kv, tokens[:, step], next_position).clone())
+                next_position += 1
+            stacked = torch.stack(collected, dim=1)  # (batch, steps, vocab)
+            out += [stacked[b] for b in range(len(rows))]
+        return out
+
+    def _start_batch(self, kv: KVState, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad `rows` (plus filler rows up to the batch size) and prefill them.
+        Returns the next-token logits (batch, vocab) and each row's next RoPE position."""
+        batch = self.manifest.batch_size
+        lengths = [len(r) for r in rows] + [1] * (batch - len(rows))  # filler rows hold one pad token
         width = max(*lengths, self.manifest.prefill_chunk)
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         positions = torch.zeros(batch, width, dtype=torch.long)
@@ -109,9 +132,17 @@ class Generator:
             ids[b, width - len(row) :] = torch.tensor(row)
             positions[b, width - len(row) :] = torch.arange(len(row))
         kv.start([width - n for n in lengths])
+        return self._prefill(kv, ids, positions), torch.tensor(lengths)
+
+    def _stream_batch(
+        self, kv: KVState, rows: list[list[int]], first: int, max_new_tokens: int, sampling: SamplingParams,
+        criteria: StopCriteria, generators: list[torch.Generator], logprobs: bool,
+    ) -> Iterator[Step]:  # fmt: skip
+        started = time.perf_counter()
+        batch, real = self.manifest.batch_size, len(rows)
+        generators = generators + [torch.Generator() for _ in range(batch - real)]
         seen = self._seen_tokens(rows, batch, sampling)
-        logits = self._prefill(kv, ids, positions)
-        next_position = torch.tensor(lengths)
+        logits, next_position = self._start_batch(kv, rows)
         active = [b < real for b in range(batch)]
         generated: list[list[int]] = [[] for _ in range(batch)]
         while True:

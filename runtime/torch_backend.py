@@ -40,10 +40,13 @@ def state_dict_from_artifact(folder: Path, manifest: Manifest) -> dict[str, torc
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu") -> None:
+    def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu", model: StaticLlama | None = None) -> None:
+        """Runs the artifact's own weights, or `model` (a StaticLlama from the checkpoint: `diff`'s
+        middle rung) at the artifact's shapes."""
         super().__init__(folder, manifest, device)
-        model = StaticLlama(manifest.config)
-        model.load_weights(state_dict_from_artifact(self.folder, manifest))
+        if model is None:
+            model = StaticLlama(manifest.config)
+            model.load_weights(state_dict_from_artifact(self.folder, manifest))
         self.model = model.to(device=self.device, dtype=TORCH_DTYPES[manifest.dtype]).eval()
         self.present_names = cache_names(manifest.config.num_layers, "present")
         self.past_names = cache_names(manifest.config.num_layers, "past")

@@ -121,3 +121,10 @@ def test_logprobs_and_timings_in_steps() -> None:
 def test_bad_generation_input(prompts, kw, needle) -> None:
     with pytest.raises(InputError, match=needle):
         Generator(ScriptedBackend(fake_manifest())).generate(prompts, **kw)
+
+
+def test_score_is_teacher_forced_and_batched() -> None:
+    backend = ScriptedBackend(fake_manifest(batch=2, chunk=4))
+    logits = Generator(backend).score([[5], [9, 10], [3]], [[20, 21, 22], [30, 31, 32], [1, 2, 3]])
+    assert [tuple(t.shape) for t in logits] == [(3, 32)] * 3
+    assert [t.argmax(-1).tolist() for t in logits] == [[6, 21, 22], [11, 31, 0], [4, 2, 3]]  # vocab 32 wraps

@@ -1,0 +1,151 @@
+"""`llamatrt diff`: the accuracy ladder transformers -> StaticLlama -> artifact backend(s).
+
+Three steps, each one function: run (teacher-forced logits, greedy tokens and perplexity per
+stage), compare (metrics against transformers, per step), summarise (thresholds -> verdict).
+Every stage is fed the reference's tokens, so every step is compared on the same context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llamatrt.errors import InputError
+from llamatrt.exporter.manifest import Manifest
+from llamatrt.runtime.backend import Backend, open_backend
+from llamatrt.runtime.contract_checks import run_contract_checks
+from llamatrt.runtime.generator import Generator
+from llamatrt.runtime.report import THRESHOLDS, AccuracyReport, StageResult, Thresholds
+from llamatrt.runtime.torch_backend import TorchBackend
+
+# (chat?, text): chat and plain, short and longer than a typical prefill chunk.
+DEFAULT_PROMPTS: tuple[tuple[bool, str], ...] = (
+    (True, "What is the capital of France?"),
+    (False, "The three primary colors are"),
+    (True, "Write a haiku about autumn leaves."),
+    (False, "In 1969, the first humans landed on the Moon. " * 14 + "The mission was called"),  # > 128 tokens
+)
+PERPLEXITY_TEXT = (
+    "The Moon is Earth's only natural satellite. It orbits at an average distance of 384,400 km, about "
+    "thirty times the diameter of Earth. Tidal forces between Earth and the Moon have synchronized the "
+    "Moon's orbital period with its rotation period, so the same side is always facing Earth. The Moon's "
+    "gravitational pull produces tidal forces on Earth which are the main driver of ocean tides."
+)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """What one stage produced for all prompts."""
+
+    name: str
+    dtype: str
+    logits: list[torch.Tensor]  # per prompt (steps, vocab), teacher-forced
+    greedy: list[list[int]]  # per prompt, free-running greedy tokens
+    perplexity: float
+
+
+def _reference_outputs(hf_model: object, prompts: list[list[int]], steps: int, ppl_ids: list[int]) -> StageOutputs:
+    logits, greedy = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, do_sample=False,  # type: ignore[attr-defined]
+                                    eos_token_id=None, pad_token_id=0)  # fmt: skip
+            tokens = out[0, len(ids) :].tolist()
+            full = hf_model(out[:, :-1]).logits[0, len(ids) - 1 :].float()  # type: ignore[operator]
+            logits.append(full)
+            greedy.append(tokens)
+        ppl_logits = hf_model(torch.tensor([ppl_ids])).logits[0].float()  # type: ignore[operator]
+    return StageOutputs("transformers", "float32", logits, greedy, perplexity(ppl_logits, ppl_ids))
+
+
+def _stage_outputs(
+    name: str, backend: Backend, prompts: list[list[int]], forced: list[list[int]], ppl_ids: list[int]
+) -> StageOutputs:
+    gen = Generator(backend)  # no stop ids: every step is compared
+    logits = gen.score(prompts, forced)
+    greedy = gen.generate(prompts, max_new_tokens=len(forced[0]))
+    ppl_logits = gen.score([ppl_ids[:1]], [ppl_ids[1:]])[0]
+    return StageOutputs(name, backend.manifest.dtype, logits, greedy, perplexity(ppl_logits, ppl_ids))
+
+
+def perplexity(logits: torch.Tensor, ids: Sequence[int]) -> float:
+    """exp(mean NLL) of ids[1:], where logits[i] predicts ids[i + 1]."""
+    target = torch.tensor(ids[1:])
+    nll = -logits[: len(target)].float().log_softmax(-1).gather(-1, target[:, None])[:, 0]
+    return float(nll.mean().exp())
+
+
+def compare_stage(stage: StageOutputs, ref: StageOutputs, thresholds: Thresholds) -> StageResult:
+    """Per-step metrics against the reference, then the verdict under `thresholds`."""
+    steps = ref.logits[0].shape[0]
+    per_step: dict[str, list[float]] = {k: [] for k in ("max_abs", "mean_abs", "cosine", "kl", "top1", "top5")}
+    for s in range(steps):
+        a = torch.stack([r[s] for r in ref.logits])  # (prompts, vocab)
+        b = torch.stack([c[s].float() for c in stage.logits])
+        diff = (a - b).abs()
+        log_p, log_q = a.log_softmax(-1), b.log_softmax(-1)
+        top5_a, top5_b = a.topk(5).indices, b.topk(5).indices
+        overlap = [len(set(x.tolist()) & set(y.tolist())) / 5 for x, y in zip(top5_a, top5_b, strict=True)]
+        per_step["max_abs"].append(float(diff.max()))
+        per_step["mean_abs"].append(float(diff.mean()))
+        per_step["cosine"].append(float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()))
+        per_step["kl"].append(float((log_p.exp() * (log_p - log_q)).sum(-1).max()))
+        per_step["top1"].append(float((a.argmax(-1) == b.argmax(-1)).float().mean()))
+        per_step["top5"].append(sum(overlap) / len(overlap))
+    divergence = [_first_divergence(r, c) for r, c in zip(ref.greedy, stage.greedy, strict=True)]
+    first = min((d for d in divergence if d is not None), default=None)
+    return StageResult.summarise(stage.name, stage.dtype, per_step, first, stage.perplexity, ref.perplexity,
+                                 thresholds)  # fmt: skip
+
+
+def _first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
+def run_diff(
+    artifact: str | Path, backends: Sequence[str] = ("onnxruntime",), reference: str | None = None,
+    prompts: Sequence[tuple[bool, str]] | None = None, steps: int = 16, progress: Progress | None = None,
+) -> AccuracyReport:  # fmt: skip
+    """The whole ladder on one artifact; the report's bool is the verdict."""
+    from transformers import LlamaForCausalLM
+
+    from llamatrt.models.checkpoint import load_checkpoint
+    from llamatrt.runtime.llm import LLM
+
+    if steps < 1:
+        raise InputError(f"--steps {steps} must be >= 1")
+    step = progress or (lambda _: None)
+    step("loading the reference")
+    first = open_backend(artifact, backends[0])
+    manifest: Manifest = first.manifest
+    checkpoint = load_checkpoint(reference or manifest.source)
+    if checkpoint.hf_dir is None:
+        raise InputError("the reference must be a checkpoint on disk; pass --reference")
+    hf_model = LlamaForCausalLM.from_pretrained(checkpoint.hf_dir, dtype=torch.float32).eval()
+    llm = LLM(first)
+    token_prompts = [llm.encode(text, chat=chat) for chat, text in (prompts or DEFAULT_PROMPTS)]
+    ppl_ids = llm.encode(PERPLEXITY_TEXT)[: manifest.max_cache_len - manifest.prefill_chunk + 1]
+    step("running transformers")
+    ref = _reference_outputs(hf_model, token_prompts, steps, ppl_ids)
+    del hf_model
+    forced = [g[:steps] for g in ref.greedy]
+    stages = []
+    step("running StaticLlama")
+    with TorchBackend(first.folder, manifest, model=checkpoint.build_model()) as static:
+        stages.append(_stage_outputs("StaticLlama", static, token_prompts, forced, ppl_ids))
+    checks = []
+    for i, kind in enumerate(backends):
+        backend = first if i == 0 else open_backend(artifact, kind)
+        with backend:
+            step(f"running {kind}")
+            stages.append(_stage_outputs(f"artifact/{kind}", backend, token_prompts, forced, ppl_ids))
+            step(f"contract checks on {kind}")
+            checks += run_contract_checks(backend, token_prompts, THRESHOLDS[manifest.dtype].max_abs)
+    results = [compare_stage(s, ref, THRESHOLDS[s.dtype]) for s in stages]
+    return AccuracyReport(str(artifact), checkpoint.source, manifest.dtype, len(token_prompts), steps,
+                          ref.perplexity, results, checks)  # fmt: skip

@@ -1,0 +1,82 @@
+"""Checks of the graph contract on an artifact's backend, each against another path to the same
+numbers: padding, chunking and batching must not change logits; the cache's last slot works and
+one more is refused; a fully masked row gives no NaN."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from llamatrt.errors import InputError
+from llamatrt.runtime.backend import Backend
+from llamatrt.runtime.generator import Generator
+from llamatrt.runtime.kv_state import KVState
+from llamatrt.runtime.report import CheckResult
+
+
+def _token_by_token(gen: Generator, prompt: Sequence[int]) -> torch.Tensor:
+    """Logits after `prompt` computed through the decode graph one token at a time (no padding, no chunks)."""
+    return gen.score([prompt[:1]], [[*prompt[1:], 0]])[0][-1]
+
+
+def _within(name: str, a: torch.Tensor, b: torch.Tensor, tolerance: float, backend: Backend) -> CheckResult:
+    error = float((a.float() - b.float()).abs().max())
+    return CheckResult(
+        f"{name} [{backend.name}]", error <= tolerance, f"max |diff| {error:.3g} (tolerance {tolerance:g})"
+    )
+
+
+def run_contract_checks(backend: Backend, prompts: list[list[int]], tolerance: float) -> list[CheckResult]:
+    gen = Generator(backend)
+    chunk = backend.manifest.prefill_chunk
+    short = min(prompts, key=len)
+    checks = []
+    if len(short) < chunk:  # the prompt is left-padded inside its prefill chunk
+        padded = gen.score([short], [[0]])[0][0]
+        checks.append(
+            _within("left padding equals no padding", padded, _token_by_token(gen, short), tolerance, backend)
+        )
+    long = max(prompts, key=len)
+    if len(long) > chunk:
+        chunked = gen.score([long], [[0]])[0][0]
+        checks.append(_within("chunked prefill equals token-by-token", chunked, _token_by_token(gen, long),
+                              tolerance, backend))  # fmt: skip
+    if backend.manifest.batch_size > 1 and len(prompts) > 1:
+        together = gen.score(prompts, [[0]] * len(prompts))
+        alone = [gen.score([p], [[0]])[0] for p in prompts]
+        worst = max(range(len(prompts)), key=lambda i: float((together[i] - alone[i]).abs().max()))
+        checks.append(_within("batched rows equal each row alone", together[worst], alone[worst], tolerance, backend))
+    checks += [_last_slot(backend), _fully_masked_row(backend)]
+    return checks
+
+
+def _decode_feeds(backend: Backend, slot: int, mask_value: int) -> dict[str, torch.Tensor]:
+    kv = KVState(backend)
+    kv.attention_mask.fill_(mask_value)
+    batch = backend.manifest.batch_size
+    feeds = kv.feeds(backend.device)
+    feeds.update(input_ids=torch.ones(batch, 1, dtype=torch.long, device=backend.device),
+                 position_ids=torch.full((batch, 1), slot, device=backend.device),
+                 cache_position=torch.tensor([slot], device=backend.device))  # fmt: skip
+    return feeds
+
+
+def _last_slot(backend: Backend) -> CheckResult:
+    last = backend.manifest.max_cache_len - 1
+    finite = bool(torch.isfinite(backend.run("decode", _decode_feeds(backend, last, 1))["logits"]).all())
+    try:
+        backend.run("decode", _decode_feeds(backend, last + 1, 1))
+        refused = False
+    except InputError:
+        refused = True
+    return CheckResult(f"last cache slot works, one more is refused [{backend.name}]", finite and refused,
+                       f"slot {last}: {'finite' if finite else 'NON-FINITE'} logits; slot {last + 1}: "
+                       f"{'refused' if refused else 'ACCEPTED'}")  # fmt: skip
+
+
+def _fully_masked_row(backend: Backend) -> CheckResult:
+    logits = backend.run("decode", _decode_feeds(backend, 0, 0))["logits"]
+    finite = bool(torch.isfinite(logits).all())
+    return CheckResult(f"fully masked row gives no NaN [{backend.name}]", finite,
+                       "finite logits" if finite else "NaN/inf logits")  # fmt: skip

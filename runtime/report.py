@@ -1,0 +1,158 @@
+"""AccuracyReport: per-stage metrics, contract checks, thresholds by precision, and the verdict.
+
+`bool(report)` is "passed under these thresholds"; `str(report)` is the terminal table;
+`to_json()` / `to_markdown()` are the files `llamatrt diff --json/--report` write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_abs: float  # max |logits - reference| over every prompt and step
+    max_kl: float  # max KL(reference || stage) of the next-token distribution
+    min_top1: float  # fraction of steps whose argmax equals the reference's
+    max_ppl_rel: float  # |ppl - ppl_ref| / ppl_ref
+    greedy_must_match: bool  # free-running greedy tokens equal the reference's for all steps
+
+
+# fp32 is tight (SmolLM2 measures ~1e-4); fp16/bf16 allow their rounding but still catch real bugs,
+# whose errors are orders of magnitude larger (a wrong mask or RoPE moves logits by whole units).
+THRESHOLDS = {
+    "float32": Thresholds(max_abs=1e-2, max_kl=1e-4, min_top1=1.0, max_ppl_rel=1e-3, greedy_must_match=True),
+    "float16": Thresholds(max_abs=0.5, max_kl=2e-2, min_top1=0.95, max_ppl_rel=2e-2, greedy_must_match=False),
+    "bfloat16": Thresholds(max_abs=2.0, max_kl=5e-2, min_top1=0.9, max_ppl_rel=5e-2, greedy_must_match=False),
+}
+
+
+@dataclass
+class StageResult:
+    name: str
+    dtype: str
+    max_abs: float
+    mean_abs: float
+    min_cosine: float
+    max_kl: float
+    top1: float
+    top5: float
+    first_divergence: int | None  # first step where free-running greedy tokens differ; None: never
+    perplexity: float
+    perplexity_rel: float
+    passed: bool
+    failures: list[str]
+    per_step: dict[str, list[float]] = field(repr=False)
+
+    @classmethod
+    def summarise(
+        cls, name: str, dtype: str, per_step: dict[str, list[float]], first_divergence: int | None,
+        ppl: float, ppl_ref: float, t: Thresholds,
+    ) -> StageResult:  # fmt: skip
+        top1 = sum(per_step["top1"]) / len(per_step["top1"])
+        max_abs, max_kl, rel = max(per_step["max_abs"]), max(per_step["kl"]), abs(ppl - ppl_ref) / ppl_ref
+        failures = []
+        if not max_abs <= t.max_abs:
+            worst = per_step["max_abs"].index(max_abs)
+            failures.append(f"max abs logits error {max_abs:.3g} > {t.max_abs:g} (worst at step {worst})")
+        if not max_kl <= t.max_kl:
+            failures.append(f"KL divergence {max_kl:.3g} > {t.max_kl:g}")
+        if top1 < t.min_top1:
+            first_bad = next(i for i, v in enumerate(per_step["top1"]) if v < 1.0)
+            failures.append(f"top-1 agreement {top1:.3f} < {t.min_top1:g} (first disagreement at step {first_bad})")
+        if t.greedy_must_match and first_divergence is not None:
+            failures.append(f"greedy tokens diverge at step {first_divergence}")
+        if not rel <= t.max_ppl_rel:
+            failures.append(f"perplexity {ppl:.4g} vs reference {ppl_ref:.4g} (relative {rel:.2g} > {t.max_ppl_rel:g})")
+        return cls(name, dtype, max_abs, sum(per_step["mean_abs"]) / len(per_step["mean_abs"]),
+                   min(per_step["cosine"]), max_kl, top1, sum(per_step["top5"]) / len(per_step["top5"]),
+                   first_divergence, ppl, rel, not failures, failures, per_step)  # fmt: skip
+
+
+@dataclass
+class CheckResult:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class AccuracyReport:
+    artifact: str
+    reference: str
+    precision: str
+    prompts: int
+    steps: int
+    reference_perplexity: float
+    stages: list[StageResult]
+    checks: list[CheckResult]
+
+    def __bool__(self) -> bool:
+        return all(s.passed for s in self.stages) and all(c.passed for c in self.checks)
+
+    @property
+    def thresholds(self) -> dict[str, Thresholds]:
+        return {s.dtype: THRESHOLDS[s.dtype] for s in self.stages}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": bool(self),
+            "artifact": self.artifact,
+            "reference": self.reference,
+            "precision": self.precision,
+            "prompts": self.prompts,
+            "steps": self.steps,
+            "reference_perplexity": self.reference_perplexity,
+            "thresholds": {k: asdict(v) for k, v in self.thresholds.items()},
+            "stages": [asdict(s) for s in self.stages],
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+    def _rows(self) -> list[list[str]]:
+        rows = [["stage", "dtype", "max|Δ|", "mean|Δ|", "cos", "KL", "top1", "top5", "diverge@", "ppl", "verdict"]]
+        rows.append(
+            [
+                "transformers",
+                "float32",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                f"{self.reference_perplexity:.4g}",
+                "reference",
+            ]
+        )
+        for s in self.stages:
+            rows.append([s.name, s.dtype, f"{s.max_abs:.2e}", f"{s.mean_abs:.2e}", f"{s.min_cosine:.6f}",
+                         f"{s.max_kl:.1e}", f"{s.top1:.3f}", f"{s.top5:.3f}",
+                         "none" if s.first_divergence is None else str(s.first_divergence),
+                         f"{s.perplexity:.4g}", "PASS" if s.passed else "FAIL"])  # fmt: skip
+        return rows
+
+    def __str__(self) -> str:
+        rows = self._rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"accuracy of {self.artifact} vs transformers on {self.reference} "
+                 f"({self.prompts} prompts, prefill + {self.steps} teacher-forced steps)"]  # fmt: skip
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines += [f"  {s.name}: {f}" for s in self.stages for f in s.failures]
+        lines += [f"check {'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}" for c in self.checks]
+        lines.append(f"verdict: {'PASS' if self else 'FAIL'}")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        rows = self._rows()
+        out = [f"# Accuracy report: `{self.artifact}`", "",
+               f"Reference: transformers `LlamaForCausalLM` on `{self.reference}`; {self.prompts} prompts, "
+               f"prefill + {self.steps} teacher-forced decode steps. **Verdict: {'PASS' if self else 'FAIL'}**", "",
+               "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]  # fmt: skip
+        out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        failures = [f"- {s.name}: {f}" for s in self.stages for f in s.failures]
+        out += ["", "## Failures", "", *failures] if failures else []
+        out += ["", "## Contract checks", "", "| check | result | detail |", "|---|---|---|"]
+        out += [f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.detail} |" for c in self.checks]
+        return "\n".join(out) + "\n"
