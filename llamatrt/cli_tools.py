@@ -52,4 +52,71 @@ def diff(artifact: Path, reference: str | None, backends: tuple[str, ...], promp
     sys.exit(0 if report else 1)
 
 
-COMMANDS: list[Any] = [diff]
+def _parse_contexts(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise InputError(f"--contexts {text!r} is not a comma-separated list of token counts, e.g. 128,512,1000") from e
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--backend", "backends", multiple=True, default=("onnxruntime",), show_default=True,
+              type=click.Choice(["torch", "onnxruntime", "ort", "tensorrt"]), help="Repeatable.")  # fmt: skip
+@click.option("--prompt-len", type=int, default=20, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--batch", type=int, default=None, help="Must equal the artifact's batch (shapes are static).")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs after a warm-up; median reported.")
+@click.option("--baseline", type=click.Choice(["transformers"]), default=None, help="Measure it in the same run.")
+@click.option("--contexts", default=None, help="Prompt lengths for decode-vs-context, e.g. 128,512,1000.")
+@click.option(
+    "--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of decode tok/s vs context."
+)
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact: Path, backends: tuple[str, ...], prompt_len: int, new_tokens: int, batch: int | None, repeat: int,
+          baseline: str | None, contexts: str | None, plot_path: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Time to first token, prefill and decode speed, % of the memory-bandwidth ceiling, baseline ratio."""
+    from llamatrt.cli import StepBar
+    from llamatrt.exporter.manifest import read_manifest
+    from llamatrt.runtime.bench import plot_by_context, run_bench
+
+    manifest = read_manifest(artifact)
+    if batch is not None and batch != manifest.batch_size:
+        raise InputError(f"--batch {batch} but {artifact} was exported with batch {manifest.batch_size}; "
+                         f"re-export with --batch {batch}")  # fmt: skip
+    lengths = _parse_contexts(contexts)
+    if plot_path is not None and not lengths:
+        lengths = sorted({min(n, manifest.max_cache_len - 16) for n in (128, 256, 512, manifest.max_cache_len - 16)})
+    with StepBar(1 + len(backends) + bool(baseline), "bench") as bar:
+        report = run_bench(artifact, backends, prompt_len, new_tokens, repeat, baseline, lengths, progress=bar)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))
+    if plot_path is not None:
+        plot_by_context(report, plot_path)
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--engine", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default="tensorrt", show_default=True,
+              help="tensorrt-rtx builds without a GPU (engines then run under TensorRT-RTX).")  # fmt: skip
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache to read and update (default: timing.cache in the artifact).")  # fmt: skip
+@click.option("--workspace", "workspace_gib", type=float, default=None, help="Builder workspace limit in GiB.")
+@click.option("--force", is_flag=True, help="Rebuild engines that exist.")
+def build(artifact: Path, engine: str, timing_cache: Path | None, workspace_gib: float | None, force: bool) -> None:
+    """Build TensorRT engines from the artifact's graphs into the artifact (manifest updated atomically)."""
+    from llamatrt.cli import StepBar
+    from llamatrt.exporter.manifest import read_manifest
+    from llamatrt.exporter.trt_build import build_engines
+
+    graphs = len(read_manifest(artifact).graphs)
+    with StepBar(graphs, "build") as bar:
+        manifest = build_engines(artifact, engine, timing_cache, workspace_gib, force, progress=bar)
+    info = manifest.engines
+    sizes = ", ".join(f"{name} {g['bytes'] / 1e6:.1f} MB" for name, g in info["graphs"].items())
+    click.echo(f"built {info['builder']} {info['version']} engines in {info['build_seconds']:.1f} s: {sizes}; "
+               f"timing cache {info['timing_cache']}")  # fmt: skip
+
+
+COMMANDS: list[Any] = [diff, bench, build]

@@ -16,6 +16,7 @@ from llamatrt.models.config import LlamaConfig
 from llamatrt.models.layers import DecoderLayer, RMSNorm
 from llamatrt.models.mask import causal_mask
 from llamatrt.models.rope import inv_freq_from_config, rope_cos_sin
+from llamatrt.models.weights import fuse_projections
 
 
 class _Backbone(nn.Module):
@@ -69,9 +70,10 @@ class StaticLlama(nn.Module):
         return (logits, *present)
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Strict load with one-line errors naming the missing / unexpected / mis-shaped tensor."""
+        """Strict load of an HF-named (or already fused) state dict, with one-line errors naming
+        the missing / unexpected / mis-shaped tensor."""
         own = self.state_dict()
-        sd = dict(state_dict)
+        sd = fuse_projections(dict(state_dict), self.config.num_layers)
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # tied checkpoints may still store the copy
         missing = sorted(set(own) - set(sd))

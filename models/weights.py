@@ -42,6 +42,31 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+FUSED_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """HF names -> StaticLlama's fused `qkv_proj` / `gate_up_proj` (concatenated along outputs).
+    A missing part is named as the checkpoint names it, not as the fused tensor."""
+    fused = dict(state_dict)
+    for layer in range(num_layers):
+        prefix = f"model.layers.{layer}."
+        for target, parts in FUSED_PROJECTIONS.items():
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}{p}.{kind}" for p in parts]
+                present = [n for n in names if n in fused]
+                if not present:
+                    continue
+                if len(present) != len(names):
+                    missing = next(n for n in names if n not in fused)
+                    raise CheckpointError(f"checkpoint lacks tensor {missing!r}; is it a complete Llama checkpoint?")
+                fused[f"{prefix}{target}.{kind}"] = torch.cat([fused.pop(n) for n in names])
+    return fused
+
+
 def state_dict_from_dir(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -1,50 +1,81 @@
 """The TensorRT backend: engines deserialized once, tensors bound by address, one CUDA stream.
 
 Present is bound to the same address as past, so the engine's KV-cache update writes in place.
-Small inputs are copied into static device buffers and the cache buffers are kept for the
-backend's lifetime, so every decode step binds the same addresses: the decode step is captured
-in a CUDA graph after one warm-up run and replayed from then on.
+Small inputs are copied into static device buffers and the cache buffers live as long as the
+backend, so every decode step binds the same addresses: the decode step is captured in a CUDA
+graph after one warm-up run and replayed from then on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from llamatrt.errors import BackendUnavailable, ManifestMismatchError
 from llamatrt.exporter.manifest import Manifest
-from llamatrt.lazy import require_cuda, require_tensorrt
+from llamatrt.lazy import require_cuda
 from llamatrt.runtime.backend import TORCH_DTYPES, Backend
 
 SMALL_INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
 
 
+class CudaOps:
+    """The few CUDA calls this backend makes, behind one object so tests can record them on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+
+    @property
+    def handle(self) -> int:
+        return self.stream.cuda_stream
+
+    def on_stream(self) -> Any:
+        return torch.cuda.stream(self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def capture(self, launch: Callable[[], None]) -> Any:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            launch()
+        return graph
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, folder: Path, manifest: Manifest, device: str = "cuda", cuda_graph: bool = True) -> None:
+    def __init__(
+        self, folder: Path, manifest: Manifest, device: str = "cuda", cuda_graph: bool = True,
+        trt: ModuleType | None = None, cuda: Any = None,
+    ) -> None:  # fmt: skip
         super().__init__(folder, manifest, device)
-        trt = require_tensorrt()
-        require_cuda()
-        if set(manifest.engines) != set(manifest.graphs):
+        engines = manifest.engines.get("graphs", {})
+        if set(engines) != set(manifest.graphs):
             raise ManifestMismatchError(f"{folder} has no TensorRT engines; run `llamatrt build {folder}` first")
-        self.trt = trt
+        if trt is None:
+            from llamatrt.exporter.trt_build import check_engines, engine_module
+
+            trt = engine_module(manifest.engines["builder"])
+            check_engines(manifest, self.folder)
+        if cuda is None:
+            require_cuda()
+            cuda = CudaOps(self.device)
+        self.trt, self.cuda = trt, cuda
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines: dict[str, Any] = {}
         self.contexts: dict[str, Any] = {}
-        for name, entry in manifest.engines.items():
+        for name, entry in engines.items():
             engine = self.runtime.deserialize_cuda_engine((self.folder / entry["path"]).read_bytes())
             if engine is None:
-                raise ManifestMismatchError(
-                    f"{entry['path']} was built by another TensorRT version or for another GPU; "
-                    f"re-run `llamatrt build {folder} --force`"
-                )
+                raise ManifestMismatchError(f"{entry['path']} was built by another TensorRT version or for another "
+                                            f"GPU; re-run `llamatrt build {folder} --force`")  # fmt: skip
             self.engines[name] = engine
             self.contexts[name] = engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
         self.static = {
             name: {t.name: torch.zeros(t.shape, dtype=TORCH_DTYPES[t.dtype], device=self.device)
                    for t in g.inputs if t.name in SMALL_INPUTS}
@@ -53,7 +84,7 @@ class TensorRTBackend(Backend):
         self.logits = {n: torch.empty(g.outputs[0].shape, device=self.device) for n, g in manifest.graphs.items()}
         self.cache: list[torch.Tensor] | None = None
         self.use_cuda_graph = cuda_graph
-        self.cuda_graphs: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
+        self.cuda_graphs: dict[tuple[int, ...], Any] = {}
 
     def allocate_cache(self) -> list[torch.Tensor]:
         """One set of cache buffers for the backend's lifetime: fixed addresses for CUDA graphs."""
@@ -64,6 +95,8 @@ class TensorRTBackend(Backend):
     def _bind(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tuple[int, ...]]:
         context, static = self.contexts[graph], self.static[graph]
         outputs = {"logits": self.logits[graph]}
+        for spec in self.manifest.graphs[graph].outputs[1:]:
+            outputs[spec.name] = feeds[spec.name.replace("present.", "past_key_values.", 1)]  # aliased: in place
         addresses = []
         for name, tensor in feeds.items():
             if name in static:
@@ -71,33 +104,28 @@ class TensorRTBackend(Backend):
                 tensor = static[name]
             context.set_tensor_address(name, tensor.data_ptr())
             addresses.append(tensor.data_ptr())
-        for spec in self.manifest.graphs[graph].outputs[1:]:
-            outputs[spec.name] = feeds[spec.name.replace("present.", "past_key_values.", 1)]
         for name, tensor in outputs.items():
             context.set_tensor_address(name, tensor.data_ptr())
         return outputs, tuple(addresses)
 
     def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         context = self.contexts[graph]
-        with torch.cuda.stream(self.stream):
+        with self.cuda.on_stream():
             outputs, addresses = self._bind(graph, feeds)
             if graph != "decode" or not self.use_cuda_graph:
                 self._execute(context)
             elif addresses in self.cuda_graphs:
                 self.cuda_graphs[addresses].replay()
             else:
-                self._execute(context)  # warm-up: TensorRT allocates lazily on the first run
-                self.stream.synchronize()
-                cuda_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cuda_graph, stream=self.stream):
-                    self._execute(context)
-                self.cuda_graphs[addresses] = cuda_graph
-                cuda_graph.replay()  # the warm-up already wrote this step; replaying rewrites the same values
-        self.stream.synchronize()
+                self._execute(context)  # warm-up: TensorRT allocates lazily on its first run
+                self.cuda.synchronize()
+                self.cuda_graphs[addresses] = self.cuda.capture(lambda: self._execute(context))
+                # Capture records without running, so this step's results are the warm-up's.
+        self.cuda.synchronize()
         return outputs
 
     def _execute(self, context: Any) -> None:
-        if not context.execute_async_v3(self.stream.cuda_stream):
+        if not context.execute_async_v3(self.cuda.handle):
             raise BackendUnavailable("TensorRT execution failed; re-run with --debug for the TensorRT log")
 
     def close(self) -> None:

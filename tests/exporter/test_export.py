@@ -115,9 +115,13 @@ def test_fp16_keeps_fp32_norms_softmax_logits_and_finite_constants(tiny_dir: Pat
     types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input,
                                                              *proto.graph.output]}  # fmt: skip
     fp32, fp16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    seen = set()
     for node in proto.graph.node:
-        if node.op_type in ("Softmax", "ReduceMean"):
-            assert types[node.input[0]] == fp32, node.name
+        if node.op_type in ("Softmax", "ReduceMean", "RMSNormalization"):
+            seen.add(node.op_type)
+            stash = next((a.i for a in node.attribute if a.name == "stash_type"), 1)
+            assert types[node.input[0]] == fp32 or (node.op_type == "RMSNormalization" and stash == 1), node.name
+    assert {"Softmax", "RMSNormalization"} <= seen
     assert types["logits"] == fp32 and types["past_key_values.0.key"] == fp16
     constants = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer]
     constants += [onnx.numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant"

@@ -108,6 +108,6 @@ def test_broken_artifacts_are_refused_with_a_fix(tiny_artifact: Path, tmp_path: 
 def test_tensorrt_backend_unavailable_here_is_one_line(tiny_artifact: Path) -> None:
     if "tensorrt" in available_backends():
         pytest.skip("TensorRT and a GPU are present")
-    with pytest.raises(BackendUnavailable) as err:
+    with pytest.raises((BackendUnavailable, ManifestMismatchError)) as err:  # no engines here, nor TensorRT
         open_backend(tiny_artifact, "tensorrt")
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "llamatrt build" in str(err.value)

@@ -1,0 +1,167 @@
+"""`llamatrt build`: TensorRT (or TensorRT-RTX) engines from an artifact's ONNX graphs.
+
+Networks are strongly typed (TensorRT 11 has no fp16/bf16 builder flags): the precision is the
+graph's own, fp32 islands included. TensorScatter parses to TensorRT's KV_CACHE_UPDATE layer, so
+present aliases past at run time. One code path serves TensorRT 10.15+/11 and TensorRT-RTX, whose
+builder APIs agree on everything used here; RTX builds engines on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from llamatrt.errors import ArtifactExistsError, BackendUnavailable, ManifestMismatchError, ValidationError
+from llamatrt.exporter.manifest import GraphSpec, Manifest, read_manifest, write_manifest
+from llamatrt.lazy import require_cuda, require_tensorrt
+
+ENGINE_KINDS = ("tensorrt", "tensorrt-rtx")
+TIMING_CACHE = "timing.cache"
+BUILD_LOG = "build.log"
+Progress = Callable[[str], None]
+
+
+def engine_module(kind: str) -> ModuleType:
+    """The Python module for an engine kind, imported on first use."""
+    if kind == "tensorrt":
+        return require_tensorrt()
+    if kind == "tensorrt-rtx":
+        try:
+            import tensorrt_rtx
+
+            return tensorrt_rtx
+        except ImportError as e:
+            raise BackendUnavailable("TensorRT-RTX is not installed; pip install tensorrt-rtx-cu13") from e
+    raise BackendUnavailable(f"unknown engine {kind!r}; use one of {', '.join(ENGINE_KINDS)}")
+
+
+def _file_logger(trt: ModuleType, path: Path) -> Any:
+    class FileLogger(trt.ILogger):  # type: ignore[name-defined, misc]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            with path.open("a") as f:
+                f.write(f"[{severity.name}] {msg}\n")
+
+    return FileLogger()
+
+
+def _dtype_name(trt: ModuleType, dtype: Any) -> str:
+    names = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT64: "int64"}
+    if hasattr(trt.DataType, "BF16"):
+        names[trt.DataType.BF16] = "bfloat16"
+    return names.get(dtype, str(dtype))
+
+
+def network_io(trt: ModuleType, network: Any) -> dict[str, list[dict[str, Any]]]:
+    """Names, shapes and dtypes of a parsed network: the IO its engine will have."""
+
+    def spec(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "shape": list(t.shape), "dtype": _dtype_name(trt, t.dtype)}
+
+    return {"inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
+            "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)]}  # fmt: skip
+
+
+def check_network_io(io: dict[str, list[dict[str, Any]]], graph: GraphSpec) -> None:
+    expected = {"inputs": [t.to_json() for t in graph.inputs], "outputs": [t.to_json() for t in graph.outputs]}
+    for side in ("inputs", "outputs"):
+        if io[side] != expected[side]:
+            bad = next((a, b) for a, b in zip(io[side], expected[side], strict=False) if a != b) if len(
+                io[side]) == len(expected[side]) else (f"{len(io[side])} tensors", f"{len(expected[side])} tensors")  # fmt: skip
+            raise ValidationError(f"{graph.path}: TensorRT sees {side[:-1]} {bad[0]}, the manifest says {bad[1]}; "
+                                  "re-run `llamatrt export --force`")  # fmt: skip
+
+
+def engine_from_onnx(
+    trt: ModuleType, onnx_path: Path, timing_cache: bytes, workspace_gib: float | None, logger: Any
+) -> tuple[bytes, bytes, dict[str, Any]]:
+    """Parse and build one strongly typed engine. Returns (engine, updated timing cache, network info)."""
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        err = parser.get_error(0)
+        raise ValidationError(f"TensorRT cannot parse {onnx_path.name}: node {err.node_name()!r} (op "
+                              f"{err.node_operator()}): {err.desc()}; please report with the model config")  # fmt: skip
+    layers = [network.get_layer(i).type for i in range(network.num_layers)]
+    info = {"io": network_io(trt, network),
+            "kv_cache_update_layers": sum(str(t).endswith("KV_CACHE_UPDATE") for t in layers)}  # fmt: skip
+    config = builder.create_builder_config()
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ValidationError(f"TensorRT failed to build {onnx_path.name}; see {BUILD_LOG} in the artifact")
+    return bytes(engine), bytes(config.get_timing_cache().serialize()), info
+
+
+def build_engines(
+    artifact: Path, engine: str = "tensorrt", timing_cache: Path | None = None, workspace_gib: float | None = None,
+    force: bool = False, progress: Progress | None = None,
+) -> Manifest:  # fmt: skip
+    """Build every graph of `artifact` into an engine; the manifest is updated only when all succeed."""
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    if manifest.engines and not force:
+        raise ArtifactExistsError(
+            f"{artifact} already has {manifest.engines.get('builder')} engines; pass --force to rebuild"
+        )
+    trt = engine_module(engine)
+    if engine == "tensorrt":
+        require_cuda()  # TensorRT proper builds for (and needs) the local GPU; RTX can build without one
+    step = progress or (lambda _: None)
+    cache_path = timing_cache or artifact / TIMING_CACHE
+    cache = cache_path.read_bytes() if cache_path.is_file() else b""
+    log_path = artifact / BUILD_LOG
+    log_path.write_text(f"llamatrt build with {engine} {trt.__version__}\n")
+    logger = _file_logger(trt, log_path)
+    started, written, graphs = time.perf_counter(), [], {}
+    try:
+        for name, graph in manifest.graphs.items():
+            step(f"building {name} engine")
+            plan, cache, info = engine_from_onnx(trt, artifact / graph.path, cache, workspace_gib, logger)
+            check_network_io(info["io"], graph)
+            if info["kv_cache_update_layers"] != 2 * manifest.config.num_layers:
+                raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
+                                      f"expected {2 * manifest.config.num_layers}; the cache would be copied")  # fmt: skip
+            target = f"{name}.plan" if engine == "tensorrt" else f"{name}.rtx.plan"
+            tmp = artifact / (target + ".tmp")
+            tmp.write_bytes(plan)
+            written.append((tmp, artifact / target))
+            graphs[name] = {"path": target, "bytes": len(plan), "sha256": hashlib.sha256(plan).hexdigest(), **info}
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, target in written:
+        os.replace(tmp, target)
+    cache_tmp = cache_path.with_suffix(".tmp")
+    cache_tmp.write_bytes(cache)
+    os.replace(cache_tmp, cache_path)
+    inside = cache_path.resolve().parent == artifact.resolve()
+    engines = {"builder": engine, "version": trt.__version__, "graphs": graphs,
+               "timing_cache": cache_path.name if inside else str(cache_path.resolve()),
+               "build_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+    updated = replace(manifest, engines=engines)
+    write_manifest(updated, artifact)
+    return updated
+
+
+def check_engines(manifest: Manifest, folder: Path) -> None:
+    """The engine files a manifest names exist with their recorded sizes."""
+    for name, entry in manifest.engines.get("graphs", {}).items():
+        path = folder / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise ManifestMismatchError(
+                f"{name} engine {path} is missing or truncated; re-run `llamatrt build --force`"
+            )

@@ -1,0 +1,229 @@
+"""`llamatrt bench`: decode speed as ratios against a baseline measured in the same run.
+
+A batch-1 decode step must read every weight once, so memory bandwidth sets a ceiling:
+weights bytes / bandwidth seconds per token. We measure the bandwidth here (a large array
+reduction) and report the percentage of that ceiling each backend reaches.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamatrt.errors import InputError
+from llamatrt.exporter.validate import fixed_prompt
+from llamatrt.runtime.backend import Backend, open_backend
+from llamatrt.runtime.generator import Generator
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BackendBench:
+    backend: str
+    decode_tokens_per_s: float  # median over runs, all rows together
+    decode_min: float
+    decode_max: float
+    ttft_ms: float  # median: prefill of the prompt to the first token
+    prefill_tokens_per_s: float
+    peak_rss_mb: float  # whole process, after this backend ran
+    by_context: dict[int, float] = field(default_factory=dict)  # prompt length -> decode tok/s
+
+
+@dataclass
+class BenchReport:
+    artifact: str
+    prompt_len: int
+    new_tokens: int
+    batch: int
+    repeat: int
+    bandwidth_gb_s: float
+    weights_bytes: int
+    results: list[BackendBench]
+    baseline: BackendBench | None = None
+
+    @property
+    def ceiling_tokens_per_s(self) -> float:
+        return self.bandwidth_gb_s * 1e9 / self.weights_bytes * self.batch
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.results[0]
+        out: dict[str, Any] = {
+            "artifact": self.artifact, "prompt_len": self.prompt_len, "new_tokens": self.new_tokens,
+            "batch": self.batch, "repeat": self.repeat,
+            "decode_tokens_per_s": best.decode_tokens_per_s, "ttft_ms": best.ttft_ms,
+            "ceiling_tokens_per_s": self.ceiling_tokens_per_s, "bandwidth_gb_s": self.bandwidth_gb_s,
+            "percent_of_ceiling": 100 * best.decode_tokens_per_s / self.ceiling_tokens_per_s,
+            "backends": [asdict(r) for r in self.results],
+        }  # fmt: skip
+        if self.baseline is not None:
+            out["baseline"] = asdict(self.baseline)
+            out["baseline_decode_tokens_per_s"] = self.baseline.decode_tokens_per_s
+            out["baseline_ratio"] = best.decode_tokens_per_s / self.baseline.decode_tokens_per_s
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"bench {self.artifact}: batch {self.batch}, prompt {self.prompt_len}, {self.new_tokens} new tokens, "
+                 f"median of {self.repeat} runs; bandwidth {self.bandwidth_gb_s:.1f} GB/s -> ceiling "
+                 f"{self.ceiling_tokens_per_s:.1f} tok/s ({self.weights_bytes / 1e6:.0f} MB of weights per step)"]  # fmt: skip
+        header = f"{'backend':<14} {'decode tok/s':>12} {'(min-max)':>14} {'% ceiling':>9} {'ttft ms':>8} {'prefill tok/s':>13} {'peak MB':>8}"
+        lines.append(header)
+        for r in [*self.results, *([self.baseline] if self.baseline else [])]:
+            lines.append(f"{r.backend:<14} {r.decode_tokens_per_s:>12.1f} {f'({r.decode_min:.1f}-{r.decode_max:.1f})':>14} "
+                         f"{100 * r.decode_tokens_per_s / self.ceiling_tokens_per_s:>8.0f}% {r.ttft_ms:>8.1f} "
+                         f"{r.prefill_tokens_per_s:>13.0f} {r.peak_rss_mb:>8.0f}")  # fmt: skip
+        if self.baseline is not None:
+            for r in self.results:
+                lines.append(f"{r.backend} decode is {r.decode_tokens_per_s / self.baseline.decode_tokens_per_s:.2f}x "
+                             f"{self.baseline.backend}")  # fmt: skip
+        for r in self.results:
+            if r.by_context:
+                lines.append(f"{r.backend} decode tok/s by context: "
+                             + ", ".join(f"{c}: {v:.1f}" for c, v in r.by_context.items()))  # fmt: skip
+        return "\n".join(lines)
+
+
+def measure_bandwidth(megabytes: int = 512, repeat: int = 5) -> float:
+    """Read bandwidth in GB/s: best of `repeat` full reductions over an array larger than any cache."""
+    data = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed_run(gen: Generator, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(ttft seconds, decode tokens/s over all rows) of one greedy generation with no stop ids."""
+    first = last = None
+    count = 0
+    for step in gen.stream(prompts, max_new_tokens=new_tokens):
+        first = step.elapsed_s if first is None else first
+        last = step.elapsed_s
+        count += step.token_id is not None
+    decoded = count - len(prompts)  # the first token of each row comes from prefill
+    return first or 0.0, decoded / max((last or 0.0) - (first or 0.0), 1e-9)
+
+
+def bench_backend(backend: Backend, prompt_len: int, new_tokens: int, repeat: int,
+                  contexts: Sequence[int] = ()) -> BackendBench:  # fmt: skip
+    manifest = backend.manifest
+    batch = manifest.batch_size
+    if prompt_len + new_tokens > manifest.max_cache_len or max(contexts, default=0) + 8 > manifest.max_cache_len:
+        raise InputError(f"prompt plus new tokens exceed the cache of {manifest.max_cache_len}; lower --prompt-len, "
+                         "--new-tokens or --contexts")  # fmt: skip
+    backend.check_inputs = False  # validated once by the warm-up below; not part of what we time
+    gen = Generator(backend)  # no stop ids: always generates new_tokens
+    prompts = fixed_prompt(batch, prompt_len, manifest.config.vocab_size).tolist()
+    gen.generate(prompts, max_new_tokens=4)  # warm-up: sessions, allocations, caches
+    runs = [_timed_run(gen, prompts, new_tokens) for _ in range(repeat)]
+    ttft = statistics.median(r[0] for r in runs)
+    decode = [r[1] for r in runs]
+    by_context = {}
+    for length in contexts:
+        ctx_prompts = fixed_prompt(batch, length, manifest.config.vocab_size).tolist()
+        by_context[length] = statistics.median(_timed_run(gen, ctx_prompts, 8)[1] for _ in range(max(1, repeat // 2)))
+    width = max(prompt_len, manifest.prefill_chunk)
+    return BackendBench(backend.name, statistics.median(decode), min(decode), max(decode), 1000 * ttft,
+                        batch * width / ttft, _peak_rss_mb(), by_context)  # fmt: skip
+
+
+def bench_transformers(
+    source: str, batch: int, prompt_len: int, new_tokens: int, repeat: int, vocab: int
+) -> BackendBench:
+    """transformers eager `generate` on the same weights, timed per step by a logits-processor hook."""
+    from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    from llamatrt.models.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(source)
+    if checkpoint.hf_dir is None:
+        raise InputError("the transformers baseline needs a checkpoint on disk")
+    model = LlamaForCausalLM.from_pretrained(checkpoint.hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = fixed_prompt(batch, prompt_len, vocab)
+
+    class Clock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return scores
+
+    def run(tokens: int) -> tuple[float, float]:
+        clock = Clock()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))  # fmt: skip
+        t = clock.times
+        return t[0] - start, batch * (len(t) - 1) / (t[-1] - t[0])
+
+    run(4)
+    runs = [run(new_tokens) for _ in range(repeat)]
+    decode = [r[1] for r in runs]
+    ttft = statistics.median(r[0] for r in runs)
+    return BackendBench("transformers", statistics.median(decode), min(decode), max(decode), 1000 * ttft,
+                        batch * prompt_len / ttft, _peak_rss_mb())  # fmt: skip
+
+
+def run_bench(
+    artifact: str | Path, backends: Sequence[str] = ("onnxruntime",), prompt_len: int = 20, new_tokens: int = 128,
+    repeat: int = 3, baseline: str | None = None, contexts: Sequence[int] = (), progress: Progress | None = None,
+) -> BenchReport:  # fmt: skip
+    if repeat < 1 or new_tokens < 2 or prompt_len < 1:
+        raise InputError("--repeat must be >= 1, --new-tokens >= 2 and --prompt-len >= 1")
+    if baseline not in (None, "transformers"):
+        raise InputError(f"unknown baseline {baseline!r}; the one baseline is `transformers`")
+    step = progress or (lambda _: None)
+    step("measuring memory bandwidth")
+    bandwidth = measure_bandwidth()
+    results = []
+    manifest = None
+    for kind in backends:
+        step(f"benchmarking {kind}")
+        with open_backend(artifact, kind) as backend:
+            manifest = backend.manifest
+            results.append(bench_backend(backend, prompt_len, new_tokens, repeat, contexts))
+    assert manifest is not None
+    base = None
+    if baseline:
+        step("benchmarking transformers")
+        base = bench_transformers(manifest.source, manifest.batch_size, prompt_len, new_tokens, repeat,
+                                  manifest.config.vocab_size)  # fmt: skip
+    return BenchReport(str(artifact), prompt_len, new_tokens, manifest.batch_size, repeat, bandwidth,
+                       manifest.weights_bytes, results, base)  # fmt: skip
+
+
+def plot_by_context(report: BenchReport, path: Path) -> None:
+    """Decode tok/s against context length, one line per backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise InputError("--plot needs matplotlib; pip install matplotlib") from e
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in report.results:
+        if r.by_context:
+            ax.plot(list(r.by_context), list(r.by_context.values()), marker="o", label=r.backend)
+    ax.axhline(report.ceiling_tokens_per_s, linestyle="--", color="gray", label="bandwidth ceiling")
+    ax.set(xlabel="context length (tokens)", ylabel="decode tokens/s", title=f"decode speed, batch {report.batch}")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
