@@ -41,7 +41,7 @@ demo: $(PY)  ## export the bundled SmolLM2 and answer a question
 
 bench: $(PY)
 	@test -f $(ARTIFACT)/manifest.json || $(VENV)/bin/llamatrt export --model smollm2 --out $(ARTIFACT)
-	$(VENV)/bin/llamatrt bench $(ARTIFACT) --baseline transformers
+	$(VENV)/bin/llamatrt bench $(ARTIFACT) --baseline transformers --contexts 100,1000
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache build *.egg-info

@@ -1,9 +1,9 @@
 """Graph clean-up after export: constant folding, shape cleanup, dead-code removal.
 
-Measured on SmolLM2 decode (fp32, B=1, C=1024; see README): the raw dynamo export holds ~2,900
-nodes, most of them shape arithmetic on static shapes; onnxscript's optimizer folds them to ~1,900
-and ONNX Runtime's session then has less to fold at every load. Export-time validation runs on
-the optimized graph, so the pass is checked to compute the same logits as PyTorch.
+Measured on SmolLM2 decode (fp32, B=1, C=1024): the raw dynamo export holds 4,383 nodes, most of
+them shape arithmetic on static shapes; onnxscript's optimizer folds them to 1,194, so ONNX
+Runtime and TensorRT have less to fold at every load. Export-time validation runs on the optimized
+graph, so the pass is checked to compute the same logits as PyTorch.
 """
 
 from __future__ import annotations

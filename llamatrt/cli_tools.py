@@ -88,7 +88,8 @@ def bench(artifact: Path, backends: tuple[str, ...], prompt_len: int, new_tokens
                          f"re-export with --batch {batch}")  # fmt: skip
     lengths = _parse_contexts(contexts)
     if plot_path is not None and not lengths:
-        lengths = sorted({min(n, manifest.max_cache_len - 16) for n in (128, 256, 512, manifest.max_cache_len - 16)})
+        top = manifest.max_cache_len - 40
+        lengths = sorted({min(n, top) for n in (128, 256, 512, top)})
     with StepBar(1 + len(backends) + bool(baseline), "bench") as bar:
         report = run_bench(artifact, backends, prompt_len, new_tokens, repeat, baseline, lengths, progress=bar)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))

@@ -23,6 +23,7 @@ from llamatrt.runtime.backend import Backend, open_backend
 from llamatrt.runtime.generator import Generator
 
 Progress = Callable[[str], None]
+CONTEXT_TOKENS = 32  # tokens decoded after each --contexts prompt
 
 
 @dataclass
@@ -121,7 +122,10 @@ def bench_backend(backend: Backend, prompt_len: int, new_tokens: int, repeat: in
                   contexts: Sequence[int] = ()) -> BackendBench:  # fmt: skip
     manifest = backend.manifest
     batch = manifest.batch_size
-    if prompt_len + new_tokens > manifest.max_cache_len or max(contexts, default=0) + 8 > manifest.max_cache_len:
+    if (
+        prompt_len + new_tokens > manifest.max_cache_len
+        or max(contexts, default=0) + CONTEXT_TOKENS > manifest.max_cache_len
+    ):
         raise InputError(f"prompt plus new tokens exceed the cache of {manifest.max_cache_len}; lower --prompt-len, "
                          "--new-tokens or --contexts")  # fmt: skip
     backend.check_inputs = False  # validated once by the warm-up below; not part of what we time
@@ -134,7 +138,8 @@ def bench_backend(backend: Backend, prompt_len: int, new_tokens: int, repeat: in
     by_context = {}
     for length in contexts:
         ctx_prompts = fixed_prompt(batch, length, manifest.config.vocab_size).tolist()
-        by_context[length] = statistics.median(_timed_run(gen, ctx_prompts, 8)[1] for _ in range(max(1, repeat // 2)))
+        runs = (_timed_run(gen, ctx_prompts, CONTEXT_TOKENS)[1] for _ in range(max(1, repeat // 2)))
+        by_context[length] = statistics.median(runs)
     width = max(prompt_len, manifest.prefill_chunk)
     return BackendBench(backend.name, statistics.median(decode), min(decode), max(decode), 1000 * ttft,
                         batch * width / ttft, _peak_rss_mb(), by_context)  # fmt: skip

@@ -168,3 +168,14 @@ def test_unreadable_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         export_artifact(tmp_path / "missing", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_no_disk_space_fails_before_work(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _: usage(10**9, 10**9, 10))
+    with pytest.raises(InputError, match="not enough disk space"):
+        export_artifact(tiny_dir, tmp_path / "x", ExportOptions(max_cache_len=CACHE, prefill_chunk=CHUNK))
+    assert not (tmp_path / "x").exists()
