@@ -87,4 +87,5 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec) -> ir.Model:
             optimize=False,  # our own pass (onnx_optimize) runs next, measured and checked
             verbose=False,
         )
+    assert program is not None  # dynamo=True always returns a program
     return program.model

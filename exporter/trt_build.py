@@ -134,11 +134,11 @@ def build_engines(
             if info["kv_cache_update_layers"] != 2 * manifest.config.num_layers:
                 raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
                                       f"expected {2 * manifest.config.num_layers}; the cache would be copied")  # fmt: skip
-            target = f"{name}.plan" if engine == "tensorrt" else f"{name}.rtx.plan"
-            tmp = artifact / (target + ".tmp")
+            plan_name = f"{name}.plan" if engine == "tensorrt" else f"{name}.rtx.plan"
+            tmp = artifact / (plan_name + ".tmp")
             tmp.write_bytes(plan)
-            written.append((tmp, artifact / target))
-            graphs[name] = {"path": target, "bytes": len(plan), "sha256": hashlib.sha256(plan).hexdigest(), **info}
+            written.append((tmp, artifact / plan_name))
+            graphs[name] = {"path": plan_name, "bytes": len(plan), "sha256": hashlib.sha256(plan).hexdigest(), **info}
     except BaseException:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)

@@ -58,7 +58,7 @@ def write_shared_weights(
                 offset, length = offsets[key]
                 value.const_value = ir.ExternalTensor(
                     path.name, offset, length, tensor.dtype,
-                    shape=tensor.shape, name=value.name or "", base_dir=path.parent,
+                    shape=ir.Shape(tensor.shape.numpy()), name=value.name or "", base_dir=path.parent,
                 )  # fmt: skip
     return WrittenWeights(size, digest.hexdigest(), offsets)
 

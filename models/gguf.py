@@ -72,7 +72,7 @@ def _convert(path: Path, out: Path) -> None:
         raise CheckpointError(f"transformers cannot read {path.name} ({str(e).splitlines()[0]}); "
                               "is it a Llama GGUF?") from e  # fmt: skip
     model.config.quantization_config = None  # the saved copy is plain float
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
+    if hasattr(model, "hf_quantizer"):  # a transformers attribute whose presence varies by version
+        model.hf_quantizer = None  # type: ignore[assignment]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

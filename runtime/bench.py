@@ -138,8 +138,8 @@ def bench_backend(backend: Backend, prompt_len: int, new_tokens: int, repeat: in
     by_context = {}
     for length in contexts:
         ctx_prompts = fixed_prompt(batch, length, manifest.config.vocab_size).tolist()
-        runs = (_timed_run(gen, ctx_prompts, CONTEXT_TOKENS)[1] for _ in range(max(1, repeat // 2)))
-        by_context[length] = statistics.median(runs)
+        speeds = [_timed_run(gen, ctx_prompts, CONTEXT_TOKENS)[1] for _ in range(max(1, repeat // 2))]
+        by_context[length] = statistics.median(speeds)
     width = max(prompt_len, manifest.prefill_chunk)
     return BackendBench(backend.name, statistics.median(decode), min(decode), max(decode), 1000 * ttft,
                         batch * width / ttft, _peak_rss_mb(), by_context)  # fmt: skip

@@ -126,9 +126,7 @@ class LLM:
         except TypeError as e:
             raise InputError(f"unknown sampling option ({e}); use temperature, top_k, top_p, min_p, "
                              "repetition_penalty, seed") from e  # fmt: skip
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        ids = [self.encode(p, chat=chat) for p in prompts]  # type: ignore[union-attr]
+        ids = [self.encode(p, chat=chat) for p in _as_prompt_list(prompts)]
         states = [_Progress(len(p)) for p in ids]
         for step in self.generator.stream(ids, max_new_tokens, params, tuple(stop), logprobs):
             yield states, self._apply(states[step.index], step, stop)
@@ -170,6 +168,13 @@ class LLM:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text, or a list of token ids) or a list of them -> a list of prompts."""
+    if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -42,7 +42,7 @@ class OrtBackend(Backend):
 
         if manifest.dtype == "bfloat16" and self.device.type == "cpu":
             raise BackendUnavailable("ONNX Runtime CPU cannot run bf16 graphs; use --backend torch or a GPU backend")
-        providers = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("onnxruntime has no CUDA provider here; pip install onnxruntime-gpu")
