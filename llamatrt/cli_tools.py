@@ -62,7 +62,7 @@ def _parse_contexts(text: str | None) -> list[int]:
 
 
 @click.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--backend", "backends", multiple=True, default=("onnxruntime",), show_default=True,
               type=click.Choice(["torch", "onnxruntime", "ort", "tensorrt"]), help="Repeatable.")  # fmt: skip
 @click.option("--prompt-len", type=int, default=20, show_default=True)
@@ -75,26 +75,42 @@ def _parse_contexts(text: str | None) -> list[int]:
     "--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of decode tok/s vs context."
 )
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact: Path, backends: tuple[str, ...], prompt_len: int, new_tokens: int, batch: int | None, repeat: int,
-          baseline: str | None, contexts: str | None, plot_path: Path | None, as_json: bool) -> None:  # fmt: skip
-    """Time to first token, prefill and decode speed, % of the memory-bandwidth ceiling, baseline ratio."""
+def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: int, new_tokens: int, batch: int | None,
+          repeat: int, baseline: str | None, contexts: str | None, plot_path: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Time to first token, prefill and decode speed, % of the memory-bandwidth ceiling, baseline ratio.
+
+    Several ARTIFACTS (e.g. batch 1 and batch 4 exports) are measured in the same run, and each one's
+    aggregate decode speed is reported as a ratio to the first's."""
     from llamatrt.cli import StepBar
     from llamatrt.exporter.manifest import read_manifest
     from llamatrt.runtime.bench import plot_by_context, run_bench
 
-    manifest = read_manifest(artifact)
+    manifest = read_manifest(artifacts[0])
     if batch is not None and batch != manifest.batch_size:
-        raise InputError(f"--batch {batch} but {artifact} was exported with batch {manifest.batch_size}; "
+        raise InputError(f"--batch {batch} but {artifacts[0]} was exported with batch {manifest.batch_size}; "
                          f"re-export with --batch {batch}")  # fmt: skip
     lengths = _parse_contexts(contexts)
     if plot_path is not None and not lengths:
         top = manifest.max_cache_len - 40
         lengths = sorted({min(n, top) for n in (128, 256, 512, top)})
-    with StepBar(1 + len(backends) + bool(baseline), "bench") as bar:
-        report = run_bench(artifact, backends, prompt_len, new_tokens, repeat, baseline, lengths, progress=bar)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))
+    reports = []
+    with StepBar(len(artifacts) * (1 + len(backends) + bool(baseline)), "bench") as bar:
+        for i, artifact in enumerate(artifacts):
+            reports.append(run_bench(artifact, backends, prompt_len, new_tokens, repeat, baseline,
+                                     lengths if i == 0 else (), progress=bar))  # fmt: skip
+    first = reports[0].results[0].decode_tokens_per_s
+    if as_json:
+        payloads = [r.to_json() for r in reports]
+        for payload in payloads:
+            payload["aggregate_ratio_vs_first"] = payload["decode_tokens_per_s"] / first
+        click.echo(json.dumps(payloads[0] if len(payloads) == 1 else {"runs": payloads}, indent=2))
+    else:
+        click.echo("\n\n".join(str(r) for r in reports))
+        for r in reports[1:]:
+            click.echo(f"{r.artifact} (batch {r.batch}) aggregate decode is {r.results[0].decode_tokens_per_s / first:.2f}x "
+                       f"{reports[0].artifact} (batch {reports[0].batch}), same run")  # fmt: skip
     if plot_path is not None:
-        plot_by_context(report, plot_path)
+        plot_by_context(reports[0], plot_path)
 
 
 @click.command()

@@ -63,7 +63,8 @@ class Attention(nn.Module):
         # softmax in fp32 (TensorRT is strongly typed: precision lives in the graph). GQA without
         # repeating KV: fold each KV head's query group into the row axis.
         q = q.reshape(batch, self.num_kv_heads, groups * seq, self.head_dim)
-        scores = torch.matmul(q, present_key.transpose(2, 3))  # (batch, kv_heads, groups*seq, cache)
+        # K @ q^T, not q @ K^T: CPU GEMMs pack their B operand per call, and K is the large one.
+        scores = torch.matmul(present_key, q.transpose(2, 3)).transpose(2, 3)  # (batch, kv_heads, groups*seq, cache)
         scores = scores.float().view(batch, self.num_kv_heads, groups, seq, -1) * self.scale
         probs = torch.softmax(scores + mask[:, :, None], dim=-1)  # fp32 mask add and softmax
         probs = probs.to(q.dtype).view(batch, self.num_kv_heads, groups * seq, -1)

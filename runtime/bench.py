@@ -23,7 +23,7 @@ from llamatrt.runtime.backend import Backend, open_backend
 from llamatrt.runtime.generator import Generator
 
 Progress = Callable[[str], None]
-CONTEXT_TOKENS = 32  # tokens decoded after each --contexts prompt
+CONTEXT_TOKENS = 16  # tokens decoded after each --contexts prompt (1000 + 16 fits C = 1024)
 
 
 @dataclass

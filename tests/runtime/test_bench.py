@@ -51,3 +51,11 @@ def test_bench_plot(tiny_artifact: Path, tmp_path: Path) -> None:
 
 def test_bandwidth_is_plausible() -> None:
     assert 0.5 < measure_bandwidth(megabytes=64, repeat=2) < 2000
+
+
+def test_bench_several_artifacts_in_one_run(tiny_artifact: Path) -> None:
+    result = CliRunner().invoke(main, ["bench", str(tiny_artifact), str(tiny_artifact), "--new-tokens", "4",
+                                       "--repeat", "1", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.output[result.output.index("{") :])["runs"]
+    assert len(runs) == 2 and runs[0]["aggregate_ratio_vs_first"] == 1.0 and runs[1]["aggregate_ratio_vs_first"] > 0
