@@ -12,16 +12,20 @@ from pathlib import Path
 from llamatrt.errors import ArtifactExistsError, InputError
 
 
-def check_output(out: Path, force: bool, needed_bytes: int = 0) -> None:
-    """Fail before any work: existing output without --force, or not enough disk space."""
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any work: an existing output without --force."""
     if out.exists() and not force:
         raise ArtifactExistsError(f"{out} exists; pass --force to overwrite it or choose another --out")
     if out.exists() and not out.is_dir():
         raise ArtifactExistsError(f"{out} exists and is not a folder; remove it or choose another --out")
+
+
+def check_disk_space(out: Path, needed_bytes: int) -> None:
+    """Fail before writing when the folder that will hold `out` has too little space."""
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
-    if needed_bytes and free < needed_bytes:
+    if free < needed_bytes:
         raise InputError(
             f"not enough disk space in {parent}: {needed_bytes / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; "
             "free some space or choose another --out"

@@ -11,8 +11,15 @@ from typing import Any
 import torch
 
 from llamatrt.errors import InputError
-from llamatrt.exporter.artifacts import atomic_output_dir, check_output
-from llamatrt.exporter.manifest import DTYPE_ALIASES, FORMAT_VERSION, GraphSpec, Manifest, write_manifest
+from llamatrt.exporter.artifacts import atomic_output_dir, check_disk_space, check_output
+from llamatrt.exporter.manifest import (
+    DTYPE_ALIASES,
+    FORMAT_VERSION,
+    TORCH_DTYPES,
+    GraphSpec,
+    Manifest,
+    write_manifest,
+)
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
 from llamatrt.exporter.validate import validate_export
@@ -26,7 +33,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
 )  # fmt: skip
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 Progress = Callable[[str], None]
 
@@ -69,13 +75,9 @@ def export_artifact(
     step("loading checkpoint")
     checkpoint = load_checkpoint(model)
     config = checkpoint.config
-    bytes_per = torch.finfo(TORCH_DTYPES[options.dtype]).bits // 8
-    params = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + config.num_layers * (
-        config.hidden_size * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
-        + 3 * config.hidden_size * config.intermediate_size
-    )
-    check_output(out, force, needed_bytes=int(params * bytes_per * 1.1))
     torch_model = checkpoint.build_model(TORCH_DTYPES[options.dtype], full_logits=options.full_logits)
+    weight_bytes = sum(p.numel() * p.element_size() for p in torch_model.parameters())  # tied head counted once
+    check_disk_space(out, int(weight_bytes * 1.1))
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
     specs = {
         "prefill": graph_spec("prefill", torch_model, b, s, c),

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llamatrt.errors import ManifestMismatchError
 from llamatrt.models.config import LlamaConfig
 from llamatrt.models.kv_cache import cache_names
@@ -20,6 +22,14 @@ from llamatrt.models.kv_cache import cache_names
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The manifest's name for a torch dtype ("float16", ...)."""
+    return next(name for name, value in TORCH_DTYPES.items() if value == dtype)
+
+
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{d: d for d in DTYPES}}
 
 

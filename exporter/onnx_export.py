@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamatrt.exporter.manifest import GraphSpec, TensorSpec
+from llamatrt.exporter.manifest import GraphSpec, TensorSpec, dtype_name
 from llamatrt.models.kv_cache import cache_names, cache_shape, empty_cache
 from llamatrt.models.llama import StaticLlama
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 OPSET = 24
 KV_WRITE = "tensor_scatter"
-TORCH_TO_ONNX_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _write_kv_to_tensor_scatter(past, new, cache_position):  # type: ignore[no-untyped-def]
@@ -41,7 +40,7 @@ def _write_kv_to_tensor_scatter(past, new, cache_position):  # type: ignore[no-u
 def graph_spec(name: str, model: StaticLlama, batch: int, seq: int, max_cache_len: int) -> GraphSpec:
     """The IO contract of DESIGN.md §1 for one graph."""
     config = model.config
-    dtype = TORCH_TO_ONNX_DTYPE[model.model.embed_tokens.weight.dtype]
+    dtype = dtype_name(model.model.embed_tokens.weight.dtype)
     kv = cache_shape(config, batch, max_cache_len)
     logits = (batch, seq, config.vocab_size) if model.full_logits else (batch, config.vocab_size)
     inputs = (

@@ -16,6 +16,7 @@ from llamatrt.models.llama import StaticLlama
 
 # Max abs logits error accepted at export, by graph dtype (reference: PyTorch at the same dtype).
 EXPORT_TOLERANCE = {"float32": 1e-3, "float16": 0.25, "bfloat16": 1.0}
+DECODE_STEPS = 4  # teacher-forced decode calls after the prefill
 
 
 def fixed_prompt(batch: int, seq: int, vocab: int) -> torch.Tensor:
@@ -32,7 +33,9 @@ def _ort_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def max_logits_error(folder: Path, prefill: GraphSpec, decode: GraphSpec, model: StaticLlama, steps: int = 4) -> float:
+def max_logits_error(
+    folder: Path, prefill: GraphSpec, decode: GraphSpec, model: StaticLlama, steps: int = DECODE_STEPS
+) -> float:
     """Run prefill + `steps` decode calls through ORT and PyTorch on the same inputs."""
     batch, seq = prefill.input("input_ids").shape
     max_cache_len = prefill.input("attention_mask").shape[1]
@@ -81,4 +84,9 @@ def validate_export(
             f"ONNX Runtime logits differ from PyTorch by {error:.3g} (tolerance {tolerance:g} for {dtype}); "
             "the export is wrong, nothing was written — please report with the model config"
         )
-    return {"backend": "onnxruntime-cpu", "max_abs_logits_error": error, "tolerance": tolerance, "decode_steps": 4}
+    return {
+        "backend": "onnxruntime-cpu",
+        "max_abs_logits_error": error,
+        "tolerance": tolerance,
+        "decode_steps": DECODE_STEPS,
+    }

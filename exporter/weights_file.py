@@ -1,13 +1,13 @@
 """One external-data file for both graphs: each distinct tensor stored once, matched by content.
 
-The exporter may rename initializers, so tensors are keyed by dtype, shape and a hash of their
-bytes. Disk use is then ~1x the weights, not 2x.
+The exporter may rename initializers, so tensors are keyed by a hash of their bytes (the length is
+checked on lookup). Disk use is then ~1x the weights, not 2x.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,9 +28,7 @@ class WrittenWeights:
     offsets: dict[str, tuple[int, int]]  # sha1 of a tensor's bytes -> (offset, length) in the file
 
 
-def write_shared_weights(
-    models: Sequence[ir.Model], path: Path, progress: Callable[[int], None] | None = None
-) -> WrittenWeights:
+def write_shared_weights(models: Sequence[ir.Model], path: Path) -> WrittenWeights:
     """Move every large initializer of `models` into `path`, each distinct tensor once."""
     import onnx_ir as ir
 
@@ -53,8 +51,6 @@ def write_shared_weights(
                     f.write(data)
                     digest.update(data)
                     size += pad + len(data)
-                    if progress:
-                        progress(len(data))
                 offset, length = offsets[key]
                 value.const_value = ir.ExternalTensor(
                     path.name, offset, length, tensor.dtype,

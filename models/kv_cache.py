@@ -55,6 +55,11 @@ def present_value_name(layer: int) -> str:
     return f"present.{layer}.value"
 
 
+def past_name_for(present_name: str) -> str:
+    """`present.3.key` -> `past_key_values.3.key`: the buffer a present output aliases."""
+    return present_name.replace("present.", "past_key_values.", 1)
+
+
 def cache_names(num_layers: int, prefix: str = "past") -> list[str]:
     """Flat names in graph order: key0, value0, key1, value1, ..."""
     key, value = (past_key_name, past_value_name) if prefix == "past" else (present_key_name, present_value_name)

@@ -15,10 +15,10 @@ from types import TracebackType
 import torch
 
 from llamatrt.errors import InputError, ManifestMismatchError
-from llamatrt.exporter.manifest import GraphSpec, Manifest, read_manifest
-from llamatrt.models.kv_cache import cache_names
+from llamatrt.exporter.manifest import TORCH_DTYPES, GraphSpec, Manifest, read_manifest
+from llamatrt.models.kv_cache import cache_names, past_name_for
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+SMALL_INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
 BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt")
 BACKEND_ALIASES = {"ort": "onnxruntime", "pytorch": "torch", "trt": "tensorrt"}
 
@@ -47,6 +47,29 @@ class Backend(abc.ABC):
         spec = self.manifest.cache_spec
         return [torch.zeros(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=self.device)
                 for _ in cache_names(self.manifest.config.num_layers)]  # fmt: skip
+
+    def _input_buffers(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per graph, persistent device buffers for the small inputs: backends that bind by address
+        copy each call's values in, so the bound addresses never change."""
+        return {
+            name: {t.name: torch.zeros(t.shape, dtype=TORCH_DTYPES[t.dtype], device=self.device)
+                   for t in g.inputs if t.name in SMALL_INPUTS}
+            for name, g in self.manifest.graphs.items()
+        }  # fmt: skip
+
+    def _logits_buffers(self) -> dict[str, torch.Tensor]:
+        """Per graph, the reused fp32 logits output buffer."""
+        return {n: torch.empty(g.outputs[0].shape, dtype=torch.float32, device=self.device)
+                for n, g in self.manifest.graphs.items()}  # fmt: skip
+
+    def _aliased_outputs(
+        self, graph: str, feeds: Mapping[str, torch.Tensor], logits: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The outputs of a backend that writes the cache in place: each present is its past buffer."""
+        outputs = {"logits": logits}
+        for spec in self.manifest.graphs[graph].outputs[1:]:
+            outputs[spec.name] = feeds[past_name_for(spec.name)]
+        return outputs
 
     def close(self) -> None:  # noqa: B027  (optional hook: most backends hold nothing to release)
         """Release sessions/engines; the default has nothing to release."""

@@ -151,9 +151,9 @@ class Generator:
             elapsed = time.perf_counter() - started
             for b in range(real):
                 if active[b]:
-                    step = self._advance_row(b, int(tokens[b]), generated[b], max_new_tokens, kv, criteria)
-                    active[b] = step[1] is None
-                    yield Step(first + b, step[0], chosen[b] if step[0] is not None else None, step[1], elapsed)
+                    token, reason = self._advance_row(int(tokens[b]), generated[b], max_new_tokens, kv, criteria)
+                    active[b] = reason is None
+                    yield Step(first + b, token, chosen[b] if token is not None else None, reason, elapsed)
             if not any(active):
                 return
             if seen is not None:
@@ -163,7 +163,7 @@ class Generator:
             next_position += 1
 
     def _advance_row(
-        self, row: int, token: int, generated: list[int], max_new_tokens: int, kv: KVState, criteria: StopCriteria
+        self, token: int, generated: list[int], max_new_tokens: int, kv: KVState, criteria: StopCriteria
     ) -> tuple[int | None, str | None]:
         """(token to emit or None, finish reason or None) for one row's newly sampled token."""
         if token in criteria.stop_ids:

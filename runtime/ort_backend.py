@@ -21,7 +21,6 @@ from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchErro
 from llamatrt.exporter.manifest import Manifest
 from llamatrt.runtime.backend import Backend
 
-SMALL_INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
@@ -58,16 +57,9 @@ class OrtBackend(Backend):
             except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)
                 raise ManifestMismatchError(f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
                                             "re-run `llamatrt export --force`") from e  # fmt: skip
-        self.logits = {
-            name: torch.empty(g.outputs[0].shape, dtype=torch.float32, device=self.device)
-            for name, g in manifest.graphs.items()
-        }
+        self.logits = self._logits_buffers()
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
-        self._small = {
-            name: {t.name: torch.zeros(t.shape, dtype=torch.int64, device=self.device)
-                   for t in g.inputs if t.name in SMALL_INPUTS}
-            for name, g in manifest.graphs.items()
-        }  # fmt: skip
+        self._small = self._input_buffers()
         self._bindings: dict[str, tuple[Any, tuple[int, ...], list[torch.Tensor]]] = {}
 
     def _bind(self, binding: Any, name: str, tensor: torch.Tensor, output: bool) -> None:
@@ -84,10 +76,7 @@ class OrtBackend(Backend):
         if graph not in self._bindings or self._bindings[graph][1] != key:
             self._bindings[graph] = (self._new_binding(graph, {**feeds, **small}), key, cache)  # keeps cache alive
         self.sessions[graph].run_with_iobinding(self._bindings[graph][0])
-        outputs = {"logits": self.logits[graph]}
-        for spec in self.manifest.graphs[graph].outputs[1:]:
-            outputs[spec.name] = feeds[spec.name.replace("present.", "past_key_values.", 1)]  # aliased: in place
-        return outputs
+        return self._aliased_outputs(graph, feeds, self.logits[graph])
 
     def _new_binding(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> Any:
         binding = self.sessions[graph].io_binding()
@@ -96,9 +85,8 @@ class OrtBackend(Backend):
             if not tensor.is_contiguous():
                 raise InputError(f"{spec.name} must be contiguous to be bound by address")
             self._bind(binding, spec.name, tensor, output=False)
-        self._bind(binding, "logits", self.logits[graph], output=True)
-        for spec in self.manifest.graphs[graph].outputs[1:]:
-            self._bind(binding, spec.name, feeds[spec.name.replace("present.", "past_key_values.", 1)], output=True)
+        for name, tensor in self._aliased_outputs(graph, feeds, self.logits[graph]).items():
+            self._bind(binding, name, tensor, output=True)
         return binding
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 import warnings
 from collections.abc import Mapping
@@ -10,29 +11,26 @@ from pathlib import Path
 import torch
 
 from llamatrt.errors import ManifestMismatchError
-from llamatrt.exporter.manifest import Manifest
+from llamatrt.exporter.manifest import TORCH_DTYPES, Manifest
 from llamatrt.models.kv_cache import cache_names
 from llamatrt.models.llama import StaticLlama
-from llamatrt.runtime.backend import TORCH_DTYPES, Backend
+from llamatrt.runtime.backend import Backend
 
 
 def state_dict_from_artifact(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Read each parameter from the shared weights file at the place the manifest records."""
     dtype = TORCH_DTYPES[manifest.dtype]
-    itemsize = torch.finfo(dtype).bits // 8
     state = {}
     with (folder / manifest.weights_file).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         for name, where in manifest.weights_map.items():
-            count = 1
-            for dim in where["shape"]:
-                count *= dim
+            count = math.prod(where["shape"])
             with warnings.catch_warnings():  # read-only mmap; we clone right away
                 warnings.simplefilter("ignore", UserWarning)
                 flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=where["offset"]).clone()
             tensor = flat.view(where["shape"])
             state[name] = tensor.t().contiguous() if where["transposed"] else tensor
             del flat
-    if not state or itemsize == 0:
+    if not state:
         raise ManifestMismatchError("the manifest has no weights map; re-run `llamatrt export` with this llamatrt")
     return state
 

@@ -18,9 +18,7 @@ import torch
 from llamatrt.errors import BackendUnavailable, ManifestMismatchError
 from llamatrt.exporter.manifest import Manifest
 from llamatrt.lazy import require_cuda
-from llamatrt.runtime.backend import TORCH_DTYPES, Backend
-
-SMALL_INPUTS = ("input_ids", "position_ids", "cache_position", "attention_mask")
+from llamatrt.runtime.backend import Backend
 
 
 class CudaOps:
@@ -76,12 +74,8 @@ class TensorRTBackend(Backend):
                                             f"GPU; re-run `llamatrt build {folder} --force`")  # fmt: skip
             self.engines[name] = engine
             self.contexts[name] = engine.create_execution_context()
-        self.static = {
-            name: {t.name: torch.zeros(t.shape, dtype=TORCH_DTYPES[t.dtype], device=self.device)
-                   for t in g.inputs if t.name in SMALL_INPUTS}
-            for name, g in manifest.graphs.items()
-        }  # fmt: skip
-        self.logits = {n: torch.empty(g.outputs[0].shape, device=self.device) for n, g in manifest.graphs.items()}
+        self.static = self._input_buffers()
+        self.logits = self._logits_buffers()
         self.cache: list[torch.Tensor] | None = None
         self.use_cuda_graph = cuda_graph
         self.cuda_graphs: dict[tuple[int, ...], Any] = {}
@@ -94,9 +88,7 @@ class TensorRTBackend(Backend):
 
     def _bind(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tuple[int, ...]]:
         context, static = self.contexts[graph], self.static[graph]
-        outputs = {"logits": self.logits[graph]}
-        for spec in self.manifest.graphs[graph].outputs[1:]:
-            outputs[spec.name] = feeds[spec.name.replace("present.", "past_key_values.", 1)]  # aliased: in place
+        outputs = self._aliased_outputs(graph, feeds, self.logits[graph])
         addresses = []
         for name, tensor in feeds.items():
             if name in static:
