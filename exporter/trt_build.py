@@ -133,7 +133,8 @@ def build_engines(
             check_network_io(info["io"], graph)
             if info["kv_cache_update_layers"] != 2 * manifest.config.num_layers:
                 raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
-                                      f"expected {2 * manifest.config.num_layers}; the cache would be copied")  # fmt: skip
+                                      f"expected {2 * manifest.config.num_layers} (the cache would be copied); re-export with "
+                                      "this llamatrt: `llamatrt export --force`")  # fmt: skip
             plan_name = f"{name}.plan" if engine == "tensorrt" else f"{name}.rtx.plan"
             tmp = artifact / (plan_name + ".tmp")
             tmp.write_bytes(plan)

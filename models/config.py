@@ -54,7 +54,7 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"config field {name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"config field {name}={getattr(self, name)} must be >= 1; fix config.json")
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "

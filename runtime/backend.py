@@ -88,7 +88,8 @@ def check_feeds(spec: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
     expected = {t.name for t in spec.inputs}
     if set(feeds) != expected:
         missing, extra = sorted(expected - set(feeds)), sorted(set(feeds) - expected)
-        raise InputError(f"{spec.name} feeds: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise InputError(f"{spec.name} feeds: missing {missing[:3]}, unexpected {extra[:3]}; feed exactly the "
+                         "graph's inputs named in manifest.json")  # fmt: skip
     for t in spec.inputs:
         value = feeds[t.name]
         if tuple(value.shape) != t.shape or value.dtype != TORCH_DTYPES[t.dtype]:

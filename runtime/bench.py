@@ -155,7 +155,8 @@ def bench_transformers(
 
     checkpoint = load_checkpoint(source)
     if checkpoint.hf_dir is None:
-        raise InputError("the transformers baseline needs a checkpoint on disk")
+        raise InputError("the transformers baseline needs a checkpoint on disk; export from smollm2, an HF folder "
+                         "or a .gguf, or drop --baseline")  # fmt: skip
     model = LlamaForCausalLM.from_pretrained(checkpoint.hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     ids = fixed_prompt(batch, prompt_len, vocab)
 

@@ -92,7 +92,8 @@ class Generator:
                 raise InputError(f"prompt {i} has {len(prompt)} tokens, the cache holds {capacity}; shorten it or "
                                  "re-export with a larger --max-seq-len")  # fmt: skip
             if min(prompt) < 0 or max(prompt) >= vocab:
-                raise InputError(f"prompt {i} has a token id outside the vocabulary [0, {vocab})")
+                raise InputError(f"prompt {i} has a token id outside the vocabulary [0, {vocab}); encode it with "
+                                 "this artifact's tokenizer")  # fmt: skip
 
     def score(self, prompts: Sequence[Sequence[int]], forced: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Teacher-forced logits per prompt, (len(forced), vocab): row k predicts forced[k] (after the
