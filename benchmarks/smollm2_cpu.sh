@@ -9,7 +9,7 @@ LLAMATRT=.venv/bin/llamatrt
 mkdir -p "$OUT"
 [ -f "$OUT/b1/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/b1"
 [ -f "$OUT/b4/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/b4" --batch 4
-$LLAMATRT bench "$OUT/b1" "$OUT/b4" --baseline transformers --contexts 100,1000 \
+$LLAMATRT bench "$OUT/b1" "$OUT/b4" --backend onnxruntime --backend torch --baseline transformers --contexts 100,1000 \
     --plot "$OUT/decode_vs_context.png" --json > "$OUT/bench.json"
 .venv/bin/python - "$OUT/bench.json" <<'PY'
 import json, sys
@@ -20,4 +20,8 @@ print(f"batch 1: onnxruntime {b1['decode_tokens_per_s']:.1f} tok/s = {b1['baseli
 print(f"decode at context 1000 vs 100: {ctx['1000']:.1f} vs {ctx['100']:.1f} tok/s ({ctx['1000'] / ctx['100']:.2f})")
 print(f"batch 4: {b4['decode_tokens_per_s']:.1f} tok/s aggregate = {b4['aggregate_ratio_vs_first']:.2f}x batch 1; "
       f"{b4['baseline_ratio']:.2f}x transformers batch 4")
+for run in (b1, b4):
+    torch_backend = run["backends"][1]
+    print(f"batch {run['batch']}: torch backend {torch_backend['decode_tokens_per_s']:.1f} tok/s = "
+          f"{torch_backend['decode_tokens_per_s'] / run['baseline_decode_tokens_per_s']:.2f}x transformers")
 PY
