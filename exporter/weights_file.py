@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llamatrt.errors import ValidationError
+from llamatrt.exporter.manifest import dtype_name
+
 if TYPE_CHECKING:
     import onnx_ir as ir
 
@@ -60,19 +63,31 @@ def write_shared_weights(models: Sequence[ir.Model], path: Path) -> WrittenWeigh
 
 
 def parameter_locations(state_dict: Mapping[str, torch.Tensor], written: WrittenWeights) -> dict[str, dict[str, Any]]:
-    """Where each model parameter lies in the weights file, found by content (the exporter renames
-    and pre-transposes weights). Lets the PyTorch backend run from the artifact's own weights."""
+    """Where each model parameter lies in the weights file, found by content: the exporter renames
+    and pre-transposes weights, and in fp16/bf16 graphs folds the fp32 upcast of RMSNorm weights
+    (an exact conversion, recorded as the stored dtype). Lets the PyTorch backend run from the
+    artifact's own weights; a parameter found nowhere fails the export."""
     locations: dict[str, dict[str, Any]] = {}
     for name, tensor in state_dict.items():
-        for transposed, candidate in ((False, tensor), (True, tensor.t() if tensor.dim() == 2 else None)):
-            if candidate is None:
-                continue
+        for candidate, transposed in _stored_forms(tensor):
             data = candidate.contiguous().view(torch.uint8).numpy().tobytes()
             hit = written.offsets.get(hashlib.sha1(data).hexdigest())
             if hit is not None and hit[1] == len(data):
-                locations[name] = {"offset": hit[0], "shape": list(candidate.shape), "transposed": transposed}
+                locations[name] = {"offset": hit[0], "shape": list(candidate.shape), "transposed": transposed,
+                                   "dtype": dtype_name(candidate.dtype)}  # fmt: skip
                 break
+        else:
+            raise ValidationError(f"parameter {name!r} is not in the exported weights file in any known form; "
+                                  "please report with the model config")  # fmt: skip
     return locations
+
+
+def _stored_forms(tensor: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+    """(form, transposed) in which the exporter may have stored a parameter."""
+    forms = [(tensor, False)] + ([(tensor.t(), True)] if tensor.dim() == 2 else [])
+    if tensor.dtype != torch.float32:
+        forms += [(form.float(), transposed) for form, transposed in forms]
+    return forms
 
 
 def save_graph(model: ir.Model, path: Path) -> int:

@@ -19,16 +19,17 @@ from llamatrt.runtime.backend import Backend
 
 def state_dict_from_artifact(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Read each parameter from the shared weights file at the place the manifest records."""
-    dtype = TORCH_DTYPES[manifest.dtype]
     state = {}
     with (folder / manifest.weights_file).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         for name, where in manifest.weights_map.items():
             count = math.prod(where["shape"])
+            dtype = TORCH_DTYPES[where.get("dtype", manifest.dtype)]  # fp16 artifacts keep norm weights in fp32
             with warnings.catch_warnings():  # read-only mmap; we clone right away
                 warnings.simplefilter("ignore", UserWarning)
                 flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=where["offset"]).clone()
             tensor = flat.view(where["shape"])
-            state[name] = tensor.t().contiguous() if where["transposed"] else tensor
+            tensor = tensor.t().contiguous() if where["transposed"] else tensor
+            state[name] = tensor.to(TORCH_DTYPES[manifest.dtype])
             del flat
     if not state:
         raise ManifestMismatchError("the manifest has no weights map; re-run `llamatrt export` with this llamatrt")

@@ -179,3 +179,17 @@ def test_no_disk_space_fails_before_work(tiny_dir: Path, tmp_path: Path, monkeyp
     with pytest.raises(InputError, match="not enough disk space"):
         export_artifact(tiny_dir, tmp_path / "x", ExportOptions(max_cache_len=CACHE, prefill_chunk=CHUNK))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_reduced_precision_artifact_maps_every_parameter(tiny_dir: Path, tmp_path: Path, dtype: str) -> None:
+    from llamatrt.runtime.torch_backend import state_dict_from_artifact
+
+    folder = _export(tiny_dir, tmp_path / dtype, dtype=dtype)
+    manifest = read_manifest(folder)
+    expected = load_checkpoint(tiny_dir).build_model(torch.float16 if dtype == "fp16" else torch.bfloat16).state_dict()
+    assert set(manifest.weights_map) == set(expected)
+    assert manifest.weights_map["model.norm.weight"]["dtype"] == "float32"  # folded fp32 upcast, found by content
+    loaded = state_dict_from_artifact(folder, manifest)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
