@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from llamatrt.exporter.manifest import (
     DTYPE_ALIASES,
     FORMAT_VERSION,
     TORCH_DTYPES,
-    GraphSpec,
     Manifest,
     write_manifest,
 )
@@ -63,6 +62,18 @@ class ExportOptions:
                              self.full_logits, self.validate)  # fmt: skip
 
 
+def graph_variants(options: ExportOptions) -> list[tuple[str, bool]]:
+    """(graph, fused attention) pairs to export. The fused form runs on ONNX Runtime CPU, the fp32
+    target; fp16/bf16 artifacts are for GPUs, whose TensorRT and CUDA paths take the portable one."""
+    fused = [False, True] if DTYPE_ALIASES[options.dtype] == "float32" else [False]
+    return [(name, f) for f in fused for name in ("prefill", "decode")]
+
+
+def export_steps(options: ExportOptions) -> int:
+    """Progress steps of export_artifact: loading, each graph, weights, validation."""
+    return 2 + len(graph_variants(options)) + int(options.validate)
+
+
 def export_artifact(
     model: str | Path | Any, out: Path, options: ExportOptions = ExportOptions(), force: bool = False,
     progress: Progress | None = None,
@@ -85,15 +96,16 @@ def export_artifact(
     }
     with atomic_output_dir(out) as tmp:
         graphs = {}
-        for name, spec in specs.items():
-            step(f"exporting {name} graph")
-            graphs[name] = optimize_graph(graph_to_onnx(torch_model, spec))
+        for name, fused in graph_variants(options):
+            step(f"exporting {name} graph" + (" (ONNX Runtime attention)" if fused else ""))
+            graphs[name, fused] = optimize_graph(graph_to_onnx(torch_model, specs[name], fused_attention=fused))
         step("writing weights")
         written = write_shared_weights(list(graphs.values()), tmp / WEIGHTS_FILE)
         locations = parameter_locations(torch_model.state_dict(), written)
-        for name, graph in graphs.items():
-            specs[name] = GraphSpec(name, specs[name].path, specs[name].inputs, specs[name].outputs,
-                                    save_graph(graph, tmp / specs[name].path))  # fmt: skip
+        for (name, fused), graph in graphs.items():
+            path = f"{name}.ort.onnx" if fused else specs[name].path
+            size = save_graph(graph, tmp / path)
+            specs[name] = replace(specs[name], **({"ort_path": path, "ort_bytes": size} if fused else {"bytes": size}))
         del graphs
         tokenizer = _save_tokenizer(checkpoint, tmp)
         validation: dict[str, Any] = {"skipped": "--no-validate"}

@@ -50,6 +50,10 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     bytes: int = 0  # size of the .onnx file, to catch truncation
+    # The same graph with ONNX Runtime's fused GroupQueryAttention (exporter.ort_attention), which the
+    # ONNX Runtime CPU backend runs; "" where not exported (fp16/bf16 artifacts).
+    ort_path: str = ""
+    ort_bytes: int = 0
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -114,6 +118,7 @@ class Manifest:
                     "bytes": g.bytes,
                     "inputs": [t.to_json() for t in g.inputs],
                     "outputs": [t.to_json() for t in g.outputs],
+                    **({"onnxruntime": {"path": g.ort_path, "bytes": g.ort_bytes}} if g.ort_path else {}),
                 }
                 for name, g in self.graphs.items()
             },
@@ -139,6 +144,8 @@ class Manifest:
                     tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in g["inputs"]),
                     tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in g["outputs"]),
                     int(g.get("bytes", 0)),
+                    g.get("onnxruntime", {}).get("path", ""),
+                    int(g.get("onnxruntime", {}).get("bytes", 0)),
                 )
                 for name, g in raw["graphs"].items()
             }
@@ -191,6 +198,7 @@ def read_manifest(folder: Path) -> Manifest:
 def check_files(manifest: Manifest, folder: Path) -> None:
     expected = [(manifest.weights_file, manifest.weights_bytes)]
     expected += [(g.path, g.bytes) for g in manifest.graphs.values()]
+    expected += [(g.ort_path, g.ort_bytes) for g in manifest.graphs.values() if g.ort_path]
     for rel, size in expected:
         f = folder / rel
         if not f.is_file():

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llamatrt.exporter import ort_attention
 from llamatrt.exporter.manifest import GraphSpec, TensorSpec, dtype_name
 from llamatrt.models.kv_cache import cache_names, cache_shape, empty_cache
 from llamatrt.models.llama import StaticLlama
@@ -70,9 +71,15 @@ def example_inputs(spec: GraphSpec, model: StaticLlama) -> tuple[torch.Tensor, .
     )
 
 
-def graph_to_onnx(model: StaticLlama, spec: GraphSpec) -> ir.Model:
-    """Export one graph; returns the in-memory onnx_ir model (weights still in memory)."""
+def graph_to_onnx(model: StaticLlama, spec: GraphSpec, fused_attention: bool = False) -> ir.Model:
+    """Export one graph; returns the in-memory onnx_ir model (weights still in memory).
+
+    fused_attention: attention as ONNX Runtime's GroupQueryAttention (exporter.ort_attention)
+    instead of portable ops; the IO contract is the same."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    ort_attention.register_schema()
+    for layer in model.model.layers:
+        layer.self_attn.fused = fused_attention
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -82,9 +89,14 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec) -> ir.Model:
             opset_version=OPSET,
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
-            custom_translation_table={torch.ops.llamatrt.write_kv.default: _write_kv_to_tensor_scatter},
+            custom_translation_table={
+                torch.ops.llamatrt.write_kv.default: _write_kv_to_tensor_scatter,
+                torch.ops.llamatrt.cached_attention.default: ort_attention.cached_attention_to_gqa,
+            },
             optimize=False,  # our own pass (onnx_optimize) runs next, measured and checked
             verbose=False,
         )
+    for layer in model.model.layers:
+        layer.self_attn.fused = False
     assert program is not None  # dynamo=True always returns a program
     return program.model

@@ -78,11 +78,11 @@ def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefil
     """Export prefill and decode ONNX graphs, one weights file and a manifest."""
     import time
 
-    from llamatrt.exporter.export import ExportOptions, export_artifact
+    from llamatrt.exporter.export import ExportOptions, export_artifact, export_steps
 
     options = ExportOptions(batch_size, max_seq_len, prefill_chunk, dtype, full_logits, not no_validate)
     started = time.perf_counter()
-    with StepBar(5 if no_validate else 6, "export") as bar:
+    with StepBar(export_steps(options), "export") as bar:
         manifest = export_artifact(model_spec, out, options, force=force, progress=bar)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     err = manifest.validation.get("max_abs_logits_error")

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llamatrt.models.attention import cached_attention
 from llamatrt.models.config import LlamaConfig
-from llamatrt.models.kv_cache import write_kv
 from llamatrt.models.rope import apply_rope
 
 
@@ -35,7 +35,7 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.scale = c.head_dim**-0.5
+        self.fused = False  # set by the exporter for an ONNX Runtime graph (models.attention)
         self.qkv_proj = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
@@ -50,24 +50,13 @@ class Attention(nn.Module):
         past_value: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, seq, _ = x.shape
-        heads, kv_heads, groups = self.num_heads, self.num_kv_heads, self.num_heads // self.num_kv_heads
-        qkv = self.qkv_proj(x).view(batch, seq, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)  # (batch, heads + kv_heads, seq, head_dim)
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
-        present_key = write_kv(past_key, k, cache_position)  # (batch, num_kv_heads, max_cache_len, head_dim)
-        present_value = write_kv(past_value, v, cache_position)
-        # Explicit attention, not SDPA: SDPA exports as ONNX `Attention`, which TensorRT cannot build in
-        # fp32 and whose softmax precision is implicit. Matmuls in the compute dtype; the mask add and
-        # softmax in fp32 (TensorRT is strongly typed: precision lives in the graph). GQA without
-        # repeating KV: fold each KV head's query group into the row axis.
-        q = q.reshape(batch, self.num_kv_heads, groups * seq, self.head_dim)
-        # K @ q^T, not q @ K^T: CPU GEMMs pack their B operand per call, and K is the large one.
-        scores = torch.matmul(present_key, q.transpose(2, 3)).transpose(2, 3)  # (batch, kv_heads, groups*seq, cache)
-        scores = scores.float().view(batch, self.num_kv_heads, groups, seq, -1) * self.scale
-        probs = torch.softmax(scores + mask[:, :, None], dim=-1)  # fp32 mask add and softmax
-        probs = probs.to(q.dtype).view(batch, self.num_kv_heads, groups * seq, -1)
-        out = torch.matmul(probs, present_value)  # (batch, kv_heads, groups*seq, head_dim)
-        out = out.view(batch, self.num_heads, seq, self.head_dim).transpose(1, 2)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(batch, seq, heads + 2 * kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)  # queries and keys rotated in one go
+        out, present_key, present_value = cached_attention(
+            qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :],
+            past_key, past_value, cache_position, mask, fused=self.fused,
+        )  # fmt: skip
         return self.o_proj(out.reshape(batch, seq, -1)), present_key, present_value
 
 

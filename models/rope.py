@@ -44,14 +44,14 @@ def _llama3_scaled(
 def rope_cos_sin(
     inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (batch, 1, seq, head_dim), computed in fp32 then cast to `dtype`."""
+    """cos, sin of shape (batch, seq, 1, head_dim), computed in fp32 then cast to `dtype`."""
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (batch, seq, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, head_dim)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (batch, heads, seq, head_dim) by the half-split convention HF checkpoints use."""
+    """Rotate (batch, seq, heads, head_dim) by the half-split convention HF checkpoints use."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

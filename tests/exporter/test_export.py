@@ -46,11 +46,13 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("graphs", ["portable", "ort_attention"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_onnx_equals_pytorch_prefill_and_16_decode_steps(artifacts, tiny_dir: Path, batch: int) -> None:
+def test_onnx_equals_pytorch_prefill_and_16_decode_steps(artifacts, tiny_dir: Path, batch: int, graphs: str) -> None:
     folder = artifacts[batch]
     model = load_checkpoint(tiny_dir).build_model()
-    prefill, decode = _session(folder / "prefill.onnx"), _session(folder / "decode.onnx")
+    suffix = ".ort.onnx" if graphs == "ort_attention" else ".onnx"
+    prefill, decode = _session(folder / f"prefill{suffix}"), _session(folder / f"decode{suffix}")
     lengths = [CHUNK, 5, 2][:batch]  # left padding: rows shorter than the chunk
     ids = torch.zeros(batch, CHUNK, dtype=torch.long)
     positions = torch.zeros(batch, CHUNK, dtype=torch.long)
@@ -88,25 +90,30 @@ def test_manifest_round_trips_and_names_every_tensor(artifacts) -> None:
         ops = {n.op_type for n in proto.graph.node}
         assert "TensorScatter" in ops and not ops & {"If", "Loop", "Scan"}
         assert proto.opset_import[0].version == 24
+        fused = onnx.load(str(folder / graph.ort_path), load_external_data=False)  # same contract, fused attention
+        assert [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in fused.graph.input] == io
+        assert [v.name for v in fused.graph.output] == [t.name for t in graph.outputs]
+        fused_ops = [n.op_type for n in fused.graph.node]
+        assert fused_ops.count("GroupQueryAttention") == manifest.config.num_layers and "TensorScatter" not in fused_ops
     assert manifest.graphs["prefill"].input("input_ids").shape == (3, CHUNK)
     assert manifest.graphs["decode"].input("input_ids").shape == (3, 1)
     assert manifest.eos_token_ids == (2,) and manifest.validation["max_abs_logits_error"] <= 1e-4
 
 
-def test_one_weights_file_shared_by_both_graphs(artifacts, tiny_dir: Path) -> None:
+def test_one_weights_file_shared_by_all_graphs(artifacts, tiny_dir: Path) -> None:
     folder = artifacts[1]
     params = sum(p.numel() for p in load_checkpoint(tiny_dir).build_model().parameters())
     weights = (folder / "weights.data").stat().st_size
     assert 0.95 * params * 4 <= weights <= 1.1 * params * 4  # tiny norm weights stay inline
     locations = {}
-    for graph in ("prefill", "decode"):
+    for graph in ("prefill", "decode", "prefill.ort", "decode.ort"):
         proto = onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False)
         ext = [{e.key: e.value for e in i.external_data} for i in proto.graph.initializer if i.external_data]
         assert {e["location"] for e in ext} == {"weights.data"}
-        locations[graph] = {(e["offset"], e["length"]) for e in ext}
-    assert locations["prefill"] == locations["decode"]
-    assert sorted(p.name for p in folder.iterdir()) == ["decode.onnx", "manifest.json", "prefill.onnx",
-                                                         "tokenizer", "weights.data"]  # fmt: skip
+        locations[graph] = {(e["offset"], e["length"]) for e in ext if int(e["length"]) > 64}  # not scalars
+    assert locations["prefill"] == locations["decode"] == locations["prefill.ort"] == locations["decode.ort"]
+    assert sorted(p.name for p in folder.iterdir()) == ["decode.onnx", "decode.ort.onnx", "manifest.json",
+                                                         "prefill.onnx", "prefill.ort.onnx", "tokenizer", "weights.data"]  # fmt: skip
 
 
 def test_fp16_keeps_fp32_norms_softmax_logits_and_finite_constants(tiny_dir: Path, tmp_path: Path) -> None:

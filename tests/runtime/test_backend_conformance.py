@@ -111,3 +111,11 @@ def test_tensorrt_backend_unavailable_here_is_one_line(tiny_artifact: Path) -> N
     with pytest.raises((BackendUnavailable, ManifestMismatchError)) as err:  # no engines here, nor TensorRT
         open_backend(tiny_artifact, "tensorrt")
     assert "\n" not in str(err.value) and "llamatrt build" in str(err.value)
+
+
+def test_onnxruntime_cpu_runs_fused_attention_and_leaves_the_cores_to_its_threads(tiny_artifact: Path) -> None:
+    before = torch.get_num_threads()
+    with open_backend(tiny_artifact, "onnxruntime") as backend:
+        assert backend.graph_files == {"prefill": "prefill.ort.onnx", "decode": "decode.ort.onnx"}
+        assert torch.get_num_threads() == 1  # the loop's torch work must not spin on ORT's cores
+    assert torch.get_num_threads() == before

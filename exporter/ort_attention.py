@@ -1,0 +1,78 @@
+"""Lowering of `llamatrt::cached_attention` to ONNX Runtime's `com.microsoft.GroupQueryAttention`.
+
+Why: the portable graph scores all C cache slots every step (a static shape), and ONNX Runtime runs
+those small batched GEMMs far below memory bandwidth. GroupQueryAttention (CPU kernel) writes the
+new K/V in place when past and present are one buffer and scores only slots [0, T) of each row,
+T = cache_position[-1] + 1. Our graph contract is kept as it is:
+- seqlens_k = T - 1 per row, from `cache_position` (all rows write the same slots);
+- query_seqlens = S: every chunk row is real, so the op writes at [T - S, T) = cache_position,
+  and `total_sequence_length` is only an upper bound (the capacity C);
+- attention_bias = our (batch, 1, S, C) mask, indexed by absolute slot, so left padding and
+  unwritten slots stay masked exactly as in the portable graph.
+"""
+
+from __future__ import annotations
+
+DOMAIN = "com.microsoft"
+OP_TYPE = "GroupQueryAttention"
+# The inputs in the order ONNX Runtime's schema declares them; we fill the ones named below.
+_INPUTS = (
+    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+    "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
+    "q_norm_weight", "k_norm_weight", "query_seqlens",
+)  # fmt: skip
+_INT32_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")
+_REQUIRED = ("query", "seqlens_k", "total_sequence_length")
+
+
+def register_schema() -> None:
+    """Teach onnx (hence the torch exporter) the op's signature; ONNX Runtime owns the semantics."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(OP_TYPE, DOMAIN):
+        return
+    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
+
+    def param(name: str) -> OpSchema.FormalParameter:
+        kind = "M" if name in _INT32_INPUTS else "I" if name == "position_ids" else "T"
+        return OpSchema.FormalParameter(name, kind, "", param_option=single if name in _REQUIRED else optional)
+
+    outputs = [OpSchema.FormalParameter("output", "T", "")]
+    outputs += [OpSchema.FormalParameter(n, "T", "", param_option=optional) for n in ("present_key", "present_value")]
+    schema = OpSchema(
+        OP_TYPE, DOMAIN, 1,
+        inputs=[param(n) for n in _INPUTS], outputs=outputs,
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")],
+    )  # fmt: skip
+    onnx.defs.register_schema(schema)
+
+
+def cached_attention_to_gqa(q, k, v, past_key, past_value, cache_position, mask):  # type: ignore[no-untyped-def]
+    """ONNX lowering of models.attention.cached_attention_op (shapes are static)."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    msft = onnxscript.values.Opset(DOMAIN, 1)
+    batch, seq, heads, head_dim = (int(d) for d in q.shape)
+    kv_heads, capacity = int(k.shape[2]), int(past_key.shape[2])
+    int32 = onnxscript.ir.DataType.INT32
+    last_slot = op.Cast(op.Slice(cache_position, [-1], [seq]), to=int32)  # (1,) = T - 1
+    out, present_key, present_value = msft.GroupQueryAttention(
+        op.Reshape(q, [batch, seq, heads * head_dim]),
+        op.Reshape(k, [batch, seq, kv_heads * head_dim]),
+        op.Reshape(v, [batch, seq, kv_heads * head_dim]),
+        past_key, past_value,
+        op.Expand(last_slot, [batch]),
+        op.Constant(value=onnxscript.ir.tensor(capacity, dtype=int32)),
+        None, None, None,
+        mask,
+        None, None, None, None, None,
+        op.Constant(value=onnxscript.ir.tensor([seq] * batch, dtype=int32)),
+        num_heads=heads, kv_num_heads=kv_heads, scale=head_dim**-0.5,
+    )  # fmt: skip
+    return op.Reshape(out, [batch, seq, heads, head_dim]), present_key, present_value
