@@ -21,6 +21,7 @@ from llamatrt.exporter.manifest import (
 )
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
+from llamatrt.exporter.ort_attention import fusable
 from llamatrt.exporter.validate import validate_export
 from llamatrt.exporter.weights_file import parameter_locations, save_graph, write_shared_weights
 from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
@@ -62,16 +63,17 @@ class ExportOptions:
                              self.full_logits, self.validate)  # fmt: skip
 
 
-def graph_variants(options: ExportOptions) -> list[tuple[str, bool]]:
-    """(graph, fused attention) pairs to export. The fused form runs on ONNX Runtime CPU, the fp32
-    target; fp16/bf16 artifacts are for GPUs, whose TensorRT and CUDA paths take the portable one."""
-    fused = [False, True] if DTYPE_ALIASES[options.dtype] == "float32" else [False]
+def graph_variants(options: ExportOptions, head_dim: int) -> list[tuple[str, bool]]:
+    """(graph, fused attention) pairs to export: the portable pair, plus the pair ONNX Runtime CPU
+    runs (exporter.ort_attention) where it can be made."""
+    fused = [False, True] if fusable(head_dim, DTYPE_ALIASES[options.dtype]) else [False]
     return [(name, f) for f in fused for name in ("prefill", "decode")]
 
 
 def export_steps(options: ExportOptions) -> int:
-    """Progress steps of export_artifact: loading, each graph, weights, validation."""
-    return 2 + len(graph_variants(options)) + int(options.validate)
+    """Progress steps of export_artifact, at most: loading, each graph, weights, validation (the
+    bar completes early when the fused pair is not made)."""
+    return 2 + len(graph_variants(options, head_dim=64)) + int(options.validate)
 
 
 def export_artifact(
@@ -96,7 +98,7 @@ def export_artifact(
     }
     with atomic_output_dir(out) as tmp:
         graphs = {}
-        for name, fused in graph_variants(options):
+        for name, fused in graph_variants(options, config.head_dim):
             step(f"exporting {name} graph" + (" (ONNX Runtime attention)" if fused else ""))
             graphs[name, fused] = optimize_graph(graph_to_onnx(torch_model, specs[name], fused_attention=fused))
         step("writing weights")

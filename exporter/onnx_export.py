@@ -78,25 +78,25 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec, fused_attention: bool = F
     instead of portable ops; the IO contract is the same."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     ort_attention.register_schema()
-    for layer in model.model.layers:
-        layer.self_attn.fused = fused_attention
+    model.fuse_attention(spec.input("attention_mask").shape[1] if fused_attention else None)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            example_inputs(spec, model),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            custom_translation_table={
-                torch.ops.llamatrt.write_kv.default: _write_kv_to_tensor_scatter,
-                torch.ops.llamatrt.cached_attention.default: ort_attention.cached_attention_to_gqa,
-            },
-            optimize=False,  # our own pass (onnx_optimize) runs next, measured and checked
-            verbose=False,
-        )
-    for layer in model.model.layers:
-        layer.self_attn.fused = False
+        try:
+            program = torch.onnx.export(
+                model,
+                example_inputs(spec, model),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                custom_translation_table={
+                    torch.ops.llamatrt.write_kv.default: _write_kv_to_tensor_scatter,
+                    torch.ops.llamatrt.cached_attention.default: ort_attention.cached_attention_to_gqa,
+                },
+                optimize=False,  # our own pass (onnx_optimize) runs next, measured and checked
+                verbose=False,
+            )
+        finally:
+            model.fuse_attention(None)
     assert program is not None  # dynamo=True always returns a program
     return program.model

@@ -25,6 +25,13 @@ _INT32_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")
 _REQUIRED = ("query", "seqlens_k", "total_sequence_length")
 
 
+def fusable(head_dim: int, dtype: str) -> bool:
+    """Whether the fused graphs can be made. ONNX Runtime CPU is the fp32 target (GPUs take the
+    portable graphs: CUDA's kernel wants fp16/bf16, TensorRT builds standard ops), and the kernel's
+    rotary embedding needs head_dim % 16 == 0 (every released Llama has 64 or 128)."""
+    return dtype == "float32" and head_dim % 16 == 0
+
+
 def register_schema() -> None:
     """Teach onnx (hence the torch exporter) the op's signature; ONNX Runtime owns the semantics."""
     import onnx
@@ -47,32 +54,33 @@ def register_schema() -> None:
                           ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
         attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
                     OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")],
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
+                    OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, ""),
+                    OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "")],
     )  # fmt: skip
     onnx.defs.register_schema(schema)
 
 
-def cached_attention_to_gqa(q, k, v, past_key, past_value, cache_position, mask):  # type: ignore[no-untyped-def]
+def cached_attention_to_gqa(qkv, position_ids, cos_table, sin_table, past_key, past_value, cache_position, mask):  # type: ignore[no-untyped-def]
     """ONNX lowering of models.attention.cached_attention_op (shapes are static)."""
     import onnxscript
     from onnxscript import opset18 as op
 
     msft = onnxscript.values.Opset(DOMAIN, 1)
-    batch, seq, heads, head_dim = (int(d) for d in q.shape)
-    kv_heads, capacity = int(k.shape[2]), int(past_key.shape[2])
+    batch, seq, packed_heads, head_dim = (int(d) for d in qkv.shape)
+    kv_heads, capacity = int(past_key.shape[1]), int(past_key.shape[2])
     int32 = onnxscript.ir.DataType.INT32
     last_slot = op.Cast(op.Slice(cache_position, [-1], [seq]), to=int32)  # (1,) = T - 1
     out, present_key, present_value = msft.GroupQueryAttention(
-        op.Reshape(q, [batch, seq, heads * head_dim]),
-        op.Reshape(k, [batch, seq, kv_heads * head_dim]),
-        op.Reshape(v, [batch, seq, kv_heads * head_dim]),
+        op.Reshape(qkv, [batch, seq, packed_heads * head_dim]), None, None,
         past_key, past_value,
         op.Expand(last_slot, [batch]),
         op.Constant(value=onnxscript.ir.tensor(capacity, dtype=int32)),
-        None, None, None,
+        op.CastLike(cos_table, qkv), op.CastLike(sin_table, qkv), position_ids,
         mask,
         None, None, None, None, None,
         op.Constant(value=onnxscript.ir.tensor([seq] * batch, dtype=int32)),
-        num_heads=heads, kv_num_heads=kv_heads, scale=head_dim**-0.5,
+        num_heads=packed_heads - 2 * kv_heads, kv_num_heads=kv_heads, scale=head_dim**-0.5,
+        do_rotary=1, rotary_interleaved=0,
     )  # fmt: skip
-    return op.Reshape(out, [batch, seq, heads, head_dim]), present_key, present_value
+    return op.Reshape(out, [batch, seq, packed_heads - 2 * kv_heads, head_dim]), present_key, present_value

@@ -68,7 +68,13 @@ def _parse_contexts(text: str | None) -> list[int]:
 @click.option("--prompt-len", type=int, default=20, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--batch", type=int, default=None, help="Must equal the artifact's batch (shapes are static).")
-@click.option("--repeat", type=int, default=3, show_default=True, help="Timed runs after a warm-up; median reported.")
+@click.option(
+    "--repeat",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Timed rounds after a warm-up, each running every artifact, backend and baseline once in turn; medians reported.",
+)
 @click.option("--baseline", type=click.Choice(["transformers"]), default=None, help="Measure it in the same run.")
 @click.option("--contexts", default=None, help="Prompt lengths for decode-vs-context, e.g. 128,512,1000.")
 @click.option(
@@ -83,7 +89,7 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
     aggregate decode speed is reported as a ratio to the first's."""
     from llamatrt.cli import StepBar
     from llamatrt.exporter.manifest import read_manifest
-    from llamatrt.runtime.bench import plot_by_context, run_bench
+    from llamatrt.runtime.bench import bench_steps, plot_by_context, run_benches
 
     manifest = read_manifest(artifacts[0])
     if batch is not None and batch != manifest.batch_size:
@@ -93,11 +99,8 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
     if plot_path is not None and not lengths:
         top = manifest.max_cache_len - 40
         lengths = sorted({min(n, top) for n in (128, 256, 512, top)})
-    reports = []
-    with StepBar(len(artifacts) * (1 + len(backends) + bool(baseline)), "bench") as bar:
-        for i, artifact in enumerate(artifacts):
-            reports.append(run_bench(artifact, backends, prompt_len, new_tokens, repeat, baseline,
-                                     lengths if i == 0 else (), progress=bar))  # fmt: skip
+    with StepBar(bench_steps(len(artifacts), repeat), "bench") as bar:
+        reports = run_benches(artifacts, backends, prompt_len, new_tokens, repeat, baseline, lengths, progress=bar)
     first = reports[0].results[0].decode_tokens_per_s
     if as_json:
         payloads = [r.to_json() for r in reports]

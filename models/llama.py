@@ -15,7 +15,7 @@ from llamatrt.errors import CheckpointError
 from llamatrt.models.config import LlamaConfig
 from llamatrt.models.layers import DecoderLayer, RMSNorm
 from llamatrt.models.mask import causal_mask
-from llamatrt.models.rope import inv_freq_from_config, rope_cos_sin
+from llamatrt.models.rope import Rotary, inv_freq_from_config, rope_cos_sin, rope_tables
 from llamatrt.models.weights import fuse_projections
 
 
@@ -38,6 +38,13 @@ class StaticLlama(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", inv_freq_from_config(config), persistent=False)
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def fuse_attention(self, capacity: int | None) -> None:
+        """Export attention as one fused kernel (models.attention) reading RoPE tables of `capacity`
+        positions, which become two initializers; None: back to the explicit ops. Eager runs are
+        the same either way."""
+        self.rope_tables = None if capacity is None else rope_tables(self.inv_freq, capacity)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -55,11 +62,11 @@ class StaticLlama(nn.Module):
         *past: torch.Tensor,  # 2 * num_layers of (batch, num_kv_heads, max_cache_len, head_dim)
     ) -> tuple[torch.Tensor, ...]:
         x = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        rotary = Rotary(*rope_cos_sin(self.inv_freq, position_ids, x.dtype), position_ids, self.rope_tables)
         mask = causal_mask(cache_position, attention_mask)
         present: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
-            x, key, value = layer(x, cos, sin, mask, cache_position, past[2 * i], past[2 * i + 1])
+            x, key, value = layer(x, rotary, mask, cache_position, past[2 * i], past[2 * i + 1])
             present += (key, value)
         if not self.full_logits:
             x = x[:, -1:]  # the loop only needs the next-token logits of each row

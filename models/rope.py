@@ -7,6 +7,7 @@ transformers' LlamaRotaryEmbedding does, so positions are exact for any row and 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,31 @@ def _llama3_scaled(
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+class Rotary(NamedTuple):
+    """What attention needs to rotate q and k: cos/sin per position for the explicit rotation, or,
+    for a fused kernel that looks positions up itself, the positions and cos/sin tables."""
+
+    cos: torch.Tensor  # (batch, seq, 1, head_dim)
+    sin: torch.Tensor
+    position_ids: torch.Tensor  # (batch, seq) int64
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None  # rope_tables(); set: fused attention
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (positions, head_dim // 2) fp32: row p holds the angles rope_cos_sin computes for
+    position p (the same fp32 products, so the same values)."""
+    angles = torch.arange(positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rope_from_tables(
+    tables: tuple[torch.Tensor, torch.Tensor], position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_cos_sin's (batch, seq, 1, head_dim) cos, sin, looked up in rope_tables()."""
+    cos, sin = (torch.cat((t[position_ids], t[position_ids]), dim=-1).to(dtype)[:, :, None] for t in tables)
+    return cos, sin
 
 
 def rope_cos_sin(

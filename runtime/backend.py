@@ -8,7 +8,8 @@ copy of the cache per step), and logits may live in a reused buffer.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -31,6 +32,9 @@ class Backend(abc.ABC):
         self.manifest = manifest
         self.device = torch.device(device)
         self.check_inputs = True  # benchmarks may switch the (cheap) feed check off
+        # torch threads for the loop's own work (sampling, copies) while this backend runs graphs;
+        # None leaves torch as it is. See OrtBackend for why a CPU backend wants 1.
+        self.loop_threads: int | None = None
 
     def run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if graph not in self.manifest.graphs:
@@ -81,6 +85,18 @@ class Backend(abc.ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_feeds(spec: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ reduction) and report the percentage of that ceiling each backend reaches.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
 import time
@@ -72,7 +73,7 @@ class BenchReport:
 
     def __str__(self) -> str:
         lines = [f"bench {self.artifact}: batch {self.batch}, prompt {self.prompt_len}, {self.new_tokens} new tokens, "
-                 f"median of {self.repeat} runs; bandwidth {self.bandwidth_gb_s:.1f} GB/s -> ceiling "
+                 f"median of {self.repeat} interleaved rounds; bandwidth {self.bandwidth_gb_s:.1f} GB/s -> ceiling "
                  f"{self.ceiling_tokens_per_s:.1f} tok/s ({self.weights_bytes / 1e6:.0f} MB of weights per step)"]  # fmt: skip
         header = f"{'backend':<14} {'decode tok/s':>12} {'(min-max)':>14} {'% ceiling':>9} {'ttft ms':>8} {'prefill tok/s':>13} {'peak MB':>8}"
         lines.append(header)
@@ -118,8 +119,24 @@ def _timed_run(gen: Generator, prompts: list[list[int]], new_tokens: int) -> tup
     return first or 0.0, decoded / max((last or 0.0) - (first or 0.0), 1e-9)
 
 
-def bench_backend(backend: Backend, prompt_len: int, new_tokens: int, repeat: int,
-                  contexts: Sequence[int] = ()) -> BackendBench:  # fmt: skip
+@dataclass
+class _Timed:
+    """One thing to time (a backend on an artifact, or the transformers baseline) and its runs."""
+
+    name: str
+    run: Callable[[], tuple[float, float]]  # one timed generation -> (ttft s, decode tok/s)
+    batch: int
+    prefill_width: int  # tokens a prefill processes per row (the prompt, or a full chunk)
+    runs: list[tuple[float, float]] = field(default_factory=list)
+
+    def result(self, by_context: dict[int, float] | None = None) -> BackendBench:
+        ttft = statistics.median(r[0] for r in self.runs)
+        decode = [r[1] for r in self.runs]
+        return BackendBench(self.name, statistics.median(decode), min(decode), max(decode), 1000 * ttft,
+                            self.batch * self.prefill_width / ttft, _peak_rss_mb(), by_context or {})  # fmt: skip
+
+
+def _backend_timer(backend: Backend, prompt_len: int, new_tokens: int, contexts: Sequence[int]) -> _Timed:
     manifest = backend.manifest
     batch = manifest.batch_size
     if (
@@ -132,22 +149,22 @@ def bench_backend(backend: Backend, prompt_len: int, new_tokens: int, repeat: in
     gen = Generator(backend)  # no stop ids: always generates new_tokens
     prompts = fixed_prompt(batch, prompt_len, manifest.config.vocab_size).tolist()
     gen.generate(prompts, max_new_tokens=4)  # warm-up: sessions, allocations, caches
-    runs = [_timed_run(gen, prompts, new_tokens) for _ in range(repeat)]
-    ttft = statistics.median(r[0] for r in runs)
-    decode = [r[1] for r in runs]
+    return _Timed(backend.name, lambda: _timed_run(gen, prompts, new_tokens), batch,
+                  max(prompt_len, manifest.prefill_chunk))  # fmt: skip
+
+
+def _by_context(backend: Backend, contexts: Sequence[int], repeat: int) -> dict[int, float]:
+    """Decode tok/s right after prompts of each length (CONTEXT_TOKENS decoded)."""
+    gen, manifest = Generator(backend), backend.manifest
     by_context = {}
     for length in contexts:
-        ctx_prompts = fixed_prompt(batch, length, manifest.config.vocab_size).tolist()
-        speeds = [_timed_run(gen, ctx_prompts, CONTEXT_TOKENS)[1] for _ in range(max(1, repeat // 2))]
+        prompts = fixed_prompt(manifest.batch_size, length, manifest.config.vocab_size).tolist()
+        speeds = [_timed_run(gen, prompts, CONTEXT_TOKENS)[1] for _ in range(max(1, repeat // 2))]
         by_context[length] = statistics.median(speeds)
-    width = max(prompt_len, manifest.prefill_chunk)
-    return BackendBench(backend.name, statistics.median(decode), min(decode), max(decode), 1000 * ttft,
-                        batch * width / ttft, _peak_rss_mb(), by_context)  # fmt: skip
+    return by_context
 
 
-def bench_transformers(
-    source: str, batch: int, prompt_len: int, new_tokens: int, repeat: int, vocab: int
-) -> BackendBench:
+def _transformers_timer(source: str, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> _Timed:
     """transformers eager `generate` on the same weights, timed per step by a logits-processor hook."""
     from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
@@ -168,7 +185,7 @@ def bench_transformers(
             self.times.append(time.perf_counter())
             return scores
 
-    def run(tokens: int) -> tuple[float, float]:
+    def run(tokens: int = new_tokens) -> tuple[float, float]:
         clock = Clock()
         start = time.perf_counter()
         with torch.no_grad():
@@ -177,40 +194,57 @@ def bench_transformers(
         t = clock.times
         return t[0] - start, batch * (len(t) - 1) / (t[-1] - t[0])
 
-    run(4)
-    runs = [run(new_tokens) for _ in range(repeat)]
-    decode = [r[1] for r in runs]
-    ttft = statistics.median(r[0] for r in runs)
-    return BackendBench("transformers", statistics.median(decode), min(decode), max(decode), 1000 * ttft,
-                        batch * prompt_len / ttft, _peak_rss_mb())  # fmt: skip
+    run(4)  # warm-up
+    return _Timed("transformers", run, batch, prompt_len)
 
 
-def run_bench(
-    artifact: str | Path, backends: Sequence[str] = ("onnxruntime",), prompt_len: int = 20, new_tokens: int = 128,
-    repeat: int = 3, baseline: str | None = None, contexts: Sequence[int] = (), progress: Progress | None = None,
-) -> BenchReport:  # fmt: skip
+def run_benches(
+    artifacts: Sequence[str | Path], backends: Sequence[str] = ("onnxruntime",), prompt_len: int = 20,
+    new_tokens: int = 128, repeat: int = 3, baseline: str | None = None, contexts: Sequence[int] = (),
+    progress: Progress | None = None,
+) -> list[BenchReport]:  # fmt: skip
+    """Every backend on every artifact (plus the baseline per artifact), timed in `repeat` rounds:
+    each round runs each of them once, in turn, so drift in the host's speed (this kind of machine's
+    read bandwidth has been seen anywhere from 26 to 77 GB/s within minutes) lands on all of them
+    alike and the ratios between them hold. Decode-vs-context runs on the first artifact."""
     if repeat < 1 or new_tokens < 2 or prompt_len < 1:
         raise InputError("--repeat must be >= 1, --new-tokens >= 2 and --prompt-len >= 1")
     if baseline not in (None, "transformers"):
         raise InputError(f"unknown baseline {baseline!r}; the one baseline is `transformers`")
     step = progress or (lambda _: None)
-    step("measuring memory bandwidth")
-    bandwidth = measure_bandwidth()
-    results = []
-    manifest = None
-    for kind in backends:
-        step(f"benchmarking {kind}")
-        with open_backend(artifact, kind) as backend:
-            manifest = backend.manifest
-            results.append(bench_backend(backend, prompt_len, new_tokens, repeat, contexts))
-    assert manifest is not None
-    base = None
-    if baseline:
-        step("benchmarking transformers")
-        base = bench_transformers(manifest.source, manifest.batch_size, prompt_len, new_tokens, repeat,
-                                  manifest.config.vocab_size)  # fmt: skip
-    return BenchReport(str(artifact), prompt_len, new_tokens, manifest.batch_size, repeat, bandwidth,
-                       manifest.weights_bytes, results, base)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        opened: list[tuple[Path, list[Backend], list[_Timed], _Timed | None]] = []
+        for artifact in artifacts:
+            step(f"loading {Path(artifact).name}")
+            handles = [stack.enter_context(open_backend(artifact, kind)) for kind in backends]
+            timers = [_backend_timer(b, prompt_len, new_tokens, contexts) for b in handles]
+            manifest = handles[0].manifest
+            base = None
+            if baseline:
+                base = _transformers_timer(manifest.source, manifest.batch_size, prompt_len, new_tokens,
+                                           manifest.config.vocab_size)  # fmt: skip
+            opened.append((Path(artifact), handles, timers, base))
+        bandwidths = []
+        for round_index in range(repeat):
+            step(f"round {round_index + 1} of {repeat}")
+            bandwidths.append(measure_bandwidth())
+            for _, _, timers, base in opened:
+                for timer in [*timers, *([base] if base else [])]:
+                    timer.runs.append(timer.run())
+        by_context = [_by_context(b, contexts, repeat) for b in opened[0][1]] if contexts else []
+        bandwidth = statistics.median(bandwidths)
+        reports = []
+        for i, (artifact, handles, timers, base) in enumerate(opened):
+            results = [t.result(by_context[k] if i == 0 and by_context else None) for k, t in enumerate(timers)]
+            manifest = handles[0].manifest
+            reports.append(BenchReport(str(artifact), prompt_len, new_tokens, manifest.batch_size, repeat, bandwidth,
+                                       manifest.weights_bytes, results, base.result() if base else None))  # fmt: skip
+    return reports
+
+
+def bench_steps(artifacts: int, repeat: int) -> int:
+    """Progress steps of run_benches: loading each artifact, then each round."""
+    return artifacts + repeat
 
 
 def plot_by_context(report: BenchReport, path: Path) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llamatrt.errors import InputError
-from llamatrt.runtime.backend import Backend
+from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.kv_state import KVState
 from llamatrt.runtime.sampling import SamplingParams, generators_for, next_tokens, token_logprobs
 from llamatrt.runtime.stopping import Detokenize, StopCriteria
@@ -74,10 +74,11 @@ class Generator:
         generators = generators_for(sampling, len(prompts))
         kv = KVState(self.backend)  # cache buffers allocated once for the whole call
         batch = self.manifest.batch_size
-        for first in range(0, len(prompts), batch):
-            rows = [list(p) for p in prompts[first : first + batch]]
-            yield from self._stream_batch(kv, rows, first, max_new_tokens, sampling, criteria,
-                                          generators[first : first + batch], logprobs)  # fmt: skip
+        with torch_threads(self.backend.loop_threads):
+            for first in range(0, len(prompts), batch):
+                rows = [list(p) for p in prompts[first : first + batch]]
+                yield from self._stream_batch(kv, rows, first, max_new_tokens, sampling, criteria,
+                                              generators[first : first + batch], logprobs)  # fmt: skip
 
     def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams) -> None:
         if not prompts:
@@ -107,18 +108,19 @@ class Generator:
             raise InputError(f"prompt ({width} slots with padding) plus {steps} forced tokens exceed the cache of "
                              f"{self.manifest.max_cache_len}; use fewer steps or re-export with a larger --max-seq-len")  # fmt: skip
         kv, batch, out = KVState(self.backend), self.manifest.batch_size, []
-        for first in range(0, len(prompts), batch):
-            rows = [list(p) for p in prompts[first : first + batch]]
-            tokens = torch.full((batch, steps), self.pad_id, dtype=torch.long)
-            for b, row in enumerate(forced[first : first + batch]):
-                tokens[b] = torch.tensor(row, dtype=torch.long)
-            logits, next_position = self._start_batch(kv, rows)
-            collected = [logits.clone()]
-            for step in range(steps - 1):
-                collected.append(self._decode(kv, tokens[:, step], next_position).clone())
-                next_position += 1
-            stacked = torch.stack(collected, dim=1)  # (batch, steps, vocab)
-            out += [stacked[b] for b in range(len(rows))]
+        with torch_threads(self.backend.loop_threads):
+            for first in range(0, len(prompts), batch):
+                rows = [list(p) for p in prompts[first : first + batch]]
+                tokens = torch.full((batch, steps), self.pad_id, dtype=torch.long)
+                for b, row in enumerate(forced[first : first + batch]):
+                    tokens[b] = torch.tensor(row, dtype=torch.long)
+                logits, next_position = self._start_batch(kv, rows)
+                collected = [logits.clone()]
+                for step in range(steps - 1):
+                    collected.append(self._decode(kv, tokens[:, step], next_position).clone())
+                    next_position += 1
+                stacked = torch.stack(collected, dim=1)  # (batch, steps, vocab)
+                out += [stacked[b] for b in range(len(rows))]
         return out
 
     def _start_batch(self, kv: KVState, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

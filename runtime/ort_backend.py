@@ -67,12 +67,11 @@ class OrtBackend(Backend):
         self._small = self._input_buffers()
         self._bindings: dict[str, tuple[Any, tuple[int, ...], list[torch.Tensor]]] = {}
         # ONNX Runtime's intra-op threads own the cores. torch's OpenMP workers, woken by the loop's
-        # sampling (an argmax over B x vocab is above torch's parallel grain), then spin on those same
+        # sampling (an argmax over B x vocab is above torch's parallel grain), would spin on those same
         # cores through the next graph run: measured on SmolLM2 batch 4 (2 cores), a decode step took
-        # 27 ms instead of 19.5. The loop's torch work is tiny, so it runs on one thread while we live.
-        self._torch_threads = torch.get_num_threads()
+        # 27 ms instead of 19.5. The loop's torch work is tiny, so it runs on one thread.
         if self.device.type == "cpu":
-            torch.set_num_threads(1)
+            self.loop_threads = 1
 
     def _bind(self, binding: Any, name: str, tensor: torch.Tensor, output: bool) -> None:
         dtype = NUMPY_DTYPES[str(tensor.dtype).removeprefix("torch.")]
@@ -104,4 +103,3 @@ class OrtBackend(Backend):
     def close(self) -> None:
         self._bindings.clear()
         self.sessions.clear()
-        torch.set_num_threads(self._torch_threads)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 TINY_BASE = {
-    "vocab_size": 99, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+    "vocab_size": 99, "hidden_size": 64, "intermediate_size": 37, "num_hidden_layers": 2,
     "num_attention_heads": 4, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
 }  # fmt: skip
 
-# id -> overrides: tied/untied, GQA/MHA, llama3 rope scaling, biases.
+# id -> overrides: tied/untied, GQA/MHA, llama3 rope scaling, biases, head_dim != hidden / heads.
 TINY_VARIANTS = {
     "gqa-tied": {"num_key_value_heads": 2, "tie_word_embeddings": True},
     "mha-untied": {"num_key_value_heads": 4, "tie_word_embeddings": False},
@@ -25,6 +25,7 @@ TINY_VARIANTS = {
     },
     "mha-bias-linear": {
         "num_key_value_heads": 4, "tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True,
+        "head_dim": 8,  # not a multiple of 16: ONNX Runtime's fused attention cannot take it
         "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
     },
 }  # fmt: skip

@@ -35,8 +35,8 @@ def test_generate_stream_matches_plain(tiny_artifact: Path) -> None:
 def test_chat_reads_stdin_and_resets(tiny_artifact: Path) -> None:
     result = invoke("chat", tiny_artifact, "--max-new-tokens", "3", input="w5 w6\n/reset\nw7\n/exit\nw8\n")
     assert result.exit_code == 0, result.output
-    assert "conversation cleared" in result.output
-    assert len([line for line in result.output.splitlines() if line.startswith("w")]) == 2
+    lines = result.output.splitlines()  # one reply line per turn (may be empty: EOS first), none after /exit
+    assert len(lines) == 3 and lines[1] == "(conversation cleared)" and lines[0].startswith("w")
 
 
 @pytest.mark.parametrize(
