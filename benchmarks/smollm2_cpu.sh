@@ -9,7 +9,7 @@ LLAMATRT=.venv/bin/llamatrt
 mkdir -p "$OUT"
 [ -f "$OUT/b1/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/b1"
 [ -f "$OUT/b4/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/b4" --batch 4
-$LLAMATRT bench "$OUT/b1" "$OUT/b4" --backend onnxruntime --backend torch --baseline transformers --contexts 100,1000 \
+$LLAMATRT bench "$OUT/b1" "$OUT/b4" --backend onnxruntime --backend torch --baseline transformers --contexts 100,1000 --repeat 5 \
     --plot "$OUT/decode_vs_context.png" --json > "$OUT/bench.json"
 .venv/bin/python - "$OUT/bench.json" <<'PY'
 import json, sys

@@ -1,7 +1,8 @@
 """Graph clean-up after export: constant folding, shape cleanup, dead-code removal.
 
-Measured on SmolLM2 decode (fp32, B=1, C=1024): the raw dynamo export holds 4,413 nodes, most of
-them shape arithmetic on static shapes; onnxscript's optimizer folds them to 1,224, so ONNX
+Measured on SmolLM2 decode (fp32, B=1, C=1024): the raw dynamo export holds 5,044 nodes (1,791
+with fused attention), most of them shape arithmetic on static shapes; onnxscript's optimizer
+folds them to 1,314 (466), so ONNX
 Runtime and TensorRT have less to fold at every load. Export-time validation runs on the optimized
 graph, so the pass is checked to compute the same logits as PyTorch.
 """

@@ -68,8 +68,9 @@ class OrtBackend(Backend):
         self._bindings: dict[str, tuple[Any, tuple[int, ...], list[torch.Tensor]]] = {}
         # ONNX Runtime's intra-op threads own the cores. torch's OpenMP workers, woken by the loop's
         # sampling (an argmax over B x vocab is above torch's parallel grain), would spin on those same
-        # cores through the next graph run: measured on SmolLM2 batch 4 (2 cores), a decode step took
-        # 27 ms instead of 19.5. The loop's torch work is tiny, so it runs on one thread.
+        # cores through the next graph run: in a cProfile of SmolLM2 batch-4 generation (2 cores) a decode
+        # step's run_with_iobinding took 27 ms instead of 19.5. The loop's torch work is tiny, so it runs
+        # on one thread.
         if self.device.type == "cpu":
             self.loop_threads = 1
 
