@@ -25,11 +25,23 @@ _INT32_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")
 _REQUIRED = ("query", "seqlens_k", "total_sequence_length")
 
 
+MIN_ONNXRUNTIME = (1, 32)  # the first release whose GroupQueryAttention takes query_seqlens
+
+
+def onnxruntime_runs_fused() -> bool:
+    """Whether the installed ONNX Runtime can load the fused graphs (older ones reject the node)."""
+    import onnxruntime
+
+    release = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2] if part.isdigit())
+    return release >= MIN_ONNXRUNTIME
+
+
 def fusable(head_dim: int, dtype: str) -> bool:
     """Whether the fused graphs can be made. ONNX Runtime CPU is the fp32 target (GPUs take the
-    portable graphs: CUDA's kernel wants fp16/bf16, TensorRT builds standard ops), and the kernel's
-    rotary embedding needs head_dim % 16 == 0 (every released Llama has 64 or 128)."""
-    return dtype == "float32" and head_dim % 16 == 0
+    portable graphs: CUDA's kernel wants fp16/bf16, TensorRT builds standard ops); the kernel's
+    rotary embedding needs head_dim % 16 == 0 (every released Llama has 64 or 128); and the export
+    validates them, so the ONNX Runtime here must run them."""
+    return dtype == "float32" and head_dim % 16 == 0 and onnxruntime_runs_fused()
 
 
 def register_schema() -> None:

@@ -9,6 +9,7 @@ is: the per-step Python work is a few tiny copies and one `run_with_iobinding`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,8 +20,10 @@ import torch
 
 from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError
 from llamatrt.exporter.manifest import Manifest
+from llamatrt.exporter.ort_attention import MIN_ONNXRUNTIME, onnxruntime_runs_fused
 from llamatrt.runtime.backend import Backend
 
+logger = logging.getLogger(__name__)
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
@@ -51,11 +54,18 @@ class OrtBackend(Backend):
         options.intra_op_num_threads = threads or physical_cores()
         options.log_severity_level = 3
         self.sessions: dict[str, Any] = {}
+        # CPU runs the graphs with ONNX Runtime's fused attention where the export made them; CUDA's
+        # GroupQueryAttention takes fp16/bf16 only, so it runs the portable graphs, as does an
+        # ONNX Runtime too old to load the fused node (correct, only slower).
+        fused = self.device.type == "cpu" and all(g.ort_path for g in manifest.graphs.values())
+        if fused and not onnxruntime_runs_fused():
+            fused = False
+            logger.warning("onnxruntime %s cannot run the fused-attention graphs (needs >= %s); running the "
+                           "portable ones, slower: pip install -U onnxruntime", ort.__version__,
+                           ".".join(map(str, MIN_ONNXRUNTIME)))  # fmt: skip
         self.graph_files: dict[str, str] = {}  # graph -> the .onnx file this backend runs
         for name, graph in manifest.graphs.items():
-            # CPU runs the graph with ONNX Runtime's fused attention where the export made one; CUDA's
-            # GroupQueryAttention takes fp16/bf16 only, so it runs the portable graph.
-            path = graph.ort_path if graph.ort_path and self.device.type == "cpu" else graph.path
+            path = graph.ort_path if fused else graph.path
             try:
                 self.sessions[name] = ort.InferenceSession(str(self.folder / path), options, providers=providers)
             except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)

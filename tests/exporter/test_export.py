@@ -122,6 +122,16 @@ def test_a_head_dim_the_fused_kernel_cannot_take_gets_the_portable_graphs_only(t
     assert set(manifest.validation["max_abs_logits_error_by_graphs"]) == {"portable"}
 
 
+def test_an_onnxruntime_too_old_for_fused_attention_gets_the_portable_graphs_only(
+    tiny_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")  # cannot validate the fused graphs
+    manifest = read_manifest(_export(tiny_dir, tmp_path / "old-ort"))
+    assert not any(g.ort_path for g in manifest.graphs.values())
+
+
 def test_fp16_keeps_fp32_norms_softmax_logits_and_finite_constants(tiny_dir: Path, tmp_path: Path) -> None:
     folder = _export(tiny_dir, tmp_path / "fp16", dtype="fp16")
     proto = onnx.load(str(folder / "decode.onnx"))

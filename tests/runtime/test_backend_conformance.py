@@ -120,3 +120,15 @@ def test_onnxruntime_cpu_runs_fused_attention_and_leaves_the_cores_to_its_thread
         seen = [torch.get_num_threads() for _ in Generator(backend).stream(PROMPTS[:1], max_new_tokens=2)]
     assert seen == [1, 1]  # the loop's torch work does not spin on ONNX Runtime's cores
     assert torch.get_num_threads() == before  # and torch is given back as it was
+
+
+def test_an_onnxruntime_too_old_for_fused_attention_runs_the_portable_graphs(
+    tiny_artifact: Path, monkeypatch, caplog
+) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")
+    with open_backend(tiny_artifact, "onnxruntime") as backend:
+        assert backend.graph_files == {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+        assert Generator(backend).generate(PROMPTS[:1], max_new_tokens=4)[0]
+    assert "needs >= 1.32" in caplog.text and "pip install -U onnxruntime" in caplog.text
