@@ -36,8 +36,8 @@ def bound_step(sess: Any, context: int) -> Any:
     for i in sess.get_inputs():
         if i.name == "input_ids":
             feeds[i.name] = np.full(i.shape, 5, np.int64)
-        elif i.name in ("position_ids", "cache_position"):
-            feeds[i.name] = np.full(i.shape, context, np.int64)
+        elif i.name in ("position_ids", "cache_position"):  # the call writes slots context .. context + S - 1
+            feeds[i.name] = np.broadcast_to(np.arange(context, context + i.shape[-1]), i.shape).astype(np.int64)
         elif i.name == "attention_mask":
             feeds[i.name] = np.ones(i.shape, np.int64)
         else:

@@ -154,14 +154,15 @@ def _backend_timer(backend: Backend, prompt_len: int, new_tokens: int, contexts:
 
 
 def _by_context(backend: Backend, contexts: Sequence[int], repeat: int) -> dict[int, float]:
-    """Decode tok/s right after prompts of each length (CONTEXT_TOKENS decoded)."""
+    """Decode tok/s right after prompts of each length (CONTEXT_TOKENS decoded), the lengths
+    interleaved in `repeat` rounds (at least 3) so they see the same host conditions; medians."""
     gen, manifest = Generator(backend), backend.manifest
-    by_context = {}
-    for length in contexts:
-        prompts = fixed_prompt(manifest.batch_size, length, manifest.config.vocab_size).tolist()
-        speeds = [_timed_run(gen, prompts, CONTEXT_TOKENS)[1] for _ in range(max(1, repeat // 2))]
-        by_context[length] = statistics.median(speeds)
-    return by_context
+    prompts = {n: fixed_prompt(manifest.batch_size, n, manifest.config.vocab_size).tolist() for n in contexts}
+    speeds: dict[int, list[float]] = {n: [] for n in contexts}
+    for _ in range(max(3, repeat)):
+        for length, rows in prompts.items():
+            speeds[length].append(_timed_run(gen, rows, CONTEXT_TOKENS)[1])
+    return {length: statistics.median(values) for length, values in speeds.items()}
 
 
 def _transformers_timer(source: str, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> _Timed:
