@@ -30,6 +30,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in TORCH_DTYPES.items() if value == dtype)
 
 
+# What the ONNX Runtime graphs hold, for readers of the manifest (exporter.ort_attention).
+ORT_GRAPH_INFO = {"attention": "com.microsoft.GroupQueryAttention", "cache_write": "in place, by that node",
+                  "min_onnxruntime": "1.32"}  # fmt: skip
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{d: d for d in DTYPES}}
 
 
@@ -118,7 +121,11 @@ class Manifest:
                     "bytes": g.bytes,
                     "inputs": [t.to_json() for t in g.inputs],
                     "outputs": [t.to_json() for t in g.outputs],
-                    **({"onnxruntime": {"path": g.ort_path, "bytes": g.ort_bytes}} if g.ort_path else {}),
+                    **(
+                        {"onnxruntime": {"path": g.ort_path, "bytes": g.ort_bytes, **ORT_GRAPH_INFO}}
+                        if g.ort_path
+                        else {}
+                    ),
                 }
                 for name, g in self.graphs.items()
             },

@@ -3,7 +3,10 @@
 Why: the portable graph scores all C cache slots every step (a static shape), and ONNX Runtime runs
 those small batched GEMMs far below memory bandwidth. GroupQueryAttention (CPU kernel) writes the
 new K/V in place when past and present are one buffer and scores only slots [0, T) of each row,
-T = cache_position[-1] + 1. Our graph contract is kept as it is:
+T = cache_position[-1] + 1; it also takes the packed q/k/v projection and rotates q and k itself.
+Our graph contract is kept as it is:
+- query = the packed projection; position_ids and the RoPE tables (cos/sin, C x head_dim / 2, the
+  values models.rope computes) drive its rotary, so left-padded rows keep their own positions;
 - seqlens_k = T - 1 per row, from `cache_position` (all rows write the same slots);
 - query_seqlens = S: every chunk row is real, so the op writes at [T - S, T) = cache_position,
   and `total_sequence_length` is only an upper bound (the capacity C);
@@ -25,7 +28,7 @@ _INT32_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")
 _REQUIRED = ("query", "seqlens_k", "total_sequence_length")
 
 
-MIN_ONNXRUNTIME = (1, 32)  # the first release whose GroupQueryAttention takes query_seqlens
+MIN_ONNXRUNTIME = (1, 32)  # the first release whose GroupQueryAttention takes query_seqlens (manifest says so too)
 
 
 def onnxruntime_runs_fused() -> bool:

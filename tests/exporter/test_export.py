@@ -82,6 +82,8 @@ def test_manifest_round_trips_and_names_every_tensor(artifacts) -> None:
     folder = artifacts[3]
     manifest = read_manifest(folder)
     assert Manifest.from_json(manifest.to_json()) == manifest
+    fused_entry = manifest.to_json()["graphs"]["decode"]["onnxruntime"]
+    assert fused_entry["path"] == "decode.ort.onnx" and fused_entry["attention"] == "com.microsoft.GroupQueryAttention"
     for name, graph in manifest.graphs.items():
         proto = onnx.load(str(folder / graph.path), load_external_data=False)
         io = [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in proto.graph.input]
