@@ -76,9 +76,20 @@ class StaticLlama(nn.Module):
             logits = logits[:, 0]  # (batch, vocab)
         return (logits, *present)
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    @classmethod
+    def from_weights(cls, config: LlamaConfig, state_dict: Mapping[str, torch.Tensor]) -> StaticLlama:
+        """Built around the given tensors: no random init and no second copy of the weights (a
+        model built and then loaded holds ~2x the weights in resident memory, the allocator
+        keeping the freed half)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_weights(state_dict, assign=True)
+        model.inv_freq = inv_freq_from_config(config)  # a buffer, not in state dicts
+        return model
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> None:
         """Strict load of an HF-named (or already fused) state dict, with one-line errors naming
-        the missing / unexpected / mis-shaped tensor."""
+        the missing / unexpected / mis-shaped tensor. assign: take the tensors, do not copy."""
         own = self.state_dict()
         sd = fuse_projections(dict(state_dict), self.config.num_layers)
         if self.config.tie_word_embeddings:
@@ -95,4 +106,4 @@ class StaticLlama(nn.Module):
             if tuple(sd[name].shape) != tuple(tensor.shape):
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(sd[name].shape)}, config "
                                       f"implies {tuple(tensor.shape)}; the checkpoint and config.json disagree")  # fmt: skip
-        self.load_state_dict({k: sd[k] for k in own}, strict=True)
+        self.load_state_dict({k: sd[k] for k in own}, strict=True, assign=assign)

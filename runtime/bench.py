@@ -35,8 +35,9 @@ class BackendBench:
     decode_max: float
     ttft_ms: float  # median: prefill of the prompt to the first token
     prefill_tokens_per_s: float
-    peak_rss_mb: float  # whole process, after this backend ran
+    peak_rss_mb: float  # whole process, at the end of the run (every backend loaded)
     by_context: dict[int, float] = field(default_factory=dict)  # prompt length -> decode tok/s
+    loaded_mb: float = 0.0  # resident memory this backend added: loading, first generation, cache
 
 
 @dataclass
@@ -75,12 +76,12 @@ class BenchReport:
         lines = [f"bench {self.artifact}: batch {self.batch}, prompt {self.prompt_len}, {self.new_tokens} new tokens, "
                  f"median of {self.repeat} interleaved rounds; bandwidth {self.bandwidth_gb_s:.1f} GB/s -> ceiling "
                  f"{self.ceiling_tokens_per_s:.1f} tok/s ({self.weights_bytes / 1e6:.0f} MB of weights per step)"]  # fmt: skip
-        header = f"{'backend':<14} {'decode tok/s':>12} {'(min-max)':>14} {'% ceiling':>9} {'ttft ms':>8} {'prefill tok/s':>13} {'peak MB':>8}"
+        header = f"{'backend':<14} {'decode tok/s':>12} {'(min-max)':>14} {'% ceiling':>9} {'ttft ms':>8} {'prefill tok/s':>13} {'held MB':>8}"
         lines.append(header)
         for r in [*self.results, *([self.baseline] if self.baseline else [])]:
             lines.append(f"{r.backend:<14} {r.decode_tokens_per_s:>12.1f} {f'({r.decode_min:.1f}-{r.decode_max:.1f})':>14} "
                          f"{100 * r.decode_tokens_per_s / self.ceiling_tokens_per_s:>8.0f}% {r.ttft_ms:>8.1f} "
-                         f"{r.prefill_tokens_per_s:>13.0f} {r.peak_rss_mb:>8.0f}")  # fmt: skip
+                         f"{r.prefill_tokens_per_s:>13.0f} {r.loaded_mb:>8.0f}")  # fmt: skip
         if self.baseline is not None:
             for r in self.results:
                 lines.append(f"{r.backend} decode is {r.decode_tokens_per_s / self.baseline.decode_tokens_per_s:.2f}x "
@@ -101,6 +102,15 @@ def measure_bandwidth(megabytes: int = 512, repeat: int = 5) -> float:
         data.sum()
         best = min(best, time.perf_counter() - start)
     return data.numel() * 4 / best / 1e9
+
+
+def _rss_mb() -> float:
+    """Resident memory now (Linux /proc), else the peak so far."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return resident_pages * resource.getpagesize() / 2**20
+    except (OSError, ValueError, IndexError):
+        return _peak_rss_mb()
 
 
 def _peak_rss_mb() -> float:
@@ -128,12 +138,14 @@ class _Timed:
     batch: int
     prefill_width: int  # tokens a prefill processes per row (the prompt, or a full chunk)
     runs: list[tuple[float, float]] = field(default_factory=list)
+    loaded_mb: float = 0.0
 
     def result(self, by_context: dict[int, float] | None = None) -> BackendBench:
         ttft = statistics.median(r[0] for r in self.runs)
         decode = [r[1] for r in self.runs]
         return BackendBench(self.name, statistics.median(decode), min(decode), max(decode), 1000 * ttft,
-                            self.batch * self.prefill_width / ttft, _peak_rss_mb(), by_context or {})  # fmt: skip
+                            self.batch * self.prefill_width / ttft, _peak_rss_mb(), by_context or {},
+                            self.loaded_mb)  # fmt: skip
 
 
 def _backend_timer(backend: Backend, prompt_len: int, new_tokens: int, contexts: Sequence[int]) -> _Timed:
@@ -217,13 +229,19 @@ def run_benches(
         opened: list[tuple[Path, list[Backend], list[_Timed], _Timed | None]] = []
         for artifact in artifacts:
             step(f"loading {Path(artifact).name}")
-            handles = [stack.enter_context(open_backend(artifact, kind)) for kind in backends]
-            timers = [_backend_timer(b, prompt_len, new_tokens, contexts) for b in handles]
+            handles, timers = [], []
+            for kind in backends:
+                before = _rss_mb()
+                handles.append(stack.enter_context(open_backend(artifact, kind)))
+                timers.append(_backend_timer(handles[-1], prompt_len, new_tokens, contexts))
+                timers[-1].loaded_mb = _rss_mb() - before
             manifest = handles[0].manifest
             base = None
             if baseline:
+                before = _rss_mb()
                 base = _transformers_timer(manifest.source, manifest.batch_size, prompt_len, new_tokens,
                                            manifest.config.vocab_size)  # fmt: skip
+                base.loaded_mb = _rss_mb() - before
             opened.append((Path(artifact), handles, timers, base))
         bandwidths = []
         for round_index in range(repeat):

@@ -44,8 +44,7 @@ class TorchBackend(Backend):
         middle rung) at the artifact's shapes."""
         super().__init__(folder, manifest, device)
         if model is None:
-            model = StaticLlama(manifest.config)
-            model.load_weights(state_dict_from_artifact(self.folder, manifest))
+            model = StaticLlama.from_weights(manifest.config, state_dict_from_artifact(self.folder, manifest))
         self.model = model.to(device=self.device, dtype=TORCH_DTYPES[manifest.dtype]).eval()
         self.present_names = cache_names(manifest.config.num_layers, "present")
         self.past_names = cache_names(manifest.config.num_layers, "past")
