@@ -63,8 +63,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        # Two slices, not split(): ONNX Runtime CPU runs Slice on a decode row in ~0.1 us and Split in
-        # ~25 us (its profiler, SmolLM2), and there are 30 per step.
+        # Two slices, not split(): ONNX Runtime merges them into a Split it runs ~3x faster than the one
+        # split() exports (SmolLM2 decode, its profiler: 0.25 vs 0.75 ms a step over 30 layers).
         gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size :]
         return self.down_proj(F.silu(gate) * up)
 
