@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llamatrt.errors import ManifestMismatchError
+from llamatrt.exporter import ort_attention
 from llamatrt.models.config import LlamaConfig
 from llamatrt.models.kv_cache import cache_names
 
@@ -30,9 +31,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in TORCH_DTYPES.items() if value == dtype)
 
 
-# What the ONNX Runtime graphs hold, for readers of the manifest (exporter.ort_attention).
-ORT_GRAPH_INFO = {"attention": "com.microsoft.GroupQueryAttention", "cache_write": "in place, by that node",
-                  "min_onnxruntime": "1.32"}  # fmt: skip
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{d: d for d in DTYPES}}
 
 
@@ -122,7 +120,7 @@ class Manifest:
                     "inputs": [t.to_json() for t in g.inputs],
                     "outputs": [t.to_json() for t in g.outputs],
                     **(
-                        {"onnxruntime": {"path": g.ort_path, "bytes": g.ort_bytes, **ORT_GRAPH_INFO}}
+                        {"onnxruntime": {"path": g.ort_path, "bytes": g.ort_bytes, **ort_attention.GRAPH_INFO}}
                         if g.ort_path
                         else {}
                     ),

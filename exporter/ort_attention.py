@@ -18,7 +18,7 @@ from __future__ import annotations
 
 DOMAIN = "com.microsoft"
 OP_TYPE = "GroupQueryAttention"
-# The inputs in the order ONNX Runtime's schema declares them; we fill the ones named below.
+# The inputs in the order ONNX Runtime's schema declares them (the lowering passes None for unused ones).
 _INPUTS = (
     "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
     "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
@@ -28,7 +28,11 @@ _INT32_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")
 _REQUIRED = ("query", "seqlens_k", "total_sequence_length")
 
 
-MIN_ONNXRUNTIME = (1, 32)  # the first release whose GroupQueryAttention takes query_seqlens (manifest says so too)
+MIN_ONNXRUNTIME = (1, 32)  # the first release whose GroupQueryAttention takes query_seqlens
+MIN_ONNXRUNTIME_TEXT = ".".join(map(str, MIN_ONNXRUNTIME))
+# What the fused graphs hold, written beside their path in the manifest for its readers.
+GRAPH_INFO = {"attention": f"{DOMAIN}.{OP_TYPE}", "cache_write": "in place, by that node",
+              "min_onnxruntime": MIN_ONNXRUNTIME_TEXT}  # fmt: skip
 
 
 def onnxruntime_runs_fused() -> bool:

@@ -20,7 +20,7 @@ import torch
 
 from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError
 from llamatrt.exporter.manifest import GraphSpec, Manifest
-from llamatrt.exporter.ort_attention import MIN_ONNXRUNTIME, onnxruntime_runs_fused
+from llamatrt.exporter.ort_attention import MIN_ONNXRUNTIME_TEXT, onnxruntime_runs_fused
 from llamatrt.runtime.backend import Backend
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class OrtBackend(Backend):
             fused = False
             logger.warning("onnxruntime %s cannot run the fused-attention graphs (needs >= %s); running the "
                            "portable ones, slower: pip install -U onnxruntime", ort.__version__,
-                           ".".join(map(str, MIN_ONNXRUNTIME)))  # fmt: skip
+                           MIN_ONNXRUNTIME_TEXT)  # fmt: skip
         self.graph_files: dict[str, str] = {}  # graph -> the .onnx file this backend runs
         for name, graph in manifest.graphs.items():
             path = graph.ort_path if fused else graph.path
