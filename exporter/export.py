@@ -63,17 +63,16 @@ class ExportOptions:
                              self.full_logits, self.validate)  # fmt: skip
 
 
-def graph_variants(options: ExportOptions, head_dim: int) -> list[tuple[str, bool]]:
+def graph_variants(fused: bool) -> list[tuple[str, bool]]:
     """(graph, fused attention) pairs to export: the portable pair, plus the pair ONNX Runtime CPU
-    runs (exporter.ort_attention) where it can be made."""
-    fused = [False, True] if fusable(head_dim, DTYPE_ALIASES[options.dtype]) else [False]
-    return [(name, f) for f in fused for name in ("prefill", "decode")]
+    runs (exporter.ort_attention) when `fused`."""
+    return [(name, f) for f in ([False, True] if fused else [False]) for name in ("prefill", "decode")]
 
 
 def export_steps(options: ExportOptions) -> int:
     """Progress steps of export_artifact, at most: loading, each graph, weights, validation (the
     bar completes early when the fused pair is not made)."""
-    return 2 + len(graph_variants(options, head_dim=64)) + int(options.validate)
+    return 2 + len(graph_variants(fused=True)) + int(options.validate)
 
 
 def export_artifact(
@@ -98,7 +97,7 @@ def export_artifact(
     }
     with atomic_output_dir(out) as tmp:
         graphs = {}
-        for name, fused in graph_variants(options, config.head_dim):
+        for name, fused in graph_variants(fusable(config.head_dim, options.dtype)):
             step(f"exporting {name} graph" + (" (ONNX Runtime attention)" if fused else ""))
             graphs[name, fused] = optimize_graph(graph_to_onnx(torch_model, specs[name], fused_attention=fused))
         step("writing weights")
