@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARTIFACT ?= artifacts/smollm2-fp32
 
-.PHONY: install lint format typecheck check-imports test test-gpu demo bench clean
+.PHONY: install lint format typecheck check-imports test test-fast test-gpu demo bench clean
 
 $(PY):  ## a local virtualenv
 	python3 -m venv $(VENV)
@@ -24,12 +24,16 @@ format:
 typecheck:
 	$(PY) -m mypy --ignore-missing-imports --follow-imports=silent llamatrt models exporter runtime
 
-check-imports:  ## every module imports with tensorrt blocked
+check-imports:  ## every module imports with tensorrt blocked; each layer with the ones it must not touch blocked
 	$(PY) -m pytest -q tests/test_imports.py
 
 test: $(PY)  ## the whole suite, SmolLM2 integration included
 	@test -x $(VENV)/bin/llamatrt || $(MAKE) install
 	$(PY) -m pytest -q
+
+test-fast: $(PY)  ## the tiny-model tests only (CI runs `test`, which includes the slow SmolLM2 ones)
+	@test -x $(VENV)/bin/llamatrt || $(MAKE) install
+	$(PY) -m pytest -q -m "not slow"
 
 test-gpu:
 	$(PY) -m pytest -q -m gpu

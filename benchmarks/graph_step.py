@@ -1,12 +1,13 @@
-"""Time one graph call (a decode step) of several ONNX files in ONNX Runtime CPU, interleaved.
+"""Time one call of several artifacts' graphs in ONNX Runtime CPU, interleaved.
 
-Usage: .venv/bin/python benchmarks/graph_step.py [--threads N] [--context N] [--matmuls] GRAPH.onnx ...
+Usage: .venv/bin/python benchmarks/graph_step.py [--threads N] [--context N] [--matmuls] ARTIFACT/GRAPH.onnx ...
 
-Each round times every graph in turn (20 calls after 3 warm-up calls), so host drift hits all
-alike; prints the median and min of 6 rounds. Inputs are bound once with IO binding, present
-aliased to past (as the runtime does), the cache holding `--context` written slots. `--matmuls`
-adds a graph made of only the first graph's weight MatMuls at the same shapes: what the step would
-cost if everything but the weight reads were free.
+Each GRAPH.onnx is a graph of an artifact (its manifest says what the graph is). Each round times
+every graph in turn (20 calls after 3 warm-up calls), so host drift hits all alike; prints the
+median and min of 6 rounds. Calls go through the runtime's OrtBackend with the contract's feed
+builder (IO binding, present aliased to past, as `generate` runs them), writing at slot `--context`.
+`--matmuls` adds a graph made of only the first graph's weight MatMuls at the same shapes: what the
+step would cost if everything but the weight reads were free.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -30,29 +33,24 @@ def session(model: str | bytes, threads: int) -> Any:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def bound_step(sess: Any, context: int) -> Any:
-    """IO binding of a decode step at `context`, each present bound to its past buffer."""
-    feeds: dict[str, np.ndarray] = {}
-    for i in sess.get_inputs():
-        if i.name == "input_ids":
-            feeds[i.name] = np.full(i.shape, 5, np.int64)
-        elif i.name in ("position_ids", "cache_position"):  # the call writes slots context .. context + S - 1
-            feeds[i.name] = np.broadcast_to(np.arange(context, context + i.shape[-1]), i.shape).astype(np.int64)
-        elif i.name == "attention_mask":
-            feeds[i.name] = np.ones(i.shape, np.int64)
-        else:
-            feeds[i.name] = np.zeros(i.shape, np.float32 if "float" in i.type else np.int64)
-    binding = sess.io_binding()
-    for name, array in feeds.items():
-        binding.bind_cpu_input(name, array)
-    for out in sess.get_outputs():
-        past = feeds.get(out.name.replace("present.", "past_key_values.", 1))
-        if past is not None:
-            binding.bind_output(out.name, "cpu", 0, past.dtype, past.shape, past.ctypes.data)
-        else:
-            binding.bind_output(out.name)
-    binding.keep_alive = feeds  # the bound arrays must outlive the binding
-    return binding
+def contract_step(path: Path, threads: int, context: int) -> Callable[[], object]:
+    """One call of the artifact graph at `path`, fed by the contract's builder, as the runtime runs it."""
+    from llamatrt.artifact.feeds import fixed_prompt, graph_feeds
+    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.runtime.ort_backend import OrtBackend
+
+    manifest = read_manifest(path.parent, verify=False)
+    graph = next((g for g in manifest.graphs.values() if g.path == path.name), None)
+    if graph is None:
+        raise SystemExit(f"{path} is not a graph of the artifact in {path.parent}")
+    backend = OrtBackend(path.parent, manifest, threads=threads, attention=graph.attention, check_feeds=False)
+    graph = backend.graph(graph.role, graph.batch, graph.seq_len)
+    ids = fixed_prompt(graph.batch, graph.seq_len, manifest.config.vocab_size)
+    positions = torch.arange(context, context + graph.seq_len).expand(graph.batch, -1).contiguous()
+    mask = torch.ones(graph.batch, manifest.max_cache_len, dtype=torch.long)
+    cache = [t[: graph.batch] for t in backend.allocate_cache()]
+    feeds = graph_feeds(graph, ids, positions, context, mask, cache)
+    return lambda: backend.run(graph.name, feeds)
 
 
 def matmul_only(graph: Path) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -83,11 +81,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=100)
     parser.add_argument("--matmuls", action="store_true")
     args = parser.parse_args()
-    steps = {}
-    for graph in args.graphs:
-        sess = session(str(graph), args.threads)
-        binding = bound_step(sess, args.context)
-        steps[str(graph)] = lambda s=sess, b=binding: s.run_with_iobinding(b)
+    steps = {str(graph): contract_step(graph, args.threads, args.context) for graph in args.graphs}
     if args.matmuls:
         model, feeds = matmul_only(args.graphs[0])
         sess = session(model, args.threads)

@@ -1,8 +1,9 @@
-"""StaticLlama -> one ONNX graph (prefill or decode) at static shapes, opset 24.
+"""StaticLlama -> one ONNX graph variant at static shapes, opset 24.
 
-The model is exported as it is (no patching); the only lowering we supply is the KV-cache write:
-`llamatrt::write_kv` becomes ONNX `TensorScatter`, which ONNX Runtime can run in place and TensorRT
-maps to its KV-cache update layer.
+The model is exported as it is (no patching); the lowerings we supply are for our two custom ops:
+`llamatrt::write_kv` becomes ONNX `TensorScatter` (ONNX Runtime runs it in place, TensorRT maps it to
+its KV-cache update layer) and, in fused-attention variants, `llamatrt::cached_attention` becomes
+ONNX Runtime's GroupQueryAttention (exporter.ort_attention).
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from llamatrt.artifact.feeds import graph_feeds
+from llamatrt.artifact.manifest import GraphSpec, contract_io
+from llamatrt.artifact.precision import dtype_name
+from llamatrt.artifact.variants import ONNXRUNTIME
 from llamatrt.exporter import ort_attention
-from llamatrt.exporter.manifest import GraphSpec, TensorSpec, dtype_name
-from llamatrt.models.kv_cache import cache_names, cache_shape, empty_cache
+from llamatrt.exporter.variants import VariantPlan
+from llamatrt.models.kv_cache import empty_cache
 from llamatrt.models.llama import StaticLlama
+from llamatrt.models.rope import rope_tables
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -38,65 +45,61 @@ def _write_kv_to_tensor_scatter(past, new, cache_position):  # type: ignore[no-u
     return op24.TensorScatter(past, new, op.Expand(start, batch), axis=2)
 
 
-def graph_spec(name: str, model: StaticLlama, batch: int, seq: int, max_cache_len: int) -> GraphSpec:
-    """The IO contract of DESIGN.md §1 for one graph."""
-    config = model.config
+class GraphModule(nn.Module):
+    """One graph's view of StaticLlama: its logits form and attention form are fixed when it is
+    built, so nothing is flipped on the shared model between exports."""
+
+    def __init__(self, model: StaticLlama, full_logits: bool, rope_capacity: int | None) -> None:
+        super().__init__()
+        self.model = model
+        self.full_logits = full_logits
+        # fused attention reads RoPE tables of every cache position; they become two initializers
+        self.tables = None if rope_capacity is None else rope_tables(model.inv_freq, rope_capacity)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model(*inputs, full_logits=self.full_logits, rope_tables=self.tables)  # type: ignore[no-any-return]
+
+
+def graph_spec(plan: VariantPlan, model: StaticLlama, max_cache_len: int, full_logits: bool) -> GraphSpec:
+    """The manifest entry of one variant: what it is, and its IO contract (DESIGN.md §1)."""
     dtype = dtype_name(model.model.embed_tokens.weight.dtype)
-    kv = cache_shape(config, batch, max_cache_len)
-    logits = (batch, seq, config.vocab_size) if model.full_logits else (batch, config.vocab_size)
-    inputs = (
-        TensorSpec("input_ids", (batch, seq), "int64"),
-        TensorSpec("position_ids", (batch, seq), "int64"),
-        TensorSpec("cache_position", (seq,), "int64"),
-        TensorSpec("attention_mask", (batch, max_cache_len), "int64"),
-        *(TensorSpec(n, kv, dtype) for n in cache_names(config.num_layers, "past")),
-    )
-    outputs = (
-        TensorSpec("logits", logits, "float32"),
-        *(TensorSpec(n, kv, dtype) for n in cache_names(config.num_layers, "present")),
-    )
-    return GraphSpec(name, f"{name}.onnx", inputs, outputs)
+    inputs, outputs = contract_io(model.config, dtype, plan.batch, plan.seq, max_cache_len,
+                                  full_logits and plan.role == "prefill")  # fmt: skip
+    return GraphSpec(plan.name, plan.role, plan.path, inputs, outputs, plan.attention.name, dtype,
+                     plan.attention.backends)  # fmt: skip
 
 
 def example_inputs(spec: GraphSpec, model: StaticLlama) -> tuple[torch.Tensor, ...]:
-    batch, seq = spec.input("input_ids").shape
-    max_cache_len = spec.input("attention_mask").shape[1]
-    dtype = model.model.embed_tokens.weight.dtype
-    return (
-        torch.zeros(batch, seq, dtype=torch.long),
-        torch.arange(seq).expand(batch, seq).contiguous(),
-        torch.arange(seq),
-        torch.ones(batch, max_cache_len, dtype=torch.long),
-        *empty_cache(model.config, batch, max_cache_len, dtype),
-    )
+    """Inputs of one call at the variant's shapes, in graph order, from the contract's feed builder."""
+    batch, seq = spec.batch, spec.seq_len
+    capacity = spec.input("attention_mask").shape[1]
+    cache = empty_cache(model.config, batch, capacity, model.model.embed_tokens.weight.dtype)
+    ids, positions = torch.zeros(batch, seq, dtype=torch.long), torch.arange(seq).expand(batch, seq).contiguous()
+    feeds = graph_feeds(spec, ids, positions, 0, torch.ones(batch, capacity, dtype=torch.long), cache)
+    return tuple(feeds[t.name] for t in spec.inputs)
 
 
-def graph_to_onnx(model: StaticLlama, spec: GraphSpec, fused_attention: bool = False) -> ir.Model:
-    """Export one graph; returns the in-memory onnx_ir model (weights still in memory).
-
-    fused_attention: attention as ONNX Runtime's GroupQueryAttention (exporter.ort_attention)
-    instead of portable ops; the IO contract is the same."""
+def graph_to_onnx(model: StaticLlama, spec: GraphSpec) -> ir.Model:
+    """Export one variant; returns the in-memory onnx_ir model (weights still in memory)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     ort_attention.register_schema()
-    model.fuse_attention(spec.input("attention_mask").shape[1] if fused_attention else None)
+    fused = spec.attention == ONNXRUNTIME.name
+    module = GraphModule(model, spec.full_logits, spec.input("attention_mask").shape[1] if fused else None)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                model,
-                example_inputs(spec, model),
-                dynamo=True,
-                opset_version=OPSET,
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                custom_translation_table={
-                    torch.ops.llamatrt.write_kv.default: _write_kv_to_tensor_scatter,
-                    torch.ops.llamatrt.cached_attention.default: ort_attention.cached_attention_to_gqa,
-                },
-                optimize=False,  # our own pass (onnx_optimize) runs next, measured and checked
-                verbose=False,
-            )
-        finally:
-            model.fuse_attention(None)
+        program = torch.onnx.export(
+            module,
+            example_inputs(spec, model),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            custom_translation_table={
+                torch.ops.llamatrt.write_kv.default: _write_kv_to_tensor_scatter,
+                torch.ops.llamatrt.cached_attention.default: ort_attention.cached_attention_to_gqa,
+            },
+            optimize=False,  # our own pass (onnx_optimize) runs next, and export validation checks it
+            verbose=False,
+        )
     assert program is not None  # dynamo=True always returns a program
     return program.model

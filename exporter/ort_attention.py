@@ -16,8 +16,9 @@ Our graph contract is kept as it is:
 
 from __future__ import annotations
 
-DOMAIN = "com.microsoft"
-OP_TYPE = "GroupQueryAttention"
+from llamatrt.artifact.variants import ONNXRUNTIME
+
+DOMAIN, OP_TYPE = ONNXRUNTIME.op_domain, ONNXRUNTIME.op_type
 # The inputs in the order ONNX Runtime's schema declares them (the lowering passes None for unused ones).
 _INPUTS = (
     "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
@@ -26,29 +27,6 @@ _INPUTS = (
 )  # fmt: skip
 _INT32_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")
 _REQUIRED = ("query", "seqlens_k", "total_sequence_length")
-
-
-MIN_ONNXRUNTIME = (1, 32)  # the first release whose GroupQueryAttention takes query_seqlens
-MIN_ONNXRUNTIME_TEXT = ".".join(map(str, MIN_ONNXRUNTIME))
-# What the fused graphs hold, written beside their path in the manifest for its readers.
-GRAPH_INFO = {"attention": f"{DOMAIN}.{OP_TYPE}", "cache_write": "in place, by that node",
-              "min_onnxruntime": MIN_ONNXRUNTIME_TEXT}  # fmt: skip
-
-
-def onnxruntime_runs_fused() -> bool:
-    """Whether the installed ONNX Runtime can load the fused graphs (older ones reject the node)."""
-    import onnxruntime
-
-    release = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2] if part.isdigit())
-    return release >= MIN_ONNXRUNTIME
-
-
-def fusable(head_dim: int, dtype: str) -> bool:
-    """Whether the fused graphs can be made. ONNX Runtime CPU is the fp32 target (GPUs take the
-    portable graphs: CUDA's kernel wants fp16/bf16, TensorRT builds standard ops); the kernel's
-    rotary embedding needs head_dim % 16 == 0 (every released Llama has 64 or 128); and the export
-    validates them, so the ONNX Runtime here must run them."""
-    return dtype == "float32" and head_dim % 16 == 0 and onnxruntime_runs_fused()
 
 
 def register_schema() -> None:

@@ -11,34 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from llamatrt.errors import ArtifactExistsError, BackendUnavailable, ManifestMismatchError, ValidationError
-from llamatrt.exporter.manifest import GraphSpec, Manifest, read_manifest, write_manifest
-from llamatrt.lazy import require_cuda, require_tensorrt
-
-ENGINE_KINDS = ("tensorrt", "tensorrt-rtx")
-TIMING_CACHE = "timing.cache"
-BUILD_LOG = "build.log"
-Progress = Callable[[str], None]
-
-
-def engine_module(kind: str) -> ModuleType:
-    """The Python module for an engine kind, imported on first use."""
-    if kind == "tensorrt":
-        return require_tensorrt()
-    if kind == "tensorrt-rtx":
-        try:
-            import tensorrt_rtx
-
-            return tensorrt_rtx
-        except ImportError as e:
-            raise BackendUnavailable("TensorRT-RTX is not installed; pip install tensorrt-rtx-cu13") from e
-    raise BackendUnavailable(f"unknown engine {kind!r}; use one of {', '.join(ENGINE_KINDS)}")
+from llamatrt.artifact.engines import check_network_io, engine_graphs, engine_module, plan_name
+from llamatrt.artifact.manifest import Manifest, write_manifest
+from llamatrt.artifact.names import BUILD_LOG, TIMING_CACHE
+from llamatrt.artifact.reader import read_manifest
+from llamatrt.errors import ArtifactExistsError, ValidationError
+from llamatrt.lazy import require_cuda
+from llamatrt.progress import Progress, no_progress
 
 
 def _file_logger(trt: ModuleType, path: Path) -> Any:
@@ -70,16 +54,6 @@ def network_io(trt: ModuleType, network: Any) -> dict[str, list[dict[str, Any]]]
             "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)]}  # fmt: skip
 
 
-def check_network_io(io: dict[str, list[dict[str, Any]]], graph: GraphSpec) -> None:
-    expected = {"inputs": [t.to_json() for t in graph.inputs], "outputs": [t.to_json() for t in graph.outputs]}
-    for side in ("inputs", "outputs"):
-        if io[side] != expected[side]:
-            bad = next((a, b) for a, b in zip(io[side], expected[side], strict=False) if a != b) if len(
-                io[side]) == len(expected[side]) else (f"{len(io[side])} tensors", f"{len(expected[side])} tensors")  # fmt: skip
-            raise ValidationError(f"{graph.path}: TensorRT sees {side[:-1]} {bad[0]}, the manifest says {bad[1]}; "
-                                  "re-run `llamatrt export --force`")  # fmt: skip
-
-
 def engine_from_onnx(
     trt: ModuleType, onnx_path: Path, timing_cache: bytes, workspace_gib: float | None, logger: Any
 ) -> tuple[bytes, bytes, dict[str, Any]]:
@@ -107,7 +81,7 @@ def engine_from_onnx(
 
 def build_engines(
     artifact: Path, engine: str = "tensorrt", timing_cache: Path | None = None, workspace_gib: float | None = None,
-    force: bool = False, progress: Progress | None = None,
+    force: bool = False, progress: Progress = no_progress,
 ) -> Manifest:  # fmt: skip
     """Build every graph of `artifact` into an engine; the manifest is updated only when all succeed."""
     artifact = Path(artifact)
@@ -119,7 +93,6 @@ def build_engines(
     trt = engine_module(engine)
     if engine == "tensorrt":
         require_cuda()  # TensorRT proper builds for (and needs) the local GPU; RTX can build without one
-    step = progress or (lambda _: None)
     cache_path = timing_cache or artifact / TIMING_CACHE
     cache = cache_path.read_bytes() if cache_path.is_file() else b""
     log_path = artifact / BUILD_LOG
@@ -127,19 +100,19 @@ def build_engines(
     logger = _file_logger(trt, log_path)
     started, written, graphs = time.perf_counter(), [], {}
     try:
-        for name, graph in manifest.graphs.items():
-            step(f"building {name} engine")
+        for name, graph in engine_graphs(manifest).items():
+            progress(f"building {name} engine")
             plan, cache, info = engine_from_onnx(trt, artifact / graph.path, cache, workspace_gib, logger)
             check_network_io(info["io"], graph)
             if info["kv_cache_update_layers"] != 2 * manifest.config.num_layers:
                 raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
                                       f"expected {2 * manifest.config.num_layers} (the cache would be copied); re-export with "
                                       "this llamatrt: `llamatrt export --force`")  # fmt: skip
-            plan_name = f"{name}.plan" if engine == "tensorrt" else f"{name}.rtx.plan"
-            tmp = artifact / (plan_name + ".tmp")
+            target = artifact / plan_name(graph, engine)
+            tmp = target.with_name(target.name + ".tmp")
             tmp.write_bytes(plan)
-            written.append((tmp, artifact / plan_name))
-            graphs[name] = {"path": plan_name, "bytes": len(plan), "sha256": hashlib.sha256(plan).hexdigest(), **info}
+            written.append((tmp, target))
+            graphs[name] = {"path": target.name, "bytes": len(plan), "sha256": hashlib.sha256(plan).hexdigest(), **info}
     except BaseException:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
@@ -156,13 +129,3 @@ def build_engines(
     updated = replace(manifest, engines=engines)
     write_manifest(updated, artifact)
     return updated
-
-
-def check_engines(manifest: Manifest, folder: Path) -> None:
-    """The engine files a manifest names exist with their recorded sizes."""
-    for name, entry in manifest.engines.get("graphs", {}).items():
-        path = folder / entry["path"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            raise ManifestMismatchError(
-                f"{name} engine {path} is missing or truncated; re-run `llamatrt build --force`"
-            )

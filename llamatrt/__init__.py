@@ -1,6 +1,7 @@
 """llamatrt: Llama-family decoders from PyTorch to verified ONNX Runtime / TensorRT engines.
 
 import llamatrt
+llamatrt.export("smollm2", "artifacts/smollm2-fp32")
 with llamatrt.load("artifacts/smollm2-fp32") as llm:
     print(llm.generate("What is 2+2?", chat=True, max_new_tokens=32)[0].text)
 """
@@ -8,9 +9,10 @@ with llamatrt.load("artifacts/smollm2-fp32") as llm:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from llamatrt.artifact.manifest import Manifest
     from llamatrt.runtime.llm import LLM
 
 __version__ = "0.1.0"
@@ -21,3 +23,13 @@ def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None 
     from llamatrt.runtime.llm import load as _load
 
     return _load(artifact, backend, device)
+
+
+def export(model: Any, out: str | Path, force: bool = False, **options: Any) -> Manifest:
+    """Export a checkpoint (smollm2, an HF folder, a .gguf, a transformers model) to an artifact
+    folder, validated by the runtime before it replaces anything. `options` are ExportOptions'
+    fields: batch_size, max_cache_len, prefill_chunk, dtype, full_logits, validate."""
+    from llamatrt.exporter.export import ExportOptions
+    from llamatrt.pipeline import export_artifact
+
+    return export_artifact(model, Path(out), ExportOptions(**options), force=force)

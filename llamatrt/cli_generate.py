@@ -10,13 +10,13 @@ from typing import Any
 import click
 
 from llamatrt.errors import InputError, LlamatrtError
-
-BACKEND_CHOICE = click.Choice(["torch", "onnxruntime", "ort", "tensorrt"])
+from llamatrt.runtime.registry import DEFAULT_BACKEND, backend_choices
 
 
 def sampling_options(fn: Any) -> Any:
     for option in reversed([
-        click.option("--backend", type=BACKEND_CHOICE, default="onnxruntime", show_default=True),
+        click.option("--backend", type=click.Choice(backend_choices()), default=DEFAULT_BACKEND, show_default=True,
+                     help="torch, onnxruntime (alias ort) or tensorrt (alias trt)."),
         click.option("--max-new-tokens", type=int, default=128, show_default=True),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 turns it off."),

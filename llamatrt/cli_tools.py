@@ -1,15 +1,18 @@
-"""`llamatrt diff`, `llamatrt bench`, `llamatrt build`: thin wrappers over runtime/ and exporter/."""
+"""`llamatrt diff` and `llamatrt bench`: thin wrappers over runtime/."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from llamatrt.errors import InputError
+from llamatrt.progress import StepBar
+from llamatrt.runtime.registry import DEFAULT_BACKEND, backend_choices
+
+BACKEND_CHOICE = click.Choice(backend_choices())
 
 
 def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
@@ -30,8 +33,8 @@ def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--reference", default=None, help="Checkpoint for transformers (default: the one exported).")
-@click.option("--backend", "backends", multiple=True, default=("onnxruntime",), show_default=True,
-              type=click.Choice(["torch", "onnxruntime", "ort", "tensorrt"]), help="Repeatable.")  # fmt: skip
+@click.option("--backend", "backends", multiple=True, default=(DEFAULT_BACKEND,), show_default=True,
+              type=BACKEND_CHOICE, help="Backend to run the artifact on (repeatable); ort = onnxruntime.")  # fmt: skip
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Text file, one prompt per line; prefix `chat:` for chat prompts.")  # fmt: skip
 @click.option("--steps", type=int, default=16, show_default=True, help="Teacher-forced decode steps.")
@@ -40,7 +43,6 @@ def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
 def diff(artifact: Path, reference: str | None, backends: tuple[str, ...], prompts_file: Path | None, steps: int,
          as_json: bool, report_path: Path | None) -> None:  # fmt: skip
     """Compare an artifact with transformers and StaticLlama; exit 0 only if every check passes."""
-    from llamatrt.cli import StepBar
     from llamatrt.runtime.compare import run_diff
 
     prompts = _read_prompts(prompts_file)
@@ -63,8 +65,8 @@ def _parse_contexts(text: str | None) -> list[int]:
 
 @click.command()
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--backend", "backends", multiple=True, default=("onnxruntime",), show_default=True,
-              type=click.Choice(["torch", "onnxruntime", "ort", "tensorrt"]), help="Repeatable.")  # fmt: skip
+@click.option("--backend", "backends", multiple=True, default=(DEFAULT_BACKEND,), show_default=True,
+              type=BACKEND_CHOICE, help="Backend to run the artifact on (repeatable); ort = onnxruntime.")  # fmt: skip
 @click.option("--prompt-len", type=int, default=20, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--batch", type=int, default=None, help="Must equal the artifact's batch (shapes are static).")
@@ -87,11 +89,10 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
 
     Several ARTIFACTS (e.g. batch 1 and batch 4 exports) are measured in the same run, and each one's
     aggregate decode speed is reported as a ratio to the first's."""
-    from llamatrt.cli import StepBar
-    from llamatrt.exporter.manifest import read_manifest
+    from llamatrt.artifact.reader import read_manifest
     from llamatrt.runtime.bench import bench_steps, plot_by_context, run_benches
 
-    manifest = read_manifest(artifacts[0])
+    manifest = read_manifest(artifacts[0], verify=False)
     if batch is not None and batch != manifest.batch_size:
         raise InputError(f"--batch {batch} but {artifacts[0]} was exported with batch {manifest.batch_size}; "
                          f"re-export with --batch {batch}")  # fmt: skip
@@ -114,29 +115,3 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
                        f"{reports[0].artifact} (batch {reports[0].batch}), same run")  # fmt: skip
     if plot_path is not None:
         plot_by_context(reports[0], plot_path)
-
-
-@click.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--engine", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default="tensorrt", show_default=True,
-              help="tensorrt-rtx builds without a GPU (engines then run under TensorRT-RTX).")  # fmt: skip
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="Timing cache to read and update (default: timing.cache in the artifact).")  # fmt: skip
-@click.option("--workspace", "workspace_gib", type=float, default=None, help="Builder workspace limit in GiB.")
-@click.option("--force", is_flag=True, help="Rebuild engines that exist.")
-def build(artifact: Path, engine: str, timing_cache: Path | None, workspace_gib: float | None, force: bool) -> None:
-    """Build TensorRT engines from the artifact's graphs into the artifact (manifest updated atomically)."""
-    from llamatrt.cli import StepBar
-    from llamatrt.exporter.manifest import read_manifest
-    from llamatrt.exporter.trt_build import build_engines
-
-    graphs = len(read_manifest(artifact).graphs)
-    with StepBar(graphs, "build") as bar:
-        manifest = build_engines(artifact, engine, timing_cache, workspace_gib, force, progress=bar)
-    info = manifest.engines
-    sizes = ", ".join(f"{name} {g['bytes'] / 1e6:.1f} MB" for name, g in info["graphs"].items())
-    click.echo(f"built {info['builder']} {info['version']} engines in {info['build_seconds']:.1f} s: {sizes}; "
-               f"timing cache {info['timing_cache']}")  # fmt: skip
-
-
-COMMANDS: list[Any] = [diff, bench, build]

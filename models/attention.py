@@ -3,7 +3,7 @@
 Two forms of one computation:
 - `reference_attention`, explicit ops (the eager path and the portable ONNX graph that TensorRT
   builds): the whole cache of C slots is scored every call, masked to the visible ones.
-- under export with RoPE tables given (StaticLlama.fuse_attention), the custom op
+- under export with RoPE tables given (StaticLlama.forward's rope_tables), the custom op
   `llamatrt::cached_attention`, which the exporter lowers to ONNX Runtime's
   `com.microsoft.GroupQueryAttention` (exporter.ort_attention). One node takes the packed
   projection, rotates q/k, writes the new K/V in place and scores only the slots up to the last

@@ -33,9 +33,9 @@ class Checkpoint:
         assert self.hf_dir is not None
         return state_dict_from_dir(self.hf_dir, dtype)
 
-    def build_model(self, dtype: torch.dtype = torch.float32, full_logits: bool = False) -> StaticLlama:
+    def build_model(self, dtype: torch.dtype = torch.float32) -> StaticLlama:
         """StaticLlama with this checkpoint's weights, in eval mode."""
-        model = StaticLlama(self.config, full_logits=full_logits)
+        model = StaticLlama(self.config)
         model.load_weights(self.state_dict(torch.float32))
         return model.to(dtype).eval()
 

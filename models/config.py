@@ -3,22 +3,48 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from llamatrt.errors import ConfigError
 
-# Keys of an HF Llama config that do not change the math of inference; read and ignored on purpose.
-IGNORED_HF_KEYS = frozenset(
-    {
-        "_name_or_path", "_model_name_or_path", "architectures", "attention_dropout", "bos_token_id",
-        "eos_token_id", "pad_token_id", "unk_token_id", "dtype", "torch_dtype", "initializer_range",
-        "max_position_embeddings", "model_type", "pretraining_tp", "transformers_version",
-        "use_cache", "quantization_config", "output_attentions", "output_hidden_states",
-        "return_dict", "tie_word_embeddings", "is_decoder", "id2label", "label2id",
-    }
-)  # fmt: skip
+log = logging.getLogger(__name__)
+
+# Keys of an HF Llama config this loader reads (the rest of this list changes nothing in the math).
+READ_HF_KEYS = frozenset({
+    "model_type", "hidden_act", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings",
+})  # fmt: skip
+# Keys that do not change the math of inference: ignored on purpose.
+IGNORED_HF_KEYS = frozenset({
+    "_name_or_path", "_model_name_or_path", "architectures", "attention_dropout", "bos_token_id", "eos_token_id",
+    "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id", "dtype", "torch_dtype",
+    "initializer_range", "transformers_version", "use_cache", "quantization_config", "output_attentions",
+    "output_hidden_states", "return_dict", "is_decoder", "is_encoder_decoder", "id2label", "label2id",
+    "chunk_size_feed_forward", "problem_type", "tokenizer_class", "prefix", "task_specific_params",
+    "finetuning_task", "torchscript", "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "pruned_heads", "output_scores", "return_dict_in_generate", "pretraining_tp",  # pretraining_tp slices the
+    # same matmuls; the result is the same function
+})  # fmt: skip
+# Keys that change the model when set to anything but their "off" value: refused with the key named.
+UNSUPPORTED_WHEN_SET: dict[str, tuple[Any, ...]] = {
+    "sliding_window": (None,),
+    "use_sliding_window": (False, None),
+    "attn_logit_softcapping": (None,),
+    "final_logit_softcapping": (None,),
+    "logits_scaling": (None, 1, 1.0),
+    "embedding_multiplier": (None, 1, 1.0),
+    "residual_multiplier": (None, 1, 1.0),
+    "attention_multiplier": (None,),
+    "use_qk_norm": (False, None),
+    "no_rope_layers": (None,),
+    "layer_types": (None,),
+    "moe_layers": (None,),
+    "num_experts": (None, 0),
+}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -63,11 +89,6 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE; fix the config")
 
-    @property
-    def num_groups(self) -> int:
-        """Query heads per KV head (1 for MHA)."""
-        return self.num_heads // self.num_kv_heads
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -96,6 +117,13 @@ class LlamaConfig:
         missing = [k for k in _REQUIRED_HF_KEYS if k not in raw]
         if missing:
             raise ConfigError(f"config.json lacks {', '.join(missing)}; is this a Llama config?")
+        for key, off in UNSUPPORTED_WHEN_SET.items():
+            if key in raw and raw[key] not in off:
+                raise ConfigError(f"config.json sets {key}={raw[key]!r}, which llamatrt does not implement; "
+                                  "export a plain Llama checkpoint (llamatrt would compute another model)")  # fmt: skip
+        unknown = sorted(set(raw) - READ_HF_KEYS - IGNORED_HF_KEYS - set(UNSUPPORTED_WHEN_SET))
+        if unknown:
+            log.warning("config.json keys llamatrt does not read (ignored): %s", ", ".join(unknown))
         num_heads = int(raw["num_attention_heads"])
         head_dim = raw.get("head_dim") or int(raw["hidden_size"]) // num_heads
         theta, scaling = _rope_from_hf(raw)

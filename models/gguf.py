@@ -1,7 +1,7 @@
 """GGUF file -> an HF folder in a cache, converted once.
 
-transformers reads GGUF (undoing llama.cpp's q/k permutation and dequantizing) but takes ~30 s on
-two cores for SmolLM2; the result is saved as safetensors + tokenizer under a key made of the
+transformers reads GGUF (undoing llama.cpp's q/k permutation and dequantizing) slowly (the README
+gives the bundled model's time); the result is saved as safetensors + tokenizer under a key made of the
 file's hash, so the next load is a plain HF-folder load of a few seconds.
 """
 

@@ -1,4 +1,4 @@
-"""The KV-cache write and the names/shapes of the cache tensors.
+"""The KV-cache write and the shape of the cache tensors (their names are the artifact's: llamatrt.artifact.names).
 
 `write_kv` is the only place new keys/values enter the cache. Its contract is ONNX
 `TensorScatter`'s: the S new entries land contiguously at slots cache_position[0] ..
@@ -37,33 +37,6 @@ def write_kv_op(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Ten
 @write_kv_op.register_fake
 def _write_kv_fake(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(past)
-
-
-def past_key_name(layer: int) -> str:
-    return f"past_key_values.{layer}.key"
-
-
-def past_value_name(layer: int) -> str:
-    return f"past_key_values.{layer}.value"
-
-
-def present_key_name(layer: int) -> str:
-    return f"present.{layer}.key"
-
-
-def present_value_name(layer: int) -> str:
-    return f"present.{layer}.value"
-
-
-def past_name_for(present_name: str) -> str:
-    """`present.3.key` -> `past_key_values.3.key`: the buffer a present output aliases."""
-    return present_name.replace("present.", "past_key_values.", 1)
-
-
-def cache_names(num_layers: int, prefix: str = "past") -> list[str]:
-    """Flat names in graph order: key0, value0, key1, value1, ..."""
-    key, value = (past_key_name, past_value_name) if prefix == "past" else (present_key_name, present_value_name)
-    return [n for i in range(num_layers) for n in (key(i), value(i))]
 
 
 def cache_shape(config: LlamaConfig, batch_size: int, max_cache_len: int) -> tuple[int, int, int, int]:

@@ -15,7 +15,7 @@ from llamatrt.errors import CheckpointError
 from llamatrt.models.config import LlamaConfig
 from llamatrt.models.layers import DecoderLayer, RMSNorm
 from llamatrt.models.mask import causal_mask
-from llamatrt.models.rope import Rotary, inv_freq_from_config, rope_cos_sin, rope_tables
+from llamatrt.models.rope import Rotary, inv_freq_from_config, rope_cos_sin
 from llamatrt.models.weights import fuse_projections
 
 
@@ -30,21 +30,13 @@ class _Backbone(nn.Module):
 
 
 class StaticLlama(nn.Module):
-    def __init__(self, config: LlamaConfig, full_logits: bool = False) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.full_logits = full_logits
         self.model = _Backbone(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", inv_freq_from_config(config), persistent=False)
-        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def fuse_attention(self, capacity: int | None) -> None:
-        """Export attention as one fused kernel (models.attention) reading RoPE tables of `capacity`
-        positions, which become two initializers; None: back to the explicit ops. Eager runs are
-        the same either way."""
-        self.rope_tables = None if capacity is None else rope_tables(self.inv_freq, capacity)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -60,19 +52,25 @@ class StaticLlama(nn.Module):
         cache_position: torch.Tensor,  # (seq,) int64
         attention_mask: torch.Tensor,  # (batch, max_cache_len) int64
         *past: torch.Tensor,  # 2 * num_layers of (batch, num_kv_heads, max_cache_len, head_dim)
+        full_logits: bool = False,
+        rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, ...]:
+        """-> (logits, *present). full_logits: logits of every position (batch, seq, vocab) instead of
+        each row's last (batch, vocab). rope_tables (models.rope.rope_tables): under export, attention
+        becomes one fused kernel that looks cos/sin up in them (models.attention); eager runs are the
+        same either way."""
         x = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
-        rotary = Rotary(*rope_cos_sin(self.inv_freq, position_ids, x.dtype), position_ids, self.rope_tables)
+        rotary = Rotary(*rope_cos_sin(self.inv_freq, position_ids, x.dtype), position_ids, rope_tables)
         mask = causal_mask(cache_position, attention_mask)
         present: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
             x, key, value = layer(x, rotary, mask, cache_position, past[2 * i], past[2 * i + 1])
             present += (key, value)
-        if not self.full_logits:
+        if not full_logits:
             x = x[:, -1:]  # the loop only needs the next-token logits of each row
         x = self.model.norm(x)
         logits = torch.matmul(x, self.head_weight.t()).float()  # (batch, seq or 1, vocab)
-        if not self.full_logits:
+        if not full_logits:
             logits = logits[:, 0]  # (batch, vocab)
         return (logits, *present)
 

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from llamatrt.artifact.feeds import fixed_prompt
 from llamatrt.errors import InputError
-from llamatrt.exporter.validate import fixed_prompt
-from llamatrt.runtime.backend import Backend, open_backend
+from llamatrt.progress import Progress, no_progress
+from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator
+from llamatrt.runtime.registry import open_backend
 
-Progress = Callable[[str], None]
 CONTEXT_TOKENS = 16  # tokens decoded after each --contexts prompt (1000 + 16 fits C = 1024)
 
 
@@ -157,7 +158,6 @@ def _backend_timer(backend: Backend, prompt_len: int, new_tokens: int, contexts:
     ):
         raise InputError(f"prompt plus new tokens exceed the cache of {manifest.max_cache_len}; lower --prompt-len, "
                          "--new-tokens or --contexts")  # fmt: skip
-    backend.check_inputs = False  # validated once by the warm-up below; not part of what we time
     gen = Generator(backend)  # no stop ids: always generates new_tokens
     prompts = fixed_prompt(batch, prompt_len, manifest.config.vocab_size).tolist()
     gen.generate(prompts, max_new_tokens=4)  # warm-up: sessions, allocations, caches
@@ -217,14 +217,13 @@ def run_benches(
     progress: Progress | None = None,
 ) -> list[BenchReport]:  # fmt: skip
     """Every backend on every artifact (plus the baseline per artifact), timed in `repeat` rounds:
-    each round runs each of them once, in turn, so drift in the host's speed (this kind of machine's
-    read bandwidth has been seen anywhere from 26 to 77 GB/s within minutes) lands on all of them
-    alike and the ratios between them hold. Decode-vs-context runs on the first artifact."""
+    each round runs each of them once, in turn, so drift in the host's speed (its read bandwidth can
+    move by a factor of two within minutes) lands on all of them alike and the ratios between them hold. Decode-vs-context runs on the first artifact."""
     if repeat < 1 or new_tokens < 2 or prompt_len < 1:
         raise InputError("--repeat must be >= 1, --new-tokens >= 2 and --prompt-len >= 1")
     if baseline not in (None, "transformers"):
         raise InputError(f"unknown baseline {baseline!r}; the one baseline is `transformers`")
-    step = progress or (lambda _: None)
+    step = progress or no_progress
     with contextlib.ExitStack() as stack:
         opened: list[tuple[Path, list[Backend], list[_Timed], _Timed | None]] = []
         for artifact in artifacts:
@@ -232,7 +231,8 @@ def run_benches(
             handles, timers = [], []
             for kind in backends:
                 before = _rss_mb()
-                handles.append(stack.enter_context(open_backend(artifact, kind)))
+                # the feed check is not part of what we time (the generator's feeds are the contract's)
+                handles.append(stack.enter_context(open_backend(artifact, kind, check_feeds=False)))
                 timers.append(_backend_timer(handles[-1], prompt_len, new_tokens, contexts))
                 timers[-1].loaded_mb = _rss_mb() - before
             manifest = handles[0].manifest

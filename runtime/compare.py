@@ -7,18 +7,21 @@ Every stage is fed the reference's tokens, so every step is compared on the same
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llamatrt.artifact.manifest import Manifest
+from llamatrt.artifact.precision import PRECISIONS, Thresholds
 from llamatrt.errors import InputError
-from llamatrt.exporter.manifest import Manifest
-from llamatrt.runtime.backend import Backend, open_backend
+from llamatrt.progress import Progress, no_progress
+from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.contract_checks import run_contract_checks
 from llamatrt.runtime.generator import Generator
-from llamatrt.runtime.report import THRESHOLDS, AccuracyReport, StageResult, Thresholds
+from llamatrt.runtime.registry import open_backend
+from llamatrt.runtime.report import AccuracyReport, StageResult
 from llamatrt.runtime.torch_backend import TorchBackend
 
 # (chat?, text): chat and plain, short and longer than a typical prefill chunk.
@@ -34,7 +37,6 @@ PERPLEXITY_TEXT = (
     "Moon's orbital period with its rotation period, so the same side is always facing Earth. The Moon's "
     "gravitational pull produces tidal forces on Earth which are the main driver of ocean tides."
 )
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def run_diff(
 
     if steps < 1:
         raise InputError(f"--steps {steps} must be >= 1")
-    step = progress or (lambda _: None)
+    step = progress or no_progress
     step("loading the reference")
     first = open_backend(artifact, backends[0])
     manifest: Manifest = first.manifest
@@ -145,7 +147,7 @@ def run_diff(
             step(f"running {kind}")
             stages.append(_stage_outputs(f"artifact/{kind}", backend, token_prompts, forced, ppl_ids))
             step(f"contract checks on {kind}")
-            checks += run_contract_checks(backend, token_prompts, THRESHOLDS[manifest.dtype].max_abs)
-    results = [compare_stage(s, ref, THRESHOLDS[s.dtype]) for s in stages]
+            checks += run_contract_checks(backend, token_prompts, PRECISIONS[manifest.dtype].thresholds.max_abs)
+    results = [compare_stage(s, ref, PRECISIONS[s.dtype].thresholds) for s in stages]
     return AccuracyReport(str(artifact), checkpoint.source, manifest.dtype, len(token_prompts), steps,
                           ref.perplexity, results, checks)  # fmt: skip

@@ -52,21 +52,20 @@ def run_contract_checks(backend: Backend, prompts: list[list[int]], tolerance: f
 
 
 def _decode_feeds(backend: Backend, slot: int, mask_value: int) -> dict[str, torch.Tensor]:
+    """One decode call of every row at `slot`, with the whole attention mask set to `mask_value`."""
     kv = KVState(backend)
     kv.attention_mask.fill_(mask_value)
     batch = backend.manifest.batch_size
-    feeds = kv.feeds(backend.device)
-    feeds.update(input_ids=torch.ones(batch, 1, dtype=torch.long, device=backend.device),
-                 position_ids=torch.full((batch, 1), slot, device=backend.device),
-                 cache_position=torch.tensor([slot], device=backend.device))  # fmt: skip
-    return feeds
+    tokens, positions = torch.ones(batch, 1, dtype=torch.long), torch.full((batch, 1), slot)
+    return kv.feeds(backend.graph("decode"), tokens, positions, slot)
 
 
 def _last_slot(backend: Backend) -> CheckResult:
     last = backend.manifest.max_cache_len - 1
-    finite = bool(torch.isfinite(backend.run("decode", _decode_feeds(backend, last, 1))["logits"]).all())
+    decode = backend.graph("decode").name
+    finite = bool(torch.isfinite(backend.run(decode, _decode_feeds(backend, last, 1))["logits"]).all())
     try:
-        backend.run("decode", _decode_feeds(backend, last + 1, 1))
+        backend.run(decode, _decode_feeds(backend, last + 1, 1))
         refused = False
     except InputError:
         refused = True
@@ -76,7 +75,7 @@ def _last_slot(backend: Backend) -> CheckResult:
 
 
 def _fully_masked_row(backend: Backend) -> CheckResult:
-    logits = backend.run("decode", _decode_feeds(backend, 0, 0))["logits"]
+    logits = backend.run(backend.graph("decode").name, _decode_feeds(backend, 0, 0))["logits"]
     finite = bool(torch.isfinite(logits).all())
     return CheckResult(f"fully masked row gives no NaN [{backend.name}]", finite,
                        "finite logits" if finite else "NaN/inf logits")  # fmt: skip

@@ -172,7 +172,7 @@ class Generator:
         if token in criteria.stop_ids:
             return None, "stop"
         generated.append(token)
-        if criteria.stop_string_at(generated) is not None:
+        if criteria.stop_string_in(generated) is not None:
             return token, "stop"
         if len(generated) >= max_new_tokens or kv.free_slots == 0:  # no slot left to decode this token
             return token, "length"
@@ -187,22 +187,16 @@ class Generator:
         return seen
 
     def _prefill(self, kv: KVState, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        chunk, device = self.manifest.prefill_chunk, self.backend.device
+        graph = self.backend.graph("prefill")
+        chunk = graph.seq_len
         for start in prefill_windows(ids.shape[1], chunk):
-            feeds = kv.feeds(device)
-            feeds["input_ids"] = ids[:, start : start + chunk].to(device)
-            feeds["position_ids"] = positions[:, start : start + chunk].to(device)
-            feeds["cache_position"] = torch.arange(start, start + chunk, device=device)
-            outputs = self.backend.run("prefill", feeds)
+            window = slice(start, start + chunk)
+            outputs = self.backend.run(graph.name, kv.feeds(graph, ids[:, window], positions[:, window], start))
             kv.update(outputs, next_slot=start + chunk)
         return outputs["logits"].float().cpu()
 
     def _decode(self, kv: KVState, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        device, slot = self.backend.device, kv.next_slot
-        feeds = kv.feeds(device)
-        feeds["input_ids"] = tokens[:, None].to(device)
-        feeds["position_ids"] = positions[:, None].to(device)
-        feeds["cache_position"] = torch.tensor([slot], device=device)
-        outputs = self.backend.run("decode", feeds)
+        graph, slot = self.backend.graph("decode"), kv.next_slot
+        outputs = self.backend.run(graph.name, kv.feeds(graph, tokens[:, None], positions[:, None], slot))
         kv.update(outputs, next_slot=slot + 1)
         return outputs["logits"].float().cpu()

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from llamatrt.models.kv_cache import cache_names
+from llamatrt.artifact import names
+from llamatrt.artifact.feeds import graph_feeds
+from llamatrt.artifact.manifest import GraphSpec
 from llamatrt.runtime.backend import Backend
 
 
 class KVState:
     def __init__(self, backend: Backend) -> None:
         manifest = backend.manifest
+        self.device = backend.device
         self.max_cache_len = manifest.max_cache_len
-        self.past_names = cache_names(manifest.config.num_layers, "past")
-        self.present_names = cache_names(manifest.config.num_layers, "present")
+        self.present_names = names.cache_names(manifest.config.num_layers, "present")
         self.buffers = backend.allocate_cache()  # once per generation
         self.attention_mask = torch.ones(manifest.batch_size, self.max_cache_len, dtype=torch.long)
         self.next_slot = 0
@@ -35,10 +37,11 @@ class KVState:
     def free_slots(self) -> int:
         return self.max_cache_len - self.next_slot
 
-    def feeds(self, device: torch.device) -> dict[str, torch.Tensor]:
-        feeds = dict(zip(self.past_names, self.buffers, strict=True))
-        feeds["attention_mask"] = self.attention_mask.to(device)
-        return feeds
+    def feeds(
+        self, graph: GraphSpec, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int
+    ) -> dict[str, torch.Tensor]:
+        """The feeds of one call of `graph` writing from slot `start`, over this state's cache."""
+        return graph_feeds(graph, input_ids, position_ids, start, self.attention_mask, self.buffers, self.device)
 
     def update(self, outputs: dict[str, torch.Tensor], next_slot: int) -> None:
         self.buffers = [outputs[name] for name in self.present_names]

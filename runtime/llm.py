@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from llamatrt.errors import InputError
-from llamatrt.runtime.backend import Backend, open_backend
+from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator, Step
+from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.sampling import SamplingParams
+from llamatrt.runtime.stopping import cut_at_stop
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, str]
@@ -141,7 +143,7 @@ class LLM:
                 state.logprobs.append(step.logprob)
         if self.tokenizer is None:
             return TextDelta(step.index, "", step.token_id, step.finish_reason)
-        text = _cut_at_stop(self.decode(state.tokens), stop)
+        text = cut_at_stop(self.decode(state.tokens), stop)
         if step.finish_reason is None and text.endswith("\ufffd"):
             return None  # an incomplete multi-byte character: wait for the next token
         delta, state.emitted = text[len(state.emitted) :], text
@@ -175,11 +177,6 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
         return [prompts]  # type: ignore[list-item]
     return list(prompts)  # type: ignore[arg-type]
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[: min(hits)] if hits else text
 
 
 def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None = None) -> LLM:

@@ -1,10 +1,10 @@
 """The ONNX Runtime backend (CPU; CUDA where onnxruntime-gpu is installed).
 
 Every tensor is bound by address (IO binding), and each `present.*` output is bound to the very
-buffer fed as its `past_key_values.*` input, so TensorScatter updates the cache in place: no
-allocation and no copy of the cache per step. The small inputs are copied into persistent
-buffers, so a decode step whose cache buffers are the ones already bound reuses its binding as it
-is: the per-step Python work is a few tiny copies and one `run_with_iobinding`.
+buffer fed as its `past_key_values.*` input, so the cache is updated in place: no allocation and no
+copy of the cache per step. The small inputs are copied into persistent buffers, so a decode step
+whose cache buffers are the ones already bound reuses its binding as it is: the per-step Python
+work is a few tiny copies and one `run_with_iobinding`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from llamatrt.artifact.manifest import GraphSpec, Manifest
+from llamatrt.artifact.precision import NUMPY_DTYPES
+from llamatrt.artifact.reader import inside
+from llamatrt.artifact.variants import ATTENTION_FORMS, ONNXRUNTIME, onnxruntime_loads
 from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError
-from llamatrt.exporter.manifest import GraphSpec, Manifest
-from llamatrt.exporter.ort_attention import MIN_ONNXRUNTIME_TEXT, onnxruntime_runs_fused
 from llamatrt.runtime.backend import Backend
 
 logger = logging.getLogger(__name__)
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 def physical_cores() -> int:
@@ -38,86 +39,113 @@ def physical_cores() -> int:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
-        super().__init__(folder, manifest, device)
+    def __init__(
+        self, folder: Path, manifest: Manifest, device: str = "cpu", check_feeds: bool = True,
+        threads: int | None = None, attention: str | None = None,
+    ) -> None:  # fmt: skip
+        """`attention`: run only graphs of that attention form (export validation checks each form);
+        None: the fastest form this device and ONNX Runtime can run."""
+        self.forced_attention = attention
+        super().__init__(folder, manifest, device, check_feeds)
         import onnxruntime as ort
 
-        if manifest.dtype == "bfloat16" and self.device.type == "cpu":
+        if manifest.dtype not in NUMPY_DTYPES and self.device.type == "cpu":
             raise BackendUnavailable("ONNX Runtime CPU cannot run bf16 graphs; use --backend torch or a GPU backend")
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("onnxruntime has no CUDA provider here; pip install onnxruntime-gpu")
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
-
-        def options(graph: GraphSpec) -> Any:
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.intra_op_num_threads = threads or physical_cores()
-            opts.log_severity_level = 3
-            if graph.seq_len > 1:
-                # Each session has its own thread pool, whose workers spin after a run. A spinning
-                # prefill pool took a core from the decode steps that follow: SmolLM2's 16 decode steps
-                # right after a prefill (`llamatrt bench --contexts 100,1000`) ran at 85.6 / 74.0 tok/s,
-                # 96.2 / 87.7 with this. Prefill's large GEMMs need no spin-waiting; its workers sleep.
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return opts
-
         self.sessions: dict[str, Any] = {}
-        # CPU runs the graphs with ONNX Runtime's fused attention where the export made them; CUDA's
-        # GroupQueryAttention takes fp16/bf16 only, so it runs the portable graphs, as does an
-        # ONNX Runtime too old to load the fused node (correct, only slower).
-        fused = self.device.type == "cpu" and all(g.ort_path for g in manifest.graphs.values())
-        if fused and not onnxruntime_runs_fused():
-            fused = False
-            logger.warning("onnxruntime %s cannot run the fused-attention graphs (needs >= %s); running the "
-                           "portable ones, slower: pip install -U onnxruntime", ort.__version__,
-                           MIN_ONNXRUNTIME_TEXT)  # fmt: skip
-        self.graph_files: dict[str, str] = {}  # graph -> the .onnx file this backend runs
-        for name, graph in manifest.graphs.items():
-            path = graph.ort_path if fused else graph.path
+        for name, graph in self.graphs.items():
+            path = inside(self.folder, graph.path, f"graph {name!r} path")
             try:
-                self.sessions[name] = ort.InferenceSession(str(self.folder / path), options(graph), providers=providers)
+                self.sessions[name] = ort.InferenceSession(
+                    str(path), self._options(ort, graph, threads), providers=providers
+                )
             except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)
-                raise ManifestMismatchError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:200]}); "
+                raise ManifestMismatchError(f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
                                             "re-run `llamatrt export --force`") from e  # fmt: skip
-            self.graph_files[name] = path
         self.logits = self._logits_buffers()
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
         self._small = self._input_buffers()
         self._bindings: dict[str, tuple[Any, tuple[int, ...], list[torch.Tensor]]] = {}
+
+    @staticmethod
+    def _options(ort: Any, graph: GraphSpec, threads: int | None) -> Any:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or physical_cores()
+        opts.log_severity_level = 3
+        if graph.seq_len > 1:
+            # Each session has its own thread pool, whose workers spin after a run. A spinning prefill
+            # pool takes a core from the decode steps that follow it (measured in the README's speed
+            # section); prefill's large GEMMs need no spin-waiting, so its workers sleep.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
+
+    def attention_order(self) -> tuple[str, ...]:
+        if self.forced_attention is not None:
+            if self.forced_attention not in ATTENTION_FORMS:
+                raise InputError(
+                    f"unknown attention form {self.forced_attention!r}; use one of {', '.join(ATTENTION_FORMS)}"
+                )
+            return (self.forced_attention,)
+        # CUDA's GroupQueryAttention takes fp16/bf16 only, so CUDA runs the portable graphs.
+        if self.device.type != "cpu":
+            return ("portable",)
+        if onnxruntime_loads(ONNXRUNTIME):
+            return (ONNXRUNTIME.name, "portable")
+        if any(g.attention == ONNXRUNTIME.name for g in self.manifest.graphs.values()):
+            import onnxruntime
+
+            minimum = ".".join(map(str, ONNXRUNTIME.min_onnxruntime or ()))
+            logger.warning("onnxruntime %s cannot run the fused-attention graphs (needs >= %s); running the "
+                           "portable ones, slower: pip install -U onnxruntime", onnxruntime.__version__, minimum)  # fmt: skip
+        return ("portable",)
+
+    @property
+    def loop_threads(self) -> int | None:
         # ONNX Runtime's intra-op threads own the cores. torch's OpenMP workers, woken by the loop's
-        # sampling (an argmax over B x vocab is above torch's parallel grain), would spin on those same
-        # cores through the next graph run: in a cProfile of SmolLM2 batch-4 generation (2 cores) a decode
-        # step's run_with_iobinding took 27 ms instead of 19.5. The loop's torch work is tiny, so it runs
-        # on one thread.
-        if self.device.type == "cpu":
-            self.loop_threads = 1
+        # sampling (an argmax over B x vocab is above torch's parallel grain), would spin on those
+        # same cores through the next graph run, which then runs on what is left of them. The loop's
+        # torch work is tiny, so on CPU it runs on one thread.
+        return 1 if self.device.type == "cpu" else None
+
+    @property
+    def graph_files(self) -> dict[str, str]:
+        """graph -> the .onnx file this backend runs for it."""
+        return {name: g.path for name, g in self.graphs.items()}
 
     def _bind(self, binding: Any, name: str, tensor: torch.Tensor, output: bool) -> None:
-        dtype = NUMPY_DTYPES[str(tensor.dtype).removeprefix("torch.")]
+        dtype = np.dtype(NUMPY_DTYPES[str(tensor.dtype).removeprefix("torch.")])
         bind = binding.bind_output if output else binding.bind_input
         bind(name, self._ort_device, self.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr())
 
-    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        small = self._small[graph]
+    def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        small = self._small[graph.name]
         for name, buffer in small.items():
             buffer.copy_(feeds[name])
-        cache = [feeds[t.name] for t in self.manifest.graphs[graph].inputs if t.name not in small]
+        cache = [feeds[t.name] for t in graph.inputs if t.name not in small]
         key = tuple(t.data_ptr() for t in cache)
-        if graph not in self._bindings or self._bindings[graph][1] != key:
-            self._bindings[graph] = (self._new_binding(graph, {**feeds, **small}), key, cache)  # keeps cache alive
-        self.sessions[graph].run_with_iobinding(self._bindings[graph][0])
-        return self._aliased_outputs(graph, feeds, self.logits[graph])
+        bound = self._bindings.get(graph.name)
+        if bound is None or bound[1] != key:
+            bound = self._bindings[graph.name] = (
+                self._new_binding(graph, {**feeds, **small}),
+                key,
+                cache,
+            )  # keeps cache alive
+        self.sessions[graph.name].run_with_iobinding(bound[0])
+        return self._aliased_outputs(graph, feeds, self.logits[graph.name])
 
-    def _new_binding(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> Any:
-        binding = self.sessions[graph].io_binding()
-        for spec in self.manifest.graphs[graph].inputs:
+    def _new_binding(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> Any:
+        binding = self.sessions[graph.name].io_binding()
+        for spec in graph.inputs:
             tensor = feeds[spec.name]
             if not tensor.is_contiguous():
                 raise InputError(f"{spec.name} must be contiguous to be bound by address")
             self._bind(binding, spec.name, tensor, output=False)
-        for name, tensor in self._aliased_outputs(graph, feeds, self.logits[graph]).items():
+        for name, tensor in self._aliased_outputs(graph, feeds, self.logits[graph.name]).items():
             self._bind(binding, name, tensor, output=True)
         return binding
 

@@ -9,23 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Thresholds:
-    max_abs: float  # max |logits - reference| over every prompt and step
-    max_kl: float  # max KL(reference || stage) of the next-token distribution
-    min_top1: float  # fraction of steps whose argmax equals the reference's
-    max_ppl_rel: float  # |ppl - ppl_ref| / ppl_ref
-    greedy_must_match: bool  # free-running greedy tokens equal the reference's for all steps
-
-
-# fp32 is tight (SmolLM2 measures ~1e-4); fp16/bf16 allow their rounding but still catch real bugs,
-# whose errors are orders of magnitude larger (a wrong mask or RoPE moves logits by whole units).
-THRESHOLDS = {
-    "float32": Thresholds(max_abs=1e-2, max_kl=1e-4, min_top1=1.0, max_ppl_rel=1e-3, greedy_must_match=True),
-    "float16": Thresholds(max_abs=0.5, max_kl=2e-2, min_top1=0.95, max_ppl_rel=2e-2, greedy_must_match=False),
-    "bfloat16": Thresholds(max_abs=2.0, max_kl=5e-2, min_top1=0.9, max_ppl_rel=5e-2, greedy_must_match=False),
-}
+from llamatrt.artifact.precision import PRECISIONS, Thresholds
 
 
 @dataclass
@@ -93,7 +77,7 @@ class AccuracyReport:
 
     @property
     def thresholds(self) -> dict[str, Thresholds]:
-        return {s.dtype: THRESHOLDS[s.dtype] for s in self.stages}
+        return {s.dtype: PRECISIONS[s.dtype].thresholds for s in self.stages}
 
     def to_json(self) -> dict[str, Any]:
         return {

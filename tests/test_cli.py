@@ -28,15 +28,21 @@ def test_generate_json_and_ids(tiny_artifact: Path) -> None:
 def test_generate_stream_matches_plain(tiny_artifact: Path) -> None:
     plain = invoke("generate", tiny_artifact, "--prompt", "w9 w10", "--max-new-tokens", "6")
     streamed = invoke("generate", tiny_artifact, "--prompt", "w9 w10", "--max-new-tokens", "6", "--stream")
-    assert plain.exit_code == streamed.exit_code == 0
-    assert plain.output.strip() == streamed.output.strip() != ""
+    as_json = json.loads(
+        invoke("generate", tiny_artifact, "--prompt", "w9 w10", "--max-new-tokens", "6", "--json").output
+    )
+    assert plain.exit_code == streamed.exit_code == 0 and len(as_json["token_ids"]) == 6
+    expected = " ".join(f"w{t}" for t in as_json["token_ids"])  # the word-level tokenizer's own text
+    assert plain.output.strip() == streamed.output.strip() == as_json["text"] == expected
 
 
 def test_chat_reads_stdin_and_resets(tiny_artifact: Path) -> None:
     result = invoke("chat", tiny_artifact, "--max-new-tokens", "3", input="w5 w6\n/reset\nw7\n/exit\nw8\n")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()  # one reply line per turn (may be empty: EOS first), none after /exit
-    assert len(lines) == 3 and lines[1] == "(conversation cleared)" and lines[0].startswith("w")
+    first = invoke("generate", tiny_artifact, "--chat", "--prompt", "w5 w6", "--max-new-tokens", "3").output.strip()
+    after_reset = invoke("generate", tiny_artifact, "--chat", "--prompt", "w7", "--max-new-tokens", "3").output.strip()
+    assert lines == [first, "(conversation cleared)", after_reset]
 
 
 @pytest.mark.parametrize(

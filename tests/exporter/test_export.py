@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from llamatrt.artifact import precision as precision_module
+from llamatrt.artifact.feeds import graph_feeds
+from llamatrt.artifact.manifest import Manifest
+from llamatrt.artifact.reader import read_manifest
 from llamatrt.errors import ArtifactExistsError, CheckpointError, InputError, ValidationError
-from llamatrt.exporter import validate as validate_module
-from llamatrt.exporter.export import ExportOptions, export_artifact
-from llamatrt.exporter.manifest import Manifest, read_manifest
+from llamatrt.exporter.export import ExportOptions
 from llamatrt.models import load_checkpoint
 from llamatrt.models.kv_cache import empty_cache
+from llamatrt.pipeline import export_artifact
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 
 CACHE, CHUNK = 48, 8
@@ -51,8 +55,10 @@ def _session(path: Path) -> ort.InferenceSession:
 def test_onnx_equals_pytorch_prefill_and_16_decode_steps(artifacts, tiny_dir: Path, batch: int, graphs: str) -> None:
     folder = artifacts[batch]
     model = load_checkpoint(tiny_dir).build_model()
-    suffix = ".ort.onnx" if graphs == "ort_attention" else ".onnx"
-    prefill, decode = _session(folder / f"prefill{suffix}"), _session(folder / f"decode{suffix}")
+    manifest = read_manifest(folder)
+    suffix = ".ort" if graphs == "ort_attention" else ""
+    specs = {role: manifest.graphs[role + suffix] for role in ("prefill", "decode")}
+    sessions = {role: _session(folder / spec.path) for role, spec in specs.items()}
     lengths = [CHUNK, 5, 2][:batch]  # left padding: rows shorter than the chunk
     ids = torch.zeros(batch, CHUNK, dtype=torch.long)
     positions = torch.zeros(batch, CHUNK, dtype=torch.long)
@@ -62,43 +68,45 @@ def test_onnx_equals_pytorch_prefill_and_16_decode_steps(artifacts, tiny_dir: Pa
         positions[b, CHUNK - n :] = torch.arange(n)
         mask[b, : CHUNK - n] = 0
     cache = empty_cache(model.config, batch, CACHE, torch.float32)
-    ort_cache = [t.numpy().copy() for t in cache]  # eager torch writes its cache in place
-    session, cache_position = prefill, torch.arange(CHUNK)
+    ort_cache = [t.clone() for t in cache]  # eager torch writes its cache in place
+    role, start = "prefill", 0
     for step in range(17):
-        ref = model(ids, positions, cache_position, mask, *cache)
-        feeds = {"input_ids": ids.numpy(), "position_ids": positions.numpy(), "cache_position": cache_position.numpy(),
-                 "attention_mask": mask.numpy()}  # fmt: skip
-        feeds.update(zip([i.name for i in session.get_inputs()][4:], ort_cache, strict=True))
-        out = session.run(None, feeds)
+        feeds = graph_feeds(specs[role], ids, positions, start, mask, cache)
+        ref = model(*(feeds[t.name] for t in specs[role].inputs))
+        ort_feeds = graph_feeds(specs[role], ids, positions, start, mask, ort_cache)
+        out = sessions[role].run(None, {k: v.numpy() for k, v in ort_feeds.items()})
         assert np.abs(out[0] - ref[0].numpy()).max() <= 1e-4, f"step {step}"
-        cache, ort_cache = list(ref[1:]), out[1:]
+        cache, ort_cache = list(ref[1:]), [torch.from_numpy(t) for t in out[1:]]
         ids = ref[0].argmax(-1, keepdim=True)
         positions = positions[:, -1:] + 1
-        cache_position = torch.tensor([CHUNK + step])
-        session = decode
+        role, start = "decode", CHUNK + step
 
 
 def test_manifest_round_trips_and_names_every_tensor(artifacts) -> None:
     folder = artifacts[3]
     manifest = read_manifest(folder)
     assert Manifest.from_json(manifest.to_json()) == manifest
-    fused_entry = manifest.to_json()["graphs"]["decode"]["onnxruntime"]
-    assert fused_entry["path"] == "decode.ort.onnx" and fused_entry["attention"] == "com.microsoft.GroupQueryAttention"
-    for name, graph in manifest.graphs.items():
+    described = {(g.role, g.batch, g.seq_len, g.attention, g.backends) for g in manifest.graphs.values()}
+    portable, fused_only = ("torch", "onnxruntime", "tensorrt"), ("onnxruntime",)
+    assert described == {
+        ("prefill", 3, CHUNK, "portable", portable), ("decode", 3, 1, "portable", portable),
+        ("prefill", 1, CHUNK, "portable", portable),  # admits one request into one row of the B-row cache
+        ("prefill", 3, CHUNK, "onnxruntime", fused_only), ("decode", 3, 1, "onnxruntime", fused_only),
+        ("prefill", 1, CHUNK, "onnxruntime", fused_only),
+    }  # fmt: skip
+    fused_entry = next(g for g in manifest.to_json()["graphs"] if g["name"] == "decode.ort")
+    assert fused_entry["path"] == "decode.ort.onnx" and fused_entry["requires"] == {"onnxruntime": "1.32"}
+    for graph in manifest.graphs.values():
         proto = onnx.load(str(folder / graph.path), load_external_data=False)
         io = [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in proto.graph.input]
-        assert io == [(t.name, t.shape) for t in graph.inputs], name
+        assert io == [(t.name, t.shape) for t in graph.inputs], graph.name
         assert [v.name for v in proto.graph.output] == [t.name for t in graph.outputs]
-        ops = {n.op_type for n in proto.graph.node}
-        assert "TensorScatter" in ops and not ops & {"If", "Loop", "Scan"}
-        assert proto.opset_import[0].version == 24
-        fused = onnx.load(str(folder / graph.ort_path), load_external_data=False)  # same contract, fused attention
-        assert [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in fused.graph.input] == io
-        assert [v.name for v in fused.graph.output] == [t.name for t in graph.outputs]
-        fused_ops = [n.op_type for n in fused.graph.node]
-        assert fused_ops.count("GroupQueryAttention") == manifest.config.num_layers and "TensorScatter" not in fused_ops
-    assert manifest.graphs["prefill"].input("input_ids").shape == (3, CHUNK)
-    assert manifest.graphs["decode"].input("input_ids").shape == (3, 1)
+        ops = [n.op_type for n in proto.graph.node]
+        assert proto.opset_import[0].version == 24 and not set(ops) & {"If", "Loop", "Scan"}
+        if graph.attention == "portable":
+            assert ops.count("TensorScatter") == 2 * manifest.config.num_layers, graph.name
+        else:
+            assert ops.count("GroupQueryAttention") == manifest.config.num_layers and "TensorScatter" not in ops
     assert manifest.eos_token_ids == (2,) and manifest.validation["max_abs_logits_error"] <= 1e-4
 
 
@@ -108,6 +116,7 @@ def test_one_weights_file_shared_by_all_graphs(artifacts, tiny_dir: Path) -> Non
     weights = (folder / "weights.data").stat().st_size
     assert 0.95 * params * 4 <= weights <= 1.1 * params * 4  # each parameter once, for all four graphs
     parameters = {str(t["offset"]) for t in read_manifest(folder).weights_map.values()}
+    assert list(read_manifest(folder).graphs) == ["prefill", "decode", "prefill.ort", "decode.ort"]
     for graph in ("prefill", "decode", "prefill.ort", "decode.ort"):
         proto = onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False)
         ext = [{e.key: e.value for e in i.external_data} for i in proto.graph.initializer if i.external_data]
@@ -120,7 +129,7 @@ def test_one_weights_file_shared_by_all_graphs(artifacts, tiny_dir: Path) -> Non
 def test_a_head_dim_the_fused_kernel_cannot_take_gets_the_portable_graphs_only(tmp_path: Path) -> None:
     folder = _export(tiny_hf_model("mha-bias-linear"), tmp_path / "head-dim-8")  # head_dim 8, not 16k
     manifest = read_manifest(folder)
-    assert not any(g.ort_path for g in manifest.graphs.values()) and not list(folder.glob("*.ort.onnx"))
+    assert {g.attention for g in manifest.graphs.values()} == {"portable"} and not list(folder.glob("*.ort.onnx"))
     assert set(manifest.validation["max_abs_logits_error_by_graphs"]) == {"portable"}
 
 
@@ -131,7 +140,7 @@ def test_an_onnxruntime_too_old_for_fused_attention_gets_the_portable_graphs_onl
 
     monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")  # cannot validate the fused graphs
     manifest = read_manifest(_export(tiny_dir, tmp_path / "old-ort"))
-    assert not any(g.ort_path for g in manifest.graphs.values())
+    assert {g.attention for g in manifest.graphs.values()} == {"portable"}
 
 
 def test_fp16_keeps_fp32_norms_softmax_logits_and_finite_constants(tiny_dir: Path, tmp_path: Path) -> None:
@@ -165,7 +174,8 @@ def test_existing_output_needs_force_and_survives_errors(
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(ArtifactExistsError, match="pass --force"):
         _export(tiny_dir, out)
-    monkeypatch.setitem(validate_module.EXPORT_TOLERANCE, "float32", -1.0)  # every export now "fails"
+    fp32 = precision_module.PRECISIONS["float32"]
+    monkeypatch.setitem(precision_module.PRECISIONS, "float32", replace(fp32, export_tolerance=-1.0))  # all fail
     with pytest.raises(ValidationError, match="differ from PyTorch"):
         export_artifact(tiny_dir, out, ExportOptions(max_cache_len=CACHE, prefill_chunk=CHUNK), force=True)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # old artifact intact

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from llamatrt.artifact.engines import engine_graphs
+from llamatrt.artifact.reader import read_manifest
 from llamatrt.cli import main
 from llamatrt.errors import ArtifactExistsError
-from llamatrt.exporter.manifest import read_manifest
 from llamatrt.exporter.trt_build import build_engines
 
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
@@ -32,7 +33,8 @@ def test_rtx_builds_both_graphs_and_io_matches_manifest(artifact: Path) -> None:
     engines = manifest.engines
     assert engines["builder"] == "tensorrt-rtx" and engines["timing_cache"] == "timing.cache"
     assert (artifact / "timing.cache").stat().st_size > 0
-    for name, graph in manifest.graphs.items():
+    assert set(engines["graphs"]) == set(engine_graphs(manifest)) == {"prefill", "decode", "prefill.b1"}
+    for name, graph in engine_graphs(manifest).items():
         entry = engines["graphs"][name]
         assert (artifact / entry["path"]).stat().st_size == entry["bytes"] > 0
         assert entry["io"]["inputs"] == [t.to_json() for t in graph.inputs]
@@ -46,7 +48,8 @@ def test_rtx_builds_both_graphs_and_io_matches_manifest(artifact: Path) -> None:
 
 @needs_rtx
 def test_rtx_builds_fp16_graphs(tiny_artifact: Path, tmp_path: Path) -> None:
-    from llamatrt.exporter.export import ExportOptions, export_artifact
+    from llamatrt.exporter.export import ExportOptions
+    from llamatrt.pipeline import export_artifact
 
     out = tmp_path / "fp16"
     export_artifact(tiny_artifact.parent / "hf", out, ExportOptions(max_cache_len=32, prefill_chunk=8, dtype="fp16"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import llamatrt
-from llamatrt.runtime.report import THRESHOLDS
+from llamatrt.artifact.precision import PRECISIONS
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,8 +24,9 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "What
 
 @pytest.fixture(scope="module")
 def fp16_engines(tmp_path_factory) -> Path:
-    from llamatrt.exporter.export import ExportOptions, export_artifact
+    from llamatrt.exporter.export import ExportOptions
     from llamatrt.exporter.trt_build import build_engines
+    from llamatrt.pipeline import export_artifact
 
     out = tmp_path_factory.mktemp("gpu") / "smollm2-fp16"
     export_artifact("smollm2", out, ExportOptions(dtype="fp16", max_cache_len=512))
@@ -47,7 +48,7 @@ def test_fp16_engines_match_ort_fp32(fp16_engines: Path, smollm2_artifact: Path)
         logits = trt_llm.generator.score(ids, [r.token_ids[:8] + [0] * (8 - len(r.token_ids[:8])) for r in reference])
     assert [r.token_ids for r in ours] == [r.token_ids for r in reference]
     worst = max(float((a - b).abs().max()) for a, b in zip(ref_logits, logits, strict=True))
-    assert worst <= THRESHOLDS["float16"].max_abs
+    assert worst <= PRECISIONS["float16"].thresholds.max_abs
     tokens = sum(len(r.token_ids) for r in ours)
     print(
         f"TensorRT fp16 decode: {max(r.decode_tokens_per_s for r in ours):.0f} tok/s; {tokens / elapsed:.0f} tok/s overall"

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from llamatrt.runtime.compare import run_diff
+
+pytestmark = pytest.mark.slow
 
 
 def test_smollm2_fp32_artifact_passes_diff(smollm2_artifact: Path) -> None:

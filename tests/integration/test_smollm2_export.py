@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+import pytest
 
-from llamatrt.exporter.manifest import Manifest, read_manifest
+from llamatrt.artifact.manifest import Manifest
+from llamatrt.artifact.reader import read_manifest
 
+pytestmark = pytest.mark.slow
 SMOLLM2_PARAMS = 134_515_008  # incl. the tied 49152x576 embedding, counted once
 
 

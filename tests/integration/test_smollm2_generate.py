@@ -10,6 +10,8 @@ import torch
 import llamatrt
 from llamatrt.runtime.generator import Generator
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about the moon.",

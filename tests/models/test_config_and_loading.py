@@ -44,6 +44,30 @@ def test_bad_configs_fail_with_one_line(overrides, needle) -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("sliding_window", 4096), ("use_sliding_window", True), ("attn_logit_softcapping", 50.0),
+     ("final_logit_softcapping", 30.0), ("use_qk_norm", True), ("logits_scaling", 8.0)],
+)  # fmt: skip
+def test_a_feature_llamatrt_does_not_implement_is_refused_by_name(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"sets {key}=") as err:
+        LlamaConfig.from_hf_config(hf_raw(**{key: value}))
+    assert "\n" not in str(err.value) and "does not implement" in str(err.value)
+
+
+def test_off_values_of_unimplemented_features_and_supported_biases_load(caplog) -> None:
+    config = LlamaConfig.from_hf_config(
+        hf_raw(sliding_window=None, use_sliding_window=False, attention_bias=True, mlp_bias=True, pretraining_tp=1)
+    )
+    assert config.attention_bias and config.mlp_bias
+    assert "does not read" not in caplog.text  # every key here is known
+
+
+def test_unknown_keys_are_named_not_dropped_silently(caplog) -> None:
+    LlamaConfig.from_hf_config(hf_raw(my_custom_flag=True, another_key=3))
+    assert "does not read (ignored): another_key, my_custom_flag" in caplog.text
+
+
 def test_missing_key_is_named() -> None:
     raw = hf_raw()
     del raw["intermediate_size"]

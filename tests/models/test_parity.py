@@ -13,10 +13,10 @@ CACHE = 48
 
 
 def run_static(model: StaticLlama, ids: torch.Tensor, cache: list[torch.Tensor], start: int,
-               attention_mask: torch.Tensor, positions: torch.Tensor):  # fmt: skip
+               attention_mask: torch.Tensor, positions: torch.Tensor, full_logits: bool = False):  # fmt: skip
     seq = ids.shape[1]
     cache_position = torch.arange(start, start + seq)
-    out = model(ids, positions, cache_position, attention_mask, *cache)
+    out = model(ids, positions, cache_position, attention_mask, *cache, full_logits=full_logits)
     return out[0], list(out[1:])
 
 
@@ -45,10 +45,11 @@ def test_prefill_and_decode_match_transformers(tiny_variant: str) -> None:
 @torch.no_grad()
 def test_full_logits_match_transformers(tiny_variant: str) -> None:
     hf = tiny_hf_model(tiny_variant)
-    model = load_checkpoint(hf).build_model(full_logits=True)
+    model = load_checkpoint(hf).build_model()
     prompt = torch.tensor([[5, 17, 42, 8, 77, 3, 9, 11]])
     cache = empty_cache(model.config, 1, CACHE, torch.float32)
-    logits, _ = run_static(model, prompt, cache, 0, torch.ones(1, CACHE, dtype=torch.long), torch.arange(8)[None])
+    logits, _ = run_static(model, prompt, cache, 0, torch.ones(1, CACHE, dtype=torch.long), torch.arange(8)[None],
+                           full_logits=True)  # fmt: skip
     assert (logits - hf(prompt).logits).abs().max() <= TOL
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 
-from llamatrt.exporter.manifest import FORMAT_VERSION, Manifest
-from llamatrt.exporter.onnx_export import graph_spec
-from llamatrt.models import LlamaConfig, StaticLlama
+from llamatrt.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, contract_io
+from llamatrt.models import LlamaConfig
 from llamatrt.runtime.backend import Backend
 
 VOCAB = 32
@@ -19,10 +18,10 @@ def fake_manifest(batch: int = 1, chunk: int = 4, cache: int = 24) -> Manifest:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                          num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
                          tie_word_embeddings=True)  # fmt: skip
-    model = StaticLlama(config)
+    shapes = {"prefill": (batch, chunk), "decode": (batch, 1)}
     graphs = {
-        "prefill": graph_spec("prefill", model, batch, chunk, cache),
-        "decode": graph_spec("decode", model, batch, 1, cache),
+        name: GraphSpec(name, name, f"{name}.onnx", *contract_io(config, "float32", b, s, cache))
+        for name, (b, s) in shapes.items()
     }
     return Manifest(FORMAT_VERSION, config, "fake", "float32", batch, cache, chunk, 24, "tensor_scatter",
                     "weights.data", 0, "", graphs)  # fmt: skip
@@ -36,8 +35,11 @@ class ScriptedBackend(Backend):
         self.calls: list[dict[str, torch.Tensor | str]] = []
         self.flat = flat  # uniform logits, for sampling tests
 
-    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.calls.append({"graph": graph, **{k: v.clone() for k, v in feeds.items() if "past" not in k}})
+    def select_graphs(self, manifest: Manifest) -> dict[str, GraphSpec]:
+        return dict(manifest.graphs)
+
+    def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.calls.append({"graph": graph.name, **{k: v.clone() for k, v in feeds.items() if "past" not in k}})
         last = feeds["input_ids"][:, -1]
         logits = torch.zeros(last.shape[0], VOCAB)
         if not self.flat:

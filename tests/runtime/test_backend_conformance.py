@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -9,30 +10,43 @@ from pathlib import Path
 import pytest
 import torch
 
+from llamatrt.artifact.feeds import graph_feeds
 from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError
-from llamatrt.runtime.backend import open_backend
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import KVState
+from llamatrt.runtime.registry import BACKENDS, open_backend
 from tests.conftest import tiny_hf_model
 
 PROMPTS = [[5, 17, 42, 8, 77, 3, 9, 21, 22, 23, 11], [11, 12], [40, 41, 42, 43], [7, 7, 7]]
 
 
-def available_backends() -> list[str]:
-    kinds = ["torch", "onnxruntime"]
-    try:
-        import tensorrt  # noqa: F401
-
-        if torch.cuda.is_available():
-            kinds.append("tensorrt")
-    except ImportError:
-        pass
-    return kinds
+def unavailable_reason(kind: str) -> str | None:
+    """Why `kind` cannot run on this machine, or None. Every backend in the registry is tried."""
+    if kind == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return "tensorrt not installed"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+    return None
 
 
-@pytest.fixture(params=available_backends())
+@pytest.fixture(scope="module")
+def engines_artifact(tiny_artifact: Path, tmp_path_factory) -> Path:
+    """The tiny artifact with TensorRT engines, built where TensorRT and a GPU are present."""
+    from llamatrt.exporter.trt_build import build_engines
+
+    out = Path(shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("engines") / "art"))
+    build_engines(out, "tensorrt")
+    return out
+
+
+@pytest.fixture(params=list(BACKENDS))
 def backend(request, tiny_artifact: Path):
-    with open_backend(tiny_artifact, request.param) as b:
+    reason = unavailable_reason(request.param)
+    if reason:
+        pytest.skip(f"{request.param}: {reason}")
+    artifact = request.getfixturevalue("engines_artifact") if request.param == "tensorrt" else tiny_artifact
+    with open_backend(artifact, request.param) as b:
         yield b
 
 
@@ -48,10 +62,9 @@ def test_greedy_equals_transformers_generate_per_prompt(backend) -> None:
 def test_present_aliases_past_and_logits_shape(backend) -> None:
     kv = KVState(backend)
     kv.start([0, 0, 0])
-    feeds = kv.feeds(backend.device)
-    feeds.update(input_ids=torch.ones(3, 8, dtype=torch.long), position_ids=torch.arange(8).expand(3, 8).contiguous(),
-                 cache_position=torch.arange(8))  # fmt: skip
-    out = backend.run("prefill", feeds)
+    prefill = backend.graph("prefill")
+    feeds = kv.feeds(prefill, torch.ones(3, 8, dtype=torch.long), torch.arange(8).expand(3, 8).contiguous(), 0)
+    out = backend.run(prefill.name, feeds)
     assert out["logits"].shape == (3, backend.manifest.config.vocab_size) and out["logits"].dtype == torch.float32
     key0 = out["present.0.key"]
     assert key0.data_ptr() == feeds["past_key_values.0.key"].data_ptr()  # updated in place, no copy
@@ -61,22 +74,42 @@ def test_present_aliases_past_and_logits_shape(backend) -> None:
 def test_last_slot_works_and_one_more_is_refused(backend) -> None:
     kv = KVState(backend)
     kv.start([0, 0, 0])
-    feeds = kv.feeds(backend.device)
-    feeds.update(input_ids=torch.ones(3, 1, dtype=torch.long), position_ids=torch.full((3, 1), 47),
-                 cache_position=torch.tensor([47]))  # fmt: skip
-    assert torch.isfinite(backend.run("decode", feeds)["logits"]).all()
-    feeds["cache_position"] = torch.tensor([48])
+    decode = backend.graph("decode")
+    feeds = kv.feeds(decode, torch.ones(3, 1, dtype=torch.long), torch.full((3, 1), 47), 47)
+    assert torch.isfinite(backend.run(decode.name, feeds)["logits"]).all()
+    feeds = kv.feeds(decode, torch.ones(3, 1, dtype=torch.long), torch.full((3, 1), 48), 48)
     with pytest.raises(InputError, match="outside the cache of 48 slots"):
-        backend.run("decode", feeds)
+        backend.run(decode.name, feeds)
 
 
 def test_wrong_feed_names_the_tensor(backend) -> None:
     kv = KVState(backend)
-    feeds = kv.feeds(backend.device)
-    feeds.update(input_ids=torch.ones(3, 2, dtype=torch.long), position_ids=torch.zeros(3, 1, dtype=torch.long),
-                 cache_position=torch.tensor([0]))  # fmt: skip
+    decode = backend.graph("decode")
+    feeds = kv.feeds(decode, torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), 0)
+    feeds["input_ids"] = torch.ones(3, 2, dtype=torch.long)
     with pytest.raises(InputError, match="'input_ids' is \\(3, 2\\)"):
-        backend.run("decode", feeds)
+        backend.run(decode.name, feeds)
+
+
+def test_batch_one_prefill_bound_to_a_row_equals_that_row_of_a_batch_prefill(backend) -> None:
+    """The batch-1 prefill variant writes one row of the B-row cache in place and leaves the others."""
+    kv = KVState(backend)
+    kv.start([0, 0, 0])
+    prefill, row_prefill = backend.graph("prefill"), backend.graph("prefill", batch=1)
+    ids = torch.tensor(
+        [[5, 17, 42, 8, 77, 3, 9, 21], [11, 12, 13, 14, 15, 16, 17, 18], [40, 41, 42, 43, 44, 45, 46, 47]]
+    )
+    positions = torch.arange(8).expand(3, 8).contiguous()
+    together = backend.run(prefill.name, kv.feeds(prefill, ids, positions, 0))["logits"].clone()
+    rows_before = [t.clone() for t in kv.buffers]
+    for t in kv.buffers:
+        t[1].zero_()
+    row = [t[1:2] for t in kv.buffers]  # row 1 of each (3, kv_heads, 48, head_dim) buffer: one contiguous block
+    feeds = graph_feeds(row_prefill, ids[1:2], positions[1:2], 0, kv.attention_mask[1:2], row, backend.device)
+    alone = backend.run(row_prefill.name, feeds)["logits"]
+    assert torch.allclose(alone[0], together[1], atol=1e-5)
+    for before, after in zip(rows_before, kv.buffers, strict=True):
+        assert torch.allclose(before, after, atol=1e-6)  # row 1 rewritten as the batch wrote it, rows 0 and 2 kept
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -90,7 +123,7 @@ def test_broken_artifacts_are_refused_with_a_fix(tiny_artifact: Path, tmp_path: 
     future = _copy(tiny_artifact, tmp_path / "future")
     manifest = json.loads((future / "manifest.json").read_text())
     (future / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(ManifestMismatchError, match=r"format_version=99.*re-run `llamatrt export`"):
+    with pytest.raises(ManifestMismatchError, match=r"format_version=99.*re-run `llamatrt export --force`"):
         open_backend(future)
     missing = _copy(tiny_artifact, tmp_path / "missing")
     (missing / "decode.onnx").unlink()
@@ -106,7 +139,7 @@ def test_broken_artifacts_are_refused_with_a_fix(tiny_artifact: Path, tmp_path: 
 
 
 def test_tensorrt_backend_unavailable_here_is_one_line(tiny_artifact: Path) -> None:
-    if "tensorrt" in available_backends():
+    if unavailable_reason("tensorrt") is None:
         pytest.skip("TensorRT and a GPU are present")
     with pytest.raises((BackendUnavailable, ManifestMismatchError)) as err:  # no engines here, nor TensorRT
         open_backend(tiny_artifact, "tensorrt")
@@ -116,7 +149,7 @@ def test_tensorrt_backend_unavailable_here_is_one_line(tiny_artifact: Path) -> N
 def test_onnxruntime_cpu_runs_fused_attention_and_leaves_the_cores_to_its_threads(tiny_artifact: Path) -> None:
     before = torch.get_num_threads()
     with open_backend(tiny_artifact, "onnxruntime") as backend:
-        assert backend.graph_files == {"prefill": "prefill.ort.onnx", "decode": "decode.ort.onnx"}
+        assert set(backend.graph_files.values()) == {"prefill.ort.onnx", "decode.ort.onnx", "prefill.b1.ort.onnx"}
         seen = [torch.get_num_threads() for _ in Generator(backend).stream(PROMPTS[:1], max_new_tokens=2)]
     assert seen == [1, 1]  # the loop's torch work does not spin on ONNX Runtime's cores
     assert torch.get_num_threads() == before  # and torch is given back as it was
@@ -129,6 +162,9 @@ def test_an_onnxruntime_too_old_for_fused_attention_runs_the_portable_graphs(
 
     monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")
     with open_backend(tiny_artifact, "onnxruntime") as backend:
-        assert backend.graph_files == {"prefill": "prefill.onnx", "decode": "decode.onnx"}
-        assert Generator(backend).generate(PROMPTS[:1], max_new_tokens=4)[0]
+        assert set(backend.graph_files.values()) == {"prefill.onnx", "decode.onnx", "prefill.b1.onnx"}
+        portable_tokens = Generator(backend).generate(PROMPTS[:1], max_new_tokens=4)[0]
+    monkeypatch.undo()
+    with open_backend(tiny_artifact, "onnxruntime") as fused:
+        assert portable_tokens == Generator(fused).generate(PROMPTS[:1], max_new_tokens=4)[0]
     assert "needs >= 1.32" in caplog.text and "pip install -U onnxruntime" in caplog.text

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from llamatrt.exporter.export import ExportOptions, export_artifact
+from llamatrt.artifact.reader import file_sha256
+from llamatrt.exporter.export import ExportOptions
+from llamatrt.pipeline import export_artifact
 from llamatrt.runtime.compare import run_diff
 
 PROMPTS = [(False, "w5 w17 w42 w8"), (True, "w11 w12"), (False, " ".join(f"w{i % 90 + 3}" for i in range(20)))]
@@ -47,6 +49,9 @@ def test_perturbed_weight_fails(tiny_artifact: Path, tmp_path: Path) -> None:
     tensor = data[where["offset"] : where["offset"] + 4 * int(np.prod(where["shape"]))].view(np.float32)
     tensor += 0.05 * np.sign(tensor)
     data.tofile(out / "weights.data")
+    # an exporter bug, not a corrupted file: the manifest's hash is the perturbed file's own
+    manifest["weights"]["sha256"] = file_sha256(out / "weights.data")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     report = run_diff(out, ["onnxruntime"], prompts=PROMPTS, steps=8)
     assert not report
     artifact_stage = report.stages[-1]

@@ -1,0 +1,67 @@
+"""The one builder of a graph call's inputs, and the check of them (DESIGN.md §1).
+
+Everything that calls a graph builds its feeds here: the generation loop, the contract checks,
+export validation, the graph-step benchmark and the tests. So the contract lives in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from llamatrt.artifact import names
+from llamatrt.artifact.manifest import GraphSpec
+from llamatrt.artifact.precision import TENSOR_DTYPES
+from llamatrt.errors import InputError
+
+
+def graph_feeds(
+    graph: GraphSpec,
+    input_ids: torch.Tensor,  # (batch, seq) int64
+    position_ids: torch.Tensor,  # (batch, seq) int64: RoPE positions
+    start: int,  # the first cache slot this call writes; its seq tokens land at start .. start + seq - 1
+    attention_mask: torch.Tensor,  # (batch, max_cache_len) int64: 1 where a slot holds a real token
+    cache: Sequence[
+        torch.Tensor
+    ],  # flat past buffers (key0, value0, ...), each (batch, kv_heads, max_cache_len, head_dim)
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Feeds of one call of `graph`; the cache buffers are passed as they are (backends alias them)."""
+    seq = graph.seq_len
+    feeds = {
+        names.INPUT_IDS: input_ids.to(device),
+        names.POSITION_IDS: position_ids.to(device),
+        names.CACHE_POSITION: torch.arange(start, start + seq, device=device),  # (seq,)
+        names.ATTENTION_MASK: attention_mask.to(device),
+    }
+    past = [t.name for t in graph.inputs[len(names.SMALL_INPUTS) :]]
+    if len(past) != len(cache):
+        raise InputError(f"{graph.name} takes {len(past)} cache tensors, {len(cache)} were given")
+    feeds.update(zip(past, cache, strict=True))
+    return feeds
+
+
+def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
+    """One-line errors that name the tensor, instead of an ONNX Runtime / TensorRT traceback."""
+    expected = {t.name for t in graph.inputs}
+    if set(feeds) != expected:
+        missing, extra = sorted(expected - set(feeds)), sorted(set(feeds) - expected)
+        raise InputError(f"{graph.name} feeds: missing {missing[:3]}, unexpected {extra[:3]}; feed exactly the "
+                         "graph's inputs named in manifest.json")  # fmt: skip
+    for t in graph.inputs:
+        value = feeds[t.name]
+        if tuple(value.shape) != t.shape or value.dtype != TENSOR_DTYPES[t.dtype]:
+            raise InputError(f"{graph.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
+                             f"{t.shape} {t.dtype}")  # fmt: skip
+    capacity = graph.input(names.ATTENTION_MASK).shape[1]
+    start = int(feeds[names.CACHE_POSITION][0])
+    if start < 0 or start + graph.seq_len > capacity:
+        raise InputError(f"cache_position {start}..{start + graph.seq_len - 1} is outside the cache of {capacity} "
+                         "slots; the cache is full — re-export with a larger --max-seq-len")  # fmt: skip
+
+
+def fixed_prompt(batch: int, seq: int, vocab: int) -> torch.Tensor:
+    """Deterministic, varied token ids (no RNG): row b is a shifted arithmetic sequence."""
+    ids = (torch.arange(seq)[None, :] * 7919 + torch.arange(batch)[:, None] * 104729 + 13) % vocab
+    return ids.long()  # (batch, seq)

@@ -1,0 +1,67 @@
+"""`llamatrt export` and `llamatrt build`: thin wrappers over the exporter."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from llamatrt.artifact.precision import PRECISIONS
+from llamatrt.progress import StepBar
+
+DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECISIONS))
+
+
+@click.command()
+@click.option("--model", "model_spec", required=True, help="smollm2, an HF model folder, or a .gguf file.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Artifact folder to create.")
+@click.option("--batch", "batch_size", type=int, default=1, show_default=True, help="Batch size B.")
+@click.option("--max-seq-len", type=int, default=1024, show_default=True, help="KV-cache capacity C.")
+@click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Tokens per prefill call S.")
+@click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True, help="Compute precision.")
+@click.option("--full-logits", is_flag=True, help="Prefill returns [B, S, V] logits (accuracy work).")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch self-check.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact (only an artifact, or an empty folder).")
+def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefill_chunk: int, dtype: str,
+           full_logits: bool, no_validate: bool, force: bool) -> None:  # fmt: skip
+    """Export prefill and decode ONNX graphs, one weights file and a manifest."""
+    from llamatrt.exporter.export import ExportOptions, export_steps
+    from llamatrt.pipeline import export_artifact
+
+    options = ExportOptions(batch_size, max_seq_len, prefill_chunk, dtype, full_logits, not no_validate).checked()
+    started = time.perf_counter()
+    with StepBar(export_steps(options), "export") as bar:
+        manifest = export_artifact(model_spec, out, options, force=force, progress=bar)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    err = manifest.validation.get("max_abs_logits_error")
+    check = f"max |logits - torch| = {err:.3g}" if err is not None else manifest.validation.get("skipped", "")
+    click.echo(
+        f"exported {manifest.source} -> {out} ({manifest.dtype}, B={manifest.batch_size}, "
+        f"S={manifest.prefill_chunk}, C={manifest.max_cache_len}, {len(manifest.graphs)} graphs) in "
+        f"{time.perf_counter() - started:.1f} s; {size / 1e6:.1f} MB on disk = {size / manifest.weights_bytes:.3f}x "
+        f"the {manifest.weights_bytes / 1e6:.1f} MB of weights; {check}"
+    )
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--engine", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default="tensorrt", show_default=True,
+              help="tensorrt-rtx builds without a GPU (engines then run under TensorRT-RTX).")  # fmt: skip
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache to read and update (default: timing.cache in the artifact).")  # fmt: skip
+@click.option("--workspace", "workspace_gib", type=float, default=None, help="Builder workspace limit in GiB.")
+@click.option("--force", is_flag=True, help="Rebuild engines that exist.")
+def build(artifact: Path, engine: str, timing_cache: Path | None, workspace_gib: float | None, force: bool) -> None:
+    """Build TensorRT engines from the artifact's graphs into the artifact (manifest updated atomically)."""
+    from llamatrt.artifact.engines import engine_graphs
+    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.exporter.trt_build import build_engines
+
+    graphs = len(engine_graphs(read_manifest(artifact, verify=False)))
+    with StepBar(graphs, "build") as bar:
+        manifest = build_engines(artifact, engine, timing_cache, workspace_gib, force, progress=bar)
+    info = manifest.engines
+    sizes = ", ".join(f"{name} {g['bytes'] / 1e6:.1f} MB" for name, g in info["graphs"].items())
+    click.echo(f"built {info['builder']} {info['version']} engines in {info['build_seconds']:.1f} s: {sizes}; "
+               f"timing cache {info['timing_cache']}")  # fmt: skip
