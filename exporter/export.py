@@ -8,7 +8,6 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,8 +17,15 @@ from llamatrt.artifact import names
 from llamatrt.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, write_manifest
 from llamatrt.artifact.precision import precision
 from llamatrt.artifact.reader import file_sha256
-from llamatrt.errors import InputError, ValidationError
-from llamatrt.exporter.artifacts import atomic_output_dir, check_disk_space, check_output
+from llamatrt.errors import CheckpointError, InputError, ValidationError
+from llamatrt.exporter.artifacts import (
+    atomic_output_dir,
+    check_disk_space,
+    check_output,
+    check_writable,
+    locked,
+    remove_stale_temp,
+)
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
 from llamatrt.exporter.variants import fused_attention_possible, planned_variants
@@ -50,9 +56,9 @@ class ExportOptions:
         """Validate at the edge; returns a copy with the dtype spelled canonically."""
         dtype = precision(self.dtype).name
         if self.batch_size < 1:
-            raise InputError(f"batch size {self.batch_size} must be >= 1")
+            raise InputError(f"batch size {self.batch_size} must be >= 1; pass --batch 1 or more")
         if self.prefill_chunk < 1:
-            raise InputError(f"prefill chunk {self.prefill_chunk} must be >= 1")
+            raise InputError(f"prefill chunk {self.prefill_chunk} must be >= 1; pass --prefill-chunk 1 or more")
         if self.max_cache_len < self.prefill_chunk:
             raise InputError(
                 f"max seq len {self.max_cache_len} is smaller than the prefill chunk {self.prefill_chunk}; "
@@ -74,17 +80,28 @@ def export_artifact(
     """Export every graph variant, one weights file, tokenizer and manifest into `out`; with
     `validate` (and options.validate), check the folder before it replaces `out`."""
     options = options.checked()
-    out = Path(out)
-    check_output(out, force)
+    out = Path(out).absolute()
+    protect = (Path(model),) if isinstance(model, str | Path) and Path(model).exists() else ()
+    check_output(out, force, protect)
+    check_writable(out.parent)
+    with locked(out):
+        remove_stale_temp(out)
+        check_output(out, force, protect)  # again, now that no other writer can change it
+        return _export_locked(model, out, options, progress, validate)
+
+
+def _export_locked(
+    model: Any, out: Path, options: ExportOptions, progress: Progress, validate: Validator | None
+) -> Manifest:
     progress("loading checkpoint")
     checkpoint = load_checkpoint(model)
     config = checkpoint.config
+    tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
     torch_model = checkpoint.build_model(precision(options.dtype).torch)
-    weight_bytes = sum(p.numel() * p.element_size() for p in torch_model.parameters())  # tied head counted once
-    check_disk_space(out, int(weight_bytes * 1.1))
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
     plans = planned_variants(b, s, fused_attention_possible(config.head_dim, options.dtype))
     specs = [graph_spec(plan, torch_model, c, options.full_logits) for plan in plans]
+    check_disk_space(out, _artifact_bytes(torch_model, len(specs)))
     with atomic_output_dir(out) as tmp:
         graphs = []
         for spec in specs:
@@ -100,7 +117,7 @@ def export_artifact(
             batch_size=b, max_cache_len=c, prefill_chunk=s, opset=OPSET, kv_write=KV_WRITE,
             weights_file=names.WEIGHTS, weights_bytes=written.bytes, weights_sha256=written.sha256,
             weights_map=locations, graphs={g.name: g for g in specs},
-            tokenizer=_save_tokenizer(checkpoint, tmp), validation={"skipped": "--no-validate"}, versions=_versions(),
+            tokenizer=_save_tokenizer(tokenizer, checkpoint, tmp), validation={"skipped": "--no-validate"}, versions=_versions(),
         )  # fmt: skip
         write_manifest(manifest, tmp)
         if validate is not None and options.validate:
@@ -108,6 +125,13 @@ def export_artifact(
             manifest = replace(manifest, validation=dict(validate(tmp, manifest, torch_model)))
             write_manifest(manifest, tmp)
     return manifest
+
+
+def _artifact_bytes(model: StaticLlama, graphs: int) -> int:
+    """An upper bound of the artifact's size: the weights once (the tied head counted once), each
+    graph's nodes and inlined constants (tens of KB per layer), the tokenizer and the manifest."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(weights * 1.02) + graphs * (64 + 48 * model.config.num_layers) * 1024 + (32 << 20)
 
 
 def _saved(spec: GraphSpec, graph: Any, folder: Path) -> GraphSpec:
@@ -123,26 +147,37 @@ def _saved(spec: GraphSpec, graph: Any, folder: Path) -> GraphSpec:
     return replace(spec, bytes=size, sha256=file_sha256(path))
 
 
-def _save_tokenizer(checkpoint: Checkpoint, folder: Path) -> dict[str, Any]:
-    """Copy the checkpoint's tokenizer files; record EOS ids, pad id and chat template."""
-    if checkpoint.hf_dir is None:
+def _checkpoint_tokenizer(checkpoint: Checkpoint) -> Any:
+    """The checkpoint's tokenizer, or None where it has none (the artifact then takes token ids)."""
+    if checkpoint.hf_dir is None or not any((checkpoint.hf_dir / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(checkpoint.hf_dir)
+
+
+def _save_tokenizer(tokenizer: Any, checkpoint: Checkpoint, folder: Path) -> dict[str, Any]:
+    """Save the checkpoint's tokenizer (tokenizer.json, what the runtime reads) and record in the
+    manifest what the runtime needs beside it: EOS ids, pad/bos ids, special tokens, chat template."""
+    if tokenizer is None or checkpoint.hf_dir is None:
         return {}
     target = folder / names.TOKENIZER_DIR
-    target.mkdir()
-    for name in TOKENIZER_FILES:
-        if (checkpoint.hf_dir / name).is_file():
-            shutil.copy2(checkpoint.hf_dir / name, target / name)
-    if not any(target.iterdir()):
-        return {}
-    tokenizer = load_tokenizer(target)
+    tokenizer.save_pretrained(target)
+    if not (target / "tokenizer.json").is_file():
+        raise CheckpointError(f"the tokenizer in {checkpoint.hf_dir} has no fast (tokenizer.json) form, which "
+                              "llamatrt runs; install `sentencepiece` so transformers can convert it, or save a "
+                              "fast tokenizer into the checkpoint")  # fmt: skip
     eos = eos_token_ids(checkpoint.hf_dir, tokenizer, checkpoint.hf_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one is the chat's
+        template = template.get("default")
     return {
         "dir": names.TOKENIZER_DIR,
         "eos_token_ids": eos,
         "pad_token_id": pad,
         "bos_token_id": tokenizer.bos_token_id,
-        "chat_template": tokenizer.chat_template,
+        "chat_template": template,
+        "special_tokens": {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+        "clean_up_tokenization_spaces": bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
     }
 
 

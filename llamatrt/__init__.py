@@ -18,11 +18,12 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None = None) -> LLM:
-    """Open an exported artifact on a backend (torch | onnxruntime | tensorrt)."""
+def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None = None, verify: bool = True) -> LLM:
+    """Open an exported artifact on a backend (torch | onnxruntime | tensorrt); verify=False skips
+    hashing its files against the manifest."""
     from llamatrt.runtime.llm import load as _load
 
-    return _load(artifact, backend, device)
+    return _load(artifact, backend, device, verify)
 
 
 def export(model: Any, out: str | Path, force: bool = False, **options: Any) -> Manifest:

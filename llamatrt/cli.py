@@ -8,12 +8,22 @@ problem and the fix; `llamatrt --debug ...` shows the traceback instead.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
 
 from llamatrt.errors import LlamatrtError
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every `finally` (temp folders, locks) runs as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def _fail(message: str, code: int) -> None:
@@ -37,6 +47,8 @@ class _Group(click.Group):
             _fail(e.format_message(), e.exit_code)
         except click.Abort:
             _fail("interrupted", 130)
+        except Terminated:
+            _fail("terminated", 143)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -49,6 +61,8 @@ class _Group(click.Group):
             _fail(_one_line(e), 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Terminated:
+            _fail("terminated", 143)
 
 
 def _one_line(e: Exception) -> str:
@@ -70,15 +84,17 @@ def main(debug: bool) -> None:
     """Llama-family decoders from PyTorch to verified ONNX Runtime and TensorRT engines."""
     import logging
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
 
 
 def _register() -> None:
     from llamatrt.cli_export import build, export
     from llamatrt.cli_generate import chat, generate
-    from llamatrt.cli_tools import bench, diff
+    from llamatrt.cli_tools import bench, diff, verify
 
-    for command in (export, build, generate, chat, diff, bench):
+    for command in (export, build, verify, generate, chat, diff, bench):
         main.add_command(command)
 
 

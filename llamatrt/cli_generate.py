@@ -9,14 +9,14 @@ from typing import Any
 
 import click
 
+from llamatrt.cli_options import backend_option, verify_option
 from llamatrt.errors import InputError, LlamatrtError
-from llamatrt.runtime.registry import DEFAULT_BACKEND, backend_choices
 
 
 def sampling_options(fn: Any) -> Any:
     for option in reversed([
-        click.option("--backend", type=click.Choice(backend_choices()), default=DEFAULT_BACKEND, show_default=True,
-                     help="torch, onnxruntime (alias ort) or tensorrt (alias trt)."),
+        backend_option(),
+        verify_option,
         click.option("--max-new-tokens", type=int, default=128, show_default=True),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 turns it off."),
@@ -31,14 +31,23 @@ def sampling_options(fn: Any) -> Any:
 
 
 def _sampling(kw: dict[str, Any]) -> dict[str, Any]:
-    return {k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")}
+    """The sampling options, checked now (before a model loads or a chat starts), as LLM takes them."""
+    from llamatrt.runtime.sampling import SamplingParams
+
+    sampling = {k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")}
+    SamplingParams(**sampling).checked()
+    if kw["max_new_tokens"] < 1:
+        raise InputError(f"max new tokens {kw['max_new_tokens']} must be >= 1; pass --max-new-tokens 1 or more")
+    if any(not s for s in kw["stop"]):
+        raise InputError("a stop string is empty (it would stop every row at once); give non-empty --stop strings")
+    return sampling
 
 
 def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError as e:
-        raise InputError(f"--input-ids {text!r} is not a comma-separated list of integers, e.g. 1,2,3") from e
+        raise InputError(f"--input-ids {text!r} is not a comma-separated list of integers; give e.g. 1,2,3") from e
 
 
 @click.command()
@@ -58,7 +67,7 @@ def generate(artifact: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...
     all_prompts: list[Any] = list(prompts) + [_parse_ids(t) for t in input_ids]
     if not all_prompts:
         raise InputError("no prompt given; pass --prompt TEXT or --input-ids 1,2,3")
-    with llamatrt.load(artifact, kw["backend"]) as llm:
+    with llamatrt.load(artifact, kw["backend"], verify=not kw["no_verify"]) as llm:
         args = dict(max_new_tokens=kw["max_new_tokens"], chat=chat, stop=kw["stop"], **_sampling(kw))
         if stream and not as_json:
             _print_stream(llm.stream(all_prompts, **args), len(all_prompts))
@@ -96,15 +105,23 @@ def chat(artifact: Path, system: str | None, **kw: Any) -> None:
     """Interactive chat with the checkpoint's chat template; /reset clears history, /exit quits."""
     import llamatrt
 
+    if sys.stdin is None:
+        raise InputError("stdin is closed; chat reads your messages from stdin (a terminal or a pipe)")
     interactive = sys.stdin.isatty()
-    with llamatrt.load(artifact, kw["backend"]) as llm:
+    sampling = _sampling(kw)
+    with llamatrt.load(artifact, kw["backend"], verify=not kw["no_verify"]) as llm:
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         if interactive:
             click.echo("chat: /reset clears the conversation, /exit quits", err=True)
         while True:
             if interactive:
                 click.echo("> ", nl=False, err=True)
-            line = sys.stdin.readline()
+            raw = sys.stdin.buffer.readline()
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                click.echo("error: that line is not valid UTF-8 text; type it again", err=True)
+                continue
             if not line or line.strip() == "/exit":
                 return
             text = line.strip()
@@ -118,7 +135,7 @@ def chat(artifact: Path, system: str | None, **kw: Any) -> None:
             try:
                 ids = llm.encode_chat(history)
                 reply = ""
-                args = dict(max_new_tokens=kw["max_new_tokens"], stop=kw["stop"], **_sampling(kw))
+                args = dict(max_new_tokens=kw["max_new_tokens"], stop=kw["stop"], **sampling)
                 for delta in llm.stream([ids], **args):
                     reply += delta.text
                     click.echo(delta.text, nl=False)

@@ -1,18 +1,18 @@
-"""`llamatrt diff` and `llamatrt bench`: thin wrappers over runtime/."""
+"""`llamatrt diff`, `llamatrt bench` and `llamatrt verify`: thin wrappers over runtime/ and the artifact reader."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
+from llamatrt.cli_options import backend_option, verify_option
 from llamatrt.errors import InputError
 from llamatrt.progress import StepBar
-from llamatrt.runtime.registry import DEFAULT_BACKEND, backend_choices
-
-BACKEND_CHOICE = click.Choice(backend_choices())
 
 
 def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
@@ -20,11 +20,14 @@ def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
     if path is None:
         return None
     try:
-        lines = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+        lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as e:
         raise InputError(
             f"cannot read --prompts {path} ({e.strerror}); give a text file with one prompt per line"
         ) from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompts {path} is not UTF-8 text (byte {e.start}); give a text file with one prompt "
+                         "per line") from e  # fmt: skip
     if not lines:
         raise InputError(f"--prompts {path} has no prompts; give one prompt per line")
     return [(True, line[5:].strip()) if line.startswith("chat:") else (False, line) for line in lines]
@@ -33,25 +36,39 @@ def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--reference", default=None, help="Checkpoint for transformers (default: the one exported).")
-@click.option("--backend", "backends", multiple=True, default=(DEFAULT_BACKEND,), show_default=True,
-              type=BACKEND_CHOICE, help="Backend to run the artifact on (repeatable); ort = onnxruntime.")  # fmt: skip
+@backend_option(multiple=True)
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Text file, one prompt per line; prefix `chat:` for chat prompts.")  # fmt: skip
 @click.option("--steps", type=int, default=16, show_default=True, help="Teacher-forced decode steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write a Markdown report.")
+@verify_option
 def diff(artifact: Path, reference: str | None, backends: tuple[str, ...], prompts_file: Path | None, steps: int,
-         as_json: bool, report_path: Path | None) -> None:  # fmt: skip
+         as_json: bool, report_path: Path | None, no_verify: bool) -> None:  # fmt: skip
     """Compare an artifact with transformers and StaticLlama; exit 0 only if every check passes."""
     from llamatrt.runtime.compare import run_diff
 
     prompts = _read_prompts(prompts_file)
+    if report_path is not None:  # found now, not after minutes of work
+        _check_report_path(report_path)
     with StepBar(3 + 2 * len(backends), "diff") as bar:
-        report = run_diff(artifact, backends, reference, prompts, steps, progress=bar)
+        report = run_diff(artifact, backends, reference, prompts, steps, progress=bar, verify=not no_verify)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))
     if report_path is not None:
-        report_path.write_text(report.to_markdown())
+        report_path.write_text(report.to_markdown(), encoding="utf-8")
     sys.exit(0 if report else 1)
+
+
+def _check_report_path(path: Path) -> None:
+    folder = path.absolute().parent
+    if path.is_dir():
+        raise InputError(f"--report {path} is a folder; give a file name such as {path / 'accuracy.md'}")
+    if not folder.is_dir():
+        raise InputError(
+            f"--report {path}: the folder {folder} does not exist; create it or write the report elsewhere"
+        )
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--report {path}: cannot write into {folder}; write the report elsewhere")
 
 
 def _parse_contexts(text: str | None) -> list[int]:
@@ -60,13 +77,14 @@ def _parse_contexts(text: str | None) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
-        raise InputError(f"--contexts {text!r} is not a comma-separated list of token counts, e.g. 128,512,1000") from e
+        raise InputError(
+            f"--contexts {text!r} is not a comma-separated list of token counts; give e.g. 128,512,1000"
+        ) from e
 
 
 @click.command()
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--backend", "backends", multiple=True, default=(DEFAULT_BACKEND,), show_default=True,
-              type=BACKEND_CHOICE, help="Backend to run the artifact on (repeatable); ort = onnxruntime.")  # fmt: skip
+@backend_option(multiple=True)
 @click.option("--prompt-len", type=int, default=20, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--batch", type=int, default=None, help="Must equal the artifact's batch (shapes are static).")
@@ -115,3 +133,21 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
                        f"{reports[0].artifact} (batch {reports[0].batch}), same run")  # fmt: skip
     if plot_path is not None:
         plot_by_context(reports[0], plot_path)
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+def verify(artifact: Path) -> None:
+    """Check an artifact against its manifest: schema, paths, each graph's IO, and every file's SHA-256."""
+    from llamatrt.artifact.engines import check_engines
+    from llamatrt.artifact.reader import read_manifest
+
+    started = time.perf_counter()
+    manifest = read_manifest(artifact, verify=True)
+    checked = [manifest.weights_bytes] + [g.bytes for g in manifest.graphs.values()]
+    if manifest.engines:
+        check_engines(manifest, artifact, verify=True)
+        checked += [e["bytes"] for e in manifest.engines["graphs"].values()]
+    click.echo(f"ok: {artifact}: manifest, {len(manifest.graphs)} graphs, the weights file"
+               f"{' and ' + str(len(manifest.engines['graphs'])) + ' engines' if manifest.engines else ''} match "
+               f"({sum(checked) / 1e6:.1f} MB hashed in {time.perf_counter() - started:.2f} s)")  # fmt: skip

@@ -34,5 +34,9 @@ class InputError(LlamatrtError):
     """A bad argument: prompt, sampling parameter, shape."""
 
 
+class NumericalError(LlamatrtError):
+    """A graph produced NaN or infinite logits: a broken artifact, never a token."""
+
+
 class ValidationError(LlamatrtError):
     """An export or engine whose outputs differ from PyTorch beyond tolerance."""

@@ -8,9 +8,11 @@ file's hash, so the next load is a plain HF-folder load of a few seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -32,25 +34,58 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def hf_dir_from_gguf(path: Path) -> Path:
-    """The cached HF folder for this GGUF file, converting it on first use (atomic rename)."""
+COMPLETE = "complete.json"  # written last: the conversion's files and their sizes
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a cached conversion is whole (every file it wrote is there at its size)."""
+    try:
+        sizes = json.loads((folder / COMPLETE).read_text())
+        return all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_gguf(path: Path) -> None:
+    """A readable, whole GGUF file (the gguf package parses its header and tensor table), or one line."""
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist; check the path")
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise CheckpointError(f"{path} is not a GGUF file (bad magic); pass a .gguf from llama.cpp")
+    try:
+        import gguf
+
+        gguf.GGUFReader(str(path))
+    except ImportError as e:
+        raise CheckpointError("reading GGUF needs the `gguf` package; pip install gguf") from e
+    except (ValueError, IndexError, KeyError, OSError, struct.error) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:100]}); re-download it") from e
+
+
+def hf_dir_from_gguf(path: Path) -> Path:
+    """The cached HF folder for this GGUF file, converting it on first use (atomic rename); a
+    cached conversion that is not whole (a killed conversion, a damaged cache) is made again."""
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist; check the path")
     target = cache_root() / "gguf" / file_digest(path)[:24]
-    if (target / "config.json").is_file():
+    if _complete(target):
         return target
+    check_gguf(path)
+    if target.exists():
+        log.warning("the cached conversion of %s in %s is incomplete; converting it again", path.name, target)
+        shutil.rmtree(target, ignore_errors=True)
     log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         _convert(path, tmp)
+        sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
+        (tmp / COMPLETE).write_text(json.dumps(sizes))
         try:
             os.replace(tmp, target)
         except OSError:  # another process converted it first
-            if not (target / "config.json").is_file():
+            if not _complete(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,11 +10,20 @@ from llamatrt.errors import CheckpointError
 
 
 def load_tokenizer(folder: Path) -> Any:
+    """The checkpoint's tokenizer, never running code from it: trust_remote_code=False refuses an
+    `auto_map` to Python files in the folder instead of asking on stdin whether to run them."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except ValueError as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise CheckpointError(f"the tokenizer in {folder} asks to run its own Python code (auto_map), which "
+                                  "llamatrt never does; save a standard tokenizer (tokenizer.json) into the "
+                                  "checkpoint") from e  # fmt: skip
+        raise CheckpointError(f"no usable tokenizer in {folder} ({str(e).splitlines()[0]}); "
+                              "save one with tokenizer.save_pretrained()") from e  # fmt: skip
+    except (OSError, KeyError, TypeError) as e:
         raise CheckpointError(f"no usable tokenizer in {folder} ({str(e).splitlines()[0]}); "
                               "save one with tokenizer.save_pretrained()") from e  # fmt: skip
 

@@ -20,7 +20,7 @@ import torch
 from llamatrt.artifact import names
 from llamatrt.artifact.feeds import check_feeds
 from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.precision import TENSOR_DTYPES
+from llamatrt.artifact.precision import torch_dtype
 from llamatrt.errors import InputError, ManifestMismatchError
 
 
@@ -62,7 +62,10 @@ class Backend(abc.ABC):
         batch = self.manifest.batch_size if batch is None else batch
         found = [g for g in self.graphs.values() if g.role == role and g.batch == batch and seq in (None, g.seq_len)]
         if not found:
-            raise InputError(f"this artifact has no {role} graph of batch {batch} for the {self.name} backend")
+            raise InputError(
+                f"this artifact has no {role} graph of batch {batch} for the {self.name} backend; "
+                "re-export it with this llamatrt"
+            )
         return max(found, key=lambda g: g.seq_len)
 
     @property
@@ -85,7 +88,7 @@ class Backend(abc.ABC):
 
     def allocate_cache(self) -> list[torch.Tensor]:
         """Zeroed past buffers on this backend's device, flat in graph order; once per generation."""
-        dtype = TENSOR_DTYPES[self.manifest.dtype]
+        dtype = torch_dtype(self.manifest.dtype)
         return [torch.zeros(self.manifest.cache_shape, dtype=dtype, device=self.device)
                 for _ in names.cache_names(self.manifest.config.num_layers)]  # fmt: skip
 
@@ -93,7 +96,7 @@ class Backend(abc.ABC):
         """Per graph, persistent device buffers for the small inputs: backends that bind by address
         copy each call's values in, so the bound addresses never change."""
         return {
-            name: {t.name: torch.zeros(t.shape, dtype=TENSOR_DTYPES[t.dtype], device=self.device)
+            name: {t.name: torch.zeros(t.shape, dtype=torch_dtype(t.dtype), device=self.device)
                    for t in g.inputs if t.name in names.SMALL_INPUTS}
             for name, g in self.graphs.items()
         }  # fmt: skip

@@ -220,7 +220,7 @@ def run_benches(
     each round runs each of them once, in turn, so drift in the host's speed (its read bandwidth can
     move by a factor of two within minutes) lands on all of them alike and the ratios between them hold. Decode-vs-context runs on the first artifact."""
     if repeat < 1 or new_tokens < 2 or prompt_len < 1:
-        raise InputError("--repeat must be >= 1, --new-tokens >= 2 and --prompt-len >= 1")
+        raise InputError("--repeat must be >= 1, --new-tokens >= 2 and --prompt-len >= 1; raise the one that is lower")
     if baseline not in (None, "transformers"):
         raise InputError(f"unknown baseline {baseline!r}; the one baseline is `transformers`")
     step = progress or no_progress

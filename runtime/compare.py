@@ -111,7 +111,8 @@ def _first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 def run_diff(
     artifact: str | Path, backends: Sequence[str] = ("onnxruntime",), reference: str | None = None,
-    prompts: Sequence[tuple[bool, str]] | None = None, steps: int = 16, progress: Progress | None = None,
+    prompts: Sequence[tuple[bool, str]] | None = None, steps: int = 16, progress: Progress = no_progress,
+    verify: bool = True,
 ) -> AccuracyReport:  # fmt: skip
     """The whole ladder on one artifact; the report's bool is the verdict."""
     from transformers import LlamaForCausalLM
@@ -120,10 +121,10 @@ def run_diff(
     from llamatrt.runtime.llm import LLM
 
     if steps < 1:
-        raise InputError(f"--steps {steps} must be >= 1")
-    step = progress or no_progress
+        raise InputError(f"--steps {steps} must be >= 1; pass --steps 1 or more")
+    step = progress
     step("loading the reference")
-    first = open_backend(artifact, backends[0])
+    first = open_backend(artifact, backends[0], verify=verify)
     manifest: Manifest = first.manifest
     checkpoint = load_checkpoint(reference or manifest.source)
     if checkpoint.hf_dir is None:
@@ -142,7 +143,7 @@ def run_diff(
         stages.append(_stage_outputs("StaticLlama", static, token_prompts, forced, ppl_ids))
     checks = []
     for i, kind in enumerate(backends):
-        backend = first if i == 0 else open_backend(artifact, kind)
+        backend = first if i == 0 else open_backend(artifact, kind, verify=verify)
         with backend:
             step(f"running {kind}")
             stages.append(_stage_outputs(f"artifact/{kind}", backend, token_prompts, forced, ppl_ids))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamatrt.errors import InputError
+from llamatrt.errors import InputError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.kv_state import KVState
 from llamatrt.runtime.sampling import SamplingParams, generators_for, next_tokens, token_logprobs
@@ -69,7 +69,7 @@ class Generator:
         logprobs: bool = False,
     ) -> Iterator[Step]:
         """Steps of all prompts; more prompts than the artifact's batch run in successive batches."""
-        self._check(prompts, max_new_tokens, sampling.checked())
+        self._check(prompts, max_new_tokens, sampling.checked(), stop_strings)
         criteria = StopCriteria(self.stop_ids, tuple(stop_strings), self.detokenize)
         generators = generators_for(sampling, len(prompts))
         kv = KVState(self.backend)  # cache buffers allocated once for the whole call
@@ -80,11 +80,16 @@ class Generator:
                 yield from self._stream_batch(kv, rows, first, max_new_tokens, sampling, criteria,
                                               generators[first : first + batch], logprobs)  # fmt: skip
 
-    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams) -> None:
+    def _check(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
+        stop_strings: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        if any(not s for s in stop_strings):
+            raise InputError("a stop string is empty (it would stop every row at once); give non-empty --stop strings")
         if not prompts:
             raise InputError("no prompts given; pass at least one prompt")
         if max_new_tokens < 1:
-            raise InputError(f"max new tokens {max_new_tokens} must be >= 1")
+            raise InputError(f"max new tokens {max_new_tokens} must be >= 1; ask for at least one token")
         vocab, capacity = self.manifest.config.vocab_size, self.manifest.max_cache_len
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
@@ -193,10 +198,20 @@ class Generator:
             window = slice(start, start + chunk)
             outputs = self.backend.run(graph.name, kv.feeds(graph, ids[:, window], positions[:, window], start))
             kv.update(outputs, next_slot=start + chunk)
-        return outputs["logits"].float().cpu()
+        return _finite(outputs["logits"], graph.name)
 
     def _decode(self, kv: KVState, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         graph, slot = self.backend.graph("decode"), kv.next_slot
         outputs = self.backend.run(graph.name, kv.feeds(graph, tokens[:, None], positions[:, None], slot))
         kv.update(outputs, next_slot=slot + 1)
-        return outputs["logits"].float().cpu()
+        return _finite(outputs["logits"], graph.name)
+
+
+def _finite(logits: torch.Tensor, graph: str) -> torch.Tensor:
+    """The logits on the CPU in fp32, or a one-line error: a NaN is a broken artifact, never a token."""
+    logits = logits.float().cpu()
+    if not torch.isfinite(logits).all():
+        rows = sorted({int(r) for r in (~torch.isfinite(logits)).nonzero()[:, 0]})
+        raise NumericalError(f"the {graph} graph produced NaN/inf logits (rows {rows}); the artifact is damaged: "
+                             "run `llamatrt verify` on it, or re-export")  # fmt: skip
+    return logits

@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamatrt.artifact.reader import tokenizer_dir
 from llamatrt.errors import InputError
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator, Step
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.sampling import SamplingParams
 from llamatrt.runtime.stopping import cut_at_stop
+from llamatrt.runtime.tokenizer import ArtifactTokenizer
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, str]
@@ -66,15 +68,11 @@ class LLM:
             detokenize=self.decode if self.tokenizer is not None else None,
         )  # fmt: skip
 
-    def _load_tokenizer(self) -> Any:
-        folder = self.manifest.tokenizer.get("dir")
-        if not folder:
-            return None
-        from llamatrt.models.tokenizer import load_tokenizer
+    def _load_tokenizer(self) -> ArtifactTokenizer | None:
+        folder = tokenizer_dir(self.backend.folder, self.manifest)
+        return None if folder is None else ArtifactTokenizer(folder, self.manifest.tokenizer)
 
-        return load_tokenizer(self.backend.folder / folder)
-
-    def _need_tokenizer(self) -> Any:
+    def _need_tokenizer(self) -> ArtifactTokenizer:
         if self.tokenizer is None:
             raise InputError("this artifact has no tokenizer; pass token ids (--input-ids) instead of text")
         return self.tokenizer
@@ -89,17 +87,14 @@ class LLM:
                 {"role": "user", "content": prompt}
             ]
             return self.encode_chat(messages)
-        return list(self._need_tokenizer()(prompt)["input_ids"])
+        return self._need_tokenizer().encode(prompt)
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         tokenizer = self._need_tokenizer()
-        if not tokenizer.chat_template:
-            raise InputError("this checkpoint has no chat template; drop --chat and write the prompt yourself")
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
+        return self._need_tokenizer().decode(ids)
 
     def stream(
         self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128, chat: bool = False,
@@ -179,6 +174,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return list(prompts)  # type: ignore[arg-type]
 
 
-def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None = None) -> LLM:
-    """Open an exported artifact on a backend: `llamatrt.load("out/smollm2").generate("Hi")`."""
-    return LLM(open_backend(artifact, backend, device))
+def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None = None, verify: bool = True) -> LLM:
+    """Open an exported artifact on a backend: `llamatrt.load("out/smollm2").generate("Hi")`.
+    verify=False skips hashing its files (their structure is still checked)."""
+    return LLM(open_backend(artifact, backend, device, verify=verify))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llamatrt.errors import InputError, ManifestMismatchError
+from llamatrt.errors import InputError
 
 if TYPE_CHECKING:
     from llamatrt.runtime.backend import Backend
@@ -72,10 +72,6 @@ def open_backend(
 
     info = BACKENDS[canonical_backend_name(kind)]
     folder = Path(artifact)
-    if not folder.exists():
-        raise ManifestMismatchError(
-            f"artifact {folder} does not exist; make it with `llamatrt export --model MODEL --out {folder}`"
-        )
     cls = backend_class(info.name)
     manifest = read_manifest(folder, verify=options.pop("verify", True), graph_files=cls.reads_graph_files)
     return cls(folder, manifest, device or info.default_device, **options)

@@ -26,15 +26,21 @@ class SamplingParams:
 
     def checked(self) -> SamplingParams:
         if not self.temperature >= 0:
-            raise InputError(f"temperature {self.temperature} must be >= 0 (0 is greedy)")
+            raise InputError(
+                f"temperature {self.temperature} must be >= 0; pass 0 for greedy or a positive temperature"
+            )
         if self.top_k < 0:
-            raise InputError(f"top-k {self.top_k} must be >= 0 (0 turns it off)")
+            raise InputError(f"top-k {self.top_k} must be >= 0; pass 0 to turn it off")
         if not 0 < self.top_p <= 1:
-            raise InputError(f"top-p {self.top_p} must be in (0, 1]")
+            raise InputError(f"top-p {self.top_p} must be in (0, 1]; pass e.g. 0.9, or 1 to turn it off")
         if not 0 <= self.min_p < 1:
-            raise InputError(f"min-p {self.min_p} must be in [0, 1)")
+            raise InputError(f"min-p {self.min_p} must be in [0, 1); pass e.g. 0.05, or 0 to turn it off")
         if not self.repetition_penalty > 0:
-            raise InputError(f"repetition penalty {self.repetition_penalty} must be > 0 (1 turns it off)")
+            raise InputError(
+                f"repetition penalty {self.repetition_penalty} must be > 0; pass e.g. 1.1, or 1 to turn it off"
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InputError(f"seed {self.seed} must be in [0, 2**64); pick a smaller one")
         return self
 
     @property

@@ -12,7 +12,7 @@ import torch
 
 from llamatrt.artifact import names
 from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.precision import TENSOR_DTYPES
+from llamatrt.artifact.precision import torch_dtype
 from llamatrt.artifact.reader import inside
 from llamatrt.errors import ManifestMismatchError
 from llamatrt.models.llama import StaticLlama
@@ -22,14 +22,14 @@ from llamatrt.runtime.backend import Backend
 def state_dict_from_artifact(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Read each parameter from the shared weights file at the place the manifest records."""
     state = {}
-    compute = TENSOR_DTYPES[manifest.dtype]
+    compute = torch_dtype(manifest.dtype)
     with (
         inside(folder, manifest.weights_file, "weights file").open("rb") as f,
         mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm,
     ):
         for name, where in manifest.weights_map.items():
             count = math.prod(where["shape"])
-            dtype = TENSOR_DTYPES[where.get("dtype", manifest.dtype)]  # fp16 artifacts keep norm weights in fp32
+            dtype = torch_dtype(where.get("dtype", manifest.dtype))  # fp16 artifacts keep norm weights in fp32
             if where["offset"] + count * dtype.itemsize > len(mm):
                 raise ManifestMismatchError(f"weights map entry {name!r} reaches past the end of the weights file; "
                                             "re-run `llamatrt export --force`")  # fmt: skip
@@ -58,7 +58,7 @@ class TorchBackend(Backend):
         super().__init__(folder, manifest, device, check_feeds)
         if model is None:
             model = StaticLlama.from_weights(manifest.config, state_dict_from_artifact(self.folder, manifest))
-        self.model = model.to(device=self.device, dtype=TENSOR_DTYPES[manifest.dtype]).eval()
+        self.model = model.to(device=self.device, dtype=torch_dtype(manifest.dtype)).eval()
         self.past_names = names.cache_names(manifest.config.num_layers, "past")
         self.present_names = names.cache_names(manifest.config.num_layers, "present")
 

@@ -12,7 +12,7 @@ import torch
 
 from llamatrt.artifact import names
 from llamatrt.artifact.manifest import GraphSpec
-from llamatrt.artifact.precision import TENSOR_DTYPES
+from llamatrt.artifact.precision import torch_dtype
 from llamatrt.errors import InputError
 
 
@@ -51,7 +51,7 @@ def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
                          "graph's inputs named in manifest.json")  # fmt: skip
     for t in graph.inputs:
         value = feeds[t.name]
-        if tuple(value.shape) != t.shape or value.dtype != TENSOR_DTYPES[t.dtype]:
+        if tuple(value.shape) != t.shape or value.dtype != torch_dtype(t.dtype):
             raise InputError(f"{graph.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
                              f"{t.shape} {t.dtype}")  # fmt: skip
     capacity = graph.input(names.ATTENTION_MASK).shape[1]

@@ -216,7 +216,11 @@ def load_manifest_json(folder: Path) -> Any:
     """The manifest's raw JSON, with one-line errors for a missing or unreadable file."""
     folder = Path(folder)
     path = folder / names.MANIFEST
-    if folder.exists() and not folder.is_dir():
+    if not folder.exists():
+        raise ManifestMismatchError(
+            f"artifact {folder} does not exist; make it with `llamatrt export --model MODEL --out {folder}`"
+        )
+    if not folder.is_dir():
         raise ManifestMismatchError(
             f"{folder} is a file, not an artifact folder; pass the folder `llamatrt export` made"
         )

@@ -3,16 +3,19 @@
 A precision's name is the manifest's spelling ("float16"); its alias is the CLI's ("fp16"). The
 table holds what each layer needs of it: the torch dtype (models, the PyTorch backend), the numpy
 dtype ONNX Runtime binds (None: numpy has no bf16), the export self-check's tolerance and the
-accuracy diff's thresholds.
+accuracy diff's thresholds. torch is imported only when a dtype is asked for, so the CLI's option
+parsing (which reads this table) starts fast.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from llamatrt.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,15 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Precision:
-    name: str
+    name: str  # also torch's and numpy's name for it
     alias: str
-    torch: torch.dtype
     numpy: str | None
     export_tolerance: float  # max |logits - PyTorch at this dtype| accepted by the export self-check
     thresholds: Thresholds
+
+    @property
+    def torch(self) -> torch.dtype:
+        return torch_dtype(self.name)
 
 
 # fp32 is tight (the README gives what SmolLM2 measures); fp16/bf16 allow their rounding but still catch real bugs,
@@ -41,14 +47,24 @@ class Precision:
 PRECISIONS = {
     p.name: p
     for p in (
-        Precision("float32", "fp32", torch.float32, "float32", 1e-3, Thresholds(1e-2, 1e-4, 1.0, 1e-3, True)),
-        Precision("float16", "fp16", torch.float16, "float16", 0.25, Thresholds(0.5, 2e-2, 0.95, 2e-2, False)),
-        Precision("bfloat16", "bf16", torch.bfloat16, None, 1.0, Thresholds(2.0, 5e-2, 0.9, 5e-2, False)),
+        Precision("float32", "fp32", "float32", 1e-3, Thresholds(1e-2, 1e-4, 1.0, 1e-3, True)),
+        Precision("float16", "fp16", "float16", 0.25, Thresholds(0.5, 2e-2, 0.95, 2e-2, False)),
+        Precision("bfloat16", "bf16", None, 1.0, Thresholds(2.0, 5e-2, 0.9, 5e-2, False)),
     )
 }
-# Every dtype a graph input or output may have: the precisions plus the integer inputs.
-TENSOR_DTYPES: dict[str, torch.dtype] = {name: p.torch for name, p in PRECISIONS.items()} | {"int64": torch.int64}
+# Every dtype a graph input or output may have: the precisions plus the integer inputs (the names
+# are torch's and numpy's own).
+TENSOR_DTYPES = (*PRECISIONS, "int64")
 NUMPY_DTYPES: dict[str, str] = {name: p.numpy for name, p in PRECISIONS.items() if p.numpy} | {"int64": "int64"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a manifest dtype name ("float16" -> torch.float16)."""
+    import torch
+
+    if name not in TENSOR_DTYPES:
+        raise InputError(f"unknown tensor dtype {name!r}; use one of {', '.join(TENSOR_DTYPES)}")
+    return getattr(torch, name)  # type: ignore[no-any-return]
 
 
 def precision(name: str) -> Precision:
@@ -62,4 +78,4 @@ def precision(name: str) -> Precision:
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The manifest's name for a torch dtype ("float16", "int64")."""
-    return next(name for name, value in TENSOR_DTYPES.items() if value == dtype)
+    return str(dtype).removeprefix("torch.")

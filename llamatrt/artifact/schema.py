@@ -127,6 +127,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "pad_token_id": {"type": ["integer", "null"], "minimum": 0},
                 "bos_token_id": {"type": ["integer", "null"], "minimum": 0},
                 "chat_template": {"type": ["string", "null"]},
+                "special_tokens": {"type": "object", "additionalProperties": {"type": "string"}},
+                "clean_up_tokenization_spaces": {"type": "boolean"},
             },
         },
         "validation": {"type": "object"},

@@ -1,0 +1,75 @@
+"""What the bad-input battery and the security tests share: running the installed `llamatrt` entry
+point, snapshots of folders by content, and small ways to damage an artifact."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+LLAMATRT = Path(sys.executable).with_name("llamatrt")
+
+
+def run_cli(
+    args: list[str], cwd: Path, stdin: bytes | None = b"", timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """`llamatrt ARGS` as a user runs it; stdin=None runs it with stdin closed."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    closed = {"stdin": subprocess.DEVNULL, "preexec_fn": lambda: os.close(0)} if stdin is None else {"input": stdin}
+    raw = subprocess.run([str(LLAMATRT), *args], cwd=cwd, capture_output=True, timeout=timeout, env=env, **closed)
+    return subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(errors="replace"),
+                                       raw.stderr.decode(errors="replace"))  # fmt: skip
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """path -> sha256 of every file under `roots` (symlinks recorded by target, not followed)."""
+    out = {}
+    for root in roots:
+        paths = [root] if root.is_file() else sorted(root.rglob("*")) if root.exists() else []
+        for path in paths:
+            if path.is_symlink():
+                out[str(path)] = "link:" + os.readlink(path)
+            elif path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+
+
+def edit_manifest(artifact: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = artifact / "manifest.json"
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+
+
+def graph_entry(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(g for g in raw["graphs"] if g["name"] == name)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, readonly: bool = False) -> Iterator[bool]:
+    """A small tmpfs at `path` (a full disk, a read-only folder); yields False where it cannot be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if readonly else "")
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    )
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def can_mount_tmpfs(scratch: Path) -> bool:
+    with tmpfs(scratch / "probe", "1m") as ok:
+        return ok
