@@ -99,14 +99,14 @@ def _export_locked(
     tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
     torch_model = checkpoint.build_model(precision(options.dtype).torch)
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
-    plans = planned_variants(b, s, fused_attention_possible(config.head_dim, options.dtype))
+    plans = planned_variants(b, s, fused_attention_possible(config.head_dim, options.dtype, options.full_logits))
     specs = [graph_spec(plan, torch_model, c, options.full_logits) for plan in plans]
     check_disk_space(out, _artifact_bytes(torch_model, len(specs)))
     with atomic_output_dir(out) as tmp:
         graphs = []
         for spec in specs:
             progress(f"exporting {spec.name} graph")
-            graphs.append(optimize_graph(graph_to_onnx(torch_model, spec)))
+            graphs.append(optimize_graph(graph_to_onnx(torch_model, spec, b)))
         progress("writing weights")
         written = write_shared_weights(graphs, tmp / names.WEIGHTS)
         locations = parameter_locations(torch_model.state_dict(), written)

@@ -35,14 +35,13 @@ KV_WRITE = "tensor_scatter"
 
 
 def _write_kv_to_tensor_scatter(past, new, cache_position):  # type: ignore[no-untyped-def]
-    """ONNX lowering of models.kv_cache.write_kv: every row writes at cache_position[0]."""
+    """ONNX lowering of models.kv_cache.write_kv: row b writes from cache_position[b, 0]."""
     import onnxscript
     from onnxscript import opset18 as op
 
     op24 = onnxscript.values.Opset("", OPSET)
-    start = op.Slice(cache_position, [0], [1])  # (1,)
-    batch = op.Slice(op.Shape(past), [0], [1])
-    return op24.TensorScatter(past, new, op.Expand(start, batch), axis=2)
+    starts = op.Squeeze(op.Slice(cache_position, [0], [1], [1]), [1])  # (batch,): TensorScatter's write_indices
+    return op24.TensorScatter(past, new, starts, axis=2)
 
 
 class GraphModule(nn.Module):
@@ -69,18 +68,34 @@ def graph_spec(plan: VariantPlan, model: StaticLlama, max_cache_len: int, full_l
                      plan.attention.backends)  # fmt: skip
 
 
+# Sizes the exporter traces an open dim at: not 0 or 1, which torch.export would specialize on.
+TRACE_SIZES = {"batch": 2, "tokens": 3}
+
+
 def example_inputs(spec: GraphSpec, model: StaticLlama) -> tuple[torch.Tensor, ...]:
     """Inputs of one call at the variant's shapes, in graph order, from the contract's feed builder."""
-    batch, seq = spec.batch, spec.seq_len
-    capacity = spec.input("attention_mask").shape[1]
+    batch, seq = spec.batch or TRACE_SIZES["batch"], spec.seq_len or TRACE_SIZES["tokens"]
+    capacity = int(spec.input("attention_mask").shape[1])
     cache = empty_cache(model.config, batch, capacity, model.model.embed_tokens.weight.dtype)
     ids, positions = torch.zeros(batch, seq, dtype=torch.long), torch.arange(seq).expand(batch, seq).contiguous()
     feeds = graph_feeds(spec, ids, positions, 0, torch.ones(batch, capacity, dtype=torch.long), cache)
     return tuple(feeds[t.name] for t in spec.inputs)
 
 
-def graph_to_onnx(model: StaticLlama, spec: GraphSpec) -> ir.Model:
-    """Export one variant; returns the in-memory onnx_ir model (weights still in memory)."""
+def dynamic_shapes(spec: GraphSpec, max_batch: int) -> dict[str, tuple[dict[int, object], ...]] | None:
+    """torch.export's description of the variant's open dims ("batch", "tokens"), per input (all
+    of them are GraphModule.forward's one varargs parameter)."""
+    capacity = int(spec.input("attention_mask").shape[1])
+    limits = {"batch": max_batch, "tokens": capacity}
+    used = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    dims = {name: torch.export.Dim(name, min=1, max=limits[name]) for name in used}
+    shapes = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
+    return {"inputs": shapes} if any(shapes) else None
+
+
+def graph_to_onnx(model: StaticLlama, spec: GraphSpec, max_batch: int) -> ir.Model:
+    """Export one variant (rows per call up to `max_batch` where they are open); returns the
+    in-memory onnx_ir model (weights still in memory)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     ort_attention.register_schema()
     fused = spec.attention == ONNXRUNTIME.name
@@ -90,6 +105,7 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec) -> ir.Model:
         program = torch.onnx.export(
             module,
             example_inputs(spec, model),
+            dynamic_shapes=dynamic_shapes(spec, max_batch),
             dynamo=True,
             opset_version=OPSET,
             input_names=[t.name for t in spec.inputs],

@@ -2,14 +2,14 @@
 
 Why: the portable graph scores all C cache slots every step (a static shape), and ONNX Runtime runs
 those small batched GEMMs far below memory bandwidth. GroupQueryAttention (CPU kernel) writes the
-new K/V in place when past and present are one buffer and scores only slots [0, T) of each row,
-T = cache_position[-1] + 1; it also takes the packed q/k/v projection and rotates q and k itself.
-Our graph contract is kept as it is:
+new K/V in place when past and present are one buffer and scores only slots [0, T_b) of row b,
+T_b = cache_position[b, -1] + 1; it also takes the packed q/k/v projection and rotates q and k
+itself. Our graph contract is kept as it is:
 - query = the packed projection; position_ids and the RoPE tables (cos/sin, C x head_dim / 2, the
   values models.rope computes) drive its rotary, so left-padded rows keep their own positions;
-- seqlens_k = T - 1 per row, from `cache_position` (all rows write the same slots);
-- query_seqlens = S: every chunk row is real, so the op writes at [T - S, T) = cache_position,
-  and `total_sequence_length` is only an upper bound (the capacity C);
+- seqlens_k = T_b - 1 per row, from `cache_position` (each row at its own place);
+- query_seqlens = S for every row: the op writes row b at [T_b - S, T_b) = cache_position[b], and
+  `total_sequence_length` is only an upper bound (the capacity C);
 - attention_bias = our (batch, 1, S, C) mask, indexed by absolute slot, so left padding and
   unwritten slots stay masked exactly as in the portable graph.
 """
@@ -64,20 +64,22 @@ def cached_attention_to_gqa(qkv, position_ids, cos_table, sin_table, past_key, p
     from onnxscript import opset18 as op
 
     msft = onnxscript.values.Opset(DOMAIN, 1)
-    batch, seq, packed_heads, head_dim = (int(d) for d in qkv.shape)
+    packed_heads, head_dim = int(qkv.shape[2]), int(qkv.shape[3])  # batch and seq may be symbolic
     kv_heads, capacity = int(past_key.shape[1]), int(past_key.shape[2])
     int32 = onnxscript.ir.DataType.INT32
-    last_slot = op.Cast(op.Slice(cache_position, [-1], [seq]), to=int32)  # (1,) = T - 1
+    last_slots = op.Cast(op.Squeeze(op.Slice(cache_position, [-1], [2**62], [1]), [1]), to=int32)  # (batch,) = T_b - 1
+    batch_and_seq = op.Slice(op.Shape(qkv), [0], [2])  # [batch, seq]
+    seqs = op.Cast(op.Expand(op.Slice(batch_and_seq, [1], [2]), op.Slice(batch_and_seq, [0], [1])), to=int32)
     out, present_key, present_value = msft.GroupQueryAttention(
-        op.Reshape(qkv, [batch, seq, packed_heads * head_dim]), None, None,
+        op.Reshape(qkv, [0, 0, packed_heads * head_dim]), None, None,
         past_key, past_value,
-        op.Expand(last_slot, [batch]),
+        last_slots,
         op.Constant(value=onnxscript.ir.tensor(capacity, dtype=int32)),
         op.CastLike(cos_table, qkv), op.CastLike(sin_table, qkv), position_ids,
         mask,
         None, None, None, None, None,
-        op.Constant(value=onnxscript.ir.tensor([seq] * batch, dtype=int32)),
+        seqs,  # (batch,) = S: query_seqlens
         num_heads=packed_heads - 2 * kv_heads, kv_num_heads=kv_heads, scale=head_dim**-0.5,
         do_rotary=1, rotary_interleaved=0,
     )  # fmt: skip
-    return op.Reshape(out, [batch, seq, packed_heads - 2 * kv_heads, head_dim]), present_key, present_value
+    return op.Reshape(out, [0, 0, packed_heads - 2 * kv_heads, head_dim]), present_key, present_value

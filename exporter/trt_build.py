@@ -55,8 +55,9 @@ def network_io(trt: ModuleType, network: Any) -> dict[str, list[dict[str, Any]]]
 
 
 def engine_from_onnx(
-    trt: ModuleType, onnx_path: Path, timing_cache: bytes, workspace_gib: float | None, logger: Any
-) -> tuple[bytes, bytes, dict[str, Any]]:
+    trt: ModuleType, onnx_path: Path, timing_cache: bytes, workspace_gib: float | None, logger: Any,
+    strip_weights: bool = True,
+) -> tuple[bytes, bytes, dict[str, Any]]:  # fmt: skip
     """Parse and build one strongly typed engine. Returns (engine, updated timing cache, network info)."""
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -73,6 +74,12 @@ def engine_from_onnx(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, ignore_mismatch=False)
+    if strip_weights:
+        # Weight-stripped: the plan keeps no copy of the weights, which stay once in weights.data; the
+        # backend refits them from the ONNX graph (and so from weights.data) when it loads the engine.
+        # REFIT_IDENTICAL: the weights refit are the ones built with, so the builder may optimize for them.
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise ValidationError(f"TensorRT failed to build {onnx_path.name}; see {BUILD_LOG} in the artifact")
@@ -81,9 +88,13 @@ def engine_from_onnx(
 
 def build_engines(
     artifact: Path, engine: str = "tensorrt", timing_cache: Path | None = None, workspace_gib: float | None = None,
-    force: bool = False, progress: Progress = no_progress,
+    force: bool = False, progress: Progress = no_progress, strip_weights: bool | None = None,
 ) -> Manifest:  # fmt: skip
-    """Build every graph of `artifact` into an engine; the manifest is updated only when all succeed."""
+    """Build every graph of `artifact` into an engine; the manifest is updated only when all succeed.
+    strip_weights (default: wherever a CUDA device is present): weight-stripped engines, refit from
+    weights.data at load, so an artifact with engines stays about 1x its weights on disk. TensorRT-RTX
+    1.7 cannot build a refittable engine without a CUDA device (its Myelin compiler fails even on a
+    one-MatMul network with REFIT or STRIP_PLAN), so a CPU-only RTX build embeds the weights."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     if manifest.engines and not force:
@@ -93,6 +104,10 @@ def build_engines(
     trt = engine_module(engine)
     if engine == "tensorrt":
         require_cuda()  # TensorRT proper builds for (and needs) the local GPU; RTX can build without one
+    if strip_weights is None:
+        import torch
+
+        strip_weights = torch.cuda.is_available()
     cache_path = timing_cache or artifact / TIMING_CACHE
     cache = cache_path.read_bytes() if cache_path.is_file() else b""
     log_path = artifact / BUILD_LOG
@@ -102,7 +117,9 @@ def build_engines(
     try:
         for name, graph in engine_graphs(manifest).items():
             progress(f"building {name} engine")
-            plan, cache, info = engine_from_onnx(trt, artifact / graph.path, cache, workspace_gib, logger)
+            plan, cache, info = engine_from_onnx(
+                trt, artifact / graph.path, cache, workspace_gib, logger, strip_weights
+            )
             check_network_io(info["io"], graph)
             if info["kv_cache_update_layers"] != 2 * manifest.config.num_layers:
                 raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
@@ -124,6 +141,7 @@ def build_engines(
     os.replace(cache_tmp, cache_path)
     inside = cache_path.resolve().parent == artifact.resolve()
     engines = {"builder": engine, "version": trt.__version__, "graphs": graphs,
+               "weights": "stripped" if strip_weights else "embedded",
                "timing_cache": cache_path.name if inside else str(cache_path.resolve()),
                "build_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     updated = replace(manifest, engines=engines)

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 
 from llamatrt.artifact.variants import ONNXRUNTIME, PORTABLE, AttentionForm, onnxruntime_loads
 
+SHORT_PREFILL = 16  # tokens per call of the small prefill variant: a short prompt pays for 16, not S
+
 
 @dataclass(frozen=True)
 class VariantPlan:
     name: str  # unique in the artifact; the file is `{name}.onnx`
-    role: str  # "prefill" | "decode"
-    batch: int
-    seq: int  # tokens per call
+    role: str  # "prefill" | "decode" | "any"
+    batch: int | str  # rows per call, or "batch": any number up to the artifact's B
+    seq: int | str  # tokens per call, or "tokens": any number up to the cache
     attention: AttentionForm
 
     @property
@@ -24,24 +26,31 @@ class VariantPlan:
         return f"{self.name}.onnx"
 
 
-def fused_attention_possible(head_dim: int, dtype: str) -> bool:
-    """Whether the ONNX Runtime fused graphs can be made. ONNX Runtime CPU is the fp32 target (GPUs
+def fused_attention_possible(head_dim: int, dtype: str, full_logits: bool) -> bool:
+    """Whether the ONNX Runtime fused graph can be made. ONNX Runtime CPU is the fp32 target (GPUs
     take the portable graphs: CUDA's kernel wants fp16/bf16, TensorRT builds standard ops); the
-    kernel's rotary embedding needs head_dim % 16 == 0 (every released Llama has 64 or 128); and the
-    export validates them, so the ONNX Runtime here must load them."""
-    return dtype == "float32" and head_dim % 16 == 0 and onnxruntime_loads(ONNXRUNTIME)
+    kernel's rotary embedding needs head_dim % 16 == 0 (every released Llama has 64 or 128); the
+    export validates it, so the ONNX Runtime here must load it; and an accuracy export's full logits
+    are a prefill-only form."""
+    return dtype == "float32" and head_dim % 16 == 0 and onnxruntime_loads(ONNXRUNTIME) and not full_logits
+
+
+def prefill_sizes(prefill_chunk: int) -> list[int]:
+    """Tokens per call of the static prefill variants: the chunk S, and a short one for short prompts."""
+    return sorted({min(SHORT_PREFILL, prefill_chunk), prefill_chunk})
 
 
 def planned_variants(batch: int, prefill_chunk: int, fused: bool) -> list[VariantPlan]:
-    """The portable graphs (every backend), then the same shapes with ONNX Runtime's fused
-    attention when `fused`. A batch-B artifact also gets a batch-1 prefill, which the runtime binds
-    onto one row of the B-row cache to admit one request while the other rows keep their state."""
-    shapes = [("prefill", batch, prefill_chunk), ("decode", batch, 1)]
-    if batch > 1:
-        shapes.append(("prefill", 1, prefill_chunk))
-    forms = [PORTABLE, ONNXRUNTIME] if fused else [PORTABLE]
-    return [VariantPlan(_name(role, b, batch, form), role, b, seq, form) for form in forms for role, b, seq in shapes]
-
-
-def _name(role: str, batch: int, artifact_batch: int, form: AttentionForm) -> str:
-    return role + (f".b{batch}" if batch != artifact_batch else "") + (".ort" if form is ONNXRUNTIME else "")
+    """Portable graphs (every backend; static shapes, what TensorRT builds): batch-1 prefills of
+    each size, which the runtime binds onto one row of the B-row cache to admit one request while
+    the other rows keep decoding, and a B-row decode. With `fused`, one more graph for ONNX Runtime
+    CPU whose rows and tokens per call are open, so one session (one packed copy of the weights)
+    serves every prefill and decode call."""
+    plans = [
+        VariantPlan("prefill" if size == prefill_chunk else f"prefill.s{size}", "prefill", 1, size, PORTABLE)
+        for size in reversed(prefill_sizes(prefill_chunk))
+    ]
+    plans.append(VariantPlan("decode", "decode", batch, 1, PORTABLE))
+    if fused:
+        plans.append(VariantPlan("model.ort", "any", "batch" if batch > 1 else 1, "tokens", ONNXRUNTIME))
+    return plans

@@ -24,7 +24,7 @@ def cached_attention(
     rotary: Rotary,
     past_key: torch.Tensor,  # (batch, kv_heads, max_cache_len, head_dim)
     past_value: torch.Tensor,
-    cache_position: torch.Tensor,  # (seq,) int64
+    cache_position: torch.Tensor,  # (batch, seq) int64: the slots each row writes
     mask: torch.Tensor,  # (batch, 1, seq, max_cache_len) fp32 additive
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> out (batch, seq, heads, head_dim), present_key, present_value."""

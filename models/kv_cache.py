@@ -1,11 +1,12 @@
 """The KV-cache write and the shape of the cache tensors (their names are the artifact's: llamatrt.artifact.names).
 
 `write_kv` is the only place new keys/values enter the cache. Its contract is ONNX
-`TensorScatter`'s: the S new entries land contiguously at slots cache_position[0] ..
-cache_position[0] + S - 1, for every row. Eager PyTorch writes those S slots in place (present is
-past, no copy of the cache per step); under export it becomes the functional custom op
-`llamatrt::write_kv`, which the exporter lowers to `TensorScatter` (opset 24) — ONNX Runtime runs it
-in place with IO binding and TensorRT maps it to its KV-cache update layer.
+`TensorScatter`'s: row b's S new entries land contiguously at slots cache_position[b, 0] ..
+cache_position[b, 0] + S - 1, every row at its own place. Eager PyTorch writes those slots in place
+(present is past, no copy of the cache per step); under export it becomes the functional custom op
+`llamatrt::write_kv`, which the exporter lowers to `TensorScatter` (opset 24, `write_indices` =
+cache_position[:, 0]) — ONNX Runtime runs it in place with IO binding and TensorRT maps it to its
+KV-cache update layer.
 """
 
 from __future__ import annotations
@@ -16,21 +17,25 @@ from llamatrt.models.config import LlamaConfig
 
 
 def write_kv(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-    """present (batch, num_kv_heads, max_cache_len, head_dim) = past with `new` (batch,
-    num_kv_heads, seq, head_dim) written at slots cache_position[0] .. + seq - 1."""
+    """present (batch, num_kv_heads, max_cache_len, head_dim) = past with row b of `new` (batch,
+    num_kv_heads, seq, head_dim) written at slots cache_position[b, 0] .. + seq - 1."""
     if torch.compiler.is_exporting():
         return write_kv_op(past, new, cache_position)
-    start = int(cache_position[0])
-    past[:, :, start : start + new.shape[2]] = new
+    _write_rows(past, new, cache_position)
     return past
+
+
+def _write_rows(cache: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> None:
+    seq = new.shape[2]
+    for row, start in enumerate(cache_position[:, 0].tolist()):
+        cache[row, :, start : start + seq] = new[row]
 
 
 @torch.library.custom_op("llamatrt::write_kv", mutates_args=())
 def write_kv_op(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
     """The functional form the exporter sees and lowers to TensorScatter."""
-    start = int(cache_position[0])
     present = past.clone()
-    present[:, :, start : start + new.shape[2]] = new
+    _write_rows(present, new, cache_position)
     return present
 
 

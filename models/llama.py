@@ -49,7 +49,7 @@ class StaticLlama(nn.Module):
         self,
         input_ids: torch.Tensor,  # (batch, seq) int64
         position_ids: torch.Tensor,  # (batch, seq) int64
-        cache_position: torch.Tensor,  # (seq,) int64
+        cache_position: torch.Tensor,  # (batch, seq) int64: the slots each row writes
         attention_mask: torch.Tensor,  # (batch, max_cache_len) int64
         *past: torch.Tensor,  # 2 * num_layers of (batch, num_kv_heads, max_cache_len, head_dim)
         full_logits: bool = False,

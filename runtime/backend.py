@@ -41,32 +41,39 @@ class Backend(abc.ABC):
         return ("portable",)
 
     def select_graphs(self, manifest: Manifest) -> dict[str, GraphSpec]:
-        """Of the variants that name this backend, per (role, batch, tokens per call) the one whose
-        attention form comes first in `attention_order`."""
-        order = self.attention_order()
-        best: dict[tuple[str, int, int], GraphSpec] = {}
-        for graph in manifest.graphs.values():
-            if self.name not in graph.backends or graph.attention not in order:
-                continue
-            key = (graph.role, graph.batch, graph.seq_len)
-            if key not in best or order.index(graph.attention) < order.index(best[key].attention):
-                best[key] = graph
-        if not any(g.role == "decode" for g in best.values()):
-            raise ManifestMismatchError(f"{self.folder} has no graphs the {self.name} backend can run; "
-                                        "re-export with this llamatrt or pick another --backend")  # fmt: skip
-        return {g.name: g for g in best.values()}
+        """The variants that name this backend, of the first attention form in `attention_order`
+        that has a whole set: a decode at the artifact's batch and a batch-1 prefill (one form, so
+        a backend holds one set of sessions or engines)."""
+        for form in self.attention_order():
+            graphs = {n: g for n, g in manifest.graphs.items() if self.name in g.backends and g.attention == form}
+            values = graphs.values()
+            if any(g.serves("decode", manifest.batch_size) for g in values) and any(g.serves("prefill", 1) for g in values):
+                return graphs
+        raise ManifestMismatchError(
+            f"{self.folder} has no graphs the {self.name} backend can run; re-export with this llamatrt or pick "
+            "another --backend"
+        )
 
     def graph(self, role: str, batch: int | None = None, seq: int | None = None) -> GraphSpec:
         """The variant this backend runs for `role` at `batch` rows (default: the artifact's batch)
-        and `seq` tokens per call (default: the widest it has)."""
+        and `seq` tokens per call (default: the widest it has; a graph with open tokens is widest)."""
         batch = self.manifest.batch_size if batch is None else batch
-        found = [g for g in self.graphs.values() if g.role == role and g.batch == batch and seq in (None, g.seq_len)]
+        found = [g for g in self.graphs.values() if g.serves(role, batch, seq)]
         if not found:
             raise InputError(
-                f"this artifact has no {role} graph of batch {batch} for the {self.name} backend; "
+                f"this artifact has no {role} graph of batch {batch}"
+                f"{'' if seq is None else f' and {seq} tokens'} for the {self.name} backend; "
                 "re-export it with this llamatrt"
             )
-        return max(found, key=lambda g: g.seq_len)
+        return max(found, key=lambda g: g.seq_len or 1 << 30)
+
+    def seq_sizes(self, role: str, batch: int) -> list[int] | None:
+        """Tokens per call of this backend's `role` graphs at `batch` rows, ascending; None where a
+        graph takes any number."""
+        found = [g for g in self.graphs.values() if g.serves(role, batch)]
+        if any(g.seq_len is None for g in found):
+            return None
+        return sorted({g.seq_len for g in found if g.seq_len is not None})
 
     @property
     def loop_threads(self) -> int | None:

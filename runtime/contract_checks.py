@@ -1,6 +1,6 @@
 """Checks of the graph contract on an artifact's backend, each against another path to the same
-numbers: padding, chunking and batching must not change logits; the cache's last slot works and
-one more is refused; a fully masked row gives no NaN."""
+numbers: padding, chunking and rows at different positions in one call must not change logits; the
+cache's last slot works and one more is refused; a fully masked row gives no NaN."""
 
 from __future__ import annotations
 
@@ -29,26 +29,40 @@ def _within(name: str, a: torch.Tensor, b: torch.Tensor, tolerance: float, backe
 
 def run_contract_checks(backend: Backend, prompts: list[list[int]], tolerance: float) -> list[CheckResult]:
     gen = Generator(backend)
-    chunk = backend.manifest.prefill_chunk
-    short = min(prompts, key=len)
-    checks = []
-    if len(short) < chunk:  # the prompt is left-padded inside its prefill chunk
-        padded = gen.score([short], [[0]])[0][0]
-        checks.append(
-            _within("left padding equals no padding", padded, _token_by_token(gen, short), tolerance, backend)
-        )
+    chunk = gen.scheduler.prefill_chunk
+    sizes = backend.seq_sizes("prefill", batch=1)
+    short = min(prompts, key=len)[: None if sizes is None else sizes[-1] - 1]  # room for padding in one call
+    checks = [_within("left padding equals no padding", _left_padded(backend, short), _token_by_token(gen, short),
+                      tolerance, backend)]  # fmt: skip
     long = max(prompts, key=len)
     if len(long) > chunk:
         chunked = gen.score([long], [[0]])[0][0]
         checks.append(_within("chunked prefill equals token-by-token", chunked, _token_by_token(gen, long),
                               tolerance, backend))  # fmt: skip
     if backend.manifest.batch_size > 1 and len(prompts) > 1:
-        together = gen.score(prompts, [[0]] * len(prompts))
-        alone = [gen.score([p], [[0]])[0] for p in prompts]
-        worst = max(range(len(prompts)), key=lambda i: float((together[i] - alone[i]).abs().max()))
-        checks.append(_within("batched rows equal each row alone", together[worst], alone[worst], tolerance, backend))
+        # distinct lengths, so the rows of every decode call sit at different positions
+        rows = [p[: len(p) - i] for i, p in enumerate(sorted(prompts, key=len, reverse=True)) if len(p) > i]
+        together = gen.score(rows, [[0, 0, 0]] * len(rows))
+        alone = [gen.score([p], [[0, 0, 0]])[0] for p in rows]
+        worst = max(range(len(rows)), key=lambda i: float((together[i] - alone[i]).abs().max()))
+        checks.append(_within("rows at different positions in one decode call equal each row alone",
+                              together[worst], alone[worst], tolerance, backend))  # fmt: skip
     checks += [_last_slot(backend), _fully_masked_row(backend)]
     return checks
+
+
+def _left_padded(backend: Backend, prompt: list[int]) -> torch.Tensor:
+    """Logits after `prompt` prefilled in one call at slots pad .. pad + n - 1 of a row whose first
+    `pad` slots are masked padding (what a static prefill wider than the prompt does)."""
+    sizes = backend.seq_sizes("prefill", batch=1)
+    width = len(prompt) + 3 if sizes is None else min(s for s in sizes if s > len(prompt))
+    pad = width - len(prompt)
+    graph = backend.graph("prefill", 1, None if sizes is None else width)
+    kv = KVState(backend)
+    kv.reset_row(0, pad)
+    ids = torch.tensor([0] * pad + prompt, dtype=torch.long)
+    positions = (torch.arange(width) - pad).clamp(min=0)
+    return backend.run(graph.name, kv.prefill_feeds(graph, 0, ids, positions, 0))["logits"][0].float().cpu().clone()
 
 
 def _decode_feeds(backend: Backend, slot: int, mask_value: int) -> dict[str, torch.Tensor]:
@@ -56,8 +70,8 @@ def _decode_feeds(backend: Backend, slot: int, mask_value: int) -> dict[str, tor
     kv = KVState(backend)
     kv.attention_mask.fill_(mask_value)
     batch = backend.manifest.batch_size
-    tokens, positions = torch.ones(batch, 1, dtype=torch.long), torch.full((batch, 1), slot)
-    return kv.feeds(backend.graph("decode"), tokens, positions, slot)
+    tokens, positions = torch.ones(batch, dtype=torch.long), torch.full((batch,), slot)
+    return kv.decode_feeds(backend.graph("decode"), tokens, positions, positions)
 
 
 def _last_slot(backend: Backend) -> CheckResult:

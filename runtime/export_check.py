@@ -2,8 +2,8 @@
 
 Every attention form ONNX Runtime CPU can run is opened through OrtBackend (IO binding, the cache
 updated in place, the generation loop's own feeds) and compared with the PyTorch backend running
-the exporter's StaticLlama: a chunked prefill of a fixed prompt plus teacher-forced decode steps
-through the loop's `score`, and one call of every other prefill variant on a row of the cache.
+the exporter's StaticLlama: prompts that use every prefill variant, all in flight at once, then
+teacher-forced decode steps, through the loop's `score`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from llamatrt.artifact import names
-from llamatrt.artifact.feeds import fixed_prompt, graph_feeds
+from llamatrt.artifact.feeds import fixed_prompt
 from llamatrt.artifact.manifest import Manifest
 from llamatrt.artifact.precision import PRECISIONS
 from llamatrt.errors import ValidationError
@@ -28,31 +25,18 @@ DECODE_STEPS = 4  # teacher-forced decode calls after the prefill
 
 
 def _loop_error(candidate: Backend, reference: Backend) -> float:
-    """Max |logits| difference over a full-chunk prefill and DECODE_STEPS teacher-forced steps."""
+    """Max |logits| difference over prompts that use every prefill size the candidate has (and a
+    chunked one), then DECODE_STEPS teacher-forced decode steps, all prompts in flight at once so
+    decode calls hold rows at different positions."""
     m = candidate.manifest
-    prompts = fixed_prompt(m.batch_size, candidate.graph("prefill").seq_len, m.config.vocab_size).tolist()
-    forced = fixed_prompt(m.batch_size, DECODE_STEPS + 5, m.config.vocab_size)[:, 5:].tolist()
+    sizes = candidate.seq_sizes("prefill", batch=1) or [1, 5]
+    chunk = max(sizes) if candidate.seq_sizes("prefill", batch=1) else m.prefill_chunk
+    lengths = sorted({*sizes, max(1, min(chunk + 3, m.max_cache_len - DECODE_STEPS - chunk))})
+    prompts = [fixed_prompt(1, n, m.config.vocab_size)[0].add(i).remainder(m.config.vocab_size).tolist()
+               for i, n in enumerate(lengths)]  # fmt: skip
+    forced = fixed_prompt(len(prompts), DECODE_STEPS + 5, m.config.vocab_size)[:, 5:].tolist()
     got, want = Generator(candidate).score(prompts, forced), Generator(reference).score(prompts, forced)
     return max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
-
-
-def _row_prefill_error(candidate: Backend, reference: Backend) -> float:
-    """Every prefill variant narrower than the artifact's batch, run on row 0 of a cache."""
-    worst = 0.0
-    for graph in candidate.graphs.values():
-        if graph.role != "prefill" or graph.batch == candidate.manifest.batch_size:
-            continue
-        ids = fixed_prompt(graph.batch, graph.seq_len, candidate.manifest.config.vocab_size)
-        positions = torch.arange(graph.seq_len).expand(graph.batch, -1).contiguous()
-        mask = torch.ones(graph.batch, candidate.manifest.max_cache_len, dtype=torch.long)
-        logits = []
-        for backend in (candidate, reference):
-            same = backend.graph("prefill", graph.batch, graph.seq_len)
-            rows = [t[: graph.batch] for t in backend.allocate_cache()]  # a contiguous view of the first rows
-            feeds = graph_feeds(same, ids, positions, 0, mask, rows, backend.device)
-            logits.append(backend.run(same.name, feeds)[names.LOGITS].float().cpu().clone())
-        worst = max(worst, float((logits[0] - logits[1]).abs().max()))
-    return worst
 
 
 def validate_artifact(folder: Path, manifest: Manifest, model: StaticLlama) -> dict[str, Any]:
@@ -65,7 +49,7 @@ def validate_artifact(folder: Path, manifest: Manifest, model: StaticLlama) -> d
     with TorchBackend(folder, manifest, model=model) as reference:
         for form in forms:
             with OrtBackend(folder, manifest, attention=form) as candidate:
-                errors[form] = max(_loop_error(candidate, reference), _row_prefill_error(candidate, reference))
+                errors[form] = _loop_error(candidate, reference)
     for form, error in errors.items():
         if not error <= tolerance:
             raise ValidationError(

@@ -1,11 +1,18 @@
-"""KVState: the cache buffers of one generation and the slot bookkeeping around them.
+"""KVState: the B-row cache of a scheduler, and where each row's tokens go in it.
 
-Slots are shared by all rows (one `cache_position` per call); each row keeps its own RoPE position,
-and `attention_mask` hides its left padding. Present becomes past by taking the outputs' buffers
-(which backends alias to the inputs), never by copying.
+The cache is allocated once for the scheduler's life (no allocation per request). Row b of every
+`[B, Hkv, C, D]` buffer is one contiguous block, so a batch-1 prefill runs on row b's views in place
+while the other rows keep their contents; decode runs every row together, each at its own slot.
+
+A row's prompt of n tokens lies at slots pad .. pad + n - 1 (positions 0 .. n - 1); slots below
+`pad` are padding, hidden by `attention_mask`, which a static prefill graph wider than the prompt
+needs. Stale contents of a reused row need no clearing: every slot is either masked or rewritten
+before it becomes visible.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -15,34 +22,79 @@ from llamatrt.artifact.manifest import GraphSpec
 from llamatrt.runtime.backend import Backend
 
 
+@dataclass(frozen=True)
+class PrefillPlan:
+    pad: int  # padding slots before the prompt
+    windows: tuple[tuple[int, int], ...]  # (first slot, tokens) of each prefill call, in order
+
+
+def plan_prefill(length: int, sizes: list[int] | None, chunk: int) -> PrefillPlan:
+    """The prefill calls for a prompt of `length` tokens. `sizes`: the tokens per call the backend's
+    static prefill graphs take, ascending (None: any number, up to `chunk` a call). Every plan's last
+    call ends at the prompt's last token, whose logits the graph returns. With static sizes, full
+    calls of the widest graph come first, then the tail that processes the fewest tokens (a prefill
+    call's cost is mostly its tokens): its last window may start before the previous one ends, since
+    rewriting a slot with the same token and context gives the same keys and values."""
+    if sizes is None:
+        return PrefillPlan(0, tuple((s, min(chunk, length - s)) for s in range(0, length, chunk)))
+    width = max(length, sizes[0])
+    full = (width - 1) // sizes[-1] if width > sizes[-1] else 0  # whole widest calls, leaving a tail
+    windows = [(k * sizes[-1], sizes[-1]) for k in range(full)]
+    start = full * sizes[-1]
+    for size in _cheapest_tail(width - start, sizes, width):
+        windows.append((min(start, width - size), size))
+        start += size
+    return PrefillPlan(width - length, tuple(windows))
+
+
+def _cheapest_tail(remaining: int, sizes: list[int], width: int) -> list[int]:
+    """Sizes of the calls covering the last `remaining` slots with the fewest tokens processed
+    (fewest calls on a tie); the last call may reach back, but not before slot 0."""
+    best: dict[int, tuple[int, int, list[int]]] = {0: (0, 0, [])}
+    for r in range(1, remaining + 1):
+        options = []
+        for size in sizes:
+            if size >= r and size <= width:
+                options.append((size, 1, [size]))
+            elif size < r:
+                tokens, count, rest = best[r - size]
+                options.append((size + tokens, count + 1, [size, *rest]))
+        best[r] = min(options, key=lambda o: (o[0], o[1]))
+    return best[remaining][2]
+
+
 class KVState:
     def __init__(self, backend: Backend) -> None:
         manifest = backend.manifest
         self.device = backend.device
+        self.batch = manifest.batch_size
         self.max_cache_len = manifest.max_cache_len
         self.present_names = names.cache_names(manifest.config.num_layers, "present")
-        self.buffers = backend.allocate_cache()  # once per generation
-        self.attention_mask = torch.ones(manifest.batch_size, self.max_cache_len, dtype=torch.long)
-        self.next_slot = 0
+        self.buffers = backend.allocate_cache()  # once for the scheduler's life
+        self.attention_mask = torch.ones(self.batch, self.max_cache_len, dtype=torch.long)
 
-    def start(self, padding: list[int]) -> None:
-        """A new batch: row b's first padding[b] slots are padding. Stale cache contents need no
-        clearing: every slot is either masked here or rewritten before it becomes visible."""
-        self.attention_mask.fill_(1)
-        for row, pad in enumerate(padding):
-            self.attention_mask[row, :pad] = 0
-        self.next_slot = 0
+    def reset_row(self, row: int, pad: int) -> None:
+        """Row `row` starts a new sequence whose first `pad` slots are padding."""
+        self.attention_mask[row].fill_(1)
+        self.attention_mask[row, :pad] = 0
 
-    @property
-    def free_slots(self) -> int:
-        return self.max_cache_len - self.next_slot
+    def prefill_feeds(self, graph: GraphSpec, row: int, ids: torch.Tensor, positions: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+        """One batch-1 prefill call on row `row`'s views of the cache, writing slots start .. + len(ids) - 1."""
+        views = [t[row : row + 1] for t in self.buffers]  # (1, kv_heads, max_cache_len, head_dim): contiguous
+        return graph_feeds(graph, ids[None], positions[None], start, self.attention_mask[row : row + 1], views,
+                           self.device)  # fmt: skip
 
-    def feeds(
-        self, graph: GraphSpec, input_ids: torch.Tensor, position_ids: torch.Tensor, start: int
-    ) -> dict[str, torch.Tensor]:
-        """The feeds of one call of `graph` writing from slot `start`, over this state's cache."""
-        return graph_feeds(graph, input_ids, position_ids, start, self.attention_mask, self.buffers, self.device)
+    def decode_feeds(self, graph: GraphSpec, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One decode call of every row: row b feeds tokens[b] at RoPE position positions[b], written to slots[b]."""
+        return graph_feeds(graph, tokens[:, None], positions[:, None], slots, self.attention_mask, self.buffers,
+                           self.device)  # fmt: skip
 
-    def update(self, outputs: dict[str, torch.Tensor], next_slot: int) -> None:
-        self.buffers = [outputs[name] for name in self.present_names]
-        self.next_slot = next_slot
+    def take(self, outputs: dict[str, torch.Tensor], row: int | None = None) -> None:
+        """Present becomes past. Every backend here aliases present to the past buffer it was fed, so
+        this copies nothing; a backend that returned new tensors would have them copied into the
+        cache (row `row` of it, for a prefill on one row)."""
+        for buffer, name in zip(self.buffers, self.present_names, strict=True):
+            target = buffer if row is None else buffer[row : row + 1]
+            present = outputs[name]
+            if present.data_ptr() != target.data_ptr():
+                target.copy_(present)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from llamatrt.artifact import names
 from llamatrt.artifact.manifest import GraphSpec, Manifest
 from llamatrt.artifact.precision import NUMPY_DTYPES
 from llamatrt.artifact.reader import inside
@@ -34,6 +37,14 @@ def physical_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class _Bound:
+    binding: Any
+    small: dict[str, torch.Tensor]  # the bound copies of input_ids, position_ids, cache_position, attention_mask
+    logits: torch.Tensor
+    cache: list[torch.Tensor]  # keeps the bound cache tensors alive while their addresses are bound
 
 
 class OrtBackend(Backend):
@@ -66,10 +77,11 @@ class OrtBackend(Backend):
             except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)
                 raise ManifestMismatchError(f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
                                             "re-run `llamatrt export --force`") from e  # fmt: skip
-        self.logits = self._logits_buffers()
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
-        self._small = self._input_buffers()
-        self._bindings: dict[str, tuple[Any, tuple[int, ...], list[torch.Tensor]]] = {}
+        # (graph, rows and tokens of the call, cache addresses) -> its binding. A decode step reuses
+        # one binding as it is; a prefill on row b of the cache binds that row's addresses.
+        self._bindings: OrderedDict[tuple[object, ...], _Bound] = OrderedDict()
+        self._max_bindings = 2 * manifest.batch_size + 2
 
     @staticmethod
     def _options(ort: Any, graph: GraphSpec, threads: int | None) -> Any:
@@ -77,10 +89,11 @@ class OrtBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or physical_cores()
         opts.log_severity_level = 3
-        if graph.seq_len > 1:
+        if graph.seq_len is not None and graph.seq_len > 1:
             # Each session has its own thread pool, whose workers spin after a run. A spinning prefill
             # pool takes a core from the decode steps that follow it (measured in the README's speed
-            # section); prefill's large GEMMs need no spin-waiting, so its workers sleep.
+            # section); prefill's large GEMMs need no spin-waiting, so its workers sleep. (A graph with
+            # open tokens is one session for prefill and decode: one pool, nothing to compete with.)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return opts
 
@@ -123,31 +136,37 @@ class OrtBackend(Backend):
         bind(name, self._ort_device, self.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr())
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        small = self._small[graph.name]
-        for name, buffer in small.items():
-            buffer.copy_(feeds[name])
-        cache = [feeds[t.name] for t in graph.inputs if t.name not in small]
-        key = tuple(t.data_ptr() for t in cache)
-        bound = self._bindings.get(graph.name)
-        if bound is None or bound[1] != key:
-            bound = self._bindings[graph.name] = (
-                self._new_binding(graph, {**feeds, **small}),
-                key,
-                cache,
-            )  # keeps cache alive
-        self.sessions[graph.name].run_with_iobinding(bound[0])
-        return self._aliased_outputs(graph, feeds, self.logits[graph.name])
+        cache = [feeds[t.name] for t in graph.inputs if t.name not in names.SMALL_INPUTS]
+        key = (graph.name, tuple(feeds[names.INPUT_IDS].shape), *(t.data_ptr() for t in cache))
+        bound = self._bindings.get(key)
+        if bound is None:
+            bound = self._bindings[key] = self._new_binding(graph, feeds, cache)
+            if len(self._bindings) > self._max_bindings:
+                self._bindings.popitem(last=False)
+        else:
+            self._bindings.move_to_end(key)
+            for name, buffer in bound.small.items():
+                buffer.copy_(feeds[name])
+        self.sessions[graph.name].run_with_iobinding(bound.binding)
+        return self._aliased_outputs(graph, feeds, bound.logits)
 
-    def _new_binding(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> Any:
+    def _new_binding(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor], cache: list[torch.Tensor]) -> _Bound:
+        """Bind every input and output by address: the small inputs to buffers of the binding's own
+        (later calls copy into them), each present to the past buffer it updates in place."""
+        small = {name: feeds[name].clone().contiguous() for name in names.SMALL_INPUTS}
+        batch, seq = feeds[names.INPUT_IDS].shape
+        sizes = {"batch": batch, "tokens": seq}
+        shape = [sizes[d] if isinstance(d, str) else d for d in graph.outputs[0].shape]
+        logits = torch.empty(shape, dtype=torch.float32, device=self.device)
         binding = self.sessions[graph.name].io_binding()
         for spec in graph.inputs:
-            tensor = feeds[spec.name]
+            tensor = small.get(spec.name, feeds[spec.name])
             if not tensor.is_contiguous():
                 raise InputError(f"{spec.name} must be contiguous to be bound by address")
             self._bind(binding, spec.name, tensor, output=False)
-        for name, tensor in self._aliased_outputs(graph, feeds, self.logits[graph.name]).items():
+        for name, tensor in self._aliased_outputs(graph, feeds, logits).items():
             self._bind(binding, name, tensor, output=True)
-        return binding
+        return _Bound(binding, small, logits, cache)
 
     def close(self) -> None:
         self._bindings.clear()

@@ -94,3 +94,9 @@ def next_tokens(
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Log-probability of each chosen token under the model's raw distribution."""
     return logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+
+
+def top_logprobs(logits: torch.Tensor, count: int) -> tuple[tuple[int, float], ...]:
+    """The `count` most likely tokens of (vocab,) raw logits, with their log-probabilities."""
+    values, ids = logits.log_softmax(-1).topk(count)
+    return tuple(zip(ids.tolist(), values.tolist(), strict=True))

@@ -17,6 +17,7 @@ import torch
 
 from llamatrt.artifact.engines import check_engines, engine_graphs, engine_module
 from llamatrt.artifact.manifest import GraphSpec, Manifest
+from llamatrt.artifact.reader import inside
 from llamatrt.errors import BackendUnavailable, ManifestMismatchError
 from llamatrt.lazy import require_cuda
 from llamatrt.runtime.backend import Backend
@@ -47,7 +48,7 @@ class CudaOps:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    reads_graph_files = False  # it runs the engines `llamatrt build` made from them
+    # its engines are weight-stripped: they are refit from the .onnx graphs (hence weights.data) at load
 
     def __init__(
         self, folder: Path, manifest: Manifest, device: str = "cuda", check_feeds: bool = True,
@@ -70,6 +71,8 @@ class TensorRTBackend(Backend):
             if engine is None:
                 raise ManifestMismatchError(f"{entry['path']} was built by another TensorRT version or for another "
                                             f"GPU; re-run `llamatrt build {folder} --force`")  # fmt: skip
+            if manifest.engines.get("weights") == "stripped":
+                self._refit(engine, self.graphs[name])
             self.engines[name] = engine
             self.contexts[name] = engine.create_execution_context()
         self.static = self._input_buffers()
@@ -80,6 +83,19 @@ class TensorRTBackend(Backend):
 
     def select_graphs(self, manifest: Manifest) -> dict[str, GraphSpec]:
         return engine_graphs(manifest)
+
+    def _refit(self, engine: Any, graph: GraphSpec) -> None:
+        """Fill a weight-stripped engine with its weights, read from the graph it was built from."""
+        logger = self.trt.Logger(self.trt.Logger.WARNING)
+        refitter = self.trt.Refitter(engine, logger)
+        parser = self.trt.OnnxParserRefitter(refitter, logger)
+        if not parser.refit_from_file(str(inside(self.folder, graph.path, f"graph {graph.name!r} path"))):
+            error = parser.get_error(0) if parser.num_errors else None
+            raise ManifestMismatchError(f"cannot refit the {graph.name} engine from {graph.path}"
+                                        f"{f' ({error.desc()})' if error else ''}; re-run `llamatrt build --force`")  # fmt: skip
+        if not refitter.refit_cuda_engine():
+            raise ManifestMismatchError(f"TensorRT could not refit the {graph.name} engine from {graph.path}; "
+                                        "re-run `llamatrt build --force`")  # fmt: skip
 
     def allocate_cache(self) -> list[torch.Tensor]:
         """One set of cache buffers for the backend's lifetime: fixed addresses for CUDA graphs."""

@@ -15,24 +15,26 @@ from llamatrt.artifact.manifest import GraphSpec
 from llamatrt.artifact.precision import torch_dtype
 from llamatrt.errors import InputError
 
+Cache = Sequence[torch.Tensor]  # flat past buffers (key0, value0, ...), each (batch, kv_heads, max_cache_len, head_dim)
+
 
 def graph_feeds(
     graph: GraphSpec,
     input_ids: torch.Tensor,  # (batch, seq) int64
     position_ids: torch.Tensor,  # (batch, seq) int64: RoPE positions
-    start: int,  # the first cache slot this call writes; its seq tokens land at start .. start + seq - 1
+    starts: int | Sequence[int] | torch.Tensor,  # row b's seq new tokens land at slots starts[b] .. + seq - 1
     attention_mask: torch.Tensor,  # (batch, max_cache_len) int64: 1 where a slot holds a real token
-    cache: Sequence[
-        torch.Tensor
-    ],  # flat past buffers (key0, value0, ...), each (batch, kv_heads, max_cache_len, head_dim)
+    cache: Cache,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Feeds of one call of `graph`; the cache buffers are passed as they are (backends alias them)."""
-    seq = graph.seq_len
+    """Feeds of one call of `graph`; the cache buffers are passed as they are (backends alias them).
+    `starts` may be one slot for every row."""
+    batch, seq = input_ids.shape
+    first = torch.as_tensor(starts, dtype=torch.long).expand(batch)  # (batch,)
     feeds = {
         names.INPUT_IDS: input_ids.to(device),
         names.POSITION_IDS: position_ids.to(device),
-        names.CACHE_POSITION: torch.arange(start, start + seq, device=device),  # (seq,)
+        names.CACHE_POSITION: (first[:, None] + torch.arange(seq)).to(device),  # (batch, seq)
         names.ATTENTION_MASK: attention_mask.to(device),
     }
     past = [t.name for t in graph.inputs[len(names.SMALL_INPUTS) :]]
@@ -47,18 +49,30 @@ def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
     expected = {t.name for t in graph.inputs}
     if set(feeds) != expected:
         missing, extra = sorted(expected - set(feeds)), sorted(set(feeds) - expected)
-        raise InputError(f"{graph.name} feeds: missing {missing[:3]}, unexpected {extra[:3]}; feed exactly the "
-                         "graph's inputs named in manifest.json")  # fmt: skip
+        raise InputError(
+            f"{graph.name} feeds: missing {missing[:3]}, unexpected {extra[:3]}; feed exactly the graph's inputs "
+            "named in manifest.json"
+        )
+    sizes: dict[str, int] = {}  # what each open dim ("batch", "tokens") is in this call
     for t in graph.inputs:
         value = feeds[t.name]
-        if tuple(value.shape) != t.shape or value.dtype != torch_dtype(t.dtype):
-            raise InputError(f"{graph.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
-                             f"{t.shape} {t.dtype}")  # fmt: skip
-    capacity = graph.input(names.ATTENTION_MASK).shape[1]
-    start = int(feeds[names.CACHE_POSITION][0])
-    if start < 0 or start + graph.seq_len > capacity:
-        raise InputError(f"cache_position {start}..{start + graph.seq_len - 1} is outside the cache of {capacity} "
-                         "slots; the cache is full — re-export with a larger --max-seq-len")  # fmt: skip
+        want = tuple(
+            sizes.setdefault(d, n) if isinstance(d, str) else d for d, n in zip(t.shape, value.shape, strict=False)
+        )
+        if tuple(value.shape) != want or value.dtype != torch_dtype(t.dtype):
+            bound = f" with {', '.join(f'{k}={v}' for k, v in sizes.items())} from the inputs before it" if sizes else ""
+            raise InputError(
+                f"{graph.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
+                f"{t.shape} {t.dtype}{bound}"
+            )
+    capacity = feeds[names.ATTENTION_MASK].shape[1]
+    position = feeds[names.CACHE_POSITION]
+    low, high = int(position[:, 0].min()), int(position[:, -1].max())
+    if low < 0 or high >= capacity:
+        raise InputError(
+            f"cache_position {low}..{high} is outside the cache of {capacity} slots; the cache is full — "
+            "re-export with a larger --max-seq-len"
+        )
 
 
 def fixed_prompt(batch: int, seq: int, vocab: int) -> torch.Tensor:

@@ -8,7 +8,6 @@ the dataclasses below can trust their fields.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,12 +34,8 @@ __all__ = [
 @dataclass(frozen=True)
 class TensorSpec:
     name: str  # "past_key_values.3.key"
-    shape: tuple[int, ...]  # static
+    shape: tuple[int | str, ...]  # a dim is a size, or a name ("batch", "tokens") a graph leaves open
     dtype: str  # "float16", "int64"
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -54,8 +49,8 @@ class TensorSpec:
 class GraphSpec:
     """One graph variant: what it is (role, attention form, weight format, who may run it) and its IO."""
 
-    name: str  # unique in the artifact: "prefill", "decode.ort", "prefill.b1"
-    role: str  # "prefill" | "decode"
+    name: str  # unique in the artifact: "prefill", "decode", "model.ort"
+    role: str  # "prefill" | "decode" | "any" (one graph with open batch and tokens dims serves both)
     path: str  # relative to the artifact folder
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -69,12 +64,24 @@ class GraphSpec:
         return next(t for t in self.inputs if t.name == name)
 
     @property
-    def batch(self) -> int:
-        return self.input(names.INPUT_IDS).shape[0]
+    def batch(self) -> int | None:
+        """Rows per call; None where the graph takes any number."""
+        dim = self.input(names.INPUT_IDS).shape[0]
+        return dim if isinstance(dim, int) else None
 
     @property
-    def seq_len(self) -> int:
-        return self.input(names.INPUT_IDS).shape[1]
+    def seq_len(self) -> int | None:
+        """Tokens per call; None where the graph takes any number."""
+        dim = self.input(names.INPUT_IDS).shape[1]
+        return dim if isinstance(dim, int) else None
+
+    def serves(self, role: str, batch: int, seq: int | None = None) -> bool:
+        """Whether a call of `role` with `batch` rows (and `seq` tokens, if given) can run on this graph."""
+        return (
+            self.role in (role, "any")
+            and self.batch in (batch, None)
+            and (seq is None or self.seq_len in (seq, None))
+        )
 
     @property
     def full_logits(self) -> bool:
@@ -186,15 +193,16 @@ class Manifest:
 
 
 def contract_io(
-    config: LlamaConfig, dtype: str, batch: int, seq: int, max_cache_len: int, full_logits: bool = False
+    config: LlamaConfig, dtype: str, batch: int | str, seq: int | str, max_cache_len: int, full_logits: bool = False
 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """(inputs, outputs) of a graph of `batch` rows and `seq` tokens per call: DESIGN.md §1."""
+    """(inputs, outputs) of a graph of `batch` rows and `seq` tokens per call (either may be a name
+    the graph leaves open): DESIGN.md §1."""
     kv = (batch, config.num_kv_heads, max_cache_len, config.head_dim)
     logits = (batch, seq, config.vocab_size) if full_logits else (batch, config.vocab_size)
     inputs = (
         TensorSpec(names.INPUT_IDS, (batch, seq), "int64"),
         TensorSpec(names.POSITION_IDS, (batch, seq), "int64"),
-        TensorSpec(names.CACHE_POSITION, (seq,), "int64"),
+        TensorSpec(names.CACHE_POSITION, (batch, seq), "int64"),
         TensorSpec(names.ATTENTION_MASK, (batch, max_cache_len), "int64"),
         *(TensorSpec(n, kv, dtype) for n in names.cache_names(config.num_layers, "past")),
     )

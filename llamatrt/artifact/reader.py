@@ -70,8 +70,8 @@ def check_contract(manifest: Manifest) -> None:
         first = graph.inputs[0]
         if first.name != names.INPUT_IDS or len(first.shape) != 2:
             raise ManifestMismatchError(f"graph {graph.name!r}: its first input must be input_ids [B, S]; {REEXPORT}")
-        want = contract_io(manifest.config, manifest.dtype, graph.batch, graph.seq_len, manifest.max_cache_len,
-                           graph.full_logits)  # fmt: skip
+        batch, seq = first.shape
+        want = contract_io(manifest.config, manifest.dtype, batch, seq, manifest.max_cache_len, graph.full_logits)
         for side, got, expected in (("input", graph.inputs, want[0]), ("output", graph.outputs, want[1])):
             if tuple(got) != expected:
                 bad = next((a, b) for a, b in zip([*got, None], [*expected, None], strict=False) if a != b)
@@ -79,7 +79,7 @@ def check_contract(manifest: Manifest) -> None:
                 raise ManifestMismatchError(
                     f"graph {graph.name!r} {side} {shown[0]} disagrees with the config, which implies {shown[1]}; {REEXPORT}"
                 )
-    if not any(g.role == "decode" and g.batch == manifest.batch_size for g in manifest.graphs.values()):
+    if not any(g.serves("decode", manifest.batch_size) for g in manifest.graphs.values()):
         raise ManifestMismatchError(f"manifest has no decode graph of batch {manifest.batch_size}; {REEXPORT}")
 
 
@@ -97,7 +97,8 @@ def check_graph_file(path: Path, graph: GraphSpec, manifest: Manifest) -> None:
         for v in values:  # type: ignore[attr-defined]
             t = v.type.tensor_type
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
-            out.append((v.name, tuple(d.dim_value for d in t.shape.dim), {"bfloat16": "bfloat16"}.get(dtype, dtype)))
+            shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim)
+            out.append((v.name, shape, dtype))
         return out
 
     for side, real, spec in (
@@ -105,7 +106,7 @@ def check_graph_file(path: Path, graph: GraphSpec, manifest: Manifest) -> None:
         ("outputs", io(proto.graph.output), graph.outputs),
     ):
         want = [(t.name, t.shape, t.dtype) for t in spec]
-        if [(n, s, _canonical(d)) for n, s, d in real] != want:
+        if real != want:
             raise ManifestMismatchError(
                 f"{path.name}'s {side} are not the ones the manifest names for graph {graph.name!r} "
                 f"(a graph from another artifact?); {REEXPORT}"
@@ -120,11 +121,6 @@ def check_graph_file(path: Path, graph: GraphSpec, manifest: Manifest) -> None:
                 f"{path.name} reads weights from {info.get('location')!r} (bytes up to {end}), outside "
                 f"the artifact's {manifest.weights_file}; {REEXPORT}"
             )
-
-
-def _canonical(dtype: str) -> str:
-    """numpy's names for ONNX element types, in the manifest's spelling."""
-    return {"float32": "float32", "float16": "float16", "int64": "int64"}.get(dtype, dtype)
 
 
 def read_manifest(folder: Path, verify: bool = True, graph_files: bool = True) -> Manifest:

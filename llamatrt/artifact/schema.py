@@ -17,10 +17,14 @@ from llamatrt.artifact.variants import ATTENTION_FORMS, BACKENDS, ROLES
 from llamatrt.errors import ManifestMismatchError
 
 # 2: graphs are a list of variants described by data (role, batch, attention form, ...), each with a hash.
-FORMAT_VERSION = 2
+# 3: cache_position is [B, S] (each row writes at its own slots: in-flight batching); a graph's batch
+#    and tokens-per-call dims may be symbolic ("batch", "tokens") where one graph serves every shape.
+FORMAT_VERSION = 3
 REEXPORT = "re-run `llamatrt export --force` with this llamatrt"
 MAX_DIM = 1 << 24  # no real shape comes near; 10^12 is a tampered or corrupt manifest
 _COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_DIM}
+SYMBOLIC_DIMS = ("batch", "tokens")  # the dims a graph may leave open: rows per call, tokens per call
+_DIM = {"anyOf": [_COUNT, {"enum": list(SYMBOLIC_DIMS)}]}
 _SIZE = {"type": "integer", "minimum": 0}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 255}
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -29,7 +33,7 @@ _TENSOR = {
     "required": ["name", "shape", "dtype"],
     "properties": {
         "name": _NAME,
-        "shape": {"type": "array", "items": _COUNT, "minItems": 1, "maxItems": 4},
+        "shape": {"type": "array", "items": _DIM, "minItems": 1, "maxItems": 4},
         "dtype": {"enum": sorted(TENSOR_DTYPES)},
     },
 }
@@ -47,7 +51,7 @@ _GRAPH = {
     "required": ["name", "role", "path", "bytes", "sha256", "attention", "weights", "backends", "inputs", "outputs"],
     "properties": {
         "name": _NAME,
-        "role": {"enum": list(ROLES)},
+        "role": {"enum": [*ROLES, "any"]},
         "path": _NAME,
         "bytes": _SIZE,
         "sha256": _SHA256,

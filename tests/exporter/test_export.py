@@ -49,37 +49,54 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def _run_graph(session: ort.InferenceSession, spec, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.from_numpy(t) for t in session.run(None, {k: v.numpy() for k, v in feeds.items()})]
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("graphs", ["portable", "ort_attention"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnx_equals_pytorch_prefill_and_16_decode_steps(artifacts, tiny_dir: Path, batch: int, graphs: str) -> None:
+    """Each row prefilled alone (batch 1, on its row of the cache, left-padded to the chunk), then
+    16 decode steps of all rows, run on the graph files directly and on PyTorch with the same feeds."""
     folder = artifacts[batch]
     model = load_checkpoint(tiny_dir).build_model()
     manifest = read_manifest(folder)
-    suffix = ".ort" if graphs == "ort_attention" else ""
-    specs = {role: manifest.graphs[role + suffix] for role in ("prefill", "decode")}
-    sessions = {role: _session(folder / spec.path) for role, spec in specs.items()}
-    lengths = [CHUNK, 5, 2][:batch]  # left padding: rows shorter than the chunk
-    ids = torch.zeros(batch, CHUNK, dtype=torch.long)
-    positions = torch.zeros(batch, CHUNK, dtype=torch.long)
-    mask = torch.ones(batch, CACHE, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, CHUNK - n :] = torch.arange(n) * 7 % 90 + 3 + b
-        positions[b, CHUNK - n :] = torch.arange(n)
-        mask[b, : CHUNK - n] = 0
+    if graphs == "portable":
+        prefill, decode = manifest.graphs["prefill"], manifest.graphs["decode"]
+    else:
+        prefill = decode = manifest.graphs["model.ort"]  # one graph with open rows and tokens
+    sessions = {spec.name: _session(folder / spec.path) for spec in (prefill, decode)}
     cache = empty_cache(model.config, batch, CACHE, torch.float32)
     ort_cache = [t.clone() for t in cache]  # eager torch writes its cache in place
-    role, start = "prefill", 0
-    for step in range(17):
-        feeds = graph_feeds(specs[role], ids, positions, start, mask, cache)
-        ref = model(*(feeds[t.name] for t in specs[role].inputs))
-        ort_feeds = graph_feeds(specs[role], ids, positions, start, mask, ort_cache)
-        out = sessions[role].run(None, {k: v.numpy() for k, v in ort_feeds.items()})
-        assert np.abs(out[0] - ref[0].numpy()).max() <= 1e-4, f"step {step}"
-        cache, ort_cache = list(ref[1:]), [torch.from_numpy(t) for t in out[1:]]
-        ids = ref[0].argmax(-1, keepdim=True)
-        positions = positions[:, -1:] + 1
-        role, start = "decode", CHUNK + step
+    mask = torch.ones(batch, CACHE, dtype=torch.long)
+    last = []
+    for b, n in enumerate([CHUNK, 5, 2][:batch]):  # rows shorter than the chunk are left-padded
+        ids = torch.zeros(1, CHUNK, dtype=torch.long)
+        ids[0, CHUNK - n :] = torch.arange(n) * 7 % 90 + 3 + b
+        positions = (torch.arange(CHUNK) - (CHUNK - n)).clamp(min=0)[None]
+        mask[b, : CHUNK - n] = 0
+        rows = [t[b : b + 1] for t in cache]
+        ref = model(*graph_feeds(prefill, ids, positions, 0, mask[b : b + 1], rows).values())
+        out = _run_graph(
+            sessions[prefill.name],
+            prefill,
+            graph_feeds(prefill, ids, positions, 0, mask[b : b + 1], [t[b : b + 1] for t in ort_cache]),
+        )
+        assert (out[0] - ref[0]).abs().max() <= 1e-4, f"prefill of row {b}"
+        for t, new in zip(ort_cache, out[1:], strict=True):
+            t[b : b + 1] = new
+        last.append((ref[0].argmax(-1), n))
+    ids = torch.stack([t for t, _ in last])  # (batch, 1)
+    positions = torch.tensor([[n] for _, n in last])
+    for step in range(16):
+        ref = model(*graph_feeds(decode, ids, positions, CHUNK + step, mask, cache).values())
+        out = _run_graph(
+            sessions[decode.name], decode, graph_feeds(decode, ids, positions, CHUNK + step, mask, ort_cache)
+        )
+        assert (out[0] - ref[0]).abs().max() <= 1e-4, f"decode step {step}"
+        cache, ort_cache = list(ref[1:]), out[1:]
+        ids, positions = ref[0].argmax(-1, keepdim=True), positions + 1
 
 
 def test_manifest_round_trips_and_names_every_tensor(artifacts) -> None:
@@ -89,16 +106,18 @@ def test_manifest_round_trips_and_names_every_tensor(artifacts) -> None:
     described = {(g.role, g.batch, g.seq_len, g.attention, g.backends) for g in manifest.graphs.values()}
     portable, fused_only = ("torch", "onnxruntime", "tensorrt"), ("onnxruntime",)
     assert described == {
-        ("prefill", 3, CHUNK, "portable", portable), ("decode", 3, 1, "portable", portable),
-        ("prefill", 1, CHUNK, "portable", portable),  # admits one request into one row of the B-row cache
-        ("prefill", 3, CHUNK, "onnxruntime", fused_only), ("decode", 3, 1, "onnxruntime", fused_only),
-        ("prefill", 1, CHUNK, "onnxruntime", fused_only),
-    }  # fmt: skip
-    fused_entry = next(g for g in manifest.to_json()["graphs"] if g["name"] == "decode.ort")
-    assert fused_entry["path"] == "decode.ort.onnx" and fused_entry["requires"] == {"onnxruntime": "1.32"}
+        ("prefill", 1, CHUNK, "portable", portable),  # one request's prompt into one row of the B-row cache
+        ("decode", 3, 1, "portable", portable),  # every row at its own slot
+        ("any", None, None, "onnxruntime", fused_only),  # rows and tokens open: one session serves both
+    }
+    fused_entry = next(g for g in manifest.to_json()["graphs"] if g["name"] == "model.ort")
+    assert fused_entry["path"] == "model.ort.onnx" and fused_entry["requires"] == {"onnxruntime": "1.32"}
+    assert fused_entry["inputs"][0]["shape"] == ["batch", "tokens"]
     for graph in manifest.graphs.values():
         proto = onnx.load(str(folder / graph.path), load_external_data=False)
-        io = [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in proto.graph.input]
+        io = [
+            (v.name, tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in proto.graph.input
+        ]
         assert io == [(t.name, t.shape) for t in graph.inputs], graph.name
         assert [v.name for v in proto.graph.output] == [t.name for t in graph.outputs]
         ops = [n.op_type for n in proto.graph.node]
@@ -114,16 +133,16 @@ def test_one_weights_file_shared_by_all_graphs(artifacts, tiny_dir: Path) -> Non
     folder = artifacts[1]
     params = sum(p.numel() for p in load_checkpoint(tiny_dir).build_model().parameters())
     weights = (folder / "weights.data").stat().st_size
-    assert 0.95 * params * 4 <= weights <= 1.1 * params * 4  # each parameter once, for all four graphs
+    assert 0.95 * params * 4 <= weights <= 1.1 * params * 4  # each parameter once, for all three graphs
     parameters = {str(t["offset"]) for t in read_manifest(folder).weights_map.values()}
-    assert list(read_manifest(folder).graphs) == ["prefill", "decode", "prefill.ort", "decode.ort"]
-    for graph in ("prefill", "decode", "prefill.ort", "decode.ort"):
+    assert list(read_manifest(folder).graphs) == ["prefill", "decode", "model.ort"]
+    for graph in ("prefill", "decode", "model.ort"):
         proto = onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False)
         ext = [{e.key: e.value for e in i.external_data} for i in proto.graph.initializer if i.external_data]
         assert {e["location"] for e in ext} == {"weights.data"}
         assert parameters <= {e["offset"] for e in ext}, graph
-    assert sorted(p.name for p in folder.iterdir()) == ["decode.onnx", "decode.ort.onnx", "manifest.json",
-                                                         "prefill.onnx", "prefill.ort.onnx", "tokenizer", "weights.data"]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == ["decode.onnx", "manifest.json", "model.ort.onnx",
+                                                         "prefill.onnx", "tokenizer", "weights.data"]  # fmt: skip
 
 
 def test_a_head_dim_the_fused_kernel_cannot_take_gets_the_portable_graphs_only(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def test_rtx_builds_both_graphs_and_io_matches_manifest(artifact: Path) -> None:
     engines = manifest.engines
     assert engines["builder"] == "tensorrt-rtx" and engines["timing_cache"] == "timing.cache"
     assert (artifact / "timing.cache").stat().st_size > 0
-    assert set(engines["graphs"]) == set(engine_graphs(manifest)) == {"prefill", "decode", "prefill.b1"}
+    assert set(engines["graphs"]) == set(engine_graphs(manifest)) == {"prefill", "decode"}
     for name, graph in engine_graphs(manifest).items():
         entry = engines["graphs"][name]
         assert (artifact / entry["path"]).stat().st_size == entry["bytes"] > 0

@@ -46,11 +46,11 @@ def test_smollm2_greedy_equals_transformers(smollm2) -> None:
     cache = empty_cache(model.config, 1, cache_len, torch.float32)
     mask = torch.ones(1, cache_len, dtype=torch.long)
     n = ids.shape[1]
-    out = model(ids, torch.arange(n)[None], torch.arange(n), mask, *cache)
+    out = model(ids, torch.arange(n)[None], torch.arange(n)[None], mask, *cache)
     tokens = []
     for step in range(32):
         tokens.append(int(out[0].argmax(-1)))
         pos = n + step
-        out = model(torch.tensor([[tokens[-1]]]), torch.tensor([[pos]]), torch.tensor([pos]), mask, *out[1:])
+        out = model(torch.tensor([[tokens[-1]]]), torch.tensor([[pos]]), torch.tensor([[pos]]), mask, *out[1:])
     assert tokens == ref.tolist()
     assert "Paris" in tok.decode(tokens)

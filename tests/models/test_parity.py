@@ -14,8 +14,8 @@ CACHE = 48
 
 def run_static(model: StaticLlama, ids: torch.Tensor, cache: list[torch.Tensor], start: int,
                attention_mask: torch.Tensor, positions: torch.Tensor, full_logits: bool = False):  # fmt: skip
-    seq = ids.shape[1]
-    cache_position = torch.arange(start, start + seq)
+    batch, seq = ids.shape
+    cache_position = torch.arange(start, start + seq).expand(batch, seq)  # every row writes the same slots
     out = model(ids, positions, cache_position, attention_mask, *cache, full_logits=full_logits)
     return out[0], list(out[1:])
 
@@ -99,3 +99,26 @@ def test_fully_masked_row_gives_no_nan() -> None:
     logits, present = run_static(model, torch.tensor([[3, 4]]), cache, 0, torch.zeros(1, CACHE, dtype=torch.long),
                                  torch.zeros(1, 2, dtype=torch.long))  # fmt: skip
     assert torch.isfinite(logits).all() and all(torch.isfinite(t).all() for t in present)
+
+
+@torch.no_grad()
+def test_rows_at_their_own_slots_equal_each_row_alone() -> None:
+    """cache_position is per row: one call with rows at different slots and positions gives each
+    row what it gets alone (the in-flight batching contract)."""
+    model = load_checkpoint(tiny_hf_model("gqa-llama3")).build_model()
+    rows = [[5, 17, 42, 8, 77, 3, 9], [11, 12], [40, 41, 42, 43]]
+    caches, logits = [], []
+    for row in rows:  # each row prefilled alone
+        out, cache = run_static(model, torch.tensor([row]), empty_cache(model.config, 1, CACHE, torch.float32), 0,
+                                torch.ones(1, CACHE, dtype=torch.long), torch.arange(len(row))[None])  # fmt: skip
+        caches.append(cache)
+        logits.append(out)
+    batch_cache = [torch.cat(parts) for parts in zip(*caches, strict=True)]
+    nxt = torch.cat([out.argmax(-1, keepdim=True) for out in logits])  # (3, 1)
+    slots = torch.tensor([[len(r)] for r in rows])  # each row writes its own next slot
+    step = model(nxt, slots, slots, torch.ones(3, CACHE, dtype=torch.long), *batch_cache)[0]
+    for b in range(len(rows)):
+        alone = model(
+            nxt[b : b + 1], slots[b : b + 1], slots[b : b + 1], torch.ones(1, CACHE, dtype=torch.long), *caches[b]
+        )[0]
+        assert (alone - step[b]).abs().max() <= TOL

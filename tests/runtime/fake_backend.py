@@ -18,7 +18,7 @@ def fake_manifest(batch: int = 1, chunk: int = 4, cache: int = 24) -> Manifest:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                          num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
                          tie_word_embeddings=True)  # fmt: skip
-    shapes = {"prefill": (batch, chunk), "decode": (batch, 1)}
+    shapes = {"prefill": (1, chunk), "decode": (batch, 1)}
     graphs = {
         name: GraphSpec(name, name, f"{name}.onnx", *contract_io(config, "float32", b, s, cache))
         for name, (b, s) in shapes.items()
@@ -32,14 +32,27 @@ class ScriptedBackend(Backend):
 
     def __init__(self, manifest: Manifest, flat: bool = False) -> None:
         super().__init__(Path("."), manifest)
-        self.calls: list[dict[str, torch.Tensor | str]] = []
+        self.calls: list[dict] = []
         self.flat = flat  # uniform logits, for sampling tests
+        self.cache: list[torch.Tensor] = []
+
+    def allocate_cache(self) -> list[torch.Tensor]:
+        self.cache = super().allocate_cache()
+        return self.cache
+
+    def _row_of(self, past: torch.Tensor) -> int | None:
+        """Which row of the B-row cache a batch-1 call was bound to (None: all rows)."""
+        full = self.cache[0]
+        if past.shape[0] == full.shape[0]:
+            return None
+        return (past.data_ptr() - full.data_ptr()) // (full[0].numel() * full.element_size())
 
     def select_graphs(self, manifest: Manifest) -> dict[str, GraphSpec]:
         return dict(manifest.graphs)
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.calls.append({"graph": graph.name, **{k: v.clone() for k, v in feeds.items() if "past" not in k}})
+        self.calls.append({"graph": graph.name, "row": self._row_of(feeds["past_key_values.0.key"]),
+                           **{k: v.clone() for k, v in feeds.items() if "past" not in k}})  # fmt: skip
         last = feeds["input_ids"][:, -1]
         logits = torch.zeros(last.shape[0], VOCAB)
         if not self.flat:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamatrt.artifact.feeds import graph_feeds
 from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import KVState
@@ -59,57 +58,53 @@ def test_greedy_equals_transformers_generate_per_prompt(backend) -> None:
         assert tokens == ref[0, len(prompt) :].tolist()
 
 
-def test_present_aliases_past_and_logits_shape(backend) -> None:
+def test_a_row_prefill_writes_its_row_in_place_and_leaves_the_others(backend) -> None:
+    """A batch-1 prefill bound to row 1 of the B-row cache: present is that row's own memory (no
+    copy), it holds the 8 new keys, and rows 0 and 2 are untouched."""
     kv = KVState(backend)
-    kv.start([0, 0, 0])
-    prefill = backend.graph("prefill")
-    feeds = kv.feeds(prefill, torch.ones(3, 8, dtype=torch.long), torch.arange(8).expand(3, 8).contiguous(), 0)
+    for t in kv.buffers:
+        t.fill_(0.5)
+    prefill = backend.graph("prefill", 1, 8)
+    ids, positions = torch.tensor([5, 17, 42, 8, 77, 3, 9, 21]), torch.arange(8)
+    feeds = kv.prefill_feeds(prefill, 1, ids, positions, 0)
     out = backend.run(prefill.name, feeds)
-    assert out["logits"].shape == (3, backend.manifest.config.vocab_size) and out["logits"].dtype == torch.float32
+    assert out["logits"].shape == (1, backend.manifest.config.vocab_size) and out["logits"].dtype == torch.float32
     key0 = out["present.0.key"]
-    assert key0.data_ptr() == feeds["past_key_values.0.key"].data_ptr()  # updated in place, no copy
-    assert key0[:, :, :8].abs().sum() > 0 and key0[:, :, 8:].abs().sum() == 0
+    assert key0.data_ptr() == kv.buffers[0][1].data_ptr()  # updated in place, in row 1's own block
+    kv.take(out, row=1)
+    row1 = kv.buffers[0][1]
+    assert not torch.equal(row1[:, :8], torch.full_like(row1[:, :8], 0.5)) and bool((row1[:, 8:] == 0.5).all())
+    assert bool((kv.buffers[0][0] == 0.5).all()) and bool((kv.buffers[0][2] == 0.5).all())
+    fresh = KVState(backend)  # the same prompt on row 0 of a fresh cache: the same logits
+    again = backend.run(prefill.name, fresh.prefill_feeds(prefill, 0, ids, positions, 0))["logits"]
+    assert torch.allclose(again, out["logits"], atol=1e-5)
+
+
+def test_rows_at_different_positions_in_one_decode_call_equal_each_alone(backend) -> None:
+    prompts = [[5, 17, 42, 8, 77, 3, 9, 21, 22, 23, 11], [11, 12], [40, 41, 42, 43]]
+    together = Generator(backend).score(prompts, [[1, 2, 3]] * 3)
+    alone = [Generator(backend).score([p], [[1, 2, 3]])[0] for p in prompts]
+    for a, b in zip(together, alone, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_last_slot_works_and_one_more_is_refused(backend) -> None:
     kv = KVState(backend)
-    kv.start([0, 0, 0])
     decode = backend.graph("decode")
-    feeds = kv.feeds(decode, torch.ones(3, 1, dtype=torch.long), torch.full((3, 1), 47), 47)
-    assert torch.isfinite(backend.run(decode.name, feeds)["logits"]).all()
-    feeds = kv.feeds(decode, torch.ones(3, 1, dtype=torch.long), torch.full((3, 1), 48), 48)
+    ones, last = torch.ones(3, dtype=torch.long), torch.full((3,), 47)
+    assert torch.isfinite(backend.run(decode.name, kv.decode_feeds(decode, ones, last, last))["logits"]).all()
     with pytest.raises(InputError, match="outside the cache of 48 slots"):
-        backend.run(decode.name, feeds)
+        backend.run(decode.name, kv.decode_feeds(decode, ones, last + 1, last + 1))
 
 
 def test_wrong_feed_names_the_tensor(backend) -> None:
     kv = KVState(backend)
     decode = backend.graph("decode")
-    feeds = kv.feeds(decode, torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), 0)
-    feeds["input_ids"] = torch.ones(3, 2, dtype=torch.long)
-    with pytest.raises(InputError, match="'input_ids' is \\(3, 2\\)"):
+    zeros = torch.zeros(3, dtype=torch.long)
+    feeds = kv.decode_feeds(decode, zeros, zeros, zeros)
+    feeds["input_ids"] = torch.ones(3, 1, dtype=torch.int32)
+    with pytest.raises(InputError, match=r"'input_ids' is \(3, 1\) torch\.int32"):
         backend.run(decode.name, feeds)
-
-
-def test_batch_one_prefill_bound_to_a_row_equals_that_row_of_a_batch_prefill(backend) -> None:
-    """The batch-1 prefill variant writes one row of the B-row cache in place and leaves the others."""
-    kv = KVState(backend)
-    kv.start([0, 0, 0])
-    prefill, row_prefill = backend.graph("prefill"), backend.graph("prefill", batch=1)
-    ids = torch.tensor(
-        [[5, 17, 42, 8, 77, 3, 9, 21], [11, 12, 13, 14, 15, 16, 17, 18], [40, 41, 42, 43, 44, 45, 46, 47]]
-    )
-    positions = torch.arange(8).expand(3, 8).contiguous()
-    together = backend.run(prefill.name, kv.feeds(prefill, ids, positions, 0))["logits"].clone()
-    rows_before = [t.clone() for t in kv.buffers]
-    for t in kv.buffers:
-        t[1].zero_()
-    row = [t[1:2] for t in kv.buffers]  # row 1 of each (3, kv_heads, 48, head_dim) buffer: one contiguous block
-    feeds = graph_feeds(row_prefill, ids[1:2], positions[1:2], 0, kv.attention_mask[1:2], row, backend.device)
-    alone = backend.run(row_prefill.name, feeds)["logits"]
-    assert torch.allclose(alone[0], together[1], atol=1e-5)
-    for before, after in zip(rows_before, kv.buffers, strict=True):
-        assert torch.allclose(before, after, atol=1e-6)  # row 1 rewritten as the batch wrote it, rows 0 and 2 kept
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -149,7 +144,7 @@ def test_tensorrt_backend_unavailable_here_is_one_line(tiny_artifact: Path) -> N
 def test_onnxruntime_cpu_runs_fused_attention_and_leaves_the_cores_to_its_threads(tiny_artifact: Path) -> None:
     before = torch.get_num_threads()
     with open_backend(tiny_artifact, "onnxruntime") as backend:
-        assert set(backend.graph_files.values()) == {"prefill.ort.onnx", "decode.ort.onnx", "prefill.b1.ort.onnx"}
+        assert set(backend.graph_files.values()) == {"model.ort.onnx"}  # one session for every call
         seen = [torch.get_num_threads() for _ in Generator(backend).stream(PROMPTS[:1], max_new_tokens=2)]
     assert seen == [1, 1]  # the loop's torch work does not spin on ONNX Runtime's cores
     assert torch.get_num_threads() == before  # and torch is given back as it was
@@ -162,7 +157,7 @@ def test_an_onnxruntime_too_old_for_fused_attention_runs_the_portable_graphs(
 
     monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")
     with open_backend(tiny_artifact, "onnxruntime") as backend:
-        assert set(backend.graph_files.values()) == {"prefill.onnx", "decode.onnx", "prefill.b1.onnx"}
+        assert set(backend.graph_files.values()) == {"prefill.onnx", "decode.onnx"}
         portable_tokens = Generator(backend).generate(PROMPTS[:1], max_new_tokens=4)[0]
     monkeypatch.undo()
     with open_backend(tiny_artifact, "onnxruntime") as fused:

@@ -23,7 +23,13 @@ def test_good_artifact_passes_with_every_check(tiny_artifact: Path) -> None:
     report = run_diff(tiny_artifact, ["onnxruntime", "torch"], prompts=PROMPTS, steps=8)
     assert report, str(report)
     names = " ".join(c.name for c in report.checks)
-    for check in ("left padding", "chunked prefill", "batched rows", "last cache slot", "fully masked row"):
+    for check in (
+        "left padding",
+        "chunked prefill",
+        "rows at different positions",
+        "last cache slot",
+        "fully masked row",
+    ):
         assert check in names
     assert [s.name for s in report.stages] == ["StaticLlama", "artifact/onnxruntime", "artifact/torch"]
     assert all(s.first_divergence is None and s.top1 == 1.0 for s in report.stages)

@@ -1,13 +1,18 @@
-"""The loop, tested on a scripted backend: chunking, padding, batching, stop rules, seeds."""
+"""The loop, tested on a scripted backend (next token = last input token + 1): the slots each row
+writes, admission order, freeing and refilling rows, prefill plans, stop rules, seeds, cancellation."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
 from llamatrt.errors import InputError
-from llamatrt.runtime.generator import Generator, prefill_windows
+from llamatrt.runtime.generator import Generator
+from llamatrt.runtime.kv_state import plan_prefill
 from llamatrt.runtime.sampling import SamplingParams
+from llamatrt.runtime.scheduler import Request, Scheduler
 from tests.runtime.fake_backend import ScriptedBackend, fake_manifest
 
 
@@ -15,42 +20,133 @@ def steps_of(gen: Generator, prompts, **kw):
     return list(gen.stream(prompts, **kw))
 
 
-def test_prefill_windows_cover_prompt_and_end_on_it() -> None:
-    assert prefill_windows(4, 4) == [0]
-    assert prefill_windows(10, 4) == [0, 4, 6]
-    assert prefill_windows(12, 4) == [0, 4, 8]
+def calls(backend: ScriptedBackend, graph: str | None = None) -> list[dict]:
+    return [c for c in backend.calls if graph is None or c["graph"] == graph]
+
+
+def test_prefill_plans_end_on_the_prompt_and_pad_only_short_prompts() -> None:
+    assert plan_prefill(4, [4], 4).windows == ((0, 4),)
+    assert plan_prefill(10, [4], 4).windows == ((0, 4), (4, 4), (6, 4))  # the last window overlaps back
+    assert plan_prefill(1, [4], 4) == plan_prefill(1, [4], 4).__class__(3, ((0, 4),))  # padded to one window
+    assert plan_prefill(20, [16, 128], 128).windows == ((0, 16), (4, 16))  # two short calls, not one of 128
+    assert plan_prefill(130, [16, 128], 128).windows == ((0, 128), (114, 16))
+    assert plan_prefill(300, [16, 128], 128).windows == ((0, 128), (128, 128), (256, 16), (272, 16), (284, 16))
+    assert plan_prefill(256, [16, 128], 128).windows == ((0, 128), (128, 128))
+    dynamic = plan_prefill(10, None, 4)  # a graph with open tokens: no padding, exact windows
+    assert dynamic.pad == 0 and dynamic.windows == ((0, 4), (4, 4), (8, 2))
 
 
 def test_chunked_prefill_then_decode_slots() -> None:
     backend = ScriptedBackend(fake_manifest(chunk=4))
     tokens = Generator(backend).generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], max_new_tokens=3)
     assert tokens == [[11, 12, 13]]
-    starts = [(c["graph"], int(c["cache_position"][0])) for c in backend.calls]
-    assert starts == [("prefill", 0), ("prefill", 4), ("prefill", 6), ("decode", 10), ("decode", 11)]
+    starts = [(c["graph"], c["cache_position"].tolist()) for c in backend.calls]
+    assert starts == [
+        ("prefill", [[0, 1, 2, 3]]), ("prefill", [[4, 5, 6, 7]]), ("prefill", [[6, 7, 8, 9]]),
+        ("decode", [[10]]), ("decode", [[11]]),
+    ]  # fmt: skip
     assert backend.calls[2]["input_ids"].tolist() == [[7, 8, 9, 10]]
     assert backend.calls[3]["position_ids"].tolist() == [[10]]
 
 
-def test_left_padding_positions_and_mask_and_batch_equals_alone() -> None:
+def test_a_short_prompt_is_padded_in_its_own_row_only() -> None:
+    backend = ScriptedBackend(fake_manifest(batch=2, chunk=4))
+    Generator(backend).generate([[5], [6, 7, 8, 9, 10]], max_new_tokens=4)
+    first = calls(backend, "prefill")[0]
+    assert first["row"] == 0 and first["input_ids"].tolist() == [[0, 0, 0, 5]]
+    assert first["position_ids"].tolist() == [[0, 0, 0, 0]] and first["attention_mask"][0, :5].tolist() == [
+        0,
+        0,
+        0,
+        1,
+        1,
+    ]
+    decodes = calls(backend, "decode")
+    # while row 1 still prefills, its decode slot is where its next prefill call writes anyway
+    assert [d["cache_position"][1, 0].item() for d in decodes[:2]] == [0, 1]
+    both = decodes[2]
+    assert both["cache_position"][:, 0].tolist() == [6, 5]  # each row at its own slot: row 0 is 3 tokens
+    assert both["position_ids"][:, 0].tolist() == [3, 5]  # in after 3 padding slots; row 1 is 5 tokens in
+    assert both["attention_mask"][1, :6].tolist() == [1, 1, 1, 1, 1, 1]  # row 1 has no padding
+
+
+def test_rows_at_different_positions_equal_each_alone() -> None:
     prompts = [[5, 6, 7, 8, 9, 10], [3], [20, 21]]
-    backend = ScriptedBackend(fake_manifest(batch=3, chunk=4))
-    batched = Generator(backend).generate(prompts, max_new_tokens=4)
-    first = backend.calls[0]
-    assert first["attention_mask"][1, :6].tolist() == [0, 0, 0, 0, 0, 1]
-    assert first["attention_mask"][2, :6].tolist() == [0, 0, 0, 0, 1, 1]
-    last_prefill = [c for c in backend.calls if c["graph"] == "prefill"][-1]
-    assert last_prefill["position_ids"][:, -1].tolist() == [5, 0, 1]
-    decode = next(c for c in backend.calls if c["graph"] == "decode")
-    assert decode["position_ids"][:, 0].tolist() == [6, 1, 2]
+    batched = Generator(ScriptedBackend(fake_manifest(batch=3, chunk=4))).generate(prompts, max_new_tokens=4)
     alone = [Generator(ScriptedBackend(fake_manifest(chunk=4))).generate([p], max_new_tokens=4)[0] for p in prompts]
     assert batched == alone == [[11, 12, 13, 14], [4, 5, 6, 7], [22, 23, 24, 25]]
 
 
-def test_more_prompts_than_batch_run_in_successive_batches() -> None:
-    backend = ScriptedBackend(fake_manifest(batch=2, chunk=4))
-    out = Generator(backend).generate([[1], [2], [3]], max_new_tokens=2)
-    assert out == [[2, 3], [3, 4], [4, 5]]
-    assert sum(c["graph"] == "prefill" for c in backend.calls) == 2
+def test_a_request_joins_the_row_freed_first_and_rows_run_on() -> None:
+    """B=2, three requests: the third waits in the queue, then takes row 1 (freed first) while row 0
+    keeps decoding; its prefill is one batch-1 call on row 1 between two decode steps of row 0."""
+    backend = ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=32))
+    scheduler = Scheduler(backend)
+    long, short, late = (scheduler.submit(Request([1], max_new_tokens=n), i) for i, n in enumerate((8, 2, 3)))
+    steps = list(scheduler.run([long, short, late]))
+    by_request = {i: [s.token_id for s in steps if s.index == i and s.token_id is not None] for i in range(3)}
+    assert by_request == {0: [2, 3, 4, 5, 6, 7, 8, 9], 1: [2, 3], 2: [2, 3, 4]}
+    prefills = [c["row"] for c in calls(backend, "prefill")]
+    assert prefills == [0, 1, 1]  # admission in order; the late one into the row the short one freed
+    late_prefill = next(i for i, c in enumerate(backend.calls) if c["graph"] == "prefill" and i > 1)
+    before, after = backend.calls[late_prefill - 1], backend.calls[late_prefill + 1]
+    assert before["graph"] == after["graph"] == "decode"  # row 0 decoded on both sides of the admission
+    assert after["cache_position"][:, 0].tolist() == [before["cache_position"][0, 0] + 1, 4]
+    assert scheduler.idle and scheduler.rows == [None, None]  # every row freed
+
+
+def test_lockstep_admission_waits_for_the_whole_batch() -> None:
+    backend = ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=32))
+    scheduler = Scheduler(backend, admission="lockstep")
+    handles = [scheduler.submit(Request([1], max_new_tokens=n), i) for i, n in enumerate((6, 2, 2))]
+    list(scheduler.run(handles))
+    prefill_at = [i for i, c in enumerate(backend.calls) if c["graph"] == "prefill"]
+    decode_at = [i for i, c in enumerate(backend.calls) if c["graph"] == "decode"]
+    assert prefill_at[2] > decode_at[4]  # the third started only after the 6-token request ended
+
+
+def test_a_long_prefill_does_not_freeze_running_rows() -> None:
+    backend = ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=64))
+    scheduler = Scheduler(backend)
+    running = scheduler.submit(Request([1], max_new_tokens=20), 0)
+    for _ in range(3):
+        scheduler.step()  # row 0 is decoding
+    scheduler.submit(Request(list(range(1, 21)), max_new_tokens=2), 1)  # five prefill calls
+    list(scheduler.run([running]))
+    graphs = [c["graph"] for c in backend.calls]
+    first = graphs.index("prefill", 1)
+    assert graphs[first : first + 10] == ["prefill", "decode"] * 5  # one prefill call between two decode steps
+
+
+def test_cancelling_frees_the_row_and_leaves_the_others_unchanged() -> None:
+    backend = ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=32))
+    scheduler = Scheduler(backend)
+    keep = scheduler.submit(Request([5], max_new_tokens=8), 0)
+    drop = scheduler.submit(Request([9], max_new_tokens=8), 1)
+    waiting = scheduler.submit(Request([20], max_new_tokens=2), 2)
+    steps = []
+    for _ in range(3):
+        steps += scheduler.step()
+    drop.cancel()
+    steps += list(scheduler.run([keep, drop, waiting]))
+    assert [s.token_id for s in steps if s.index == 0 and s.token_id] == [6, 7, 8, 9, 10, 11, 12, 13]
+    assert [s.finish_reason for s in steps if s.index == 1][-1] == "cancelled"
+    assert [s.token_id for s in steps if s.index == 2 and s.token_id] == [21, 22]  # admitted into the freed row
+    assert [c["row"] for c in calls(backend, "prefill")] == [0, 1, 1]
+
+
+def test_requests_stream_to_another_thread() -> None:
+    scheduler = Scheduler(ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=32)))
+    stop = threading.Event()
+    loop = threading.Thread(target=scheduler.serve_forever, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        handles = [scheduler.submit(Request([k], max_new_tokens=3), k) for k in (1, 10, 20)]
+        got = [[s.token_id for s in h.steps(timeout=10) if s.token_id is not None] for h in handles]
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    assert got == [[2, 3, 4], [11, 12, 13], [21, 22, 23]] and not loop.is_alive()
 
 
 def test_stop_ids_are_not_emitted_and_several_are_allowed() -> None:
@@ -59,13 +155,16 @@ def test_stop_ids_are_not_emitted_and_several_are_allowed() -> None:
     assert gen.generate([[5], [22]], max_new_tokens=10) == [[6, 7], [23, 24]]
     finals = {s.index: s for s in steps if s.finish_reason}
     assert finals[0].finish_reason == finals[1].finish_reason == "stop" and finals[0].token_id is None
+    assert (finals[0].stop, finals[1].stop) == (8, 25)  # which stop ended each
 
 
-def test_stop_string_ends_the_row() -> None:
+def test_per_request_stop_ids_and_strings() -> None:
     gen = Generator(ScriptedBackend(fake_manifest()), detokenize=lambda ids: " ".join(map(str, ids)))
     steps = steps_of(gen, [[5]], max_new_tokens=10, stop_strings=["8 9"])
     assert [s.token_id for s in steps] == [6, 7, 8, 9]
-    assert steps[-1].finish_reason == "stop"
+    assert steps[-1].finish_reason == "stop" and steps[-1].stop == "8 9"
+    by_id = steps_of(gen, [[5]], max_new_tokens=10, stop_ids=[7])
+    assert [s.token_id for s in by_id] == [6, None] and by_id[-1].stop == 7
 
 
 def test_max_new_tokens_gives_length() -> None:
@@ -73,11 +172,15 @@ def test_max_new_tokens_gives_length() -> None:
     assert [s.finish_reason for s in steps] == [None, None, "length"]
 
 
-def test_full_cache_gives_length_and_never_overflows() -> None:
+def test_a_request_too_long_for_its_row_is_capped_or_refused_never_overflows() -> None:
     backend = ScriptedBackend(fake_manifest(chunk=4, cache=12))
-    steps = steps_of(Generator(backend), [list(range(1, 11))], max_new_tokens=50)
+    steps = steps_of(Generator(backend), [list(range(1, 11))], max_new_tokens=50)  # fit="cap"
     assert [s.token_id for s in steps] == [11, 12, 13] and steps[-1].finish_reason == "length"
-    assert max(int(c["cache_position"][-1]) for c in backend.calls) == 11  # the last slot, written once
+    assert max(int(c["cache_position"].max()) for c in backend.calls) == 11  # the last slot, written once
+    with pytest.raises(InputError, match="does not fit the cache of 12; ask for at most 3 new tokens"):
+        Generator(ScriptedBackend(fake_manifest(chunk=4, cache=12))).generate(
+            [list(range(1, 11))], max_new_tokens=50, fit="refuse"
+        )
     exactly_full = steps_of(
         Generator(ScriptedBackend(fake_manifest(chunk=4, cache=12))), [list(range(12))], max_new_tokens=5
     )
@@ -86,9 +189,12 @@ def test_full_cache_gives_length_and_never_overflows() -> None:
 
 def test_seeded_sampling_is_reproducible_per_prompt() -> None:
     params = SamplingParams(temperature=1.0, seed=1234)
-    run = lambda batch, prompts: Generator(ScriptedBackend(fake_manifest(batch=batch), flat=True)).generate(  # noqa: E731
-        prompts, max_new_tokens=8, sampling=params
-    )
+
+    def run(batch: int, prompts: list[list[int]]) -> list[list[int]]:
+        return Generator(ScriptedBackend(fake_manifest(batch=batch), flat=True)).generate(
+            prompts, max_new_tokens=8, sampling=params
+        )
+
     a, b = run(1, [[1]]), run(1, [[1]])
     assert a == b
     assert run(2, [[1], [2]])[0] == a[0]  # same seed, same tokens alone or in a batch
@@ -98,10 +204,14 @@ def test_seeded_sampling_is_reproducible_per_prompt() -> None:
     assert other != a
 
 
-def test_logprobs_and_timings_in_steps() -> None:
-    steps = steps_of(Generator(ScriptedBackend(fake_manifest())), [[1]], max_new_tokens=2, logprobs=True)
-    expected = torch.tensor([10.0] + [0.0] * 31).log_softmax(-1)[0].item()
-    assert [round(s.logprob, 5) for s in steps] == [round(expected, 5)] * 2
+def test_logprobs_top_logprobs_and_timings_in_steps() -> None:
+    steps = steps_of(
+        Generator(ScriptedBackend(fake_manifest())), [[1]], max_new_tokens=2, logprobs=True, top_logprobs=2
+    )
+    expected = torch.tensor([10.0] + [0.0] * 31).log_softmax(-1)
+    assert [round(s.logprob, 5) for s in steps] == [round(expected[0].item(), 5)] * 2
+    assert steps[0].top_logprobs[0] == (2, pytest.approx(expected[0].item()))
+    assert steps[0].top_logprobs[1][1] == pytest.approx(expected[1].item())
     assert steps[0].elapsed_s <= steps[1].elapsed_s
 
 
@@ -115,6 +225,9 @@ def test_logprobs_and_timings_in_steps() -> None:
         ([[1]], {"sampling": SamplingParams(top_p=0)}, "top-p"),
         ([[1]], {"sampling": SamplingParams(top_p=1.5)}, "top-p"),
         ([[1]], {"max_new_tokens": 0}, "max new tokens"),
+        ([[1]], {"stop_strings": [""]}, "stop string is empty"),
+        ([[1]], {"stop_ids": [40]}, "stop id is outside"),
+        ([[1]], {"top_logprobs": 21}, "top logprobs"),
         ([], {}, "no prompts"),
     ],
 )

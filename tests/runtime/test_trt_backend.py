@@ -53,7 +53,25 @@ class FakeTrt:
             def deserialize_cuda_engine(self, data: bytes):
                 return None if outer.broken else FakeEngine(data.decode(), outer.log)
 
-        self.Runtime = Runtime
+        class Refitter:
+            def __init__(self, engine: FakeEngine, logger: object) -> None:
+                self.engine = engine
+
+            def refit_cuda_engine(self) -> bool:
+                outer.log.append(("refit", self.engine.name))
+                return True
+
+        class OnnxParserRefitter:
+            num_errors = 0
+
+            def __init__(self, refitter: Refitter, logger: object) -> None:
+                self.refitter = refitter
+
+            def refit_from_file(self, path: str) -> bool:
+                outer.log.append(("weights-from", Path(path).name))
+                return Path(path).is_file()
+
+        self.Runtime, self.Refitter, self.OnnxParserRefitter = Runtime, Refitter, OnnxParserRefitter
 
 
 class FakeGraph:
@@ -85,32 +103,44 @@ class FakeCuda:
         return FakeGraph(self.log)
 
 
-def make_backend(tmp_path: Path, broken: bool = False):
+def make_backend(tmp_path: Path, broken: bool = False, weights: str = "stripped"):
     log: list = []
     manifest = fake_manifest(batch=2, chunk=4, cache=16)
     graphs = {}
-    for name in manifest.graphs:
+    for name, graph in manifest.graphs.items():
         (tmp_path / f"{name}.plan").write_text(name)
+        (tmp_path / graph.path).write_text("onnx")  # what a stripped engine is refit from
         graphs[name] = {"path": f"{name}.plan", "bytes": len(name)}
-    manifest = replace(manifest, engines={"builder": "tensorrt", "graphs": graphs})
+    manifest = replace(manifest, engines={"builder": "tensorrt", "graphs": graphs, "weights": weights})
     backend = TensorRTBackend(tmp_path, manifest, device="cpu", trt=FakeTrt(log, broken), cuda=FakeCuda(log))
     return backend, log
 
 
-def test_binding_aliasing_and_capture_order(tmp_path: Path) -> None:
+def test_stripped_engines_are_refit_from_their_graphs_at_load(tmp_path: Path) -> None:
+    _, log = make_backend(tmp_path)
+    assert log == [("weights-from", "prefill.onnx"), ("refit", "prefill"), ("weights-from", "decode.onnx"),
+                   ("refit", "decode")]  # fmt: skip
+    (tmp_path / "embedded").mkdir()
+    _, embedded = make_backend(tmp_path / "embedded", weights="embedded")
+    assert embedded == []  # an engine with its weights inside needs no refit
+
+
+def test_binding_aliasing_per_row_and_capture_order(tmp_path: Path) -> None:
     backend, log = make_backend(tmp_path)
+    log.clear()
     Generator(backend).generate([[1, 2, 3], [4]], max_new_tokens=4)
-    assert log == [
-        ("execute", "prefill"),
-        ("execute", "decode"), ("capture-begin",), ("execute", "decode"), ("capture-end",),  # warm-up, capture
-        ("replay",), ("replay",),
-    ]  # fmt: skip
+    decodes = [entry for entry in log if entry != ("execute", "prefill")]
+    assert log.count(("execute", "prefill")) == 2  # one batch-1 prefill per request, each on its own row
+    assert decodes[:4] == [("execute", "decode"), ("capture-begin",), ("execute", "decode"), ("capture-end",)]
+    assert set(decodes[4:]) == {("replay",)}  # every later decode step replays the captured graph
     decode = backend.contexts["decode"].addresses
     for i in range(backend.manifest.config.num_layers):
         assert decode[f"present.{i}.key"] == decode[f"past_key_values.{i}.key"]  # in place
         assert decode[f"present.{i}.value"] == decode[f"past_key_values.{i}.value"]
     assert decode["input_ids"] == backend.static["decode"]["input_ids"].data_ptr()  # fixed for the graph
-    assert backend.static["decode"]["cache_position"].tolist() == [6]  # the last step's slot, copied in
+    prefill = backend.contexts["prefill"].addresses
+    full, row = backend.cache[0], backend.cache[0][1]
+    assert prefill["past_key_values.0.key"] == prefill["present.0.key"] == row.data_ptr() != full.data_ptr()
 
 
 def test_second_generation_replays_the_same_graph(tmp_path: Path) -> None:
