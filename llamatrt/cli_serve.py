@@ -1,0 +1,68 @@
+"""`llamatrt serve` and `llamatrt bench-serve`: thin wrappers over llamatrt.server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from llamatrt.cli_options import backend_option, verify_option
+from llamatrt.errors import InputError
+from llamatrt.progress import StepBar
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@backend_option()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 to serve others).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free one).")
+@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` (all routes but /health).")
+@click.option(
+    "--max-queue", type=int, default=64, show_default=True, help="Requests that may wait for a row; more get 429."
+)
+@click.option("--model-name", default=None, help="The model id clients send (default: the artifact folder's name).")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve replicas on Ray Serve (pip install 'llamatrt[ray]').")
+@click.option("--replicas", type=int, default=2, show_default=True, help="With --ray: replicas, each with an engine.")
+@click.option("--ray-address", default=None, help="With --ray: an existing Ray cluster (default: start a local one).")
+@verify_option
+def serve(artifact: Path, backend: str, host: str, port: int, api_key: str | None, max_queue: int,
+          model_name: str | None, use_ray: bool, replicas: int, ray_address: str | None, no_verify: bool) -> None:  # fmt: skip
+    """An OpenAI-compatible HTTP server over the in-flight batcher (/v1/chat/completions,
+    /v1/completions, /v1/models, /health, /metrics)."""
+    from llamatrt.server.engine import EngineConfig
+    from llamatrt.server.run import serve as run_server
+    from llamatrt.server.run import serve_ray
+
+    if max_queue < 1 or not 0 <= port < 65536 or replicas < 1:
+        raise InputError("--max-queue and --replicas must be >= 1 and --port in [0, 65535]; fix the one that is not")
+    config = EngineConfig(artifact, backend, model_name, max_queue, not no_verify)
+    if use_ray:
+        try:
+            import ray.serve  # noqa: F401
+        except ImportError as e:
+            raise InputError("--ray needs Ray Serve; pip install 'llamatrt[ray]'") from e
+        serve_ray(config, replicas, host, port, api_key, ray_address)
+    else:
+        run_server(config, host, port, api_key)
+
+
+@click.command(name="bench-serve")
+@click.argument("url")
+@click.option("--model", default=None, help="Model id to request (default: the server's first).")
+@click.option("--api-key", default=None, help="Sent as `Authorization: Bearer KEY`.")
+@click.option("--requests", type=int, default=32, show_default=True, help="Requests of the mixed workload.")
+@click.option("--clients", type=int, default=8, show_default=True, help="Concurrent streaming clients.")
+@click.option("--rate", type=float, default=None, help="Arrivals per second (default: all at once).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_serve(url: str, model: str | None, api_key: str | None, requests: int, clients: int, rate: float | None,
+                as_json: bool) -> None:  # fmt: skip
+    """Load-test any OpenAI-compatible server at URL: requests/s, output tokens/s, TTFT and
+    inter-token latency p50/p99, errors."""
+    from llamatrt.server.bench_serve import bench_serve as run
+
+    if requests < 1 or clients < 1 or (rate is not None and rate <= 0):
+        raise InputError("--requests and --clients must be >= 1 and --rate > 0; fix the one that is not")
+    with StepBar(requests, "bench-serve") as bar:
+        report = run(url, model, api_key, requests, clients, rate, progress=bar)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))

@@ -1,0 +1,231 @@
+"""`llamatrt serve`'s FastAPI application: OpenAI's routes over one Engine.
+
+Routes: POST /v1/chat/completions and /v1/completions (streamed as server-sent events in OpenAI's
+chunk format, ending with `data: [DONE]`, or not), GET /v1/models, /health, /metrics. Errors are
+OpenAI-style JSON bodies: 400 a bad parameter or a prompt that cannot fit the cache, 401 without
+the API key (when one is set; /health stays open), 404 an unknown model, 413 a body over the
+limit, 429 a full queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from llamatrt.errors import InputError, LlamatrtError
+from llamatrt.runtime.llm import TextTracker
+from llamatrt.runtime.scheduler import Request as ScheduledRequest
+from llamatrt.server import protocol
+from llamatrt.server.engine import Engine, EngineConfig, QueueFull
+from llamatrt.server.metrics import Metrics
+
+MAX_BODY = 1 << 20  # bytes: a request body beyond this is a 413
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def create_app(config: EngineConfig, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+    """The application with its engine loaded (so a Ray Serve replica builds one on start)."""
+    metrics = Metrics()
+    engine = Engine(config, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()
+
+    app = FastAPI(title="llamatrt", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        if api_key is not None and path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
+            response: Response = _error(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
+                                        "authentication_error", code="invalid_api_key")  # fmt: skip
+        elif int(request.headers.get("content-length") or 0) > max_body:
+            response = _error(413, f"the request body is over {max_body} bytes; send a smaller one")
+        else:
+            response = await call_next(request)
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": engine.model_name}
+
+    @app.get("/metrics")
+    async def exposition() -> Response:
+        metrics.observe_queue(engine.scheduler)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llamatrt"}]}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _complete("chat", request, engine, metrics, max_body)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _complete("completions", request, engine, metrics, max_body)
+
+    return app
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:  # fmt: skip
+    return JSONResponse(protocol.error_body(message, kind, param, code), status_code=status)
+
+
+async def _body(request: Request, limit: int) -> Any:
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise protocol.BadRequest(f"the request body is not JSON ({e.msg if hasattr(e, 'msg') else e})") from e
+
+
+async def _complete(kind: str, request: Request, engine: Engine, metrics: Metrics, max_body: int) -> Response:
+    try:
+        parsed = protocol.parse(kind, await _body(request, max_body))
+        if parsed.model is not None and parsed.model != engine.model_name:
+            raise ModelNotFound(parsed.model)
+        if parsed.stream and len(parsed.prompts) > 1:
+            raise protocol.BadRequest("stream with several prompts is not supported; send one prompt", "prompt")
+        prompts: list[str | list[int] | None] = [*parsed.prompts] or [None]
+        requests = [engine.request(engine.encode(p, parsed.messages), parsed.max_tokens, parsed.sampling,
+                                   parsed.stop, parsed.logprobs, parsed.top_logprobs) for p in prompts]  # fmt: skip
+        if parsed.stream:
+            return StreamingResponse(
+                _stream(kind, parsed, requests[0], engine, metrics), media_type="text/event-stream"
+            )
+        results = await asyncio.gather(*(_collect(engine, r, i) for i, r in enumerate(requests)))
+        return JSONResponse(_response(kind, parsed, results, engine, metrics))
+    except PayloadTooLarge:
+        return _error(413, f"the request body is over {max_body} bytes; send a smaller one")
+    except ModelNotFound as e:
+        return _error(404, f"model {e.args[0]!r} is not served here; this server serves {engine.model_name!r}",
+                      param="model", code="model_not_found")  # fmt: skip
+    except QueueFull as e:
+        return _error(429, str(e), "rate_limit_error")
+    except protocol.BadRequest as e:
+        return _error(400, str(e), param=e.param)
+    except InputError as e:  # the same validation and wording as the CLI (a prompt over the cache, ...)
+        return _error(400, str(e))
+    except LlamatrtError as e:
+        return _error(500, str(e), "server_error")
+
+
+async def _collect(engine: Engine, request: ScheduledRequest, index: int) -> TextTracker:
+    latest = None
+    async with contextlib.aclosing(engine.run(request, index)) as deltas:
+        async for _, tracker in deltas:
+            latest = tracker
+    assert latest is not None
+    return latest
+
+
+def _pieces(engine: Engine, ids: list[int]) -> list[str]:
+    return [engine.llm.decode([t]) for t in ids]
+
+
+def _top(engine: Engine, top: list[list[tuple[int, float]]]) -> list[list[tuple[str, float]]]:
+    return [[(engine.llm.decode([t]), v) for t, v in alts] for alts in top]
+
+
+def _logprobs(
+    kind: str, engine: Engine, ids: list[int], logprobs: list[float], top: list[list[tuple[int, float]]]
+) -> dict[str, Any]:
+    builder = protocol.chat_logprobs if kind == "chat" else protocol.completion_logprobs
+    return builder(_pieces(engine, ids), logprobs, _top(engine, top))
+
+
+def _response(
+    kind: str, parsed: protocol.Parsed, trackers: list[TextTracker], engine: Engine, metrics: Metrics
+) -> dict[str, Any]:
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for i, tracker in enumerate(trackers):
+        result = tracker.result(parsed.logprobs)
+        prompt_tokens += result.prompt_tokens
+        completion_tokens += len(result.token_ids)
+        logprobs = (
+            _logprobs(kind, engine, result.token_ids, result.logprobs or [], result.top_logprobs or [])
+            if parsed.logprobs
+            else None
+        )
+        choice: dict[str, Any] = {"index": i, "logprobs": logprobs, "finish_reason": result.finish_reason}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": result.text}
+        else:
+            choice["text"] = result.text
+        choices.append(choice)
+    metrics.finished(prompt_tokens, completion_tokens)
+    return protocol.envelope(kind, protocol.response_id(kind), engine.model_name, engine.fingerprint, choices,
+                             usage_=protocol.usage(prompt_tokens, completion_tokens))  # fmt: skip
+
+
+async def _stream(
+    kind: str, parsed: protocol.Parsed, request: ScheduledRequest, engine: Engine, metrics: Metrics
+) -> AsyncIterator[str]:
+    rid = protocol.response_id(kind)
+
+    def chunk(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+        body = protocol.envelope(kind, rid, engine.model_name, engine.fingerprint, [choice] if choice else [],
+                                 chunk=True, usage_=usage)  # fmt: skip
+        return f"data: {json.dumps(body)}\n\n"
+
+    def choice(text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        if kind == "chat":
+            return {"index": 0, "delta": {"content": text} if text or finish is None else {}, "logprobs": logprobs,
+                    "finish_reason": finish}  # fmt: skip
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    if kind == "chat":
+        yield chunk(
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        )
+    sent = 0  # tokens whose logprobs went out already
+    tracker: TextTracker | None = None
+    try:
+        async with contextlib.aclosing(engine.run(request)) as deltas:
+            async for delta, tracker in deltas:
+                logprobs = None
+                if parsed.logprobs:
+                    ids = tracker.tokens[sent:]
+                    logprobs = _logprobs(kind, engine, ids, tracker.logprobs[sent:], tracker.top[sent:])
+                    sent = len(tracker.tokens)
+                if delta.finish_reason is None:
+                    yield chunk(choice(delta.text, None, logprobs))
+                    continue
+                result = tracker.result(parsed.logprobs)
+                if delta.text:
+                    yield chunk(choice(delta.text, None, logprobs))
+                    logprobs = None
+                yield chunk(choice("", result.finish_reason, logprobs))
+                metrics.finished(result.prompt_tokens, len(result.token_ids))
+                if parsed.include_usage:
+                    yield chunk(None, protocol.usage(result.prompt_tokens, len(result.token_ids)))
+    except LlamatrtError as e:  # after the headers went out: say it in the stream, OpenAI-style
+        yield f"data: {json.dumps(protocol.error_body(str(e), 'server_error'))}\n\n"
+    yield "data: [DONE]\n\n"

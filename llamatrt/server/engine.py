@@ -1,0 +1,100 @@
+"""The server's engine: one artifact, one scheduler looping in its own thread, requests from asyncio.
+
+HTTP handlers submit requests from the event loop; the scheduler thread runs them in flight and
+hands each step back to the loop (`call_soon_threadsafe`). A handler that goes away (the client
+disconnected) cancels its request, which frees its row at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamatrt.errors import InputError
+from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load, sampling_params
+from llamatrt.runtime.scheduler import Request, Step
+from llamatrt.server.metrics import Metrics
+
+
+class QueueFull(InputError):
+    """A 429: more requests waiting than --max-queue."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    artifact: Path
+    backend: str = "onnxruntime"
+    model_name: str | None = None  # default: the artifact folder's name
+    max_queue: int = 64
+    verify: bool = True
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, metrics: Metrics) -> None:
+        self.config, self.metrics = config, metrics
+        self.llm: LLM = load(config.artifact, config.backend, verify=config.verify)
+        self.scheduler = self.llm.generator.scheduler
+        self.model_name = config.model_name or Path(config.artifact).resolve().name
+        self.fingerprint = f"fp_llamatrt_{os.getpid()}"  # tells replicas apart
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.scheduler.serve_forever, args=(self._stop,), daemon=True,
+                                        name="llamatrt-scheduler")  # fmt: skip
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self.scheduler.wake:
+            self.scheduler.wake.notify_all()
+        self._thread.join(timeout=10)
+        self.llm.close()
+
+    def encode(self, prompt: str | list[int] | None, messages: list[dict[str, str]] | None) -> list[int]:
+        if messages is not None:
+            return self.llm.encode_chat(messages)
+        assert prompt is not None
+        return self.llm.encode(prompt)
+
+    def request(self, ids: list[int], max_tokens: int | None, sampling: dict[str, object], stop: tuple[str, ...],
+                logprobs: bool, top_logprobs: int) -> Request:  # fmt: skip
+        """The scheduler request (checked: a 400 if it cannot run). Without max_tokens, a request
+        gets what is left of its row's cache."""
+        capped = max_tokens is None
+        request = Request(ids, max_tokens or self.llm.manifest.max_cache_len, sampling_params(sampling), frozenset(),
+                          stop, True, logprobs or bool(top_logprobs), top_logprobs, None,
+                          "cap" if capped else "refuse")  # fmt: skip
+        return self.scheduler.check(request)
+
+    async def run(self, request: Request, index: int = 0) -> AsyncGenerator[tuple[TextDelta, TextTracker], None]:
+        """Submit `request` and yield its text deltas (with the tracker that holds its result)."""
+        if len(self.scheduler.queue) >= self.config.max_queue:
+            raise QueueFull(f"{len(self.scheduler.queue)} requests are waiting (--max-queue {self.config.max_queue}); "
+                            "retry later")  # fmt: skip
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[Step] = asyncio.Queue()
+        decode = self.llm.decode if self.llm.tokenizer is not None else None
+        tracker = TextTracker(index, len(request.prompt), decode, request.stop_strings)
+        handle = self.scheduler.submit(
+            request, index, on_step=lambda step: loop.call_soon_threadsafe(steps.put_nowait, step)
+        )
+        self.metrics.observe_queue(self.scheduler)
+        last = time.perf_counter()
+        try:
+            while True:
+                step = await steps.get()
+                now = time.perf_counter()
+                self.metrics.token_time(step, now - last, first=tracker.first_s is None)
+                last = now
+                delta = tracker.apply(step)
+                if delta is not None:
+                    yield delta, tracker
+                if step.finish_reason is not None:
+                    return
+        finally:
+            if not handle.done.is_set():
+                handle.cancel()  # the client went away: its row is freed at the next step
+            self.metrics.observe_queue(self.scheduler)

@@ -1,0 +1,45 @@
+"""Prometheus metrics of a server, in a registry of its own (prometheus_client)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "llamatrt_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("llamatrt_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.completion_tokens = Counter("llamatrt_completion_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("llamatrt_time_to_first_token_seconds", "From submission to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.itl = Histogram("llamatrt_inter_token_latency_seconds", "Between two tokens of a running request",
+                             buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.queue_depth = Gauge("llamatrt_queue_depth", "Requests waiting for a free row", registry=r)
+        self.active_rows = Gauge("llamatrt_active_rows", "Rows of the batch holding a request", registry=r)
+
+    def token_time(self, step: Any, since_last: float, first: bool) -> None:
+        if step.token_id is None:
+            return
+        if first:
+            self.ttft.observe(step.elapsed_s)
+        else:
+            self.itl.observe(since_last)
+
+    def observe_queue(self, scheduler: Any) -> None:
+        self.queue_depth.set(len(scheduler.queue))
+        self.active_rows.set(scheduler.active_rows)
+
+    def finished(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,206 @@
+"""The OpenAI HTTP API as llamatrt speaks it: request bodies checked into scheduler requests, and
+results turned into OpenAI's response and chunk objects.
+
+Parameters follow OpenAI's definitions (defaults included: temperature 1); llamatrt's extras
+(`top_k`, `min_p`, `repetition_penalty`) are accepted too. A parameter this server does not
+implement (`n > 1`, `response_format`, `tools`, ...) is refused with a 400 naming it, never
+ignored silently; ones that change nothing in the output (`user`, `store`, `metadata`) are accepted.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llamatrt.errors import InputError
+
+# Accepted and ignored: they do not change what is generated.
+NO_EFFECT = frozenset({"user", "store", "metadata", "service_tier", "stream_options"})
+# The keys each endpoint implements.
+COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n", "top_k", "min_p",
+                    "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias"})  # fmt: skip
+CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+COMPLETIONS = COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
+# Keys that are implemented only at their neutral value.
+NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None,
+           "suffix": None}  # fmt: skip
+MAX_STOPS = 4  # as OpenAI
+
+
+class BadRequest(InputError):
+    """A 400: `param` names the offending parameter, as OpenAI's error bodies do."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What one request body asks for, checked."""
+
+    kind: str  # "chat" | "completions"
+    prompts: list[str | list[int]]  # completions may send several; chat one conversation
+    messages: list[dict[str, str]] | None
+    max_tokens: int | None
+    sampling: dict[str, Any]
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+    model: str | None
+
+
+def _number(body: dict[str, Any], key: str, default: Any, kind: type, low: float | None = None,
+            high: float | None = None) -> Any:  # fmt: skip
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BadRequest(f"{key} must be an integer, got {value!r}", key)
+    if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise BadRequest(f"{key} must be a number, got {value!r}", key)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise BadRequest(f"{key} must be in [{low}, {high}], got {value!r}", key)
+    return kind(value)
+
+
+def _check_keys(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    for key, value in body.items():
+        if key in NO_EFFECT:
+            continue
+        if key not in allowed:
+            raise BadRequest(f"parameter {key!r} is not supported by llamatrt serve; remove it", key)
+        if key in NEUTRAL and value is not None and value != NEUTRAL[key] and value != {}:
+            raise BadRequest(f"parameter {key}={value!r} is not supported by llamatrt serve (only "
+                             f"{NEUTRAL[key]!r}); remove it", key)  # fmt: skip
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "developer"):
+            raise BadRequest(f"messages[{i}] needs a role of system, user, assistant or developer", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise BadRequest(f"messages[{i}].content has a part that is not text; send text only", "messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be text", "messages")
+        role = "system" if message["role"] == "developer" else message["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompts(raw: Any) -> list[str | list[int]]:
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
+        return [list(raw)]
+    if isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
+        return list(raw)
+    if isinstance(raw, list) and raw and all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in raw):
+        return [list(p) for p in raw]
+    raise BadRequest("prompt must be a string, a list of strings, or token ids", "prompt")
+
+
+def parse(kind: str, body: Any) -> Parsed:
+    """Check a request body of the chat or completions endpoint."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    _check_keys(body, CHAT if kind == "chat" else COMPLETIONS)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
+    if stops is None or any(not isinstance(s, str) or not s for s in stops) or len(stops) > MAX_STOPS:
+        raise BadRequest(f"stop must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    if kind == "chat":
+        messages, prompts = _messages(body.get("messages")), []
+        max_tokens = _number(body, "max_completion_tokens", None, int, 1) or _number(body, "max_tokens", None, int, 1)
+        logprobs = bool(body.get("logprobs") or False)
+        top = _number(body, "top_logprobs", 0, int, 0, 20)
+        if top and not logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    else:
+        messages, prompts = None, _prompts(body.get("prompt"))
+        max_tokens = _number(body, "max_tokens", 16, int, 1)  # OpenAI's default for completions
+        top = _number(body, "logprobs", None, int, 0, 5)
+        logprobs, top = top is not None, top or 0
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise BadRequest(f"seed must be an integer in [0, 2**64), got {seed!r}", "seed")
+    sampling = {
+        "temperature": _number(body, "temperature", 1.0, float, 0, 2),
+        "top_p": _number(body, "top_p", 1.0, float, 0, 1),
+        "top_k": _number(body, "top_k", 0, int, 0),
+        "min_p": _number(body, "min_p", 0.0, float, 0, 1),
+        "repetition_penalty": _number(body, "repetition_penalty", 1.0, float, 0),
+        "seed": seed,
+    }
+    if sampling["top_p"] == 0:
+        raise BadRequest("top_p must be in (0, 1]", "top_p")
+    return Parsed(kind, prompts, messages, max_tokens, sampling, tuple(stops), bool(body.get("stream") or False),
+                  bool(options.get("include_usage") or False), logprobs, top, body.get("model"))  # fmt: skip
+
+
+def response_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def chat_logprobs(
+    pieces: Sequence[str], logprobs: Sequence[float], top: Sequence[Sequence[tuple[str, float]]]
+) -> dict[str, Any]:
+    """OpenAI's chat `logprobs.content`: one entry per token, with its alternatives."""
+
+    def entry(piece: str, value: float) -> dict[str, Any]:
+        return {"token": piece, "logprob": value, "bytes": list(piece.encode("utf-8"))}
+
+    content = []
+    for k, (piece, value) in enumerate(zip(pieces, logprobs, strict=True)):
+        content.append(
+            {**entry(piece, value), "top_logprobs": [entry(p, v) for p, v in (top[k] if k < len(top) else ())]}
+        )
+    return {"content": content}
+
+
+def completion_logprobs(
+    pieces: Sequence[str], logprobs: Sequence[float], top: Sequence[Sequence[tuple[str, float]]]
+) -> dict[str, Any]:
+    """OpenAI's legacy completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": list(pieces), "token_logprobs": list(logprobs),
+            "top_logprobs": [dict(alts) for alts in top] if top else None, "text_offset": offsets}  # fmt: skip
+
+
+def envelope(kind: str, rid: str, model: str, fingerprint: str, choices: list[dict[str, Any]], chunk: bool = False,
+             usage_: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+    obj = {"chat": "chat.completion", "completions": "text_completion"}[kind] + (
+        ".chunk" if chunk and kind == "chat" else ""
+    )
+    out: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
+                           "system_fingerprint": fingerprint, "choices": choices}  # fmt: skip
+    if usage_ is not None or not chunk:
+        out["usage"] = usage_
+    return out
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:  # fmt: skip
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
