@@ -10,21 +10,28 @@ from typing import Any
 import click
 
 from llamatrt.cli_options import backend_option, verify_option
-from llamatrt.errors import InputError, LlamatrtError
+from llamatrt.errors import InputError
+
+SEPARATOR = "---"  # between the answers of several prompts in plain output
 
 
 def sampling_options(fn: Any) -> Any:
     for option in reversed([
         backend_option(),
         verify_option,
-        click.option("--max-new-tokens", type=int, default=128, show_default=True),
+        click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most."),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 turns it off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--min-p", type=float, default=0.0, show_default=True),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Same seed, same tokens."),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely; 0 turns it off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True,
+                     help="Sample from the smallest set whose probability reaches p; 1 turns it off."),
+        click.option("--min-p", type=float, default=0.0, show_default=True,
+                     help="Drop tokens below min-p times the top token's probability; 0 turns it off."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+                     help="Divide the logits of tokens already seen by this (CTRL-style); 1 turns it off."),
+        click.option("--seed", type=int, default=None, help="Same seed, same tokens (alone or in a batch)."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable); cut from the text."),
+        click.option("--stop-id", "stop_ids", type=int, multiple=True,
+                     help="Stop token id (repeatable), besides the checkpoint's EOS ids; not emitted."),
     ]):  # fmt: skip
         fn = option(fn)
     return fn
@@ -32,15 +39,19 @@ def sampling_options(fn: Any) -> Any:
 
 def _sampling(kw: dict[str, Any]) -> dict[str, Any]:
     """The sampling options, checked now (before a model loads or a chat starts), as LLM takes them."""
-    from llamatrt.runtime.sampling import SamplingParams
+    from llamatrt.runtime.llm import sampling_params
 
     sampling = {k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")}
-    SamplingParams(**sampling).checked()
+    sampling_params(sampling)
     if kw["max_new_tokens"] < 1:
         raise InputError(f"max new tokens {kw['max_new_tokens']} must be >= 1; pass --max-new-tokens 1 or more")
     if any(not s for s in kw["stop"]):
         raise InputError("a stop string is empty (it would stop every row at once); give non-empty --stop strings")
     return sampling
+
+
+def _generation_args(kw: dict[str, Any]) -> dict[str, Any]:
+    return dict(max_new_tokens=kw["max_new_tokens"], stop=kw["stop"], stop_ids=kw["stop_ids"], **_sampling(kw))
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -52,31 +63,66 @@ def _parse_ids(text: str) -> list[int]:
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable: a batch).")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable: several run at once).")
 @click.option("--input-ids", "input_ids", multiple=True, help="Prompt as token ids, e.g. 1,2,3 (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap each prompt in the checkpoint's chat template.")
-@click.option("--stream", is_flag=True, help="Print tokens as they come.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
-@click.option("--logprobs", is_flag=True, help="Include per-token logprobs in --json output.")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--stream", is_flag=True, help="Print tokens as they come (with --json: one JSON event per token).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt (with its index).")
+@click.option("--logprobs", is_flag=True, help="Each generated token's log-probability (printed, or in --json).")
+@click.option("--top-logprobs", type=int, default=0, help="Also the N most likely alternatives at each token (0-20).")
 @sampling_options
-def generate(artifact: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...], chat: bool, stream: bool,
-             as_json: bool, logprobs: bool, **kw: Any) -> None:  # fmt: skip
+def generate(artifact: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...], chat: bool, system: str | None,
+             stream: bool, as_json: bool, logprobs: bool, top_logprobs: int, **kw: Any) -> None:  # fmt: skip
     """Generate text for one or more prompts."""
     import llamatrt
 
     all_prompts: list[Any] = list(prompts) + [_parse_ids(t) for t in input_ids]
     if not all_prompts:
         raise InputError("no prompt given; pass --prompt TEXT or --input-ids 1,2,3")
+    if system is not None and not chat:
+        raise InputError("--system needs --chat (a system message goes through the chat template)")
+    args = dict(chat=chat, system=system, logprobs=logprobs, top_logprobs=top_logprobs, **_generation_args(kw))
     with llamatrt.load(artifact, kw["backend"], verify=not kw["no_verify"]) as llm:
-        args = dict(max_new_tokens=kw["max_new_tokens"], chat=chat, stop=kw["stop"], **_sampling(kw))
-        if stream and not as_json:
+        if stream and as_json:
+            for delta in llm.stream(all_prompts, **args):
+                click.echo(json.dumps(_event(delta)))
+            return
+        if stream:
             _print_stream(llm.stream(all_prompts, **args), len(all_prompts))
             return
-        for result in llm.generate(all_prompts, logprobs=logprobs, **args):
+        results = llm.generate(all_prompts, **args)
+        for i, result in enumerate(results):
             if as_json:
                 click.echo(json.dumps(result.to_json()))
-            else:
-                click.echo(result.text)
+                continue
+            if i:
+                click.echo(SEPARATOR)
+            click.echo(result.text)
+            if logprobs or top_logprobs:
+                _print_logprobs(llm, result)
+
+
+def _event(delta: Any) -> dict[str, Any]:
+    event = {"index": delta.index, "text": delta.text, "token_id": delta.token_id, "logprob": delta.logprob,
+             "finish_reason": delta.finish_reason, "stop": delta.stop}  # fmt: skip
+    if delta.top_logprobs:
+        event["top_logprobs"] = [list(pair) for pair in delta.top_logprobs]
+    return event
+
+
+def _print_logprobs(llm: Any, result: Any) -> None:
+    """One line per generated token: its logprob, the token, and the alternatives if asked for."""
+    for k, token in enumerate(result.token_ids):
+        logprob = result.logprobs[k] if result.logprobs else float("nan")
+        line = f"  {logprob:9.4f}  {_piece(llm, token)!r}"
+        if result.top_logprobs:
+            line += "  top: " + ", ".join(f"{_piece(llm, t)!r} {lp:.3f}" for t, lp in result.top_logprobs[k])
+        click.echo(line)
+
+
+def _piece(llm: Any, token: int) -> str:
+    return llm.decode([token]) if llm.tokenizer is not None else str(token)
 
 
 def _print_stream(deltas: Any, count: int) -> None:
@@ -95,6 +141,8 @@ def _print_stream(deltas: Any, count: int) -> None:
                 break
             click.echo()
             current += 1
+            if current < count:
+                click.echo(SEPARATOR)
 
 
 @click.command()
@@ -102,46 +150,17 @@ def _print_stream(deltas: Any, count: int) -> None:
 @click.option("--system", default=None, help="System message.")
 @sampling_options
 def chat(artifact: Path, system: str | None, **kw: Any) -> None:
-    """Interactive chat with the checkpoint's chat template; /reset clears history, /exit quits."""
-    import llamatrt
+    """Interactive chat with the checkpoint's chat template.
+
+    /reset clears the conversation, /exit (or Ctrl-D) quits. Ctrl-C stops the reply being written;
+    Ctrl-C twice at the prompt quits. When the conversation outgrows the cache, the oldest turns
+    are dropped (and it says so)."""
+    from llamatrt.cli_chat import ChatSession
 
     if sys.stdin is None:
         raise InputError("stdin is closed; chat reads your messages from stdin (a terminal or a pipe)")
-    interactive = sys.stdin.isatty()
-    sampling = _sampling(kw)
+    args = _generation_args(kw)
+    import llamatrt
+
     with llamatrt.load(artifact, kw["backend"], verify=not kw["no_verify"]) as llm:
-        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        if interactive:
-            click.echo("chat: /reset clears the conversation, /exit quits", err=True)
-        while True:
-            if interactive:
-                click.echo("> ", nl=False, err=True)
-            raw = sys.stdin.buffer.readline()
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                click.echo("error: that line is not valid UTF-8 text; type it again", err=True)
-                continue
-            if not line or line.strip() == "/exit":
-                return
-            text = line.strip()
-            if text == "/reset":
-                history = history[:1] if system else []
-                click.echo("(conversation cleared)", err=True)
-                continue
-            if not text:
-                continue
-            history.append({"role": "user", "content": text})
-            try:
-                ids = llm.encode_chat(history)
-                reply = ""
-                args = dict(max_new_tokens=kw["max_new_tokens"], stop=kw["stop"], **sampling)
-                for delta in llm.stream([ids], **args):
-                    reply += delta.text
-                    click.echo(delta.text, nl=False)
-                    sys.stdout.flush()
-                click.echo()
-                history.append({"role": "assistant", "content": reply})
-            except LlamatrtError as e:  # e.g. the conversation outgrew the cache: keep the session
-                history.pop()
-                click.echo(f"error: {e} (type /reset to start over)", err=True)
+        ChatSession(llm, system, args).run()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -34,7 +34,7 @@ FIX = "drop --chat and write the prompt yourself, or re-export from a checkpoint
 class _Generation(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) as a plain block."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it an instance attribute)
 
     def parse(self, parser: Any) -> Any:
         lineno = next(parser.stream).lineno

@@ -31,6 +31,7 @@ DEFAULT_PROMPTS: tuple[tuple[bool, str], ...] = (
     (True, "Write a haiku about autumn leaves."),
     (False, "In 1969, the first humans landed on the Moon. " * 14 + "The mission was called"),  # > 128 tokens
 )
+SHORT_PADDING = 16  # the most slots a static prefill pads a prompt with (exporter.variants.SHORT_PREFILL)
 PERPLEXITY_TEXT = (
     "The Moon is Earth's only natural satellite. It orbits at an average distance of 384,400 km, about "
     "thirty times the diameter of Earth. Tidal forces between Earth and the Moon have synchronized the "
@@ -132,7 +133,21 @@ def run_diff(
     hf_model = LlamaForCausalLM.from_pretrained(checkpoint.hf_dir, dtype=torch.float32).eval()
     llm = LLM(first)
     token_prompts = [llm.encode(text, chat=chat) for chat, text in (prompts or DEFAULT_PROMPTS)]
-    ppl_ids = llm.encode(PERPLEXITY_TEXT)[: manifest.max_cache_len - manifest.prefill_chunk + 1]
+    notes: list[str] = []
+    # Built-in texts are cut to fit a small cache (the user's own prompts are refused if they do not):
+    # room for the prompt, the teacher-forced steps and a static prefill's padding.
+    room = manifest.max_cache_len - steps - SHORT_PADDING
+    if prompts is None:
+        for i, ids in enumerate(token_prompts):
+            if len(ids) > room:
+                token_prompts[i] = ids[-room:]  # the end of a prompt is where its answer starts
+                notes.append(f"built-in prompt {i} cut from {len(ids)} to its last {room} tokens to fit the cache of "
+                             f"{manifest.max_cache_len}")  # fmt: skip
+    full = llm.encode(PERPLEXITY_TEXT)
+    ppl_ids = full[: manifest.max_cache_len - SHORT_PADDING]
+    if len(ppl_ids) < len(full):
+        notes.append(f"perplexity text cut from {len(full)} to {len(ppl_ids)} tokens to fit the cache of "
+                     f"{manifest.max_cache_len}")  # fmt: skip
     step("running transformers")
     ref = _reference_outputs(hf_model, token_prompts, steps, ppl_ids)
     del hf_model
@@ -151,4 +166,4 @@ def run_diff(
             checks += run_contract_checks(backend, token_prompts, PRECISIONS[manifest.dtype].thresholds.max_abs)
     results = [compare_stage(s, ref, PRECISIONS[s.dtype].thresholds) for s in stages]
     return AccuracyReport(str(artifact), checkpoint.source, manifest.dtype, len(token_prompts), steps,
-                          ref.perplexity, results, checks)  # fmt: skip
+                          ref.perplexity, results, checks, notes)  # fmt: skip

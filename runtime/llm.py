@@ -1,7 +1,9 @@
-"""`llamatrt.load(artifact)`: text in, text out, over the one Generator.
+"""`llamatrt.load(artifact)`: text in, text out, over the one loop.
 
-Adds what token ids lack: the artifact's tokenizer and chat template, text deltas for streaming
-(held back while a multi-byte character is incomplete), stop strings cut from the text, timings.
+Adds what token ids lack: the artifact's tokenizer and chat template, and per request a
+`TextTracker` that turns its steps into text deltas (held back while a multi-byte character is
+incomplete), cuts the text at the first stop string (and drops the tokens that spelled it), and
+ends in a `Result`. The server reuses the same tracker, so text behaves the same everywhere.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator, Step
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.sampling import SamplingParams
-from llamatrt.runtime.stopping import cut_at_stop
+from llamatrt.runtime.stopping import Detokenize, find_stop
 from llamatrt.runtime.tokenizer import ArtifactTokenizer
 
 Prompt = str | Sequence[int]
@@ -26,16 +28,19 @@ Message = Mapping[str, str]
 
 @dataclass
 class Result:
+    index: int  # the prompt's position in the call
     text: str
-    token_ids: list[int]
-    finish_reason: str
+    token_ids: list[int]  # the tokens of `text` (a stop string's tokens are not among them)
+    finish_reason: str  # "stop", "length" or "cancelled"
+    stop: str | int | None  # the stop string or stop token id that ended it, if one did
     prompt_tokens: int
     ttft_ms: float
     decode_tokens_per_s: float
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "stop"}
 
 
 @dataclass(frozen=True)
@@ -44,17 +49,80 @@ class TextDelta:
     text: str  # text added since the previous delta of this prompt
     token_id: int | None
     finish_reason: str | None
+    stop: str | int | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
-class _Progress:
+class TextTracker:
+    """One request's steps -> text deltas -> its Result."""
+
+    index: int
     prompt_tokens: int
+    decode: Detokenize | None  # None: an artifact without a tokenizer (token ids only)
+    stop_strings: tuple[str, ...] = ()
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
     emitted: str = ""
     first_s: float | None = None
     last_s: float = 0.0
     finish_reason: str | None = None
+    stop: str | int | None = None
+    kept: int | None = None  # tokens kept when a stop string cut the text
+
+    def apply(self, step: Step) -> TextDelta | None:
+        """The step's text delta, or None while a multi-byte character is incomplete."""
+        self.first_s = step.elapsed_s if self.first_s is None else self.first_s
+        self.last_s = step.elapsed_s
+        self.finish_reason, self.stop = step.finish_reason, step.stop
+        if step.token_id is not None:
+            self.tokens.append(step.token_id)
+            if step.logprob is not None:
+                self.logprobs.append(step.logprob)
+            if step.top_logprobs:
+                self.top.append(list(step.top_logprobs))
+        if self.decode is None:
+            return TextDelta(
+                self.index, "", step.token_id, step.finish_reason, step.stop, step.logprob, step.top_logprobs
+            )
+        text = self.decode(self.tokens)
+        hit = find_stop(text, self.stop_strings)
+        if hit is not None:
+            text = text[: hit[0]]
+            self.kept = self._tokens_within(len(text))
+        if step.finish_reason is None and text.endswith("\ufffd"):
+            return None  # an incomplete multi-byte character: wait for the next token
+        delta, self.emitted = text[len(self.emitted) :], text
+        return TextDelta(
+            self.index, delta, step.token_id, step.finish_reason, step.stop, step.logprob, step.top_logprobs
+        )
+
+    def _tokens_within(self, length: int) -> int:
+        """The most leading tokens whose text fits in the first `length` characters."""
+        assert self.decode is not None
+        for count in range(len(self.tokens), -1, -1):
+            if len(self.decode(self.tokens[:count])) <= length:
+                return count
+        return 0
+
+    def result(self, logprobs: bool) -> Result:
+        decode_s = self.last_s - (self.first_s or 0.0)
+        kept = len(self.tokens) if self.kept is None else self.kept
+        decoded = max(0, len(self.tokens) - 1)
+        return Result(
+            index=self.index,
+            text=self.emitted,
+            token_ids=self.tokens[:kept],
+            finish_reason=self.finish_reason or "length",
+            stop=self.stop,
+            prompt_tokens=self.prompt_tokens,
+            ttft_ms=1000.0 * (self.first_s or 0.0),
+            decode_tokens_per_s=decoded / decode_s if decode_s > 0 else 0.0,
+            logprobs=self.logprobs[:kept] if logprobs else None,
+            top_logprobs=self.top[:kept] if self.top else None,
+        )
 
 
 class LLM:
@@ -83,10 +151,10 @@ class LLM:
         if not prompt:
             raise InputError("the prompt is empty; give some text")
         if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            return self.encode_chat(messages)
+            messages = [{"role": "system", "content": system}] if system else []
+            return self.encode_chat([*messages, {"role": "user", "content": prompt}])
+        if system:
+            raise InputError("a system message needs the chat template; pass --chat with --system")
         return self._need_tokenizer().encode(prompt)
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
@@ -98,64 +166,40 @@ class LLM:
 
     def stream(
         self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128, chat: bool = False,
-        stop: Sequence[str] = (), logprobs: bool = False, **sampling: Any,
+        system: str | None = None, stop: Sequence[str] = (), stop_ids: Sequence[int] = (), logprobs: bool = False,
+        top_logprobs: int = 0, **sampling: Any,
     ) -> Iterator[TextDelta]:  # fmt: skip
-        """Text deltas of every prompt as tokens arrive (interleaved across a batch)."""
-        for _, delta in self._run(prompts, max_new_tokens, chat, stop, logprobs, sampling):
+        """Text deltas of every prompt as tokens arrive (interleaved when several run at once)."""
+        for _, delta in self._run(
+            prompts, max_new_tokens, chat, system, stop, stop_ids, logprobs, top_logprobs, sampling
+        ):
             if delta is not None:
                 yield delta
 
     def generate(
         self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128, chat: bool = False,
-        stop: Sequence[str] = (), logprobs: bool = False, **sampling: Any,
+        system: str | None = None, stop: Sequence[str] = (), stop_ids: Sequence[int] = (), logprobs: bool = False,
+        top_logprobs: int = 0, **sampling: Any,
     ) -> list[Result]:  # fmt: skip
-        states: list[_Progress] = []
-        for latest, _ in self._run(prompts, max_new_tokens, chat, stop, logprobs, sampling):
-            states = latest
-        return [self._result(s, logprobs) for s in states]
+        trackers: list[TextTracker] = []
+        for latest, _ in self._run(
+            prompts, max_new_tokens, chat, system, stop, stop_ids, logprobs, top_logprobs, sampling
+        ):
+            trackers = latest
+        return [t.result(logprobs or bool(top_logprobs)) for t in trackers]
 
     def _run(
-        self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, chat: bool, stop: Sequence[str],
-        logprobs: bool, sampling: Mapping[str, Any],
-    ) -> Iterator[tuple[list[_Progress], TextDelta | None]]:  # fmt: skip
-        try:
-            params = SamplingParams(**sampling)
-        except TypeError as e:
-            raise InputError(f"unknown sampling option ({e}); use temperature, top_k, top_p, min_p, "
-                             "repetition_penalty, seed") from e  # fmt: skip
-        ids = [self.encode(p, chat=chat) for p in _as_prompt_list(prompts)]
-        states = [_Progress(len(p)) for p in ids]
-        for step in self.generator.stream(ids, max_new_tokens, params, tuple(stop), logprobs):
-            yield states, self._apply(states[step.index], step, stop)
-
-    def _apply(self, state: _Progress, step: Step, stop: Sequence[str]) -> TextDelta | None:
-        state.first_s = step.elapsed_s if state.first_s is None else state.first_s
-        state.last_s = step.elapsed_s
-        state.finish_reason = step.finish_reason
-        if step.token_id is not None:
-            state.tokens.append(step.token_id)
-            if step.logprob is not None:
-                state.logprobs.append(step.logprob)
-        if self.tokenizer is None:
-            return TextDelta(step.index, "", step.token_id, step.finish_reason)
-        text = cut_at_stop(self.decode(state.tokens), stop)
-        if step.finish_reason is None and text.endswith("\ufffd"):
-            return None  # an incomplete multi-byte character: wait for the next token
-        delta, state.emitted = text[len(state.emitted) :], text
-        return TextDelta(step.index, delta, step.token_id, step.finish_reason)
-
-    def _result(self, state: _Progress, logprobs: bool) -> Result:
-        decode_s = state.last_s - (state.first_s or 0.0)
-        decoded = max(0, len(state.tokens) - 1)
-        return Result(
-            text=state.emitted if self.tokenizer is not None else "",
-            token_ids=state.tokens,
-            finish_reason=state.finish_reason or "length",
-            prompt_tokens=state.prompt_tokens,
-            ttft_ms=1000.0 * (state.first_s or 0.0),
-            decode_tokens_per_s=decoded / decode_s if decode_s > 0 else 0.0,
-            logprobs=state.logprobs if logprobs else None,
-        )
+        self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, chat: bool, system: str | None,
+        stop: Sequence[str], stop_ids: Sequence[int], logprobs: bool, top_logprobs: int, sampling: Mapping[str, Any],
+    ) -> Iterator[tuple[list[TextTracker], TextDelta | None]]:  # fmt: skip
+        params = sampling_params(sampling)
+        ids = [self.encode(p, chat=chat, system=system) for p in _as_prompt_list(prompts)]
+        decode = self.decode if self.tokenizer is not None else None
+        trackers = [TextTracker(i, len(p), decode, tuple(stop)) for i, p in enumerate(ids)]
+        steps = self.generator.stream(ids, max_new_tokens, params, tuple(stop), logprobs or bool(top_logprobs),
+                                      top_logprobs, stop_ids)  # fmt: skip
+        for step in steps:
+            yield trackers, trackers[step.index].apply(step)
 
     def close(self) -> None:
         self.backend.close()
@@ -165,6 +209,15 @@ class LLM:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def sampling_params(sampling: Mapping[str, Any]) -> SamplingParams:
+    """Sampling options by name, checked (one line naming an unknown option)."""
+    try:
+        return SamplingParams(**sampling).checked()
+    except TypeError as e:
+        raise InputError(f"unknown sampling option ({e}); use temperature, top_k, top_p, min_p, "
+                         "repetition_penalty, seed") from e  # fmt: skip
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

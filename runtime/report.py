@@ -71,6 +71,7 @@ class AccuracyReport:
     reference_perplexity: float
     stages: list[StageResult]
     checks: list[CheckResult]
+    notes: list[str] = field(default_factory=list)  # what the diff changed to fit (a cut built-in prompt)
 
     def __bool__(self) -> bool:
         return all(s.passed for s in self.stages) and all(c.passed for c in self.checks)
@@ -91,10 +92,11 @@ class AccuracyReport:
             "thresholds": {k: asdict(v) for k, v in self.thresholds.items()},
             "stages": [asdict(s) for s in self.stages],
             "checks": [asdict(c) for c in self.checks],
+            "notes": list(self.notes),
         }
 
     def _rows(self) -> list[list[str]]:
-        rows = [["stage", "dtype", "max|Δ|", "mean|Δ|", "cos", "KL", "top1", "top5", "diverge@", "ppl", "verdict"]]
+        rows = [["stage", "dtype", "max |Δ|", "mean |Δ|", "cos", "KL", "top1", "top5", "diverge@", "ppl", "verdict"]]
         rows.append(
             [
                 "transformers",
@@ -125,18 +127,40 @@ class AccuracyReport:
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines += [f"  {s.name}: {f}" for s in self.stages for f in s.failures]
         lines += [f"check {'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}" for c in self.checks]
+        for dtype, t in self.thresholds.items():
+            lines.append(f"thresholds ({dtype}): max |Δ| <= {t.max_abs:g}, KL <= {t.max_kl:g}, top-1 >= {t.min_top1:g}, "
+                         f"perplexity rel <= {t.max_ppl_rel:g}, greedy tokens {'must match' if t.greedy_must_match else 'reported'}")  # fmt: skip
+        lines += [f"note: {n}" for n in self.notes]
         lines.append(f"verdict: {'PASS' if self else 'FAIL'}")
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
+        """The report as GitHub-flavoured Markdown; every cell's pipes are escaped, so the tables render."""
         rows = self._rows()
+        verdict = "PASS" if self else "FAIL"
         out = [f"# Accuracy report: `{self.artifact}`", "",
                f"Reference: transformers `LlamaForCausalLM` on `{self.reference}`; {self.prompts} prompts, "
-               f"prefill + {self.steps} teacher-forced decode steps. **Verdict: {'PASS' if self else 'FAIL'}**", "",
-               "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]  # fmt: skip
-        out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-        failures = [f"- {s.name}: {f}" for s in self.stages for f in s.failures]
+               f"prefill + {self.steps} teacher-forced decode steps. **Verdict: {verdict}**", "",
+               _md_row(rows[0]), "|" + "---|" * len(rows[0])]  # fmt: skip
+        out += [_md_row(r) for r in rows[1:]]
+        failures = [f"- {_md(s.name)}: {_md(f)}" for s in self.stages for f in s.failures]
         out += ["", "## Failures", "", *failures] if failures else []
+        out += ["", "## Thresholds applied", "", _md_row(["dtype", "max |Δ| ≤", "max KL ≤", "top-1 ≥", "ppl rel ≤",
+                                                        "greedy must match"]), "|---|---|---|---|---|---|"]  # fmt: skip
+        for dtype, t in self.thresholds.items():
+            out.append(_md_row([dtype, f"{t.max_abs:g}", f"{t.max_kl:g}", f"{t.min_top1:g}", f"{t.max_ppl_rel:g}",
+                                "yes" if t.greedy_must_match else "no"]))  # fmt: skip
         out += ["", "## Contract checks", "", "| check | result | detail |", "|---|---|---|"]
-        out += [f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.detail} |" for c in self.checks]
+        out += [_md_row([c.name, "PASS" if c.passed else "FAIL", c.detail]) for c in self.checks]
+        if self.notes:
+            out += ["", "## Notes", "", *(f"- {_md(n)}" for n in self.notes)]
         return "\n".join(out) + "\n"
+
+
+def _md(text: str) -> str:
+    """Escape what would end a Markdown table cell or start markup."""
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(_md(c) for c in cells) + " |"

@@ -39,10 +39,10 @@ def test_generate_stream_matches_plain(tiny_artifact: Path) -> None:
 def test_chat_reads_stdin_and_resets(tiny_artifact: Path) -> None:
     result = invoke("chat", tiny_artifact, "--max-new-tokens", "3", input="w5 w6\n/reset\nw7\n/exit\nw8\n")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()  # one reply line per turn (may be empty: EOS first), none after /exit
+    lines = result.stdout.splitlines()  # one reply line per turn (may be empty: EOS first), none after /exit
     first = invoke("generate", tiny_artifact, "--chat", "--prompt", "w5 w6", "--max-new-tokens", "3").output.strip()
     after_reset = invoke("generate", tiny_artifact, "--chat", "--prompt", "w7", "--max-new-tokens", "3").output.strip()
-    assert lines == [first, "(conversation cleared)", after_reset]
+    assert lines == [first, after_reset] and "(conversation cleared)" in result.stderr
 
 
 @pytest.mark.parametrize(
