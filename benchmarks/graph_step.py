@@ -44,11 +44,12 @@ def contract_step(path: Path, threads: int, context: int) -> Callable[[], object
     if graph is None:
         raise SystemExit(f"{path} is not a graph of the artifact in {path.parent}")
     backend = OrtBackend(path.parent, manifest, threads=threads, attention=graph.attention, check_feeds=False)
-    graph = backend.graph(graph.role, graph.batch, graph.seq_len)
-    ids = fixed_prompt(graph.batch, graph.seq_len, manifest.config.vocab_size)
-    positions = torch.arange(context, context + graph.seq_len).expand(graph.batch, -1).contiguous()
-    mask = torch.ones(graph.batch, manifest.max_cache_len, dtype=torch.long)
-    cache = [t[: graph.batch] for t in backend.allocate_cache()]
+    batch, seq = graph.batch or manifest.batch_size, graph.seq_len or 1  # a graph with open dims: a decode step
+    graph = backend.graph("decode" if seq == 1 and graph.role != "prefill" else "prefill", batch, seq)
+    ids = fixed_prompt(batch, seq, manifest.config.vocab_size)
+    positions = torch.arange(context, context + seq).expand(batch, -1).contiguous()
+    mask = torch.ones(batch, manifest.max_cache_len, dtype=torch.long)
+    cache = [t[:batch] for t in backend.allocate_cache()]
     feeds = graph_feeds(graph, ids, positions, context, mask, cache)
     return lambda: backend.run(graph.name, feeds)
 

@@ -8,6 +8,7 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +29,9 @@ from llamatrt.exporter.artifacts import (
 )
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
-from llamatrt.exporter.variants import fused_attention_possible, planned_variants
+from llamatrt.exporter.quant_plan import dequantized_model, plan_quantization
+from llamatrt.exporter.quantize import quantize_graph
+from llamatrt.exporter.variants import VariantPlan, fused_attention_possible, planned_variants
 from llamatrt.exporter.weights_file import parameter_locations, save_graph, write_shared_weights
 from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
 from llamatrt.models.llama import StaticLlama
@@ -39,6 +42,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
 )  # fmt: skip
+log = logging.getLogger(__name__)
 # The runtime's check of a freshly written artifact folder; returns what goes into manifest.validation.
 Validator = Callable[[Path, Manifest, StaticLlama], Mapping[str, Any]]
 
@@ -51,6 +55,9 @@ class ExportOptions:
     dtype: str = "float32"
     full_logits: bool = False  # [B, S, V] logits from prefill, for accuracy work
     validate: bool = True
+    quantize: str | None = None  # "int4" | "int8": weight-only, block-wise (exporter.quant_plan)
+    block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits' activation arithmetic (4: int8; 0: fp32)
 
     def checked(self) -> ExportOptions:
         """Validate at the edge; returns a copy with the dtype spelled canonically."""
@@ -64,13 +71,19 @@ class ExportOptions:
                 f"max seq len {self.max_cache_len} is smaller than the prefill chunk {self.prefill_chunk}; "
                 "raise --max-seq-len or lower --prefill-chunk"
             )
+        if self.quantize is not None and dtype != "float32":
+            raise InputError(f"--quantize runs on ONNX Runtime CPU with fp32 activations; drop --dtype {self.dtype}")
+        if self.quantize is not None and self.full_logits:
+            raise InputError("--quantize makes the ONNX Runtime graph only, which returns last-token logits; "
+                             "drop --full-logits")  # fmt: skip
         return replace(self, dtype=dtype)
 
 
 def export_steps(options: ExportOptions) -> int:
     """Progress steps of export_artifact, at most: loading, each graph, weights, validation (the
     bar completes early when the fused graphs are not made)."""
-    return 2 + len(planned_variants(options.batch_size, options.prefill_chunk, fused=True)) + int(options.validate)
+    return (2 + len(planned_variants(options.batch_size, options.prefill_chunk, fused=True)) + int(options.validate)
+            + int(options.quantize is not None))  # fmt: skip
 
 
 def export_artifact(
@@ -80,6 +93,12 @@ def export_artifact(
     """Export every graph variant, one weights file, tokenizer and manifest into `out`; with
     `validate` (and options.validate), check the folder before it replaces `out`."""
     options = options.checked()
+    if options.dtype != "float32":
+        import torch
+
+        if not torch.cuda.is_available():
+            log.warning("%s graphs are for GPUs (ONNX Runtime CUDA, TensorRT): on ONNX Runtime CPU they run slower "
+                        "than fp32 (bf16 not at all); export fp32 for CPU", options.dtype)  # fmt: skip
     out = Path(out).absolute()
     protect = (Path(model),) if isinstance(model, str | Path) and Path(model).exists() else ()
     check_output(out, force, protect)
@@ -99,17 +118,32 @@ def _export_locked(
     tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
     torch_model = checkpoint.build_model(precision(options.dtype).torch)
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
-    plans = planned_variants(b, s, fused_attention_possible(config.head_dim, options.dtype, options.full_logits))
+    fused = fused_attention_possible(config.head_dim, options.dtype, options.full_logits)
+    plans = planned_variants(b, s, fused)
+    quant = None
+    if options.quantize is not None:
+        if not fused:
+            raise InputError(f"--quantize needs ONNX Runtime's fused graph (head_dim % 16 == 0, onnxruntime >= 1.32); "
+                             f"this model has head_dim {config.head_dim}: export it without --quantize")  # fmt: skip
+        plans = [p for p in plans if p.attention.name == "onnxruntime"]  # MatMulNBits is an ONNX Runtime op
+        progress("quantizing weights")
+        quant = plan_quantization(checkpoint, torch_model, options.quantize, options.block_size, options.accuracy_level)
     specs = [graph_spec(plan, torch_model, c, options.full_logits) for plan in plans]
+    if quant is not None:
+        # torch runs them on the dequantized weights (export validation, diff's middle rung); never TensorRT
+        specs = [replace(spec, weights=quant.scheme, backends=("torch", "onnxruntime")) for spec in specs]
     check_disk_space(out, _artifact_bytes(torch_model, len(specs)))
     with atomic_output_dir(out) as tmp:
         graphs = []
         for spec in specs:
             progress(f"exporting {spec.name} graph")
             graphs.append(optimize_graph(graph_to_onnx(torch_model, spec, b)))
+            if quant is not None:
+                quantize_graph(graphs[-1], quant.weights, quant.floats, quant.accuracy_level)
         progress("writing weights")
         written = write_shared_weights(graphs, tmp / names.WEIGHTS)
-        locations = parameter_locations(torch_model.state_dict(), written)
+        floats = {k: v for k, v in torch_model.state_dict().items() if quant is None or k not in quant.weights}
+        locations = parameter_locations(floats, written)
         specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
         del graphs
         manifest = Manifest(
@@ -118,13 +152,26 @@ def _export_locked(
             weights_file=names.WEIGHTS, weights_bytes=written.bytes, weights_sha256=written.sha256,
             weights_map=locations, graphs={g.name: g for g in specs},
             tokenizer=_save_tokenizer(tokenizer, checkpoint, tmp), validation={"skipped": "--no-validate"}, versions=_versions(),
+            quantization={} if quant is None else {"scheme": quant.scheme, "block_size": quant.block_size,
+                                                   "accuracy_level": quant.accuracy_level, "tensors": quant.origins()},
         )  # fmt: skip
         write_manifest(manifest, tmp)
         if validate is not None and options.validate:
             progress("validating against PyTorch")
-            manifest = replace(manifest, validation=dict(validate(tmp, manifest, torch_model)))
+            reference = torch_model if quant is None else dequantized_model(torch_model, quant)
+            manifest = replace(manifest, validation=dict(validate(tmp, manifest, reference)))
             write_manifest(manifest, tmp)
     return manifest
+
+
+def export_graph(model: StaticLlama, plan: VariantPlan, max_cache_len: int, folder: Path, max_batch: int) -> GraphSpec:
+    """One graph variant of `model` as a standalone file in `folder`, with its own weights file: the
+    reference an artifact's graph is compared with, node by node (`llamatrt diff --layerwise`). The
+    same exporter makes both, so tensors of the same meaning carry the same names."""
+    spec = graph_spec(plan, model, max_cache_len, full_logits=False)
+    graph = optimize_graph(graph_to_onnx(model, spec, max_batch))
+    write_shared_weights([graph], folder / names.WEIGHTS)
+    return _saved(spec, graph, folder)
 
 
 def _artifact_bytes(model: StaticLlama, graphs: int) -> int:

@@ -12,7 +12,7 @@ import contextlib
 import io
 import logging
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ def example_inputs(spec: GraphSpec, model: StaticLlama) -> tuple[torch.Tensor, .
     return tuple(feeds[t.name] for t in spec.inputs)
 
 
-def dynamic_shapes(spec: GraphSpec, max_batch: int) -> dict[str, tuple[dict[int, object], ...]] | None:
+def dynamic_shapes(spec: GraphSpec, max_batch: int) -> dict[str, tuple[dict[int, Any], ...]] | None:
     """torch.export's description of the variant's open dims ("batch", "tokens"), per input (all
     of them are GraphModule.forward's one varargs parameter)."""
     capacity = int(spec.input("attention_mask").shape[1])
@@ -99,7 +99,7 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec, max_batch: int) -> ir.Mod
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     ort_attention.register_schema()
     fused = spec.attention == ONNXRUNTIME.name
-    module = GraphModule(model, spec.full_logits, spec.input("attention_mask").shape[1] if fused else None)
+    module = GraphModule(model, spec.full_logits, int(spec.input("attention_mask").shape[1]) if fused else None)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -97,13 +97,14 @@ def build_engines(
     one-MatMul network with REFIT or STRIP_PLAN), so a CPU-only RTX build embeds the weights."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
+    instead = "or build with --engine tensorrt-rtx, which needs no GPU"
+    trt = engine_module(engine, fix=instead)  # what cannot run here is said before anything else
+    if engine == "tensorrt":
+        require_cuda(fix=instead)  # TensorRT proper builds for (and needs) the local GPU; RTX can build without one
     if manifest.engines and not force:
         raise ArtifactExistsError(
             f"{artifact} already has {manifest.engines.get('builder')} engines; pass --force to rebuild"
         )
-    trt = engine_module(engine)
-    if engine == "tensorrt":
-        require_cuda()  # TensorRT proper builds for (and needs) the local GPU; RTX can build without one
     if strip_weights is None:
         import torch
 

@@ -92,9 +92,10 @@ def main(debug: bool) -> None:
 def _register() -> None:
     from llamatrt.cli_export import build, export
     from llamatrt.cli_generate import chat, generate
+    from llamatrt.cli_serve import bench_serve, serve
     from llamatrt.cli_tools import bench, diff, verify
 
-    for command in (export, build, verify, generate, chat, diff, bench):
+    for command in (export, build, verify, generate, chat, serve, diff, bench, bench_serve):
         main.add_command(command)
 
 

@@ -22,14 +22,21 @@ DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECIS
 @click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True, help="Compute precision.")
 @click.option("--full-logits", is_flag=True, help="Prefill returns [B, S, V] logits (accuracy work).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch self-check.")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+              help="Weight-only blocks for ONNX Runtime (MatMulNBits); a GGUF's own blocks are carried over.")  # fmt: skip
+@click.option("--block-size", type=int, default=32, show_default=True, help="Weights per quantization block.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits activation arithmetic: 4 = int8 (fast), 0 = fp32 (exact).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only an artifact, or an empty folder).")
 def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefill_chunk: int, dtype: str,
-           full_logits: bool, no_validate: bool, force: bool) -> None:  # fmt: skip
+           full_logits: bool, no_validate: bool, quantize: str | None, block_size: int, accuracy_level: int,
+           force: bool) -> None:  # fmt: skip
     """Export prefill and decode ONNX graphs, one weights file and a manifest."""
     from llamatrt.exporter.export import ExportOptions, export_steps
     from llamatrt.pipeline import export_artifact
 
-    options = ExportOptions(batch_size, max_seq_len, prefill_chunk, dtype, full_logits, not no_validate).checked()
+    options = ExportOptions(batch_size, max_seq_len, prefill_chunk, dtype, full_logits, not no_validate, quantize,
+                            block_size, accuracy_level).checked()  # fmt: skip
     started = time.perf_counter()
     with StepBar(export_steps(options), "export") as bar:
         manifest = export_artifact(model_spec, out, options, force=force, progress=bar)
@@ -37,7 +44,7 @@ def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefil
     err = manifest.validation.get("max_abs_logits_error")
     check = f"max |logits - torch| = {err:.3g}" if err is not None else manifest.validation.get("skipped", "")
     click.echo(
-        f"exported {manifest.source} -> {out} ({manifest.dtype}, B={manifest.batch_size}, "
+        f"exported {manifest.source} -> {out} ({manifest.quantization.get('scheme', manifest.dtype)}, B={manifest.batch_size}, "
         f"S={manifest.prefill_chunk}, C={manifest.max_cache_len}, {len(manifest.graphs)} graphs) in "
         f"{time.perf_counter() - started:.1f} s; {size / 1e6:.1f} MB on disk = {size / manifest.weights_bytes:.3f}x "
         f"the {manifest.weights_bytes / 1e6:.1f} MB of weights; {check}"

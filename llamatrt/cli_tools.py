@@ -42,15 +42,40 @@ def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
 @click.option("--steps", type=int, default=16, show_default=True, help="Teacher-forced decode steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write a Markdown report.")
+@click.option(
+    "--layerwise", is_flag=True, help="Name the first node where the artifact's graph departs from a reference."
+)
+@click.option("--against", type=click.Choice(["fp32", "onnxruntime", "torch"]), default="fp32", show_default=True,
+              help="With --layerwise: the fp32 graph exported again, ONNX Runtime (for engines), or PyTorch.")  # fmt: skip
+@click.option("--graph", "graph_role", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
+              help="With --layerwise: which graph to compare.")  # fmt: skip
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="With --layerwise: PNG of the per-layer error.")  # fmt: skip
 @verify_option
 def diff(artifact: Path, reference: str | None, backends: tuple[str, ...], prompts_file: Path | None, steps: int,
-         as_json: bool, report_path: Path | None, no_verify: bool) -> None:  # fmt: skip
-    """Compare an artifact with transformers and StaticLlama; exit 0 only if every check passes."""
+         as_json: bool, report_path: Path | None, layerwise: bool, against: str, graph_role: str,
+         plot_path: Path | None, no_verify: bool) -> None:  # fmt: skip
+    """Compare an artifact with transformers and StaticLlama; exit 0 only if every check passes.
+
+    With --layerwise: run one call of its graph and of a reference with every tensor marked
+    (Polygraphy), and report the first node out of tolerance and the error after each layer."""
     from llamatrt.runtime.compare import run_diff
 
     prompts = _read_prompts(prompts_file)
-    if report_path is not None:  # found now, not after minutes of work
-        _check_report_path(report_path)
+    for path in (report_path, plot_path):
+        if path is not None:  # found now, not after minutes of work
+            _check_report_path(path)
+    if layerwise:
+        from llamatrt.layerwise import run_layerwise
+
+        with StepBar(3, "diff --layerwise") as bar:
+            result = run_layerwise(artifact, against, graph_role, progress=bar, verify=not no_verify)
+        click.echo(json.dumps(result.to_json(), indent=2) if as_json else str(result))
+        if report_path is not None:
+            report_path.write_text(result.to_markdown(), encoding="utf-8")
+        if plot_path is not None:
+            result.plot(plot_path)
+        sys.exit(0 if result else 1)
     with StepBar(3 + 2 * len(backends), "diff") as bar:
         report = run_diff(artifact, backends, reference, prompts, steps, progress=bar, verify=not no_verify)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))
@@ -85,30 +110,32 @@ def _parse_contexts(text: str | None) -> list[int]:
 @click.command()
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @backend_option(multiple=True)
-@click.option("--prompt-len", type=int, default=20, show_default=True)
-@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--prompt-len", type=int, default=20, show_default=True, help="Prompt tokens of the timed generation.")
+@click.option("--new-tokens", type=int, default=128, show_default=True, help="Tokens it generates.")
 @click.option("--batch", type=int, default=None, help="Must equal the artifact's batch (shapes are static).")
-@click.option(
-    "--repeat",
-    type=int,
-    default=3,
-    show_default=True,
-    help="Timed rounds after a warm-up, each running every artifact, backend and baseline once in turn; medians reported.",
-)
-@click.option("--baseline", type=click.Choice(["transformers"]), default=None, help="Measure it in the same run.")
-@click.option("--contexts", default=None, help="Prompt lengths for decode-vs-context, e.g. 128,512,1000.")
-@click.option(
-    "--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of decode tok/s vs context."
-)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="Timed rounds after a warm-up, each running everything once in turn; medians reported.")  # fmt: skip
+@click.option("--baseline", type=click.Choice(["transformers"]), default=None,
+              help="Time transformers' eager generate on the same weights in the same rounds.")  # fmt: skip
+@click.option("--contexts", default=None, help="Prompt lengths for decode speed vs context, e.g. 100,1000.")
+@click.option("--workload", type=int, default=0, show_default=True,
+              help="Also run a fixed mix of N requests (prompts 10-300, outputs 16-256 tokens) submitted at once, on "
+              "the first --backend: in-flight batching, lockstep batches (batch > 1) or one at a time (batch 1).")  # fmt: skip
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="PNG of decode tok/s vs context (with the baseline and the ceiling).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (the same figures).")
+@verify_option
 def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: int, new_tokens: int, batch: int | None,
-          repeat: int, baseline: str | None, contexts: str | None, plot_path: Path | None, as_json: bool) -> None:  # fmt: skip
-    """Time to first token, prefill and decode speed, % of the memory-bandwidth ceiling, baseline ratio.
+          repeat: int, baseline: str | None, contexts: str | None, workload: int, plot_path: Path | None,
+          as_json: bool, no_verify: bool) -> None:  # fmt: skip
+    """Time to first token, prefill and decode speed, % of the bandwidth ceiling, held memory, a mixed
+    workload and a baseline: every figure from the same interleaved rounds.
 
     Several ARTIFACTS (e.g. batch 1 and batch 4 exports) are measured in the same run, and each one's
     aggregate decode speed is reported as a ratio to the first's."""
     from llamatrt.artifact.reader import read_manifest
-    from llamatrt.runtime.bench import bench_steps, plot_by_context, run_benches
+    from llamatrt.runtime.bench import bench_steps, run_benches
+    from llamatrt.runtime.bench_report import plot_by_context
 
     manifest = read_manifest(artifacts[0], verify=False)
     if batch is not None and batch != manifest.batch_size:
@@ -119,20 +146,11 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
         top = manifest.max_cache_len - 40
         lengths = sorted({min(n, top) for n in (128, 256, 512, top)})
     with StepBar(bench_steps(len(artifacts), repeat), "bench") as bar:
-        reports = run_benches(artifacts, backends, prompt_len, new_tokens, repeat, baseline, lengths, progress=bar)
-    first = reports[0].results[0].decode_tokens_per_s
-    if as_json:
-        payloads = [r.to_json() for r in reports]
-        for payload in payloads:
-            payload["aggregate_ratio_vs_first"] = payload["decode_tokens_per_s"] / first
-        click.echo(json.dumps(payloads[0] if len(payloads) == 1 else {"runs": payloads}, indent=2))
-    else:
-        click.echo("\n\n".join(str(r) for r in reports))
-        for r in reports[1:]:
-            click.echo(f"{r.artifact} (batch {r.batch}) aggregate decode is {r.results[0].decode_tokens_per_s / first:.2f}x "
-                       f"{reports[0].artifact} (batch {reports[0].batch}), same run")  # fmt: skip
+        report = run_benches(artifacts, backends, prompt_len, new_tokens, repeat, baseline, lengths, workload,
+                             progress=bar, verify=not no_verify)  # fmt: skip
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))
     if plot_path is not None:
-        plot_by_context(reports[0], plot_path)
+        plot_by_context(report, plot_path)
 
 
 @click.command()

@@ -7,8 +7,9 @@ from types import ModuleType
 from llamatrt.errors import BackendUnavailable
 
 
-def require_tensorrt(allow_rtx: bool = False) -> ModuleType:
-    """`tensorrt` (or, where allowed, `tensorrt_rtx`, which builds engines on a CPU-only machine)."""
+def require_tensorrt(allow_rtx: bool = False, fix: str = "or use --backend onnxruntime") -> ModuleType:
+    """`tensorrt` (or, where allowed, `tensorrt_rtx`, which builds engines on a CPU-only machine);
+    `fix`: what the caller's user can do instead."""
     try:
         import tensorrt
 
@@ -22,13 +23,12 @@ def require_tensorrt(allow_rtx: bool = False) -> ModuleType:
             except ImportError:
                 pass
     raise BackendUnavailable(
-        "TensorRT is not installed; on a GPU machine run `pip install 'llamatrt[gpu]'` (or `pip install tensorrt`), "
-        "or use --backend onnxruntime"
+        f"TensorRT is not installed; on a GPU machine run `pip install 'llamatrt[gpu]'` (or `pip install tensorrt`), {fix}"
     )
 
 
-def require_cuda() -> None:
+def require_cuda(fix: str = "or use --backend onnxruntime") -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise BackendUnavailable("no CUDA device is visible; run on a GPU machine or use --backend onnxruntime")
+        raise BackendUnavailable(f"no CUDA device is visible; run on a GPU machine {fix}")

@@ -6,11 +6,14 @@ export is only done when the runtime has run its graphs, so the two meet here, a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from llamatrt.artifact.manifest import Manifest
 from llamatrt.progress import Progress, no_progress
+
+log = logging.getLogger(__name__)
 
 
 def export_artifact(model: str | Path | Any, out: Path, options: Any = None, force: bool = False,
@@ -21,4 +24,20 @@ def export_artifact(model: str | Path | Any, out: Path, options: Any = None, for
     from llamatrt.exporter.export import export_artifact as write_artifact
     from llamatrt.runtime.export_check import validate_artifact
 
-    return write_artifact(model, out, options or ExportOptions(), force, progress, validate_artifact)
+    options = options or ExportOptions()
+    manifest = write_artifact(model, out, options, force, progress, validate_artifact)
+    if manifest.dtype == "float16":
+        _warn_fp16(out)
+    return manifest
+
+
+def _warn_fp16(out: Path) -> None:
+    """The fp16 safety scan (llamatrt.layerwise): one warning line when a tensor comes near fp16's
+    maximum or underflows in bulk, naming the first."""
+    from llamatrt.layerwise import fp16_scan
+
+    findings = fp16_scan(out)
+    if findings:
+        first = findings[0]
+        log.warning("fp16 safety scan: %d tensors need fp32 (first: %s, %s in %s, %s); see `llamatrt diff %s "
+                    "--layerwise`", len(findings), first.tensor, first.op, first.layer, first.reason, out)  # fmt: skip

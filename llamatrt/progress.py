@@ -61,7 +61,7 @@ class StepBar:
         self.current, self.step_started = step, time.perf_counter()
         if self.bar is not None:
             self.bar.n = min(self.done, self.total)
-            self.bar.set_postfix_str(step)
+            self.bar.set_description_str(f"{self.desc}: {step}")
         else:
             print(f"{self.desc}: [{min(self.done + 1, self.total)}/{self.total}] {step} "
                   f"({time.perf_counter() - self.started:.1f} s)", file=self.stream, flush=True)  # fmt: skip
@@ -76,7 +76,7 @@ class StepBar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, desc=self.desc, unit="step", file=self.stream, leave=True,
-                            bar_format="{desc}: {n}/{total} |{bar:20}| {elapsed} {postfix}")  # fmt: skip
+                            bar_format="{desc} {n}/{total} |{bar:20}| {elapsed}")  # fmt: skip
             self._ticker = threading.Thread(target=self._tick, daemon=True)
             self._ticker.start()
         return self
@@ -89,7 +89,7 @@ class StepBar:
         if self.bar is not None:
             if exc_type is None:  # complete the bar only on success
                 self.bar.n = self.total
-                self.bar.set_postfix_str("done")
+                self.bar.set_description_str(f"{self.desc}: done")
             self.bar.close()
         elif exc_type is None:
             print(f"{self.desc}: done in {elapsed:.1f} s", file=self.stream, flush=True)

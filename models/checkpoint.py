@@ -4,7 +4,7 @@ Checkpoint: a validated config plus a way to get the weights and the tokenizer f
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ class Checkpoint:
     hf_dir: Path | None  # config.json + safetensors + tokenizer; None for an in-memory model
     hf_config: dict[str, Any] = field(repr=False)
     _state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    gguf: Path | None = None  # the GGUF file it came from: its quantized blocks can be carried over
 
     def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         if self._state is not None:
@@ -60,14 +61,15 @@ def load_checkpoint(spec: str | Path | Any) -> Checkpoint:
         return _from_transformers(spec)
     name = str(spec)
     if name in BUNDLED_MODELS:
-        return _from_hf_dir(hf_dir_from_gguf(bundled_gguf(name)), source=name)
+        path = bundled_gguf(name)
+        return replace(_from_hf_dir(hf_dir_from_gguf(path), source=name), gguf=path)
     path = Path(name).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint {name!r} not found; pass `smollm2`, an HF model folder or a .gguf file")
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path} is a file but not a .gguf; pass an HF model folder or a .gguf file")
-        return _from_hf_dir(hf_dir_from_gguf(path), source=str(path.resolve()))
+        return replace(_from_hf_dir(hf_dir_from_gguf(path), source=str(path.resolve())), gguf=path.resolve())
     return _from_hf_dir(path, source=str(path.resolve()))
 
 

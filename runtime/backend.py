@@ -47,7 +47,9 @@ class Backend(abc.ABC):
         for form in self.attention_order():
             graphs = {n: g for n, g in manifest.graphs.items() if self.name in g.backends and g.attention == form}
             values = graphs.values()
-            if any(g.serves("decode", manifest.batch_size) for g in values) and any(g.serves("prefill", 1) for g in values):
+            if any(g.serves("decode", manifest.batch_size) for g in values) and any(
+                g.serves("prefill", 1) for g in values
+            ):
                 return graphs
         raise ManifestMismatchError(
             f"{self.folder} has no graphs the {self.name} backend can run; re-export with this llamatrt or pick "
@@ -103,14 +105,14 @@ class Backend(abc.ABC):
         """Per graph, persistent device buffers for the small inputs: backends that bind by address
         copy each call's values in, so the bound addresses never change."""
         return {
-            name: {t.name: torch.zeros(t.shape, dtype=torch_dtype(t.dtype), device=self.device)
+            name: {t.name: torch.zeros(_fixed(t.shape), dtype=torch_dtype(t.dtype), device=self.device)
                    for t in g.inputs if t.name in names.SMALL_INPUTS}
             for name, g in self.graphs.items()
         }  # fmt: skip
 
     def _logits_buffers(self) -> dict[str, torch.Tensor]:
         """Per graph, the reused fp32 logits output buffer."""
-        return {n: torch.empty(g.outputs[0].shape, dtype=torch.float32, device=self.device)
+        return {n: torch.empty(_fixed(g.outputs[0].shape), dtype=torch.float32, device=self.device)
                 for n, g in self.graphs.items()}  # fmt: skip
 
     @staticmethod
@@ -133,6 +135,13 @@ class Backend(abc.ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _fixed(shape: tuple[int | str, ...]) -> tuple[int, ...]:
+    """A graph's shape as numbers: the address-bound buffers belong to fixed-shape variants only."""
+    if any(isinstance(d, str) for d in shape):
+        raise ManifestMismatchError(f"a buffer of shape {shape} is open; bind buffers of fixed-shape graphs only")
+    return tuple(int(d) for d in shape)
 
 
 @contextlib.contextmanager

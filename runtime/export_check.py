@@ -8,15 +8,18 @@ teacher-forced decode steps, through the loop's `score`.
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from llamatrt.artifact.feeds import fixed_prompt
 from llamatrt.artifact.manifest import Manifest
-from llamatrt.artifact.precision import PRECISIONS
+from llamatrt.artifact.precision import PRECISIONS, QUANTIZED_EXPORT_TOLERANCE
 from llamatrt.errors import ValidationError
 from llamatrt.models.llama import StaticLlama
 from llamatrt.runtime.backend import Backend
+from llamatrt.runtime.fp32_twin import fp32_twin
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import OrtBackend
 from llamatrt.runtime.torch_backend import TorchBackend
@@ -40,25 +43,38 @@ def _loop_error(candidate: Backend, reference: Backend) -> float:
 
 
 def validate_artifact(folder: Path, manifest: Manifest, model: StaticLlama) -> dict[str, Any]:
-    """Raise ValidationError above the precision's tolerance; return what the manifest records."""
-    if PRECISIONS[manifest.dtype].numpy is None:
-        return {"backend": None, "skipped": "ONNX Runtime CPU cannot run bf16; run `llamatrt diff` on a GPU"}
-    tolerance = PRECISIONS[manifest.dtype].export_tolerance
+    """Raise ValidationError above the precision's tolerance; return what the manifest records.
+
+    A bf16 artifact (ONNX Runtime CPU has no bf16 kernels) is checked through fp32 twins of its
+    graphs (runtime.fp32_twin) against PyTorch in fp32 on the same bf16-rounded weights: the same
+    arithmetic on both sides, so the fp32 tolerance applies and a wrong wire in the graph cannot hide
+    in bf16 rounding."""
+    twin = PRECISIONS[manifest.dtype].numpy is None
+    tolerance = PRECISIONS["float32" if twin else manifest.dtype].export_tolerance
+    if manifest.quantization:
+        tolerance = QUANTIZED_EXPORT_TOLERANCE[manifest.quantization["accuracy_level"]]
     forms = list(dict.fromkeys(g.attention for g in manifest.graphs.values() if "onnxruntime" in g.backends))
     errors = {}
-    with TorchBackend(folder, manifest, model=model) as reference:
-        for form in forms:
-            with OrtBackend(folder, manifest, attention=form) as candidate:
-                errors[form] = _loop_error(candidate, reference)
+    with tempfile.TemporaryDirectory() as scratch:
+        candidate_folder, candidate_manifest = folder, manifest
+        if twin:
+            candidate_folder, candidate_manifest = Path(scratch), fp32_twin(folder, manifest, Path(scratch))
+            model, forms = copy.deepcopy(model).float(), ["portable"]
+        with TorchBackend(candidate_folder, candidate_manifest, model=model) as reference:
+            for form in forms:
+                with OrtBackend(candidate_folder, candidate_manifest, attention=form) as candidate:
+                    errors[form] = _loop_error(candidate, reference)
     for form, error in errors.items():
         if not error <= tolerance:
             raise ValidationError(
-                f"ONNX Runtime logits of the {form} graphs differ from PyTorch by {error:.3g} (tolerance "
-                f"{tolerance:g} for {manifest.dtype}); the export is wrong, nothing was written — please report "
+                f"ONNX Runtime logits of the {form} graphs{' (fp32 twins)' if twin else ''} differ from PyTorch by "
+                f"{error:.3g} (tolerance {tolerance:g}); the export is wrong, nothing was written — please report "
                 "with the model config"
             )
     return {
-        "backend": "onnxruntime-cpu",
+        "backend": "onnxruntime-cpu, fp32 twins of the bf16 graphs vs PyTorch fp32 on the bf16 weights"
+        if twin
+        else "onnxruntime-cpu",
         "max_abs_logits_error": max(errors.values()),
         "max_abs_logits_error_by_graphs": errors,
         "tolerance": tolerance,

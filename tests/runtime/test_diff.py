@@ -6,14 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from llamatrt.artifact.reader import file_sha256
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.pipeline import export_artifact
 from llamatrt.runtime.compare import run_diff
+from tests.safety_helpers import perturb_parameter
 
 PROMPTS = [(False, "w5 w17 w42 w8"), (True, "w11 w12"), (False, " ".join(f"w{i % 90 + 3}" for i in range(20)))]
 OPTIONS = ExportOptions(batch_size=2, max_cache_len=64, prefill_chunk=8)
@@ -49,15 +48,7 @@ def _export_broken(tmp_path: Path, hf_dir: Path, name: str) -> Path:
 def test_perturbed_weight_fails(tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "perturbed"
     shutil.copytree(tiny_artifact, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    where = manifest["weights"]["tensors"]["model.layers.1.mlp.down_proj.weight"]
-    data = np.fromfile(out / "weights.data", dtype=np.uint8)
-    tensor = data[where["offset"] : where["offset"] + 4 * int(np.prod(where["shape"]))].view(np.float32)
-    tensor += 0.05 * np.sign(tensor)
-    data.tofile(out / "weights.data")
-    # an exporter bug, not a corrupted file: the manifest's hash is the perturbed file's own
-    manifest["weights"]["sha256"] = file_sha256(out / "weights.data")
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    perturb_parameter(out, "model.layers.1.mlp.down_proj.weight", 0.05)
     report = run_diff(out, ["onnxruntime"], prompts=PROMPTS, steps=8)
     assert not report
     artifact_stage = report.stages[-1]

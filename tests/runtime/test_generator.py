@@ -241,3 +241,23 @@ def test_score_is_teacher_forced_and_batched() -> None:
     logits = Generator(backend).score([[5], [9, 10], [3]], [[20, 21, 22], [30, 31, 32], [1, 2, 3]])
     assert [tuple(t.shape) for t in logits] == [(3, 32)] * 3
     assert [t.argmax(-1).tolist() for t in logits] == [[6, 21, 22], [11, 31, 0], [4, 2, 3]]  # vocab 32 wraps
+
+
+def test_on_a_graph_with_open_tokens_a_prompt_is_prefilled_in_calls_sized_to_the_decode_step() -> None:
+    """While a row decodes, a long prompt's prefill calls take what fits in 1.5 decode steps (from
+    the running averages), so the decoding row is not held for a whole chunk."""
+    manifest = fake_manifest(batch=2, chunk=16, cache=64, open_tokens=True)
+    backend = ScriptedBackend(manifest)
+    scheduler = Scheduler(backend)
+    assert scheduler.prefill_sizes is None
+    running = scheduler.submit(Request([1], max_new_tokens=30), 0)
+    for _ in range(2):
+        scheduler.step()
+    scheduler._decode_step_s, scheduler._prefill_token_s = 0.010, 0.002  # 1.5 x 10 ms / 2 ms = 7 -> at least 8
+    late = scheduler.submit(Request(list(range(1, 31)), max_new_tokens=2), 1)
+    scheduler._decode_step_s, scheduler._prefill_token_s = 0.010, 0.002
+    steps = list(scheduler.run([running, late]))
+    prefills = [c for c in backend.calls if c["row"] == 1]  # batch-1 calls on row 1: its prefill
+    assert [c["input_ids"].shape[1] for c in prefills][:2] == [8, 8]  # not one call of 16
+    assert sum(c["input_ids"].shape[1] for c in prefills) == 30  # the whole prompt, once
+    assert [s.token_id for s in steps if s.index == 1 and s.token_id is not None] == [31, 0]

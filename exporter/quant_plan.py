@@ -1,0 +1,82 @@
+"""Which weights an `export --quantize` stores quantized, and from where.
+
+Every linear layer, the output head and the embedding are stored block-quantized; norms stay fp32.
+From a GGUF the file's own blocks are carried over whatever `--quantize` says (they are the
+checkpoint's weights; re-quantizing them would only lose accuracy), and only tensors the file holds
+as floats are quantized to the requested bits. From float checkpoints, ONNX Runtime's quantizer
+(round-to-nearest, symmetric) makes every block.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llamatrt.errors import InputError
+from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
+from llamatrt.exporter.quant_weights import SCHEMES, QuantizedWeight, rtn_quantize
+from llamatrt.models.checkpoint import Checkpoint
+from llamatrt.models.llama import StaticLlama
+
+log = logging.getLogger(__name__)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (fp32), 4 = int8 activations (the fast CPU kernel)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    scheme: str  # "int4" | "int8": the bits of the tensors quantized at export
+    block_size: int
+    accuracy_level: int
+    weights: dict[str, QuantizedWeight]  # StaticLlama parameter -> its blocks
+    floats: dict[str, np.ndarray]  # the same parameters as the exporter's model holds them (found by content)
+
+    def origins(self) -> dict[str, str]:
+        return {name: f"{w.origin} ({w.bits}-bit, block {w.block})" for name, w in self.weights.items()}
+
+    def summary(self) -> str:
+        counts = Counter(w.origin for w in self.weights.values())
+        return ", ".join(f"{n} {origin}" for origin, n in counts.most_common())
+
+
+def _quantized_params(model: StaticLlama) -> dict[str, torch.Tensor]:
+    """The 2-D parameters stored quantized: every projection, the embedding, an untied head."""
+    return {name: p.detach() for name, p in model.state_dict().items() if p.dim() == 2}
+
+
+def plan_quantization(checkpoint: Checkpoint, model: StaticLlama, scheme: str, block_size: int,
+                      accuracy_level: int) -> QuantPlan:  # fmt: skip
+    if scheme not in SCHEMES:
+        raise InputError(f"unknown --quantize {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise InputError(f"--accuracy-level {accuracy_level} is not one of 0-4; 4 (int8 activations) is the fast one")
+    carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config) if checkpoint.gguf is not None else {}
+    weights: dict[str, QuantizedWeight] = {}
+    floats: dict[str, np.ndarray] = {}
+    for name, tensor in _quantized_params(model).items():
+        array = tensor.float().numpy()
+        weight = carried.get(name)
+        if weight is not None and not np.array_equal(weight.dequantize(), array):
+            log.warning("%s: the GGUF's blocks do not dequantize to the weights transformers loaded; quantizing "
+                        "it from the floats instead", name)  # fmt: skip
+            weight = None
+        weights[name] = weight if weight is not None else rtn_quantize(array, SCHEMES[scheme], block_size)
+        floats[name] = array
+    plan = QuantPlan(scheme, block_size, accuracy_level, weights, floats)
+    log.info("quantized weights: %s", plan.summary())
+    return plan
+
+
+def dequantized_model(model: StaticLlama, plan: QuantPlan) -> StaticLlama:
+    """A copy of `model` on the artifact's weights as they dequantize: the reference that export
+    validation holds the quantized graph to, so only arithmetic is left between them."""
+    reference = copy.deepcopy(model)
+    state = reference.state_dict()
+    with torch.no_grad():
+        for name, weight in plan.weights.items():
+            state[name].copy_(torch.from_numpy(weight.dequantize()))
+    return reference

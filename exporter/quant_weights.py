@@ -1,0 +1,113 @@
+"""Block-quantized weights in ONNX Runtime's MatMulNBits layout, from two sources.
+
+- A GGUF file's own blocks, carried over without re-quantizing: Q4_0 and Q8_0 are MatMulNBits'
+  symmetric forms (zero point 8 / 128) exactly; Q4_1 (`d·q + m` per block) is MatMulNBits with scale
+  `d` and zero point 0 plus a per-block offset `m` that the graph adds as a small fp32 MatMul of the
+  activations' block sums (exporter.quantize). The dequantized weights then equal the `gguf`
+  package's dequantization bit for bit, which is what transformers loads: the artifact holds the
+  same weights as the fp32 reference `diff` compares it with.
+- A float weight, quantized round-to-nearest, symmetric, by ONNX Runtime's own block quantizer
+  (`onnxruntime.quantization.matmul_nbits_quantizer`): its packing is by definition what
+  MatMulNBits reads, so we do not write that layout a second time.
+
+Layout (MatMulNBits, weight W of shape [N, K], blocks of `block` along K): `packed` is uint8
+[N, K/block, block·bits/8], two 4-bit values per byte low nibble first; `scales` fp32 [N, K/block].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llamatrt.errors import CheckpointError, InputError
+
+SCHEMES = {"int4": 4, "int8": 8}
+DEFAULT_ZERO = {4: 8, 8: 128}  # MatMulNBits' zero point when the graph gives none
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    bits: int
+    block: int
+    n: int
+    k: int
+    packed: np.ndarray  # uint8 [N, K/block, block*bits/8]
+    scales: np.ndarray  # float32 [N, K/block]
+    zero: int  # the one zero point of every block: DEFAULT_ZERO[bits], or 0 with `offsets`
+    offsets: np.ndarray | None  # float32 [N, K/block]: Q4_1's `m`, added after the product
+    origin: str  # "gguf Q4_1" (blocks carried over) or "rtn" (quantized here)
+
+    @property
+    def blocks(self) -> int:
+        return self.packed.shape[1]
+
+    def codes(self) -> np.ndarray:
+        """The integer codes as uint8 [N, K/block, block] (4-bit values unpacked)."""
+        if self.bits == 8:
+            return self.packed
+        low, high = self.packed & 0x0F, self.packed >> 4
+        return np.stack([low, high], axis=-1).reshape(self.n, self.blocks, self.block)
+
+    def dequantize(self) -> np.ndarray:
+        """W [N, K] in float32, computed as the format defines it (`d·(q - z)` and Q4_1's `d·q + m`,
+        the very expressions of the `gguf` package), so a carried-over tensor compares bitwise."""
+        q = self.codes().astype(np.float32)
+        scale = self.scales[..., None]
+        offsets = self.offsets
+        w = scale * (q - np.float32(self.zero)) if offsets is None else scale * q + offsets[..., None]
+        return w.reshape(self.n, self.blocks * self.block)[:, : self.k]
+
+    def rows(self, index: np.ndarray) -> QuantizedWeight:
+        """The same weight with its rows (output features) reordered or selected."""
+        return QuantizedWeight(self.bits, self.block, len(index), self.k, self.packed[index], self.scales[index],
+                               self.zero, None if self.offsets is None else self.offsets[index], self.origin)  # fmt: skip
+
+
+def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Row-wise concatenation (the fused q|k|v and gate|up projections), all of one format."""
+    first = parts[0]
+    if any((p.bits, p.block, p.k, p.zero, p.offsets is None) != (first.bits, first.block, first.k, first.zero,
+                                                                  first.offsets is None) for p in parts):  # fmt: skip
+        raise CheckpointError("the q/k/v (or gate/up) tensors of one layer are quantized differently in the GGUF; "
+                              "export it without --quantize, or from a float checkpoint")  # fmt: skip
+    offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])  # type: ignore[misc]
+    return QuantizedWeight(first.bits, first.block, sum(p.n for p in parts), first.k,
+                           np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
+                           first.zero, offsets, first.origin)  # fmt: skip
+
+
+def rtn_quantize(weight: np.ndarray, bits: int, block: int) -> QuantizedWeight:
+    """Symmetric round-to-nearest blocks of W [N, K] by ONNX Runtime's quantizer."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    if block < 16 or block & (block - 1):
+        raise InputError(f"block size {block} is not supported; use a power of two >= 16 (32 is the usual)")
+    n, k = weight.shape
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits)
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(weight.T, dtype=np.float32)
+    )
+    return QuantizedWeight(bits, block, n, k, packed, scales.astype(np.float32).reshape(n, -1), DEFAULT_ZERO[bits],
+                           None, "rtn")  # fmt: skip
+
+
+def from_gguf_blocks(type_name: str, data: np.ndarray, k: int) -> QuantizedWeight:
+    """A GGUF tensor's raw blocks (uint8 [N, bytes per row]; rows of K values) in MatMulNBits form."""
+    n = data.shape[0]
+    blocks = data.reshape(n, k // 32, -1)
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+    if type_name == "Q8_0":  # d (fp16), 32 int8 q: w = d·q, i.e. code q+128 with zero point 128
+        q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
+        packed = (q.astype(np.int16) + 128).astype(np.uint8)
+        return QuantizedWeight(8, 32, n, k, packed, d, 128, None, "gguf Q8_0")
+    if type_name in ("Q4_0", "Q4_1"):  # d [, m], 16 bytes: value j in the low nibble of byte j, j+16 in its high
+        start = 2 if type_name == "Q4_0" else 4
+        qs = blocks[..., start:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [N, K/32, 32] in element order
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)  # MatMulNBits: 2i low, 2i+1 high
+        if type_name == "Q4_0":
+            return QuantizedWeight(4, 32, n, k, packed, d, 8, None, "gguf Q4_0")
+        m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+        return QuantizedWeight(4, 32, n, k, packed, d, 0, m, "gguf Q4_1")
+    raise CheckpointError(f"GGUF block type {type_name} is not carried over (Q4_0, Q4_1, Q8_0 are)")

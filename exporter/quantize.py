@@ -1,0 +1,182 @@
+"""Weight-only quantization of an exported ONNX Runtime graph: MatMul -> com.microsoft.MatMulNBits.
+
+Runs on the optimized graph before the weights are written. Every linear layer whose float weight
+is a model parameter (found by content, as exporter.weights_file does: the exporter renames and
+pre-transposes weights) becomes one MatMulNBits node over that parameter's blocks; the tied output
+head (MatMul over Transpose(embedding)) too. The embedding lookup reads the same blocks: a Gather of
+the packed rows, unpacked and scaled with standard ops (ONNX Runtime's GatherBlockQuantized wants its
+own layout, and sharing the head's bytes keeps one copy of the tied matrix). Q4_1 blocks (`d·q + m`)
+add `Σ_b m[n, b] · Σ_{k in b} x[k]`, a small fp32 MatMul of the activations' block sums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class _Builder:
+    graph: ir.Graph
+    before: ir.Node
+    nodes: list[ir.Node]
+
+    def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", **attributes: Any) -> ir.Value:
+        import onnx_ir as ir
+
+        node = ir.Node(domain, op_type, inputs, ir.convenience.convert_attributes(attributes), num_outputs=1)
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def flush(self) -> None:
+        self.graph.insert_before(self.before, self.nodes)
+        self.nodes = []
+
+
+class _Initializers:
+    """One graph initializer per array, made once (the head and the embedding share theirs)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.made: dict[str, ir.Value] = {}
+
+    def get(self, name: str, array: np.ndarray) -> ir.Value:
+        import onnx_ir as ir
+
+        if name not in self.made:
+            value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+            self.graph.register_initializer(value)
+            self.made[name] = value
+        return self.made[name]
+
+
+def content_key(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).view(np.uint8).tobytes()).hexdigest()
+
+
+def quantize_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray],
+                   accuracy_level: int) -> list[str]:  # fmt: skip
+    """Rewrite `model` in place; `floats` are the parameters ([N, K] float32) whose quantized form is
+    `weights[name]`. Returns the parameter names it quantized, in graph order."""
+    graph = model.graph
+    plain = {content_key(w): name for name, w in floats.items() if name in weights}
+    transposed = {content_key(w.T): name for name, w in floats.items() if name in weights}
+    inits = _Initializers(graph)
+    done: list[str] = []
+    for node in list(graph):
+        if node.op_type == "MatMul" and node.domain == "":
+            name = _weight_name(node.inputs[1], plain, transposed)
+            if name is not None:
+                _replace_matmul(graph, node, name, weights[name], inits, accuracy_level)
+                done.append(name)
+        elif node.op_type == "Gather" and node.domain == "" and node.inputs[0] is not None:
+            source = node.inputs[0].const_value
+            name = None if source is None else plain.get(content_key(source.numpy()))
+            # the lookup unpacks whole rows: a row that ends inside a block keeps its float table
+            if (
+                name is not None
+                and node.attributes.get_int("axis", 0) == 0
+                and weights[name].k % weights[name].block == 0
+            ):
+                _replace_lookup(graph, node, name, weights[name], inits)
+                done.append(name)
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    _remove_dead_nodes(graph)
+    for value in list(graph.initializers.values()):  # the float copies nothing reads now
+        if not value.uses() and value.name not in inits.made:
+            graph.initializers.pop(value.name or "")
+    return list(dict.fromkeys(done))
+
+
+def _remove_dead_nodes(graph: ir.Graph) -> None:
+    """Nodes nothing reads any more (the head's Transpose of the float embedding)."""
+    outputs = set(graph.outputs)
+    changed = True
+    while changed:
+        dead = [n for n in graph if all(not v.uses() and v not in outputs for v in n.outputs)]
+        graph.remove(dead, safe=True)
+        changed = bool(dead)
+
+
+def _weight_name(value: ir.Value | None, plain: Mapping[str, str], transposed: Mapping[str, str]) -> str | None:
+    """The parameter a MatMul's B input is: a pre-transposed initializer, or Transpose(parameter)."""
+    if value is None:
+        return None
+    if value.const_value is not None and len(value.const_value.shape) == 2:
+        return transposed.get(content_key(value.const_value.numpy()))
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is not None:
+        source = producer.inputs[0].const_value
+        if source is not None and len(source.shape) == 2:
+            return plain.get(content_key(source.numpy()))
+    return None
+
+
+def _quantized_inputs(name: str, weight: QuantizedWeight, inits: _Initializers) -> list[ir.Value]:
+    values = [inits.get(f"{name}.q{weight.bits}", weight.packed), inits.get(f"{name}.scales", weight.scales)]
+    if weight.zero != DEFAULT_ZERO[weight.bits]:
+        assert weight.zero == 0 and weight.bits == 4, "only Q4_1's zero point 0 is not MatMulNBits' default"
+        values.append(inits.get(f"zeros.{weight.n}x{weight.blocks}", np.zeros((weight.n, (weight.blocks + 1) // 2),
+                                                                             dtype=np.uint8)))  # fmt: skip
+    return values
+
+
+def _replace_matmul(graph: ir.Graph, node: ir.Node, name: str, weight: QuantizedWeight, inits: _Initializers,
+                    accuracy_level: int) -> None:  # fmt: skip
+    import onnx_ir as ir
+
+    build = _Builder(graph, node, [])
+    x = node.inputs[0]
+    out = build.op("MatMulNBits", x, *_quantized_inputs(name, weight, inits), domain=MS_DOMAIN, K=weight.k,
+                   N=weight.n, bits=weight.bits, block_size=weight.block, accuracy_level=accuracy_level)  # fmt: skip
+    if weight.offsets is not None:  # Q4_1: + (block sums of x) @ m^T
+        blocked = build.op("Reshape", x, inits.get(f"shape.blocks{weight.blocks}x{weight.block}",
+                                                   np.array([0, 0, weight.blocks, weight.block], dtype=np.int64)))  # fmt: skip
+        sums = build.op("ReduceSum", blocked, inits.get("axes.last", np.array([-1], dtype=np.int64)), keepdims=0)
+        offset = build.op("MatMul", sums, inits.get(f"{name}.offsets", np.ascontiguousarray(weight.offsets.T)))
+        out = build.op("Add", out, offset)
+    build.flush()
+    ir.convenience.replace_all_uses_with(node.outputs[0], out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+
+
+def _replace_lookup(graph: ir.Graph, node: ir.Node, name: str, weight: QuantizedWeight, inits: _Initializers) -> None:
+    """Gather(embedding, ids) over the quantized rows: unpack, subtract the zero point, scale."""
+    import onnx_ir as ir
+
+    build = _Builder(graph, node, [])
+    packed, scales, *_ = _quantized_inputs(name, weight, inits)
+    ids = node.inputs[1]
+    codes = build.op("Gather", packed, ids, axis=0)  # [b, s, blocks, block*bits/8]
+    if weight.bits == 4:
+        low = build.op("BitwiseAnd", codes, inits.get("u8.15", np.array(15, dtype=np.uint8)))
+        high = build.op("BitShift", codes, inits.get("u8.4", np.array(4, dtype=np.uint8)), direction="RIGHT")
+        pair = build.op("Concat", build.op("Unsqueeze", low, inits.get("axes.last", np.array([-1], dtype=np.int64))),
+                        build.op("Unsqueeze", high, inits.get("axes.last", np.array([-1], dtype=np.int64))), axis=-1)  # fmt: skip
+        codes = build.op("Reshape", pair, inits.get(f"shape.blocks{weight.blocks}x{weight.block}",
+                                                    np.array([0, 0, weight.blocks, weight.block], dtype=np.int64)))  # fmt: skip
+    values = build.op("Cast", codes, to=ir.DataType.FLOAT)
+    scale = build.op("Unsqueeze", build.op("Gather", scales, ids, axis=0),
+                     inits.get("axes.last", np.array([-1], dtype=np.int64)))  # fmt: skip
+    if weight.offsets is not None:
+        offset = build.op("Unsqueeze", build.op("Gather", inits.get(f"{name}.offsets.rows", weight.offsets), ids,
+                                                axis=0), inits.get("axes.last", np.array([-1], dtype=np.int64)))  # fmt: skip
+        rows = build.op("Add", build.op("Mul", scale, values), offset)
+    else:
+        zero = inits.get(f"f32.{weight.zero}", np.array(weight.zero, dtype=np.float32))
+        rows = build.op("Mul", scale, build.op("Sub", values, zero))
+    out = build.op("Reshape", rows, inits.get(f"shape.rows{weight.k}", np.array([0, 0, weight.k], dtype=np.int64)))
+    build.flush()
+    ir.convenience.replace_all_uses_with(node.outputs[0], out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
