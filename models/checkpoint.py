@@ -56,7 +56,9 @@ def bundled_gguf(name: str) -> Path:
 
 
 def load_checkpoint(spec: str | Path | Any) -> Checkpoint:
-    """`smollm2`, an HF folder, a .gguf path, or a transformers LlamaForCausalLM object."""
+    """`smollm2`, an HF folder, a .gguf path, a transformers LlamaForCausalLM object, or a Checkpoint."""
+    if isinstance(spec, Checkpoint):
+        return spec
     if not isinstance(spec, (str, Path)):
         return _from_transformers(spec)
     name = str(spec)

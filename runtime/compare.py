@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from llamatrt.artifact.manifest import Manifest
-from llamatrt.artifact.precision import PRECISIONS, Thresholds
+from llamatrt.artifact.precision import Thresholds, stage_thresholds
 from llamatrt.errors import InputError
 from llamatrt.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
@@ -73,7 +73,18 @@ def _stage_outputs(
     logits = gen.score(prompts, forced)
     greedy = gen.generate(prompts, max_new_tokens=len(forced[0]))
     ppl_logits = gen.score([ppl_ids[:1]], [ppl_ids[1:]])[0]
-    return StageOutputs(name, backend.manifest.dtype, logits, greedy, perplexity(ppl_logits, ppl_ids))
+    return StageOutputs(name, weights_kind(backend), logits, greedy, perplexity(ppl_logits, ppl_ids))
+
+
+def weights_kind(backend: Backend) -> str:
+    """What a stage's thresholds key on: the artifact's precision, or for a quantized artifact run as
+    it is (the torch backend always runs a float model), whether its blocks are the GGUF's own."""
+    quantization = backend.manifest.quantization
+    if not quantization or backend.name == "torch":
+        return backend.manifest.dtype
+    if all(origin.startswith("gguf") for origin in quantization["tensors"].values()):
+        return "gguf-blocks" if quantization["accuracy_level"] in (0, 1) else "gguf-blocks+int8-activations"
+    return str(quantization["scheme"])
 
 
 def perplexity(logits: torch.Tensor, ids: Sequence[int]) -> float:
@@ -163,7 +174,7 @@ def run_diff(
             step(f"running {kind}")
             stages.append(_stage_outputs(f"artifact/{kind}", backend, token_prompts, forced, ppl_ids))
             step(f"contract checks on {kind}")
-            checks += run_contract_checks(backend, token_prompts, PRECISIONS[manifest.dtype].thresholds.max_abs)
-    results = [compare_stage(s, ref, PRECISIONS[s.dtype].thresholds) for s in stages]
+            checks += run_contract_checks(backend, token_prompts, stage_thresholds(weights_kind(backend)).max_abs)
+    results = [compare_stage(s, ref, stage_thresholds(s.dtype)) for s in stages]
     return AccuracyReport(str(artifact), checkpoint.source, manifest.dtype, len(token_prompts), steps,
                           ref.perplexity, results, checks, notes)  # fmt: skip

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llamatrt.artifact.precision import PRECISIONS, Thresholds
+from llamatrt.artifact.precision import Thresholds, stage_thresholds
 
 
 @dataclass
@@ -78,7 +78,7 @@ class AccuracyReport:
 
     @property
     def thresholds(self) -> dict[str, Thresholds]:
-        return {s.dtype: PRECISIONS[s.dtype].thresholds for s in self.stages}
+        return {s.dtype: stage_thresholds(s.dtype) for s in self.stages}
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -70,7 +70,9 @@ def test_requests_joining_and_leaving_a_batch_get_their_tokens_alone(
 ) -> None:
     prompts = _prompts(smollm2_artifact)
     assert min(map(len, prompts)) <= 8 and 250 <= max(map(len, prompts)) <= 320
-    budgets = [n if kind == "onnxruntime" else min(n, 40) for _, n in SHAPES]  # the PyTorch backend is slower
+    budgets = [n for _, n in SHAPES]
+    if kind == "torch":  # its attention reads all C slots at every step: six requests, short answers
+        prompts, budgets = prompts[:6], [min(n, 16) for n in budgets[:6]]
     alone = _alone(smollm2_artifact, kind, prompts, budgets)
     together = _together(smollm2_b4_artifact, kind, prompts, budgets)
     for i, expected in enumerate(alone):

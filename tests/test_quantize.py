@@ -1,0 +1,197 @@
+"""Weight-only quantized artifacts on tiny models: a GGUF's Q4_0 / Q4_1 / Q8_0 blocks carried over
+bit for bit (synthetic GGUF files written here with the `gguf` package), MatMulNBits graphs that
+equal PyTorch on the dequantized weights, re-quantized float checkpoints, and `diff` passing a
+quantized artifact and failing one with a corrupted scale."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from llamatrt.exporter.export import ExportOptions
+from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
+from llamatrt.exporter.quant_weights import from_gguf_blocks
+from llamatrt.models.checkpoint import load_checkpoint
+from llamatrt.pipeline import export_artifact
+from llamatrt.runtime.compare import run_diff
+from tests.conftest import save_tiny_tokenizer, tiny_hf_model
+from tests.safety_helpers import edit_manifest, run_cli
+
+OPTIONS = {"max_cache_len": 32, "prefill_chunk": 8}
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+
+
+def _block_model():
+    """A tiny Llama whose every input dimension is a multiple of 32 (GGUF blocks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    return model
+
+
+def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (transformers undoes it on load)."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _write_gguf(model, path: Path, qtype: gguf.GGMLQuantizationType) -> dict[str, np.ndarray]:
+    """Every 2-D tensor quantized to `qtype` as llama.cpp names and lays them out; returns the HF
+    state dict as transformers would load the file (dequantized, q/k rows un-permuted)."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    cfg = model.config
+    processor = LlamaTensorProcessor({"num_attention_heads": cfg.num_attention_heads,
+                                      "num_key_value_heads": cfg.num_key_value_heads})  # fmt: skip
+    writer = gguf.GGUFWriter(str(path), "llama")
+    loaded = {}
+    for name, tensor in model.state_dict().items():
+        array = tensor.float().numpy()
+        if name == "model.embed_tokens.weight":
+            target = "token_embd.weight"
+        elif name.startswith("model.layers.") and array.ndim == 2:
+            layer, kind = name.split(".")[2], name.split(".")[4]
+            target = f"blk.{layer}.{GGUF_NAMES[kind]}.weight"
+            if kind in ("q_proj", "k_proj"):
+                array = _permute(array, cfg.num_attention_heads if kind == "q_proj" else cfg.num_key_value_heads)
+        else:
+            loaded[name] = array
+            continue
+        blocks = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(target, blocks, raw_dtype=qtype)
+        loaded[name] = processor.process(gguf.quants.dequantize(blocks, qtype), target).weights
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return loaded
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_dequantize_bitwise_as_the_gguf_package_does(tmp_path: Path, qtype: str) -> None:
+    kind = gguf.GGMLQuantizationType[qtype]
+    weight = np.random.default_rng(1).standard_normal((48, 96)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "w.gguf"), "llama")
+    writer.add_tensor("w", gguf.quants.quantize(weight, kind), raw_dtype=kind)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    tensor = gguf.GGUFReader(str(tmp_path / "w.gguf")).tensors[0]
+    carried = from_gguf_blocks(qtype, np.asarray(tensor.data), 96)
+    expected = gguf.quants.dequantize(np.asarray(tensor.data), kind)
+    assert carried.dequantize().shape == (48, 96)
+    assert np.array_equal(carried.dequantize(), expected)  # bit for bit
+    assert carried.origin == f"gguf {qtype}" and (carried.offsets is not None) == (qtype == "Q4_1")
+
+
+@pytest.fixture(scope="module", params=["Q4_0", "Q4_1", "Q8_0"])
+def gguf_checkpoint(request, tmp_path_factory):
+    """A tiny model written as a GGUF of one block type, and the HF folder transformers would load
+    from it (the fp32 reference), as one Checkpoint that knows its GGUF file."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = _block_model()
+    loaded = _write_gguf(model, root / "m.gguf", gguf.GGMLQuantizationType[request.param])
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in loaded.items()}, strict=False)
+    model.save_pretrained(root / "hf")
+    save_tiny_tokenizer(root / "hf")
+    return request.param, replace(load_checkpoint(root / "hf"), gguf=root / "m.gguf"), root
+
+
+def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_checkpoint) -> None:
+    qtype, checkpoint, root = gguf_checkpoint
+    carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config)
+    model = checkpoint.build_model()
+    for name, weight in carried.items():  # the fused q|k|v rows in transformers' order, bit for bit
+        assert np.array_equal(weight.dequantize(), model.state_dict()[name].numpy()), name
+    out = root / f"art-{qtype}"
+    manifest = export_artifact(checkpoint, out, ExportOptions(quantize="int4", accuracy_level=0, **OPTIONS))
+    assert set(manifest.quantization["tensors"]) == set(carried) and len(carried) == 1 + 4 * 2
+    assert all(origin.startswith(f"gguf {qtype}") for origin in manifest.quantization["tensors"].values())
+    # fp32 activation arithmetic against PyTorch on the very same weights
+    assert manifest.validation["max_abs_logits_error"] < 1e-4
+    graph = onnx.load(out / "model.ort.onnx", load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 1 + 4 * 2  # every projection and the tied head
+    assert "Transpose" not in ops  # the head reads the quantized rows, not a transposed float table
+    assert not [i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                and i.dims[0] * i.dims[1] >= 64 * 64]  # no float weight matrix is left  # fmt: skip
+
+
+def test_diff_passes_the_lossless_import_and_fails_a_corrupted_scale(gguf_checkpoint, tmp_path: Path) -> None:
+    qtype, checkpoint, root = gguf_checkpoint
+    if qtype != "Q4_1":
+        pytest.skip("one block type is enough for diff")
+    out = root / f"art-{qtype}"
+    report = run_diff(out, ["onnxruntime"], reference=str(checkpoint.hf_dir), steps=6)
+    assert report, str(report)
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(out, broken)
+    _scale_tensor(broken, "model.layers.1.mlp.down_proj.weight.scales", 4.0)
+    edit_manifest(broken, lambda m: m.__setitem__("source", str(checkpoint.hf_dir)))
+    result = run_cli(["diff", str(broken), "--no-verify", "--steps", "6"], tmp_path)
+    assert result.returncode == 1 and "FAIL" in result.stdout, result.stdout + result.stderr
+
+
+def _scale_tensor(artifact: Path, initializer: str, factor: float) -> None:
+    """Multiply one float initializer in the weights file (found through the graph's external
+    data) and re-hash: an exporter bug, not a damaged file."""
+    from llamatrt.artifact.reader import file_sha256
+
+    graph = onnx.load(artifact / "model.ort.onnx", load_external_data=False)
+    entry = next(i for i in graph.graph.initializer if i.name == initializer)
+    where = {e.key: e.value for e in entry.external_data}
+    data = np.fromfile(artifact / "weights.data", dtype=np.uint8)
+    offset, length = int(where["offset"]), int(where["length"])
+    data[offset : offset + length].view(np.float32)[:] *= factor
+    data.tofile(artifact / "weights.data")
+    edit_manifest(artifact, lambda m: m["weights"].__setitem__("sha256", file_sha256(artifact / "weights.data")))
+    sha = file_sha256(artifact / "model.ort.onnx")
+    edit_manifest(
+        artifact, lambda m: next(g for g in m["graphs"] if g["name"] == "model.ort").__setitem__("sha256", sha)
+    )
+
+
+@pytest.mark.parametrize(("scheme", "variant", "level"), [("int4", "gqa-tied", 0), ("int8", "mha-untied", 4)])
+def test_a_float_checkpoint_is_quantized_by_onnxruntime_and_runs_its_dequantized_weights(
+    tmp_path: Path, scheme: str, variant: str, level: int
+) -> None:
+    tiny_hf_model(variant).save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    manifest = export_artifact(tmp_path / "hf", tmp_path / "q", ExportOptions(quantize=scheme, accuracy_level=level,
+                                                                              **OPTIONS))  # fmt: skip
+    # level 4 (int8 activations) is validated through its accuracy_level-0 twin: the wiring, exactly
+    assert manifest.validation["max_abs_logits_error"] < 1e-4 and manifest.quantization["accuracy_level"] == level
+    assert ("accuracy_level 0" in manifest.validation["backend"]) == (level == 4)
+    assert {g.weights for g in manifest.graphs.values()} == {scheme}
+    assert all(origin.startswith("rtn") for origin in manifest.quantization["tensors"].values())
+    fp32 = sum(p.numel() * 4 for p in tiny_hf_model(variant).parameters())
+    assert manifest.weights_bytes < fp32 * (0.3 if scheme == "int4" else 0.45)
+    generated = run_cli(["generate", str(tmp_path / "q"), "--prompt", "w5 w6 w7", "--max-new-tokens", "4"], tmp_path)
+    assert generated.returncode == 0, generated.stderr
+    on_torch = run_cli(["generate", str(tmp_path / "q"), "--backend", "torch", "--prompt", "w5"], tmp_path)
+    assert on_torch.returncode == 1 and "--backend onnxruntime" in on_torch.stderr
+
+
+def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:
+    tiny_hf_model("gqa-tied").save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    for args, words in [(["--quantize", "int4", "--dtype", "fp16"], "drop --dtype"),
+                        (["--quantize", "int4", "--block-size", "24"], "block size 24"),
+                        (["--quantize", "int2"], "int2"),
+                        (["--quantize", "int4", "--accuracy-level", "2"], "--accuracy-level 2")]:  # fmt: skip
+        result = run_cli(["export", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "x"), *args], tmp_path)
+        assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "x").exists()
