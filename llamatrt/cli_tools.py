@@ -115,8 +115,9 @@ def _parse_contexts(text: str | None) -> list[int]:
 @click.option("--batch", type=int, default=None, help="Must equal the artifact's batch (shapes are static).")
 @click.option("--repeat", type=int, default=3, show_default=True,
               help="Timed rounds after a warm-up, each running everything once in turn; medians reported.")  # fmt: skip
-@click.option("--baseline", type=click.Choice(["transformers"]), default=None,
-              help="Time transformers' eager generate on the same weights in the same rounds.")  # fmt: skip
+@click.option("--baseline", type=click.Choice(["transformers", "onnxruntime-genai"]), default=None,
+              help="Time transformers' eager generate, or onnxruntime-genai's model of the same checkpoint at the "
+                   "artifact's precision (built once, cached), in the same rounds.")  # fmt: skip
 @click.option("--contexts", default=None, help="Prompt lengths for decode speed vs context, e.g. 100,1000.")
 @click.option("--workload", type=int, default=0, show_default=True,
               help="Also run a fixed mix of N requests (prompts 10-300, outputs 16-256 tokens) submitted at once, on "

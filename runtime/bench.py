@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from llamatrt.artifact.feeds import fixed_prompt
+from llamatrt.artifact.manifest import Manifest
 from llamatrt.errors import InputError
 from llamatrt.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
@@ -31,6 +32,7 @@ from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.scheduler import Scheduler
 
+BASELINES = ("transformers", "onnxruntime-genai")
 CONTEXT_TOKENS = 24  # tokens decoded after each --contexts prompt (at most --new-tokens; 1000 + 24 fits C = 1024)
 
 
@@ -123,18 +125,35 @@ def _backend_timers(
     return timers
 
 
-def _transformers_timer(source: str, artifact: str, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> _Timed:
+def _source_dir(manifest: Manifest) -> Path:
+    """The HF folder of the artifact's checkpoint: what a baseline loads or builds from."""
+    from llamatrt.models.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(manifest.source)
+    if checkpoint.hf_dir is None:
+        raise InputError("a baseline needs the artifact's checkpoint on disk; export from smollm2, an HF folder "
+                         "or a .gguf, or drop --baseline")  # fmt: skip
+    return checkpoint.hf_dir
+
+
+def _genai_timer(manifest: Manifest, artifact: str, prompt_len: int, new_tokens: int) -> _Timed:
+    """onnxruntime-genai's own model of the same checkpoint, at the artifact's precision."""
+    from llamatrt.runtime.bench_genai import genai_model, genai_precision, genai_timer_run
+
+    precision = genai_precision(manifest)
+    model = genai_model(_source_dir(manifest), precision)
+    run = genai_timer_run(model, manifest.batch_size, prompt_len, new_tokens, manifest.config.vocab_size)
+    return _Timed(artifact, f"onnxruntime-genai {precision}", "single", run)
+
+
+def _transformers_timer(manifest: Manifest, artifact: str, prompt_len: int, new_tokens: int) -> _Timed:
     """transformers eager `generate` on the same weights, timed per step by a logits-processor hook."""
     from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-    from llamatrt.models.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(source)
-    if checkpoint.hf_dir is None:
-        raise InputError("the transformers baseline needs a checkpoint on disk; export from smollm2, an HF folder "
-                         "or a .gguf, or drop --baseline")  # fmt: skip
-    model = LlamaForCausalLM.from_pretrained(checkpoint.hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    ids = fixed_prompt(batch, prompt_len, vocab)
+    batch = manifest.batch_size
+    model = LlamaForCausalLM.from_pretrained(_source_dir(manifest), dtype=torch.float32,
+                                             attn_implementation="eager").eval()  # fmt: skip
+    ids = fixed_prompt(batch, prompt_len, manifest.config.vocab_size)
 
     class Clock(LogitsProcessor):
         def __init__(self) -> None:
@@ -167,8 +186,8 @@ def run_benches(
     if repeat < 1 or new_tokens < 2 or prompt_len < 1 or workload < 0:
         raise InputError("--repeat must be >= 1, --new-tokens >= 2, --prompt-len >= 1 and --workload >= 0; raise the "
                          "one that is lower")  # fmt: skip
-    if baseline not in (None, "transformers"):
-        raise InputError(f"unknown baseline {baseline!r}; the one baseline is `transformers`")
+    if baseline not in (None, *BASELINES):
+        raise InputError(f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)}")
     with contextlib.ExitStack() as stack:
         timers: list[_Timed] = []
         manifests = []
@@ -188,8 +207,8 @@ def run_benches(
             manifests.append((name, manifest))
             if baseline:
                 before = _rss_mb()
-                base = _transformers_timer(manifest.source, name, manifest.batch_size, prompt_len, new_tokens,
-                                           manifest.config.vocab_size)  # fmt: skip
+                make = _transformers_timer if baseline == "transformers" else _genai_timer
+                base = make(manifest, name, prompt_len, new_tokens)
                 base.held_mb = _rss_mb() - before
                 timers.append(base)
         weights = max(m.weights_bytes for _, m in manifests)

@@ -15,6 +15,13 @@ from typing import Any
 from llamatrt.artifact.manifest import Manifest
 from llamatrt.errors import InputError
 
+BASELINE_LABELS = ("transformers", "onnxruntime-genai")  # runtime.bench's baselines label their runs so
+
+
+def is_baseline(measured: Measured) -> bool:
+    """Whether a measurement is the baseline's (its label names the other tool)."""
+    return measured.label.startswith(BASELINE_LABELS)
+
 
 @dataclass(frozen=True)
 class Measured:
@@ -58,8 +65,8 @@ class BenchReport:
         runs = []
         first = None
         for artifact, manifest in self.manifests.items():
-            singles = [m for m in self._of(artifact, "single") if m.label != "transformers"]
-            base = next((m for m in self._of(artifact, "single") if m.label == "transformers"), None)
+            singles = [m for m in self._of(artifact, "single") if not is_baseline(m)]
+            base = next((m for m in self._of(artifact, "single") if is_baseline(m)), None)
             best = singles[0].median
             first = first or best["decode_tokens_per_s"]
             cache = _cache_bytes(manifest)
@@ -115,11 +122,11 @@ class BenchReport:
                 ratio = m.held_mb * 2**20 / (manifest.weights_bytes + cache)
                 lines.append(f"{m.label:<16} {d:>12.1f} {f'({lo:.1f}-{hi:.1f})':>15} {shown:>9} {m.median['ttft_ms']:>8.1f} "
                              f"{m.median['prefill_tokens_per_s']:>13.0f} {m.held_mb:>8.0f} {ratio:>10.2f}")  # fmt: skip
-            base = next((m for m in singles if m.label == "transformers"), None)
-            ours = [m for m in singles if m.label != "transformers"]
+            base = next((m for m in singles if is_baseline(m)), None)
+            ours = [m for m in singles if not is_baseline(m)]
             if base is not None:
                 for m in ours:
-                    lines.append(f"{m.label} vs transformers, same rounds: decode "
+                    lines.append(f"{m.label} vs {base.label}, same rounds: decode "
                                  f"{m.median['decode_tokens_per_s'] / base.median['decode_tokens_per_s']:.2f}x, "
                                  f"time to first token {m.median['ttft_ms'] / base.median['ttft_ms']:.2f}x")  # fmt: skip
             first = first or ours[0].median["decode_tokens_per_s"]
@@ -168,10 +175,10 @@ def plot_by_context(report: BenchReport, path: Path) -> str:
                 if m.label == label
             ]
             ax.plot(*zip(*points, strict=True), marker="o", label=f"{artifact} / {label}")
-        base = next((m for m in report._of(artifact, "single") if m.label == "transformers"), None)
+        base = next((m for m in report._of(artifact, "single") if is_baseline(m)), None)
         if base is not None:
             ax.axhline(base.median["decode_tokens_per_s"], linestyle=":", color="black",
-                       label=f"{artifact} / transformers eager, prompt {report.prompt_len}")  # fmt: skip
+                       label=f"{artifact} / {base.label}, prompt {report.prompt_len}")  # fmt: skip
         ax.axhline(report.ceiling(artifact), linestyle="--", color="gray", label=f"{artifact} bandwidth ceiling")
     source = next(iter(report.manifests.values())).source
     title = (f"{Path(source).name} ({', '.join(report.manifests)}): decode vs context, "

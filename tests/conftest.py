@@ -77,6 +77,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and no_cuda:
             item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+        # `make test` runs two pytest-xdist workers with --dist loadgroup: every test on a SmolLM2
+        # export goes to one worker, so each session-scoped export is made once, not once per worker
+        if any(name.startswith("smollm2") for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
 
 
 @pytest.fixture(scope="session")

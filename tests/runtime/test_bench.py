@@ -72,3 +72,19 @@ def test_bench_several_artifacts_in_one_run(tiny_artifact: Path) -> None:
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output[result.output.index("{") :])
     assert "runs" in payload or payload["aggregate_ratio_vs_first"] == 1.0
+
+
+def test_the_onnxruntime_genai_baseline_builds_its_own_model_of_the_checkpoint(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install 'llamatrt[genai]')")
+    monkeypatch.setenv("LLAMATRT_CACHE", str(tmp_path))
+    args = ["bench", str(tiny_artifact), "--new-tokens", "6", "--prompt-len", "5", "--repeat", "1",
+            "--baseline", "onnxruntime-genai", "--json"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["baseline"]["backend"] == "onnxruntime-genai fp32" and report["baseline_decode_tokens_per_s"] > 0
+    assert [p.name for p in (tmp_path / "genai").iterdir() if p.is_dir() and (p / "genai_config.json").is_file()]
+    again = CliRunner().invoke(main, args)  # the built model is cached
+    assert again.exit_code == 0, again.output
