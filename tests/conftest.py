@@ -104,7 +104,8 @@ def smollm2_b4_artifact(tmp_path_factory) -> Path:
     from llamatrt.pipeline import export_artifact
 
     out = tmp_path_factory.mktemp("smollm2") / "b4"
-    export_artifact("smollm2", out, ExportOptions(batch_size=4))
+    # not self-validated: the in-flight test holds every request to the B=1 artifact's tokens, a stronger check
+    export_artifact("smollm2", out, ExportOptions(batch_size=4, validate=False))
     return out
 
 
