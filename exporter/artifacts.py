@@ -19,6 +19,7 @@ from pathlib import Path
 
 from llamatrt.artifact import names
 from llamatrt.errors import ArtifactExistsError, InputError
+from llamatrt.termination import deferred, removed_on_termination
 
 TMP_TAG, OLD_TAG = ".tmp-", ".old-"
 
@@ -121,7 +122,8 @@ def locked(out: Path) -> Iterator[None]:
         lock.write(f"llamatrt (pid {os.getpid()})")
         lock.flush()
         try:
-            yield
+            with removed_on_termination(lock_path):
+                yield
         finally:
             lock_path.unlink(missing_ok=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -138,18 +140,26 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; an artifact is a normal folder
     try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}{OLD_TAG}{os.getpid()}-", dir=out.parent))
-            out.rename(old / out.name)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old is not None:  # put the old artifact back where it was
-                (old / out.name).rename(out)
-            raise
+        with removed_on_termination(tmp):
+            yield tmp
+            with deferred():  # the swap below is never cut in half
+                old = _swap_into_place(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> Path | None:
+    """Rename `tmp` to `out`; an existing `out` moves into a folder returned for deletion."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}{OLD_TAG}{os.getpid()}-", dir=out.parent))
+        out.rename(old / out.name)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:  # put the old artifact back where it was
+            (old / out.name).rename(out)
+        raise
+    return old

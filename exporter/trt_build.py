@@ -23,6 +23,7 @@ from llamatrt.artifact.reader import read_manifest
 from llamatrt.errors import ArtifactExistsError, ValidationError
 from llamatrt.lazy import require_cuda
 from llamatrt.progress import Progress, no_progress
+from llamatrt.termination import undo_on_termination
 
 
 def _file_logger(trt: ModuleType, path: Path) -> Any:
@@ -115,25 +116,35 @@ def build_engines(
     log_path.write_text(f"llamatrt build with {engine} {trt.__version__}\n")
     logger = _file_logger(trt, log_path)
     started, written, graphs = time.perf_counter(), [], {}
-    try:
-        for name, graph in engine_graphs(manifest).items():
-            progress(f"building {name} engine")
-            plan, cache, info = engine_from_onnx(
-                trt, artifact / graph.path, cache, workspace_gib, logger, strip_weights
-            )
-            check_network_io(info["io"], graph)
-            if info["kv_cache_update_layers"] != 2 * manifest.config.num_layers:
-                raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
-                                      f"expected {2 * manifest.config.num_layers} (the cache would be copied); re-export with "
-                                      "this llamatrt: `llamatrt export --force`")  # fmt: skip
-            target = artifact / plan_name(graph, engine)
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(plan)
-            written.append((tmp, target))
-            graphs[name] = {"path": target.name, "bytes": len(plan), "sha256": hashlib.sha256(plan).hexdigest(), **info}
-    except BaseException:
+
+    def remove_written() -> None:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
+
+    try:
+        with undo_on_termination(remove_written):
+            for name, graph in engine_graphs(manifest).items():
+                progress(f"building {name} engine")
+                plan, cache, info = engine_from_onnx(
+                    trt, artifact / graph.path, cache, workspace_gib, logger, strip_weights
+                )
+                check_network_io(info["io"], graph)
+                if info["kv_cache_update_layers"] != 2 * manifest.config.num_layers:
+                    raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
+                                          f"expected {2 * manifest.config.num_layers} (the cache would be copied); re-export with "
+                                          "this llamatrt: `llamatrt export --force`")  # fmt: skip
+                target = artifact / plan_name(graph, engine)
+                tmp = target.with_name(target.name + ".tmp")
+                tmp.write_bytes(plan)
+                written.append((tmp, target))
+                graphs[name] = {
+                    "path": target.name,
+                    "bytes": len(plan),
+                    "sha256": hashlib.sha256(plan).hexdigest(),
+                    **info,
+                }
+    except BaseException:
+        remove_written()
         raise
     for tmp, target in written:
         os.replace(tmp, target)

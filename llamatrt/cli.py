@@ -2,28 +2,20 @@
 
 Exit codes: 0 success; 1 the command ran and failed (bad input found on the way, a failed check,
 a `diff` verdict of FAIL); 2 the command line itself is wrong (unknown option, invalid choice);
-130 / 143 interrupted by Ctrl-C / SIGTERM. Every failure is one `error:` line on stderr naming the
+130 / 143 interrupted by Ctrl-C / SIGTERM (llamatrt.termination). Every failure is one `error:` line on stderr naming the
 problem and the fix; `llamatrt --debug ...` shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 from typing import Any
 
 import click
 
+from llamatrt import termination
 from llamatrt.errors import LlamatrtError
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so every `finally` (temp folders, locks) runs as on Ctrl-C."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated
 
 
 def _fail(message: str, code: int) -> None:
@@ -47,8 +39,6 @@ class _Group(click.Group):
             _fail(e.format_message(), e.exit_code)
         except click.Abort:
             _fail("interrupted", 130)
-        except Terminated:
-            _fail("terminated", 143)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -61,8 +51,6 @@ class _Group(click.Group):
             _fail(_one_line(e), 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
-        except Terminated:
-            _fail("terminated", 143)
 
 
 def _one_line(e: Exception) -> str:
@@ -85,7 +73,7 @@ def main(debug: bool) -> None:
     import logging
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        termination.install()
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
 
 

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from llamatrt.errors import CheckpointError
+from llamatrt.termination import removed_on_termination
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,15 @@ def hf_dir_from_gguf(path: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        _convert(path, tmp)
-        sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
-        (tmp / COMPLETE).write_text(json.dumps(sizes))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process converted it first
-            if not _complete(target):
-                raise
+        with removed_on_termination(tmp):
+            _convert(path, tmp)
+            sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
+            (tmp / COMPLETE).write_text(json.dumps(sizes))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process converted it first
+                if not _complete(target):
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

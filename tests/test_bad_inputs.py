@@ -23,6 +23,9 @@ import pytest
 from llamatrt.artifact.reader import file_sha256
 from tests.safety_helpers import edit_manifest, error_lines, graph_entry, run_cli, snapshot, tmpfs
 
+# the module-scoped battery runs every case at once: on one pytest-xdist worker, it runs once
+pytestmark = pytest.mark.xdist_group("bad-inputs")
+
 
 @dataclass
 class Case:

@@ -19,6 +19,7 @@ from llamatrt.artifact.schema import FORMAT_VERSION, REEXPORT, check_manifest_js
 from llamatrt.artifact.variants import ATTENTION_FORMS, AttentionForm
 from llamatrt.errors import ManifestMismatchError
 from llamatrt.models.config import LlamaConfig
+from llamatrt.termination import removed_on_termination
 
 __all__ = [
     "FORMAT_VERSION",
@@ -219,8 +220,9 @@ def contract_io(
 def write_manifest(manifest: Manifest, folder: Path) -> None:
     """Atomic: a reader never sees half a manifest."""
     tmp = Path(folder) / (names.MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, Path(folder) / names.MANIFEST)
+    with removed_on_termination(tmp):
+        tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        os.replace(tmp, Path(folder) / names.MANIFEST)
 
 
 def load_manifest_json(folder: Path) -> Any:
