@@ -115,7 +115,8 @@ def build_engines(
     log_path = artifact / BUILD_LOG
     log_path.write_text(f"llamatrt build with {engine} {trt.__version__}\n")
     logger = _file_logger(trt, log_path)
-    started, written, graphs = time.perf_counter(), [], {}
+    started, graphs = time.perf_counter(), {}
+    written: list[tuple[Path, Path]] = []  # (temp file, final name)
 
     def remove_written() -> None:
         for tmp, _ in written:
