@@ -18,6 +18,7 @@ from llamatrt.artifact import names
 from llamatrt.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, write_manifest
 from llamatrt.artifact.precision import precision
 from llamatrt.artifact.reader import file_sha256
+from llamatrt.artifact.variants import ONNXRUNTIME
 from llamatrt.errors import CheckpointError, InputError, ValidationError
 from llamatrt.exporter.artifacts import (
     atomic_output_dir,
@@ -29,8 +30,10 @@ from llamatrt.exporter.artifacts import (
 )
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
-from llamatrt.exporter.quant_plan import dequantized_model, plan_quantization
+from llamatrt.exporter.ort_fusions import fuse_skip_rms_norm
+from llamatrt.exporter.quant_plan import QuantPlan, dequantized_model, plan_quantization
 from llamatrt.exporter.quantize import quantize_graph
+from llamatrt.exporter.quantize_portable import TENSORRT_INT4_BLOCKS, dequantize_linear_graph, tensorrt_can_take
 from llamatrt.exporter.variants import VariantPlan, fused_attention_possible, planned_variants
 from llamatrt.exporter.weights_file import parameter_locations, save_graph, write_shared_weights
 from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
@@ -125,21 +128,30 @@ def _export_locked(
         if not fused:
             raise InputError(f"--quantize needs ONNX Runtime's fused graph (head_dim % 16 == 0, onnxruntime >= 1.32); "
                              f"this model has head_dim {config.head_dim}: export it without --quantize")  # fmt: skip
-        plans = [p for p in plans if p.attention.name == "onnxruntime"]  # MatMulNBits is an ONNX Runtime op
         progress("quantizing weights")
         quant = plan_quantization(checkpoint, torch_model, options.quantize, options.block_size, options.accuracy_level)
+        no_portable = tensorrt_can_take(quant.weights)
+        if no_portable is not None:  # MatMulNBits is an ONNX Runtime op: ONNX Runtime's graph only
+            log.warning("no TensorRT graphs: TensorRT takes symmetric int4 blocks of %s, and %s; for them export "
+                        "a float checkpoint with --quantize int4 --block-size 64",
+                        " or ".join(map(str, TENSORRT_INT4_BLOCKS)), no_portable)  # fmt: skip
+            plans = [p for p in plans if p.attention.name == ONNXRUNTIME.name]
     specs = [graph_spec(plan, torch_model, c, options.full_logits) for plan in plans]
     if quant is not None:
-        # torch runs them on the dequantized weights (export validation, diff's middle rung); never TensorRT
-        specs = [replace(spec, weights=quant.scheme, backends=("torch", "onnxruntime")) for spec in specs]
+        # torch runs them on the dequantized weights (export validation, diff's middle rung); TensorRT
+        # the portable ones, whose DequantizeLinear blocks it builds as weight-only quantized GEMMs
+        specs = [replace(spec, weights=quant.scheme, backends=("torch", "onnxruntime", "tensorrt")
+                         if spec.attention != ONNXRUNTIME.name else ("torch", "onnxruntime")) for spec in specs]  # fmt: skip
     check_disk_space(out, _artifact_bytes(torch_model, len(specs)))
     with atomic_output_dir(out) as tmp:
         graphs = []
         for spec in specs:
             progress(f"exporting {spec.name} graph")
-            graphs.append(optimize_graph(graph_to_onnx(torch_model, spec, b)))
-            if quant is not None:
+            graphs.append(_onnx_graph(torch_model, spec, b))
+            if quant is not None and spec.attention == ONNXRUNTIME.name:
                 quantize_graph(graphs[-1], quant.weights, quant.floats, quant.accuracy_level)
+            elif quant is not None:
+                dequantize_linear_graph(graphs[-1], quant.weights, quant.floats)
         progress("writing weights")
         written = write_shared_weights(graphs, tmp / names.WEIGHTS)
         floats = {k: v for k, v in torch_model.state_dict().items() if quant is None or k not in quant.weights}
@@ -153,7 +165,8 @@ def _export_locked(
             weights_map=locations, graphs={g.name: g for g in specs},
             tokenizer=_save_tokenizer(tokenizer, checkpoint, tmp), validation={"skipped": "--no-validate"}, versions=_versions(),
             quantization={} if quant is None else {"scheme": quant.scheme, "block_size": quant.block_size,
-                                                   "accuracy_level": quant.accuracy_level, "tensors": quant.origins()},
+                                                   "accuracy_level": quant.accuracy_level, "tensors": quant.origins(),
+                                                   "portable": _portable_note(quant)},
         )  # fmt: skip
         write_manifest(manifest, tmp)
         if validate is not None and options.validate:
@@ -164,14 +177,29 @@ def _export_locked(
     return manifest
 
 
+def _portable_note(quant: QuantPlan) -> str:
+    reason = tensorrt_can_take(quant.weights)
+    if reason is None:
+        return f"DequantizeLinear int4 blocks of {quant.block_size} feeding MatMul (TensorRT weight-only GEMMs)"
+    return f"none: {reason} (TensorRT takes symmetric int4 blocks of 64 or 128)"
+
+
 def export_graph(model: StaticLlama, plan: VariantPlan, max_cache_len: int, folder: Path, max_batch: int) -> GraphSpec:
     """One graph variant of `model` as a standalone file in `folder`, with its own weights file: the
     reference an artifact's graph is compared with, node by node (`llamatrt diff --layerwise`). The
     same exporter makes both, so tensors of the same meaning carry the same names."""
     spec = graph_spec(plan, model, max_cache_len, full_logits=False)
-    graph = optimize_graph(graph_to_onnx(model, spec, max_batch))
+    graph = _onnx_graph(model, spec, max_batch)
     write_shared_weights([graph], folder / names.WEIGHTS)
     return _saved(spec, graph, folder)
+
+
+def _onnx_graph(model: StaticLlama, spec: GraphSpec, max_batch: int) -> Any:
+    """Exported and optimized; a graph only ONNX Runtime runs gets its contrib-op fusions too."""
+    graph = optimize_graph(graph_to_onnx(model, spec, max_batch))
+    if spec.attention == ONNXRUNTIME.name:
+        fuse_skip_rms_norm(graph)
+    return graph
 
 
 def _artifact_bytes(model: StaticLlama, graphs: int) -> int:

@@ -68,7 +68,9 @@ def cached_attention_to_gqa(qkv, position_ids, cos_table, sin_table, past_key, p
     kv_heads, capacity = int(past_key.shape[1]), int(past_key.shape[2])
     int32 = onnxscript.ir.DataType.INT32
     last_slots = op.Cast(op.Squeeze(op.Slice(cache_position, [-1], [2**62], [1]), [1]), to=int32)  # (batch,) = T_b - 1
-    batch_and_seq = op.Slice(op.Shape(qkv), [0], [2])  # [batch, seq]
+    # [batch, seq] from the graph input, not from qkv: every layer then computes the same
+    # expression of one input, which ONNX Runtime's common-subexpression pass makes one
+    batch_and_seq = op.Shape(cache_position)
     seqs = op.Cast(op.Expand(op.Slice(batch_and_seq, [1], [2]), op.Slice(batch_and_seq, [0], [1])), to=int32)
     out, present_key, present_value = msft.GroupQueryAttention(
         op.Reshape(qkv, [0, 0, packed_heads * head_dim]), None, None,

@@ -20,6 +20,7 @@ from llamatrt.artifact.engines import check_network_io, engine_graphs, engine_mo
 from llamatrt.artifact.manifest import Manifest, write_manifest
 from llamatrt.artifact.names import BUILD_LOG, TIMING_CACHE
 from llamatrt.artifact.reader import read_manifest
+from llamatrt.artifact.schema import QUANTIZED_WEIGHTS
 from llamatrt.errors import ArtifactExistsError, ValidationError
 from llamatrt.lazy import require_cuda
 from llamatrt.progress import Progress, no_progress
@@ -69,7 +70,8 @@ def engine_from_onnx(
                               f"{err.node_operator()}): {err.desc()}; please report with the model config")  # fmt: skip
     layers = [network.get_layer(i).type for i in range(network.num_layers)]
     info = {"io": network_io(trt, network),
-            "kv_cache_update_layers": sum(str(t).endswith("KV_CACHE_UPDATE") for t in layers)}  # fmt: skip
+            "kv_cache_update_layers": sum(str(t).endswith("KV_CACHE_UPDATE") for t in layers),
+            "dequantize_layers": sum(str(t).endswith(".DEQUANTIZE") for t in layers)}  # fmt: skip
     config = builder.create_builder_config()
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
@@ -85,6 +87,22 @@ def engine_from_onnx(
     if engine is None:
         raise ValidationError(f"TensorRT failed to build {onnx_path.name}; see {BUILD_LOG} in the artifact")
     return bytes(engine), bytes(config.get_timing_cache().serialize()), info
+
+
+def _check_quantized_layers(onnx_path: Path, built: int, log_path: Path) -> None:
+    """Every DequantizeLinear of the graph became a TensorRT dequantize layer (a weight-only quantized
+    GEMM with the MatMul it feeds), not a float weight folded at build time; said in build.log."""
+    import onnx
+
+    expected = sum(
+        n.op_type == "DequantizeLinear" for n in onnx.load(str(onnx_path), load_external_data=False).graph.node
+    )
+    with log_path.open("a") as log:
+        log.write(f"{onnx_path.name}: {built} DEQUANTIZE layers (weight-only quantized GEMMs) for {expected} "
+                  "DequantizeLinear nodes\n")  # fmt: skip
+    if built != expected:
+        raise ValidationError(f"{onnx_path.name}: TensorRT made {built} DEQUANTIZE layers of {expected} "
+                              "DequantizeLinear nodes (the weights would be float); please report with the model config")  # fmt: skip
 
 
 def build_engines(
@@ -134,6 +152,8 @@ def build_engines(
                     raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
                                           f"expected {2 * manifest.config.num_layers} (the cache would be copied); re-export with "
                                           "this llamatrt: `llamatrt export --force`")  # fmt: skip
+                if graph.weights in QUANTIZED_WEIGHTS:
+                    _check_quantized_layers(artifact / graph.path, info["dequantize_layers"], log_path)
                 target = artifact / plan_name(graph, engine)
                 tmp = target.with_name(target.name + ".tmp")
                 tmp.write_bytes(plan)

@@ -75,7 +75,7 @@ class OrtBackend(Backend):
             path = inside(self.folder, graph.path, f"graph {name!r} path")
             try:
                 self.sessions[name] = ort.InferenceSession(
-                    str(path), self._options(ort, graph, threads), providers=providers
+                    str(path), self._options(ort, graph, threads, manifest), providers=providers
                 )
             except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)
                 raise ManifestMismatchError(f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
@@ -87,11 +87,17 @@ class OrtBackend(Backend):
         self._max_bindings = 2 * manifest.batch_size + 2
 
     @staticmethod
-    def _options(ort: Any, graph: GraphSpec, threads: int | None) -> Any:
+    def _options(ort: Any, graph: GraphSpec, threads: int | None, manifest: Manifest) -> Any:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or physical_cores()
         opts.log_severity_level = 3
+        if manifest.quantization:
+            # ONNX Runtime fuses a portable graph's DequantizeLinear -> MatMul into MatMulNBits; its
+            # arithmetic is then the artifact's accuracy level, as in ONNX Runtime's own graph
+            opts.add_session_config_entry(
+                "session.qdq_matmulnbits_accuracy_level", str(manifest.quantization["accuracy_level"])
+            )
         if graph.seq_len is not None and graph.seq_len > 1:
             # Each session has its own thread pool, whose workers spin after a run. A spinning prefill
             # pool takes a core from the decode steps that follow it (measured in the README's speed

@@ -1,5 +1,6 @@
 """The exact-arithmetic twin of a quantized artifact's graph: the same nodes and weights with
-MatMulNBits at accuracy_level 0 (fp32 activations). Export validation runs it against PyTorch on the
+MatMulNBits (and the portable graphs' fused DequantizeLinear -> MatMul) at accuracy_level 0
+(fp32 activations). Export validation runs it against PyTorch on the
 dequantized weights at the fp32 tolerance, so the graph's wiring is checked exactly; the int8
 activations of accuracy_level 4 are kernel arithmetic, which `llamatrt diff` measures.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from llamatrt.artifact.manifest import Manifest
@@ -31,4 +33,5 @@ def exact_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
                     if attribute.name == "accuracy_level":
                         attribute.i = 0
         onnx.save(model, str(out / graph.path))
-    return manifest
+    # a portable graph's DequantizeLinear -> MatMul runs at the manifest's level (OrtBackend)
+    return replace(manifest, quantization={**manifest.quantization, "accuracy_level": 0})

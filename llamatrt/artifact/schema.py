@@ -147,6 +147,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "block_size": {"type": "integer", "minimum": 16},
                 "accuracy_level": {"type": "integer", "minimum": 0, "maximum": 4},
                 "tensors": {"type": "object", "additionalProperties": {"type": "string"}},
+                # how the portable graphs (TensorRT's) hold the weights, or why there are none
+                "portable": {"type": "string"},
             },
         },
     },

@@ -1,0 +1,76 @@
+"""Weight-only quantization of a portable graph: MatMul(x, W^T) -> MatMul(x, DequantizeLinear(q, s)).
+
+The standard-op form TensorRT builds as a weight-only quantized GEMM (and ONNX Runtime fuses back
+into MatMulNBits). TensorRT's int4 weight-only form is symmetric (no zero point) with blocks of 64
+or 128 along the input dimension, so only a plan whose every block is of that form is written this
+way: the very codes and scales of the MatMulNBits graph (code - 8 as signed int4), transposed to
+the [K, N] layout of the MatMul's B input. The same weights in both graphs, so ONNX Runtime's graph
+and the portable one compute the same logits. The embedding lookup reads a float table of the
+dequantized rows: TensorRT gathers no int4 tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
+from llamatrt.exporter.quantize import Initializers, content_key, remove_dead_nodes, weight_name
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+TENSORRT_INT4_BLOCKS = (64, 128)
+
+
+def tensorrt_can_take(weights: Mapping[str, QuantizedWeight]) -> str | None:
+    """None when every weight is in TensorRT's int4 weight-only form, else why not (one phrase)."""
+    for name, w in weights.items():
+        if w.bits != 4 or w.zero != DEFAULT_ZERO[4] or w.offsets is not None:
+            return f"{name} is {w.origin} ({w.bits}-bit{', asymmetric' if w.offsets is not None else ''})"
+        if w.block not in TENSORRT_INT4_BLOCKS or w.k % w.block:
+            return f"{name} has blocks of {w.block} over {w.k} inputs"
+    return None
+
+
+def signed_codes_kn(weight: QuantizedWeight) -> np.ndarray:
+    """int8 [K, N] holding the int4 values code - 8 (what DequantizeLinear's int4 input stores)."""
+    codes = weight.codes().reshape(weight.n, -1)[:, : weight.k].astype(np.int8) - np.int8(DEFAULT_ZERO[4])
+    return np.ascontiguousarray(codes.T)
+
+
+def dequantize_linear_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight],
+                            floats: Mapping[str, np.ndarray]) -> list[str]:  # fmt: skip
+    """Rewrite `model` in place (see the module docstring); returns the parameters it rewrote."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    plain = {content_key(w): name for name, w in floats.items() if name in weights}
+    transposed = {content_key(w.T): name for name, w in floats.items() if name in weights}
+    inits = Initializers(graph)
+    done: list[str] = []
+    for node in list(graph):
+        if node.op_type == "MatMul" and node.domain == "":
+            name = weight_name(node.inputs[1], plain, transposed)
+            if name is not None:
+                w = weights[name]
+                codes = inits.get_tensor(f"{name}.int4", ir.Tensor(signed_codes_kn(w), dtype=ir.DataType.INT4))
+                scales = inits.get(f"{name}.scales.kn", np.ascontiguousarray(w.scales.T))
+                dq = ir.Node("", "DequantizeLinear", [codes, scales],
+                             [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", w.block)], num_outputs=1)  # fmt: skip
+                graph.insert_before(node, dq)
+                node.replace_input_with(1, dq.outputs[0])
+                done.append(name)
+        elif node.op_type == "Gather" and node.domain == "" and node.inputs[0] is not None:
+            source = node.inputs[0].const_value
+            name = None if source is None else plain.get(content_key(source.numpy()))
+            if name is not None:
+                node.replace_input_with(0, inits.get(f"{name}.dequantized", weights[name].dequantize()))
+                done.append(name)
+    remove_dead_nodes(graph)
+    for value in list(graph.initializers.values()):  # the float originals nothing reads now
+        if not value.uses() and value.name not in inits.made:
+            graph.initializers.pop(value.name or "")
+    return list(dict.fromkeys(done))
