@@ -12,7 +12,7 @@ add `Σ_b m[n, b] · Σ_{k in b} x[k]`, a small fp32 MatMul of the activations' 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,10 +76,16 @@ def content_key(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array).view(np.uint8).tobytes()).hexdigest()
 
 
-def quantize_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray],
-                   accuracy_level: int) -> list[str]:  # fmt: skip
-    """Rewrite `model` in place; `floats` are the parameters ([N, K] float32) whose quantized form is
-    `weights[name]`. Returns the parameter names it quantized, in graph order."""
+MatMulRewrite = Callable[["ir.Node", str, Initializers], None]
+GatherRewrite = Callable[["ir.Node", str, Initializers], bool]
+
+
+def rewrite_weight_uses(model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray],
+                        on_matmul: MatMulRewrite, on_gather: GatherRewrite) -> list[str]:  # fmt: skip
+    """Call `on_matmul` for every MatMul whose B is a quantized parameter (pre-transposed, or a
+    Transpose of it) and `on_gather` for every lookup of one (it returns whether it rewrote it), then
+    drop the float copies nothing reads any more. `floats` are the parameters ([N, K] float32) as the
+    exporter's model holds them (found by content). Returns the parameters rewritten, in graph order."""
     graph = model.graph
     plain = {content_key(w): name for name, w in floats.items() if name in weights}
     transposed = {content_key(w.T): name for name, w in floats.items() if name in weights}
@@ -89,25 +95,35 @@ def quantize_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight], floa
         if node.op_type == "MatMul" and node.domain == "":
             name = weight_name(node.inputs[1], plain, transposed)
             if name is not None:
-                _replace_matmul(graph, node, name, weights[name], inits, accuracy_level)
+                on_matmul(node, name, inits)
                 done.append(name)
         elif node.op_type == "Gather" and node.domain == "" and node.inputs[0] is not None:
             source = node.inputs[0].const_value
             name = None if source is None else plain.get(content_key(source.numpy()))
-            # the lookup unpacks whole rows: a row that ends inside a block keeps its float table
-            if (
-                name is not None
-                and node.attributes.get_int("axis", 0) == 0
-                and weights[name].k % weights[name].block == 0
-            ):
-                _replace_lookup(graph, node, name, weights[name], inits)
+            if name is not None and node.attributes.get_int("axis", 0) == 0 and on_gather(node, name, inits):
                 done.append(name)
-    model.opset_imports.setdefault(MS_DOMAIN, 1)
     remove_dead_nodes(graph)
     for value in list(graph.initializers.values()):  # the float copies nothing reads now
         if not value.uses() and value.name not in inits.made:
             graph.initializers.pop(value.name or "")
     return list(dict.fromkeys(done))
+
+
+def quantize_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray],
+                   accuracy_level: int) -> list[str]:  # fmt: skip
+    """Rewrite `model` in place: MatMulNBits for every projection, a dequantizing lookup."""
+
+    def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
+        _replace_matmul(model.graph, node, name, weights[name], inits, accuracy_level)
+
+    def lookup(node: ir.Node, name: str, inits: Initializers) -> bool:
+        if weights[name].k % weights[name].block:  # it unpacks whole rows: keep the float table
+            return False
+        _replace_lookup(model.graph, node, name, weights[name], inits)
+        return True
+
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return rewrite_weight_uses(model, weights, floats, matmul, lookup)
 
 
 def remove_dead_nodes(graph: ir.Graph) -> None:

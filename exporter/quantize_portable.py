@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
-from llamatrt.exporter.quantize import Initializers, content_key, remove_dead_nodes, weight_name
+from llamatrt.exporter.quantize import Initializers, rewrite_weight_uses
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -46,31 +46,17 @@ def dequantize_linear_graph(model: ir.Model, weights: Mapping[str, QuantizedWeig
     """Rewrite `model` in place (see the module docstring); returns the parameters it rewrote."""
     import onnx_ir as ir
 
-    graph = model.graph
-    plain = {content_key(w): name for name, w in floats.items() if name in weights}
-    transposed = {content_key(w.T): name for name, w in floats.items() if name in weights}
-    inits = Initializers(graph)
-    done: list[str] = []
-    for node in list(graph):
-        if node.op_type == "MatMul" and node.domain == "":
-            name = weight_name(node.inputs[1], plain, transposed)
-            if name is not None:
-                w = weights[name]
-                codes = inits.get_tensor(f"{name}.int4", ir.Tensor(signed_codes_kn(w), dtype=ir.DataType.INT4))
-                scales = inits.get(f"{name}.scales.kn", np.ascontiguousarray(w.scales.T))
-                dq = ir.Node("", "DequantizeLinear", [codes, scales],
-                             [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", w.block)], num_outputs=1)  # fmt: skip
-                graph.insert_before(node, dq)
-                node.replace_input_with(1, dq.outputs[0])
-                done.append(name)
-        elif node.op_type == "Gather" and node.domain == "" and node.inputs[0] is not None:
-            source = node.inputs[0].const_value
-            name = None if source is None else plain.get(content_key(source.numpy()))
-            if name is not None:
-                node.replace_input_with(0, inits.get(f"{name}.dequantized", weights[name].dequantize()))
-                done.append(name)
-    remove_dead_nodes(graph)
-    for value in list(graph.initializers.values()):  # the float originals nothing reads now
-        if not value.uses() and value.name not in inits.made:
-            graph.initializers.pop(value.name or "")
-    return list(dict.fromkeys(done))
+    def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
+        w = weights[name]
+        codes = inits.get_tensor(f"{name}.int4", ir.Tensor(signed_codes_kn(w), dtype=ir.DataType.INT4))
+        scales = inits.get(f"{name}.scales.kn", np.ascontiguousarray(w.scales.T))
+        dq = ir.Node("", "DequantizeLinear", [codes, scales],
+                     [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", w.block)], num_outputs=1)  # fmt: skip
+        model.graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+
+    def lookup(node: ir.Node, name: str, inits: Initializers) -> bool:
+        node.replace_input_with(0, inits.get(f"{name}.dequantized", weights[name].dequantize()))
+        return True
+
+    return rewrite_weight_uses(model, weights, floats, matmul, lookup)

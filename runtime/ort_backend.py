@@ -27,6 +27,7 @@ from llamatrt.artifact.reader import inside
 from llamatrt.artifact.variants import ATTENTION_FORMS, ONNXRUNTIME, onnxruntime_loads
 from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError
 from llamatrt.runtime.backend import Backend
+from llamatrt.runtime.mapped_pages import release_clean_pages
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class OrtBackend(Backend):
             except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)
                 raise ManifestMismatchError(f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
                                             "re-run `llamatrt export --force`") from e  # fmt: skip
+        if self.device.type == "cpu":  # the kernels hold their own packed copies now
+            release_clean_pages(inside(self.folder, manifest.weights_file, "weights file"))
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
         # (graph, rows and tokens of the call, cache addresses) -> its binding. A decode step reuses
         # one binding as it is; a prefill on row b of the cache binds that row's addresses.

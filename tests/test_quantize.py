@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 
+from llamatrt.artifact.reader import read_manifest
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
 from llamatrt.exporter.quant_weights import from_gguf_blocks
@@ -23,6 +24,8 @@ from llamatrt.runtime.compare import run_diff
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 from tests.safety_helpers import edit_manifest, run_cli
 
+# module-scoped exports shared by several tests: on one pytest-xdist worker, made once
+pytestmark = pytest.mark.xdist_group("quantize-gguf")
 OPTIONS = {"max_cache_len": 32, "prefill_chunk": 8}
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
@@ -108,14 +111,23 @@ def gguf_checkpoint(request, tmp_path_factory):
     return request.param, replace(load_checkpoint(root / "hf"), gguf=root / "m.gguf"), root
 
 
-def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_checkpoint) -> None:
+@pytest.fixture(scope="module")
+def gguf_artifact(gguf_checkpoint) -> Path:
+    """The int4 export of that checkpoint at accuracy level 0 (the file's blocks, fp32 activations)."""
     qtype, checkpoint, root = gguf_checkpoint
+    out = root / f"art-{qtype}"
+    export_artifact(checkpoint, out, ExportOptions(quantize="int4", accuracy_level=0, **OPTIONS))
+    return out
+
+
+def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_checkpoint, gguf_artifact) -> None:
+    qtype, checkpoint, _ = gguf_checkpoint
     carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config)
     model = checkpoint.build_model()
     for name, weight in carried.items():  # the fused q|k|v rows in transformers' order, bit for bit
         assert np.array_equal(weight.dequantize(), model.state_dict()[name].numpy()), name
-    out = root / f"art-{qtype}"
-    manifest = export_artifact(checkpoint, out, ExportOptions(quantize="int4", accuracy_level=0, **OPTIONS))
+    out = gguf_artifact
+    manifest = read_manifest(out)
     assert set(manifest.quantization["tensors"]) == set(carried) and len(carried) == 1 + 4 * 2
     assert all(origin.startswith(f"gguf {qtype}") for origin in manifest.quantization["tensors"].values())
     # fp32 activation arithmetic against PyTorch on the very same weights
@@ -129,11 +141,12 @@ def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_ch
                 and i.dims[0] * i.dims[1] >= 64 * 64]  # no float weight matrix is left  # fmt: skip
 
 
-def test_diff_passes_the_lossless_import_and_fails_a_corrupted_scale(gguf_checkpoint, tmp_path: Path) -> None:
-    qtype, checkpoint, root = gguf_checkpoint
+def test_diff_passes_the_lossless_import_and_fails_a_corrupted_scale(gguf_checkpoint, gguf_artifact,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    qtype, checkpoint, _ = gguf_checkpoint
     if qtype != "Q4_1":
         pytest.skip("one block type is enough for diff")
-    out = root / f"art-{qtype}"
+    out = gguf_artifact
     report = run_diff(out, ["onnxruntime"], reference=str(checkpoint.hf_dir), steps=6)
     assert report, str(report)
     broken = tmp_path / "broken"

@@ -18,6 +18,8 @@ from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import OrtBackend
 from tests.conftest import save_tiny_tokenizer
 
+# module-scoped exports shared by several tests: on one pytest-xdist worker, made once
+pytestmark = pytest.mark.xdist_group("quantize-portable")
 OPTIONS = {"max_cache_len": 32, "prefill_chunk": 8}
 PROJECTIONS_PER_LAYER = 4  # q|k|v, o, gate|up, down (fused by StaticLlama)
 

