@@ -1,9 +1,9 @@
 """Block-quantized weights in ONNX Runtime's MatMulNBits layout, from two sources.
 
 - A GGUF file's own blocks, carried over without re-quantizing: Q4_0 and Q8_0 are MatMulNBits'
-  symmetric forms (zero point 8 / 128) exactly; Q4_1 (`d·q + m` per block) is MatMulNBits with scale
-  `d` and zero point 0 plus a per-block offset `m` that the graph adds as a small fp32 MatMul of the
-  activations' block sums (exporter.quantize). The dequantized weights then equal the `gguf`
+  symmetric forms (zero point 8 / 128) exactly; Q4_1 (`d·q + m` per block) is held as the file's
+  `d`, `q` and `m` (zero 0, `offsets`), which the graph computes as MatMulNBits' symmetric kernel plus
+  a small fp32 MatMul of the activations' block sums (exporter.quantize). The dequantized weights then equal the `gguf`
   package's dequantization bit for bit, which is what transformers loads: the artifact holds the
   same weights as the fp32 reference `diff` compares it with.
 - A float weight, quantized round-to-nearest, symmetric, by ONNX Runtime's own block quantizer

