@@ -123,7 +123,7 @@ def _export_locked(
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
     fused = fused_attention_possible(config.head_dim, options.dtype, options.full_logits)
     plans = planned_variants(b, s, fused)
-    quant = None
+    quant, no_portable = None, None
     if options.quantize is not None:
         if not fused:
             raise InputError(f"--quantize needs ONNX Runtime's fused graph (head_dim % 16 == 0, onnxruntime >= 1.32); "
@@ -166,7 +166,7 @@ def _export_locked(
             tokenizer=_save_tokenizer(tokenizer, checkpoint, tmp), validation={"skipped": "--no-validate"}, versions=_versions(),
             quantization={} if quant is None else {"scheme": quant.scheme, "block_size": quant.block_size,
                                                    "accuracy_level": quant.accuracy_level, "tensors": quant.origins(),
-                                                   "portable": _portable_note(quant)},
+                                                   "portable": _portable_note(quant, no_portable)},
         )  # fmt: skip
         write_manifest(manifest, tmp)
         if validate is not None and options.validate:
@@ -177,8 +177,8 @@ def _export_locked(
     return manifest
 
 
-def _portable_note(quant: QuantPlan) -> str:
-    reason = tensorrt_can_take(quant.weights)
+def _portable_note(quant: QuantPlan, reason: str | None) -> str:
+    """The manifest's word on the TensorRT graphs; `reason`: why there are none (None: there are)."""
     if reason is None:
         return f"DequantizeLinear int4 blocks of {quant.block_size} feeding MatMul (TensorRT weight-only GEMMs)"
     return f"none: {reason} (TensorRT takes symmetric int4 blocks of 64 or 128)"
