@@ -60,7 +60,7 @@ class ExportOptions:
     validate: bool = True
     quantize: str | None = None  # "int4" | "int8": weight-only, block-wise (exporter.quant_plan)
     block_size: int = 32
-    accuracy_level: int = 4  # MatMulNBits' activation arithmetic (4: int8; 0: fp32)
+    accuracy_level: int = 0  # MatMulNBits' activation arithmetic (0: fp32, exact; 4: int8, may change answers)
 
     def checked(self) -> ExportOptions:
         """Validate at the edge; returns a copy with the dtype spelled canonically."""

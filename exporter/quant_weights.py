@@ -58,6 +58,25 @@ class QuantizedWeight:
         w = scale * (q - np.float32(self.zero)) if offsets is None else scale * q + offsets[..., None]
         return w.reshape(self.n, self.blocks * self.block)[:, : self.k]
 
+    def nibble_halves(self) -> tuple[QuantizedWeight, QuantizedWeight]:
+        """An 8-bit weight as two 4-bit ones that sum to it exactly: code c = 16·h + l, so
+        d·(c - 128) = 16d·(h - 8) + d·l. MatMulNBits has an fp32-activation kernel for 4 bits only
+        (for 8 bits it dequantizes the whole matrix on every call), so an exact 8-bit product runs as
+        the symmetric 4-bit product of the high nibbles plus the low nibbles in Q4_1's form (offset 0)."""
+        assert self.bits == 8 and self.zero == DEFAULT_ZERO[8] and self.offsets is None, "a symmetric 8-bit weight"
+        high, low = self.packed >> 4, self.packed & 0x0F  # [N, K/block, block] in element order
+
+        def packed(codes: np.ndarray) -> np.ndarray:
+            return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+        scales_high = (self.scales * np.float32(16)).astype(np.float32)  # exact: a power of two
+        origin = f"{self.origin} as two nibble halves"
+        return (
+            QuantizedWeight(4, self.block, self.n, self.k, packed(high), scales_high, DEFAULT_ZERO[4], None, origin),
+            QuantizedWeight(4, self.block, self.n, self.k, packed(low), self.scales, 0,
+                            np.zeros_like(self.scales), origin),
+        )  # fmt: skip
+
     def rows(self, index: np.ndarray) -> QuantizedWeight:
         """The same weight with its rows (output features) reordered or selected."""
         return QuantizedWeight(self.bits, self.block, len(index), self.k, self.packed[index], self.scales[index],

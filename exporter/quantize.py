@@ -116,16 +116,26 @@ def quantize_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight], floa
     """Rewrite `model` in place: MatMulNBits for every projection, a dequantizing lookup."""
 
     def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
-        _replace_matmul(model.graph, node, name, weights[name], inits, accuracy_level)
+        _replace_matmul(model.graph, node, name, held_parts(weights[name], accuracy_level), inits, accuracy_level)
 
     def lookup(node: ir.Node, name: str, inits: Initializers) -> bool:
         if weights[name].k % weights[name].block:  # it unpacks whole rows: keep the float table
             return False
-        _replace_lookup(model.graph, node, name, weights[name], inits)
+        _replace_lookup(model.graph, node, name, held_parts(weights[name], accuracy_level), inits)
         return True
 
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     return rewrite_weight_uses(model, weights, floats, matmul, lookup)
+
+
+def held_parts(weight: QuantizedWeight, accuracy_level: int) -> dict[str, QuantizedWeight]:
+    """How the graph holds a weight, by initializer-name suffix: as it is, or an 8-bit weight with
+    fp32 activations as two exact 4-bit halves (QuantizedWeight.nibble_halves), which both the head
+    and the tied lookup read, so the matrix is still held once."""
+    if weight.bits == 8 and accuracy_level == 0:
+        high, low = weight.nibble_halves()
+        return {".high": high, ".low": low}
+    return {"": weight}
 
 
 def remove_dead_nodes(graph: ir.Graph) -> None:
@@ -160,12 +170,22 @@ def _quantized_inputs(name: str, weight: QuantizedWeight, inits: Initializers) -
     return [inits.get(f"{name}.q{weight.bits}", weight.packed), inits.get(f"{name}.scales", weight.scales)]
 
 
-def _replace_matmul(graph: ir.Graph, node: ir.Node, name: str, weight: QuantizedWeight, inits: Initializers,
-                    accuracy_level: int) -> None:  # fmt: skip
+def _replace_matmul(graph: ir.Graph, node: ir.Node, name: str, parts: Mapping[str, QuantizedWeight],
+                    inits: Initializers, accuracy_level: int) -> None:  # fmt: skip
     import onnx_ir as ir
 
     build = _Builder(graph, node, [])
-    x = node.inputs[0]
+    products = [_product(build, node.inputs[0], name + suffix, weight, inits, accuracy_level)
+                for suffix, weight in parts.items()]  # fmt: skip
+    out = products[0] if len(products) == 1 else build.op("Add", *products)
+    build.flush()
+    ir.convenience.replace_all_uses_with(node.outputs[0], out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+
+
+def _product(build: _Builder, x: ir.Value | None, name: str, weight: QuantizedWeight, inits: Initializers,
+             accuracy_level: int) -> ir.Value:  # fmt: skip
+    """x @ W^T for one held weight."""
     packed, scales = _quantized_inputs(name, weight, inits)
     out = build.op("MatMulNBits", x, packed, scales, domain=MS_DOMAIN, K=weight.k, N=weight.n, bits=weight.bits,
                    block_size=weight.block, accuracy_level=accuracy_level)  # fmt: skip
@@ -181,18 +201,27 @@ def _replace_matmul(graph: ir.Graph, node: ir.Node, name: str, weight: Quantized
                                                    np.array([0, 0, weight.blocks, weight.block], dtype=np.int64)))  # fmt: skip
         sums = build.op("ReduceSum", blocked, inits.get("axes.last", np.array([-1], dtype=np.int64)), keepdims=0)
         out = build.op("Add", out, build.op("MatMul", sums, shifted))
+    return out
+
+
+def _replace_lookup(graph: ir.Graph, node: ir.Node, name: str, parts: Mapping[str, QuantizedWeight],
+                    inits: Initializers) -> None:  # fmt: skip
+    """Gather(embedding, ids) over the quantized rows of every held part, summed."""
+    import onnx_ir as ir
+
+    build = _Builder(graph, node, [])
+    rows = [_lookup(build, node.inputs[1], name + suffix, weight, inits) for suffix, weight in parts.items()]
+    out = rows[0] if len(rows) == 1 else build.op("Add", *rows)
     build.flush()
     ir.convenience.replace_all_uses_with(node.outputs[0], out, replace_graph_outputs=True)
     graph.remove(node, safe=True)
 
 
-def _replace_lookup(graph: ir.Graph, node: ir.Node, name: str, weight: QuantizedWeight, inits: Initializers) -> None:
-    """Gather(embedding, ids) over the quantized rows: unpack, subtract the zero point, scale."""
+def _lookup(build: _Builder, ids: ir.Value | None, name: str, weight: QuantizedWeight, inits: Initializers) -> ir.Value:
+    """One held weight's rows: unpack, subtract the zero point (or add Q4_1's offset), scale."""
     import onnx_ir as ir
 
-    build = _Builder(graph, node, [])
     packed, scales, *_ = _quantized_inputs(name, weight, inits)
-    ids = node.inputs[1]
     codes = build.op("Gather", packed, ids, axis=0)  # [b, s, blocks, block*bits/8]
     if weight.bits == 4:
         low = build.op("BitwiseAnd", codes, inits.get("u8.15", np.array(15, dtype=np.uint8)))
@@ -211,7 +240,4 @@ def _replace_lookup(graph: ir.Graph, node: ir.Node, name: str, weight: Quantized
     else:
         zero = inits.get(f"f32.{weight.zero}", np.array(weight.zero, dtype=np.float32))
         rows = build.op("Mul", scale, build.op("Sub", values, zero))
-    out = build.op("Reshape", rows, inits.get(f"shape.rows{weight.k}", np.array([0, 0, weight.k], dtype=np.int64)))
-    build.flush()
-    ir.convenience.replace_all_uses_with(node.outputs[0], out, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
+    return build.op("Reshape", rows, inits.get(f"shape.rows{weight.k}", np.array([0, 0, weight.k], dtype=np.int64)))

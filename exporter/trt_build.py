@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from llamatrt.artifact.engines import check_network_io, engine_graphs, engine_module, plan_name
+from llamatrt.artifact.engines import check_network_io, engine_module, plan_name, require_engine_graphs
 from llamatrt.artifact.manifest import Manifest, write_manifest
 from llamatrt.artifact.names import BUILD_LOG, TIMING_CACHE
 from llamatrt.artifact.reader import read_manifest
@@ -116,6 +116,7 @@ def build_engines(
     one-MatMul network with REFIT or STRIP_PLAN), so a CPU-only RTX build embeds the weights."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
+    to_build = require_engine_graphs(manifest, artifact)  # nothing to build is an error, before anything is written
     instead = "or build with --engine tensorrt-rtx, which needs no GPU"
     trt = engine_module(engine, fix=instead)  # what cannot run here is said before anything else
     if engine == "tensorrt":
@@ -142,7 +143,7 @@ def build_engines(
 
     try:
         with undo_on_termination(remove_written):
-            for name, graph in engine_graphs(manifest).items():
+            for name, graph in to_build.items():
                 progress(f"building {name} engine")
                 plan, cache, info = engine_from_onnx(
                     trt, artifact / graph.path, cache, workspace_gib, logger, strip_weights

@@ -25,8 +25,9 @@ DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECIS
 @click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
               help="Weight-only blocks for ONNX Runtime (MatMulNBits); a GGUF's own blocks are carried over.")  # fmt: skip
 @click.option("--block-size", type=int, default=32, show_default=True, help="Weights per quantization block.")
-@click.option("--accuracy-level", type=int, default=4, show_default=True,
-              help="MatMulNBits activation arithmetic: 4 = int8 (fast), 0 = fp32 (exact).")  # fmt: skip
+@click.option("--accuracy-level", type=int, default=0, show_default=True,
+              help="MatMulNBits activation arithmetic: 0 = fp32 (exact: the answers of the float weights), "
+                   "4 = int8 (faster, may change answers; `llamatrt diff` says whether it did).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only an artifact, or an empty folder).")
 def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefill_chunk: int, dtype: str,
            full_logits: bool, no_validate: bool, quantize: str | None, block_size: int, accuracy_level: int,

@@ -87,6 +87,39 @@ def weights_kind(backend: Backend) -> str:
     return str(quantization["scheme"])
 
 
+CPU_FEATURES = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp", "sve")
+
+
+def cpu_features() -> list[str]:
+    """The CPU features that select ONNX Runtime's (MLAS) int8 and fp32 kernels, from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(
+        next(
+            (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith(("flags", "Features"))), []
+        )
+    )
+    return [f for f in CPU_FEATURES if f in flags]
+
+
+def kernel_note(backend: Backend) -> str:
+    """Which kernels ran a stage: results of int8 activation arithmetic differ between CPU kernel paths."""
+    import onnxruntime
+
+    level = backend.manifest.quantization.get("accuracy_level") if backend.manifest.quantization else None
+    arithmetic = (
+        ""
+        if level is None
+        else f", MatMulNBits accuracy level {level} ({'fp32' if level in (0, 1) else 'int8'} activations)"
+    )
+    return (
+        f"kernel path of {backend.name}: onnxruntime {onnxruntime.__version__} on a CPU with "
+        f"{', '.join(cpu_features()) or 'no listed features'}{arithmetic}"
+    )
+
+
 def perplexity(logits: torch.Tensor, ids: Sequence[int]) -> float:
     """exp(mean NLL) of ids[1:], where logits[i] predicts ids[i + 1]."""
     target = torch.tensor(ids[1:])
@@ -173,6 +206,8 @@ def run_diff(
         with backend:
             step(f"running {kind}")
             stages.append(_stage_outputs(f"artifact/{kind}", backend, token_prompts, forced, ppl_ids))
+            if backend.name == "onnxruntime":
+                notes.append(kernel_note(backend))
             step(f"contract checks on {kind}")
             checks += run_contract_checks(backend, token_prompts, stage_thresholds(weights_kind(backend)).max_abs)
     results = [compare_stage(s, ref, stage_thresholds(s.dtype)) for s in stages]

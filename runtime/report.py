@@ -11,6 +11,11 @@ from typing import Any
 
 from llamatrt.artifact.precision import Thresholds, stage_thresholds
 
+DIVERGE = (
+    "the first step at which the stage's free-running greedy tokens differ from transformers' on any prompt "
+    "(each side continues its own answer; none: equal for every step)"
+)
+
 
 @dataclass
 class StageResult:
@@ -130,6 +135,7 @@ class AccuracyReport:
         for dtype, t in self.thresholds.items():
             lines.append(f"thresholds ({dtype}): max |Δ| <= {t.max_abs:g}, KL <= {t.max_kl:g}, top-1 >= {t.min_top1:g}, "
                          f"perplexity rel <= {t.max_ppl_rel:g}, greedy tokens {'must match' if t.greedy_must_match else 'reported'}")  # fmt: skip
+        lines.append(f"diverge@: {DIVERGE}")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"verdict: {'PASS' if self else 'FAIL'}")
         return "\n".join(lines)
@@ -143,6 +149,7 @@ class AccuracyReport:
                f"prefill + {self.steps} teacher-forced decode steps. **Verdict: {verdict}**", "",
                _md_row(rows[0]), "|" + "---|" * len(rows[0])]  # fmt: skip
         out += [_md_row(r) for r in rows[1:]]
+        out += ["", f"diverge@: {_md(DIVERGE)}"]
         failures = [f"- {_md(s.name)}: {_md(f)}" for s in self.stages for f in s.failures]
         out += ["", "## Failures", "", *failures] if failures else []
         out += ["", "## Thresholds applied", "", _md_row(["dtype", "max |Δ| ≤", "max KL ≤", "top-1 ≥", "ppl rel ≤",

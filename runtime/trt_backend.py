@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llamatrt.artifact.engines import check_engines, engine_graphs, engine_module
+from llamatrt.artifact.engines import check_engines, engine_graphs, engine_module, require_engine_graphs
 from llamatrt.artifact.manifest import GraphSpec, Manifest
 from llamatrt.artifact.reader import inside
 from llamatrt.errors import BackendUnavailable, ManifestMismatchError
@@ -54,6 +54,7 @@ class TensorRTBackend(Backend):
         self, folder: Path, manifest: Manifest, device: str = "cuda", check_feeds: bool = True,
         cuda_graph: bool = True, trt: ModuleType | None = None, cuda: Any = None,
     ) -> None:  # fmt: skip
+        require_engine_graphs(manifest, folder)  # said before anything about CUDA
         super().__init__(folder, manifest, device, check_feeds)
         plans = check_engines(manifest, self.folder)
         engines = manifest.engines["graphs"]

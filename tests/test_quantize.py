@@ -17,7 +17,7 @@ import torch
 from llamatrt.artifact.reader import read_manifest
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
-from llamatrt.exporter.quant_weights import from_gguf_blocks
+from llamatrt.exporter.quant_weights import from_gguf_blocks, rtn_quantize
 from llamatrt.models.checkpoint import load_checkpoint
 from llamatrt.pipeline import export_artifact
 from llamatrt.runtime.compare import run_diff
@@ -134,7 +134,8 @@ def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_ch
     assert manifest.validation["max_abs_logits_error"] < 1e-4
     graph = onnx.load(out / "model.ort.onnx", load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("MatMulNBits") == 1 + 4 * 2  # every projection and the tied head
+    # every projection and the tied head; an 8-bit one at fp32 activations as its two exact 4-bit halves
+    assert ops.count("MatMulNBits") == (1 + 4 * 2) * (2 if qtype == "Q8_0" else 1)
     # the head reads the quantized rows, not a transposed float table (Q4_1 transposes its scales)
     assert all(n.input[0].endswith(".scales") for n in graph.graph.node if n.op_type == "Transpose")
     assert not [i.name for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
@@ -199,6 +200,15 @@ def test_a_float_checkpoint_is_quantized_by_onnxruntime_and_runs_its_dequantized
     assert on_torch.returncode == 1 and "--backend onnxruntime" in on_torch.stderr
 
 
+def test_an_8_bit_weight_is_the_sum_of_its_two_4_bit_halves() -> None:
+    rng = np.random.default_rng(0)
+    weight = rtn_quantize(rng.standard_normal((48, 96)).astype(np.float32), 8, 32)
+    high, low = weight.nibble_halves()
+    assert (high.bits, low.bits, high.zero, low.zero) == (4, 4, 8, 0) and not low.offsets.any()
+    assert high.packed.nbytes + low.packed.nbytes == weight.packed.nbytes  # still one copy of the matrix
+    assert np.allclose(high.dequantize() + low.dequantize(), weight.dequantize(), rtol=0, atol=1e-6)
+
+
 def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:
     tiny_hf_model("gqa-tied").save_pretrained(tmp_path / "hf")
     save_tiny_tokenizer(tmp_path / "hf")
@@ -209,3 +219,18 @@ def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:
         result = run_cli(["export", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "x"), *args], tmp_path)
         assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_build_with_no_graph_tensorrt_takes_fails_and_leaves_the_artifact(gguf_checkpoint, gguf_artifact,
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    qtype, _, _ = gguf_checkpoint
+    if qtype != "Q4_1":
+        pytest.skip("one block type is enough")
+    before = {p.name: p.read_bytes() for p in gguf_artifact.iterdir() if p.is_file()}
+    for args in (["build", str(gguf_artifact), "--engine", "tensorrt-rtx"],
+                 ["generate", str(gguf_artifact), "--backend", "tensorrt", "--prompt", "w5"]):  # fmt: skip
+        result = run_cli(args, tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("error: ") and "no graph TensorRT can take" in result.stderr, result.stderr
+        assert "--block-size 64" in result.stderr and "CUDA" not in result.stderr
+    assert {p.name: p.read_bytes() for p in gguf_artifact.iterdir() if p.is_file()} == before

@@ -12,7 +12,7 @@ from typing import Any
 
 from llamatrt.artifact.manifest import GraphSpec, Manifest
 from llamatrt.artifact.reader import check_file
-from llamatrt.errors import BackendUnavailable, ManifestMismatchError, ValidationError
+from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError, ValidationError
 from llamatrt.lazy import require_tensorrt
 
 ENGINE_KINDS = ("tensorrt", "tensorrt-rtx")
@@ -56,8 +56,22 @@ def engine_graphs(manifest: Manifest) -> dict[str, GraphSpec]:
     return {name: g for name, g in manifest.graphs.items() if "tensorrt" in g.backends}
 
 
+def require_engine_graphs(manifest: Manifest, folder: Path) -> dict[str, GraphSpec]:
+    """The graphs TensorRT can take, or a one-line InputError saying why there are none (an
+    artifact with ONNX Runtime's graphs only: MatMulNBits, Q4_1 blocks) and how to export some."""
+    graphs = engine_graphs(manifest)
+    if not graphs:
+        why = str(manifest.quantization.get("portable", "")).removeprefix("none: ") if manifest.quantization else ""
+        raise InputError(
+            f"{folder} has no graph TensorRT can take ({why or 'ONNX Runtime graphs only'}); export one with "
+            "`llamatrt export --dtype fp16`, or `--quantize int4 --block-size 64` from a float checkpoint"
+        )
+    return graphs
+
+
 def check_engines(manifest: Manifest, folder: Path, verify: bool = True) -> dict[str, Path]:
     """The engine files the manifest names exist inside the artifact, whole; returns graph -> plan path."""
+    require_engine_graphs(manifest, folder)
     fix = f"re-run `llamatrt build {folder} --force`"
     entries = manifest.engines.get("graphs", {})
     if set(entries) != set(engine_graphs(manifest)):

@@ -81,16 +81,28 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# What `diff` accepts of quantized weights against the float reference (README "Quantized weights"
-# gives SmolLM2's measured figures). "gguf-blocks": the GGUF's own blocks, i.e. the reference's very
-# weights, with fp32 activations (accuracy_level 0): the fp32 thresholds (measured 1.7e-4, KL 2.6e-7);
-# "+int8-activations": the same weights, MatMulNBits' int8 activations (accuracy_level 4; measured
-# KL 0.059, top-1 0.97); "int8"/"int4": re-quantized weights, so the weights differ too.
+# What `diff` accepts of quantized weights against the float reference, by one principle: the
+# thresholds of exact arithmetic on the artifact's weights, plus a stated allowance for whatever
+# arithmetic is not exact, and the free-running greedy tokens must equal the reference's in every
+# case (a user sees answers, not KL). "gguf-blocks": the GGUF's own blocks are the reference's very
+# weights, run with fp32 activations (accuracy_level 0): exact, so fp32's thresholds.
+# "+int8-activations": the same weights through MatMulNBits' int8 activations (accuracy_level 4):
+# fp32's thresholds plus ACTIVATION_ALLOWANCE. "int8"/"int4": weights re-quantized from the float
+# checkpoint differ from the reference by their rounding, which diff cannot tell apart from the
+# arithmetic: a wider numeric budget, but the same greedy requirement.
+ACTIVATION_ALLOWANCE = Thresholds(max_abs=1.0, max_kl=0.01, min_top1=-0.05, max_ppl_rel=0.01, greedy_must_match=True)
+
+
+def _plus(base: Thresholds, allowance: Thresholds) -> Thresholds:
+    return Thresholds(base.max_abs + allowance.max_abs, base.max_kl + allowance.max_kl,
+                      base.min_top1 + allowance.min_top1, base.max_ppl_rel + allowance.max_ppl_rel, True)  # fmt: skip
+
+
 QUANTIZED_THRESHOLDS = {
     "gguf-blocks": PRECISIONS["float32"].thresholds,
-    "gguf-blocks+int8-activations": Thresholds(8.0, 0.15, 0.9, 0.05, False),
-    "int8": Thresholds(8.0, 0.15, 0.9, 0.05, False),
-    "int4": Thresholds(12.0, 0.5, 0.75, 0.25, False),
+    "gguf-blocks+int8-activations": _plus(PRECISIONS["float32"].thresholds, ACTIVATION_ALLOWANCE),
+    "int8": Thresholds(8.0, 0.15, 0.9, 0.05, True),
+    "int4": Thresholds(12.0, 0.5, 0.75, 0.25, True),
 }
 
 
