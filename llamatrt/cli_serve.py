@@ -17,7 +17,14 @@ from llamatrt.progress import StepBar
 @backend_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 to serve others).")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free one).")
-@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` (all routes but /health).")
+@click.option("--api-key", default=None, envvar="LLAMATRT_API_KEY", show_envvar=True,
+              help="Require `Authorization: Bearer KEY` (all routes but /health); visible in `ps`: prefer the file "
+                   "or the environment variable.")  # fmt: skip
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the API key from a file.")
+@click.option("--open-metrics", is_flag=True, help="Serve /metrics without the API key.")
+@click.option("--no-access-log", is_flag=True, help="No access log line per request.")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds in-flight responses get to finish after SIGTERM or Ctrl-C.")  # fmt: skip
 @click.option(
     "--max-queue", type=int, default=64, show_default=True, help="Requests that may wait for a row; more get 429."
 )
@@ -26,8 +33,9 @@ from llamatrt.progress import StepBar
 @click.option("--replicas", type=int, default=2, show_default=True, help="With --ray: replicas, each with an engine.")
 @click.option("--ray-address", default=None, help="With --ray: an existing Ray cluster (default: start a local one).")
 @verify_option
-def serve(artifact: Path, backend: str, host: str, port: int, api_key: str | None, max_queue: int,
-          model_name: str | None, use_ray: bool, replicas: int, ray_address: str | None, no_verify: bool) -> None:  # fmt: skip
+def serve(artifact: Path, backend: str, host: str, port: int, api_key: str | None, api_key_file: Path | None,
+          open_metrics: bool, no_access_log: bool, shutdown_timeout: float, max_queue: int, model_name: str | None,
+          use_ray: bool, replicas: int, ray_address: str | None, no_verify: bool) -> None:  # fmt: skip
     """An OpenAI-compatible HTTP server over the in-flight batcher (/v1/chat/completions,
     /v1/completions, /v1/models, /health, /metrics)."""
     from llamatrt.server.engine import EngineConfig
@@ -36,6 +44,16 @@ def serve(artifact: Path, backend: str, host: str, port: int, api_key: str | Non
 
     if max_queue < 1 or not 0 <= port < 65536 or replicas < 1:
         raise InputError("--max-queue and --replicas must be >= 1 and --port in [0, 65535]; fix the one that is not")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--api-key-file {api_key_file} cannot be read ({e.__class__.__name__}); give a text file "
+                             "holding the key") from e  # fmt: skip
+    if api_key is not None and not api_key:
+        raise InputError("the API key is empty; give a non-empty key")
+    if not shutdown_timeout >= 0:
+        raise InputError("--shutdown-timeout must be >= 0 seconds")
     config = EngineConfig(artifact, backend, model_name, max_queue, not no_verify)
     if use_ray:
         try:
@@ -44,7 +62,7 @@ def serve(artifact: Path, backend: str, host: str, port: int, api_key: str | Non
             raise InputError("--ray needs Ray Serve; pip install 'llamatrt[ray]'") from e
         serve_ray(config, replicas, host, port, api_key, ray_address)
     else:
-        run_server(config, host, port, api_key)
+        run_server(config, host, port, api_key, open_metrics, not no_access_log, shutdown_timeout)
 
 
 @click.command(name="bench-serve")

@@ -13,21 +13,21 @@ import torch
 
 from llamatrt.errors import InputError
 from llamatrt.runtime.backend import Backend
+from llamatrt.runtime.detokenizer import TextStreamFactory
 from llamatrt.runtime.sampling import SamplingParams
 from llamatrt.runtime.scheduler import GREEDY, Request, Scheduler, Step
-from llamatrt.runtime.stopping import Detokenize
 
 __all__ = ["GREEDY", "Generator", "Step"]
 
 
 class Generator:
     def __init__(
-        self, backend: Backend, stop_ids: Iterable[int] = (), pad_id: int = 0, detokenize: Detokenize | None = None,
+        self, backend: Backend, stop_ids: Iterable[int] = (), pad_id: int = 0, text: TextStreamFactory | None = None,
         admission: str = "continuous",
     ) -> None:  # fmt: skip
         self.backend = backend
         self.manifest = backend.manifest
-        self.scheduler = Scheduler(backend, stop_ids, pad_id, detokenize, admission)
+        self.scheduler = Scheduler(backend, stop_ids, pad_id, text, admission)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, **kwargs) -> list[list[int]]:
         """Token ids per prompt (stop ids excluded); drains `stream`."""

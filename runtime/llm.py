@@ -1,9 +1,9 @@
 """`llamatrt.load(artifact)`: text in, text out, over the one loop.
 
 Adds what token ids lack: the artifact's tokenizer and chat template, and per request a
-`TextTracker` that turns its steps into text deltas (held back while a multi-byte character is
-incomplete), cuts the text at the first stop string (and drops the tokens that spelled it), and
-ends in a `Result`. The server reuses the same tracker, so text behaves the same everywhere.
+`TextTracker` that gathers its steps (whose text the loop's one incremental detokenizer made, cut
+at the first stop string) into text deltas and a `Result` (without the tokens that spelled the stop
+string). The server reuses the same tracker, so text behaves the same everywhere.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 from llamatrt.artifact.reader import tokenizer_dir
 from llamatrt.errors import InputError
 from llamatrt.runtime.backend import Backend
+from llamatrt.runtime.detokenizer import TextStream, TokenizerPieces
 from llamatrt.runtime.generator import Generator, Step
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.sampling import SamplingParams
-from llamatrt.runtime.stopping import Detokenize, find_stop
-from llamatrt.runtime.tokenizer import ArtifactTokenizer
+from llamatrt.runtime.tokenizer import ArtifactTokenizer, clean_up_tokenization
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, str]
@@ -56,12 +56,12 @@ class TextDelta:
 
 @dataclass
 class TextTracker:
-    """One request's steps -> text deltas -> its Result."""
+    """One request's steps -> text deltas -> its Result. The text itself comes from the loop's one
+    incremental detokenizer (runtime.detokenizer), already cut at a stop string."""
 
     index: int
     prompt_tokens: int
-    decode: Detokenize | None  # None: an artifact without a tokenizer (token ids only)
-    stop_strings: tuple[str, ...] = ()
+    has_text: bool = True  # False: an artifact without a tokenizer (token ids only)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -73,7 +73,8 @@ class TextTracker:
     kept: int | None = None  # tokens kept when a stop string cut the text
 
     def apply(self, step: Step) -> TextDelta | None:
-        """The step's text delta, or None while a multi-byte character is incomplete."""
+        """The step's text delta, or None while its text is held back (an incomplete multi-byte
+        character, or the beginning of a stop string)."""
         self.first_s = step.elapsed_s if self.first_s is None else self.first_s
         self.last_s = step.elapsed_s
         self.finish_reason, self.stop = step.finish_reason, step.stop
@@ -83,29 +84,14 @@ class TextTracker:
                 self.logprobs.append(step.logprob)
             if step.top_logprobs:
                 self.top.append(list(step.top_logprobs))
-        if self.decode is None:
-            return TextDelta(
-                self.index, "", step.token_id, step.finish_reason, step.stop, step.logprob, step.top_logprobs
-            )
-        text = self.decode(self.tokens)
-        hit = find_stop(text, self.stop_strings)
-        if hit is not None:
-            text = text[: hit[0]]
-            self.kept = self._tokens_within(len(text))
-        if step.finish_reason is None and text.endswith("\ufffd"):
-            return None  # an incomplete multi-byte character: wait for the next token
-        delta, self.emitted = text[len(self.emitted) :], text
+        if step.kept is not None:
+            self.kept = step.kept
+        if self.has_text and not step.text and step.finish_reason is None:
+            return None
+        self.emitted += step.text
         return TextDelta(
-            self.index, delta, step.token_id, step.finish_reason, step.stop, step.logprob, step.top_logprobs
+            self.index, step.text, step.token_id, step.finish_reason, step.stop, step.logprob, step.top_logprobs
         )
-
-    def _tokens_within(self, length: int) -> int:
-        """The most leading tokens whose text fits in the first `length` characters."""
-        assert self.decode is not None
-        for count in range(len(self.tokens), -1, -1):
-            if len(self.decode(self.tokens[:count])) <= length:
-                return count
-        return 0
 
     def result(self, logprobs: bool) -> Result:
         decode_s = self.last_s - (self.first_s or 0.0)
@@ -133,7 +119,7 @@ class LLM:
         tok = self.manifest.tokenizer
         self.generator = Generator(
             backend, stop_ids=self.manifest.eos_token_ids, pad_id=int(tok.get("pad_token_id") or 0),
-            detokenize=self.decode if self.tokenizer is not None else None,
+            text=self.text_stream if self.tokenizer is not None else None,
         )  # fmt: skip
 
     def _load_tokenizer(self) -> ArtifactTokenizer | None:
@@ -158,8 +144,13 @@ class LLM:
         return self._need_tokenizer().encode(prompt)
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        return self._need_tokenizer().encode_chat(messages)
+
+    def text_stream(self, stop_strings: Sequence[str]) -> TextStream:
+        """A request's incremental text (runtime.detokenizer)."""
         tokenizer = self._need_tokenizer()
-        return tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        clean_up = clean_up_tokenization if tokenizer.clean_up_spaces else None
+        return TextStream(TokenizerPieces(tokenizer.backend, clean_up), stop_strings)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._need_tokenizer().decode(ids)
@@ -194,8 +185,7 @@ class LLM:
     ) -> Iterator[tuple[list[TextTracker], TextDelta | None]]:  # fmt: skip
         params = sampling_params(sampling)
         ids = [self.encode(p, chat=chat, system=system) for p in _as_prompt_list(prompts)]
-        decode = self.decode if self.tokenizer is not None else None
-        trackers = [TextTracker(i, len(p), decode, tuple(stop)) for i, p in enumerate(ids)]
+        trackers = [TextTracker(i, len(p), self.tokenizer is not None) for i, p in enumerate(ids)]
         steps = self.generator.stream(ids, max_new_tokens, params, tuple(stop), logprobs or bool(top_logprobs),
                                       top_logprobs, stop_ids)  # fmt: skip
         for step in steps:

@@ -7,12 +7,16 @@ a batch, and on every backend whose logits agree.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
 from llamatrt.errors import InputError
+
+# Temperatures below this are greedy (vLLM's threshold): dividing logits by less would overflow them.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,9 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per call
 
     def checked(self) -> SamplingParams:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name.replace('_', ' ')} {getattr(self, name)} is not a finite number; pass one")
         if not self.temperature >= 0:
             raise InputError(
                 f"temperature {self.temperature} must be >= 0; pass 0 for greedy or a positive temperature"
@@ -45,7 +52,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def generators_for(params: SamplingParams, rows: int) -> list[torch.Generator]:
@@ -54,16 +61,20 @@ def generators_for(params: SamplingParams, rows: int) -> list[torch.Generator]:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style: seen tokens' positive logits divided by `penalty`, negative ones multiplied."""
+    """CTRL-style: seen tokens' positive logits divided by `penalty`, negative ones multiplied. An
+    extreme penalty overflows to infinities: they are clamped to the largest finite logit, so what
+    follows never sees inf - inf (a NaN)."""
     if penalty == 1.0:
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    big = torch.finfo(logits.dtype).max
+    return torch.where(seen, penalized, logits).clamp(min=-big, max=big)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k / top-p / min-p as -inf masks (batch, vocab) -> (batch, vocab)."""
-    logits = logits / params.temperature
+    big = torch.finfo(logits.dtype).max
+    logits = (logits / params.temperature).clamp(min=-big, max=big)  # a tiny temperature overflows otherwise
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -71,6 +82,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token crossing p
+        drop_sorted[..., 0] = False  # and always the most likely one (a top_p below fp32's range rounds to 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if params.min_p > 0:

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamatrt.errors import InputError, NumericalError
+from llamatrt.errors import InputError, LlamatrtError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
+from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
 from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill
 from llamatrt.runtime.sampling import SamplingParams, next_tokens, token_logprobs, top_logprobs
-from llamatrt.runtime.stopping import Detokenize, find_stop
 
 GREEDY = SamplingParams()
 INTERLEAVE = 1.5  # a prefill call between two decode steps may take this many decode steps
@@ -57,11 +57,14 @@ class Step:
     index: int  # the request's index (given at submit)
     token_id: int | None  # None on a final step ended by a stop id (stop ids are not emitted)
     logprob: float | None
-    finish_reason: str | None  # None while running, then "stop", "length" or "cancelled"
+    finish_reason: str | None  # None while running, then "stop", "length", "cancelled" or "error"
     elapsed_s: float  # since the request was submitted (its first step: the time to first token)
     stop: str | int | None = None  # the stop string or stop id that ended it
     top_logprobs: tuple[tuple[int, float], ...] = ()
     logits: torch.Tensor | None = None  # (vocab,) for forced requests
+    error: str | None = None  # with finish_reason "error": what failed (this request alone ended)
+    text: str = ""  # text released by this step (runtime.detokenizer): the request's text is their sum
+    kept: int | None = None  # on a step ended by a stop string: the tokens whose text lies before it
 
 
 class Handle:
@@ -89,7 +92,10 @@ class Handle:
     def _emit(self, step: Step) -> None:
         self.events.put(step)
         if self.on_step is not None:
-            self.on_step(step)
+            try:
+                self.on_step(step)
+            except RuntimeError:  # its event loop is closed: nobody reads this request any more
+                self.cancel_requested = True
         if step.finish_reason is not None:
             self.done.set()
 
@@ -102,6 +108,7 @@ class _Row:
     generator: torch.Generator
     seen: torch.Tensor | None  # (vocab,) bool: tokens seen, for the repetition penalty
     fed: int = 0  # tokens of this request written to the cache (prompt, then fed-back tokens)
+    text: TextStream | None = None  # the request's text, when the loop has a tokenizer
     generated: list[int] = field(default_factory=list)
     last_token: int = 0
 
@@ -114,16 +121,20 @@ class _Row:
         return self.plan.pad + self.fed
 
 
+class LoopFailed(LlamatrtError):
+    """The loop itself stopped: nothing more can run in this process."""
+
+
 class Scheduler:
     def __init__(
-        self, backend: Backend, stop_ids: Iterable[int] = (), pad_id: int = 0, detokenize: Detokenize | None = None,
+        self, backend: Backend, stop_ids: Iterable[int] = (), pad_id: int = 0, text: TextStreamFactory | None = None,
         admission: str = "continuous",
     ) -> None:  # fmt: skip
         if admission not in ("continuous", "lockstep"):
             raise InputError(f"unknown admission {admission!r}; use continuous or lockstep")
         self.backend, self.manifest = backend, backend.manifest
         self.eos_ids = frozenset(stop_ids)
-        self.pad_id, self.detokenize, self.admission = pad_id, detokenize, admission
+        self.pad_id, self.text_stream, self.admission = pad_id, text, admission
         self.kv = KVState(backend)
         self.rows: list[_Row | None] = [None] * self.manifest.batch_size
         self.queue: deque[Handle] = deque()
@@ -135,6 +146,9 @@ class Scheduler:
         self.decode_seconds: deque[float] = deque(maxlen=100_000)  # how long each recent decode call took
         self._decode_step_s: float | None = None  # running averages, for sizing interleaved prefill calls
         self._prefill_token_s: float | None = None
+        self.failed: str | None = None  # why the loop stopped for good; submit refuses from then on
+        # a server ends only the requests a failure belongs to; a caller driving `run` gets the exception
+        self.isolate_failures = False
 
     # --- submitting -------------------------------------------------------------------------------
 
@@ -174,6 +188,8 @@ class Scheduler:
         """Queue a request (FIFO). Raises InputError if it can never run."""
         handle = Handle(self.check(request, index), index, on_step)
         with self.wake:
+            if self.failed is not None:
+                raise LoopFailed(f"{self.failed}; restart the server")
             self.queue.append(handle)
             self.wake.notify_all()
         return handle
@@ -197,14 +213,22 @@ class Scheduler:
                 yield from self.step()
 
     def serve_forever(self, stop: threading.Event) -> None:
-        """The loop of a server: step while there is work, sleep until a request arrives."""
+        """The loop of a server: step while there is work, sleep until a request arrives. A failure
+        that belongs to some requests ends those (finish_reason "error") and the loop goes on; a
+        failure of the loop itself ends every request, refuses new ones (`failed`) and returns."""
+        self.isolate_failures = True
         with torch_threads(self.backend.loop_threads):
-            while not stop.is_set():
-                with self.wake:
-                    while self.idle and not stop.is_set():
-                        self.wake.wait(timeout=0.5)
-                if not stop.is_set():
-                    self.step()
+            try:
+                while not stop.is_set():
+                    with self.wake:
+                        while self.idle and not stop.is_set():
+                            self.wake.wait(timeout=0.5)
+                    if not stop.is_set():
+                        self.step()
+            except BaseException as e:
+                self.failed = f"the generation loop stopped ({type(e).__name__}: {str(e)[:200]})"
+                self._fail_all(self.failed)
+                raise
 
     def step(self) -> list[Step]:
         """One iteration: drop cancelled requests, admit into free rows, one prefill call, one decode."""
@@ -213,10 +237,42 @@ class Scheduler:
         self._admit()
         prefilling = [b for b, r in enumerate(self.rows) if r is not None and r.windows]
         if prefilling:
-            self._prefill_window(min(prefilling, key=lambda b: self.rows[b].handle.submitted), events)  # type: ignore[union-attr]
-        if any(r is not None and not r.windows for r in self.rows):
-            self._decode(events)
+            b = min(prefilling, key=lambda b: self.rows[b].handle.submitted)  # type: ignore[union-attr]
+            self._isolated(lambda: self._prefill_window(b, events), [b], events)
+        decoding = [b for b, r in enumerate(self.rows) if r is not None and not r.windows]
+        if decoding:
+            self._isolated(lambda: self._decode(events), decoding, events)
         return events
+
+    def _isolated(self, call: Callable[[], None], rows: list[int], events: list[Step]) -> None:
+        """Run one graph call (and what follows it); if it raises, end the requests of `rows` with the
+        error and free their rows. Their cache slots are rewritten by whatever is admitted next."""
+        try:
+            call()
+        except Exception as e:
+            if not self.isolate_failures:
+                raise
+            for b in rows:
+                row = self.rows[b]
+                if row is not None and not row.handle.done.is_set():
+                    self.rows[b] = None
+                    self._fail(row.handle, _describe(e), events)
+
+    def _fail(self, handle: Handle, error: str, events: list[Step]) -> None:
+        elapsed = time.perf_counter() - handle.submitted
+        self._emit(handle, Step(handle.index, None, None, "error", elapsed, error=error), events)
+
+    def _fail_all(self, error: str) -> None:
+        events: list[Step] = []
+        with self.lock:
+            waiting, self.queue = list(self.queue), deque()
+        for handle in waiting:
+            self._fail(handle, error, events)
+        for b, row in enumerate(self.rows):
+            if row is not None:
+                self.rows[b] = None
+                if not row.handle.done.is_set():
+                    self._fail(row.handle, error, events)
 
     def _drop_cancelled(self, events: list[Step]) -> None:
         with self.lock:
@@ -226,7 +282,7 @@ class Scheduler:
         for b, row in enumerate(self.rows):
             if row is not None and row.handle.cancel_requested:
                 self.rows[b] = None
-                self._finish(row.handle, None, "cancelled", events)
+                self._finish(row.handle, None, "cancelled", events, text=_rest(row))
 
     def _admit(self) -> None:
         with self.lock:
@@ -245,7 +301,8 @@ class Scheduler:
         if request.sampling.repetition_penalty != 1.0:
             seen = torch.zeros(self.manifest.config.vocab_size, dtype=torch.bool)
             seen[torch.tensor(list(request.prompt))] = True
-        return _Row(handle, plan, deque(plan.windows), torch.Generator().manual_seed(seed), seen)
+        text = None if self.text_stream is None else self.text_stream(request.stop_strings)
+        return _Row(handle, plan, deque(plan.windows), torch.Generator().manual_seed(seed), seen, text=text)
 
     def _interleave_tokens(self) -> int:
         """Tokens of one prefill call while other rows decode, on a graph that takes any number: what
@@ -303,7 +360,7 @@ class Scheduler:
             row = self.rows[b]
             assert row is not None
             row.fed += 1
-            self._advance(b, logits[b], events)
+            self._isolated(lambda b=b: self._advance(b, logits[b], events), [b], events)
 
     def _advance(self, b: int, logits: torch.Tensor, events: list[Step]) -> None:
         """Row b's next token from `logits` (vocab,): emit it, end the request or keep decoding."""
@@ -330,21 +387,18 @@ class Scheduler:
         stop_ids = request.stop_ids | (self.eos_ids if request.use_eos else frozenset())
         if token in stop_ids:
             self.rows[b] = None
-            return self._finish(handle, token, "stop", events, elapsed)
+            return self._finish(handle, token, "stop", events, elapsed, _rest(row))
         row.generated.append(token)
         if row.seen is not None:
             row.seen[token] = True
-        stop = self._stop_string(request, row.generated)
+        text, stop = row.text.push(token) if row.text is not None else ("", None)
         room = self.manifest.max_cache_len - row.next_slot  # slots left to write the next tokens into
         reason = "stop" if stop else ("length" if len(row.generated) >= request.max_new_tokens or room < 1 else None)
-        self._emit(handle, Step(handle.index, token, logprob, reason, elapsed, stop, top), events)
+        if reason == "length":
+            text += _rest(row)
+        kept = row.text.kept if stop and row.text is not None else None
+        self._emit(handle, Step(handle.index, token, logprob, reason, elapsed, stop, top, text=text, kept=kept), events)
         self._continue_or_free(b, token, reason is not None)
-
-    def _stop_string(self, request: Request, generated: list[int]) -> str | None:
-        if not request.stop_strings or self.detokenize is None:
-            return None
-        hit = find_stop(self.detokenize(generated), request.stop_strings)
-        return None if hit is None else hit[1]
 
     def _continue_or_free(self, b: int, token: int, done: bool) -> None:
         row = self.rows[b]
@@ -359,10 +413,23 @@ class Scheduler:
         events.append(step)
 
     def _finish(
-        self, handle: Handle, stop_id: int | None, reason: str, events: list[Step], elapsed: float | None = None
-    ) -> None:
+        self, handle: Handle, stop_id: int | None, reason: str, events: list[Step], elapsed: float | None = None,
+        text: str = "",
+    ) -> None:  # fmt: skip
         elapsed = time.perf_counter() - handle.submitted if elapsed is None else elapsed
-        self._emit(handle, Step(handle.index, None, None, reason, elapsed, stop_id), events)
+        self._emit(handle, Step(handle.index, None, None, reason, elapsed, stop_id, text=text), events)
+
+
+def _rest(row: _Row) -> str:
+    """The text a request's stream still holds, released at its end."""
+    return "" if row.text is None else row.text.flush()
+
+
+def _describe(error: Exception) -> str:
+    """One line for a client: llamatrt's own errors say what to do; anything else is named."""
+    if isinstance(error, LlamatrtError):
+        return str(error)
+    return f"generation failed ({type(error).__name__}: {str(error)[:200]})"
 
 
 def _average(previous: float | None, value: float, weight: float = 0.2) -> float:

@@ -9,6 +9,7 @@ the decode clean-up flag) comes from the manifest, which the export recorded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,13 @@ from llamatrt.runtime.chat_template import ChatTemplate
 REEXPORT = "re-run `llamatrt export --force`"
 
 
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
+
+
 def clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization` (spaces before punctuation and contractions)."""
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):  # fmt: skip
+    for a, b in CLEAN_UP:
         text = text.replace(a, b)
     return text
 
@@ -41,6 +45,7 @@ class ArtifactTokenizer:
         source = info.get("chat_template")
         self._template_source = source if isinstance(source, str) and source else None
         self._template: ChatTemplate | None = None
+        self._plain: Any = None  # the tokenizer with special-token matching off, made on first use
 
     @property
     def has_chat_template(self) -> bool:
@@ -54,6 +59,46 @@ class ArtifactTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=True)
         return clean_up_tokenization(text) if self.clean_up_spaces else text
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """A conversation's prompt ids where only the template's own markup can be control tokens:
+        message text that spells one (`<|im_end|>`, `<|im_start|>system`) is encoded as the plain
+        text it is, so a user cannot close their turn and forge another. Contents that spell no
+        special token encode as the whole rendered text does (the common case, unchanged); otherwise
+        the template is rendered around placeholders and each content is encoded on its own with
+        special-token matching off (the `tokenizers` library's `encode_special_tokens`)."""
+        text = self.apply_chat_template(messages)
+        specials = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+        contents = [str(m.get("content") or "") for m in messages]
+        if not any(token in content for token in specials for content in contents):
+            return self.encode(text, add_special_tokens=False)
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        pieces = re.split("\ue000(\\d+)\ue001", self.apply_chat_template(marked))
+        if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))):
+            raise InputError("a message spells a control token and this chat template changes message text, so it "
+                             "cannot be kept apart from the markup; remove the control-token text from the message")  # fmt: skip
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                ids += self.encode(piece, add_special_tokens=False) if piece else []
+            else:
+                ids += self._plain_encode(contents[int(piece)])
+        return ids
+
+    def _plain_encode(self, text: str) -> list[int]:
+        """`text` with special-token matching off (a second tokenizer, so the shared one is never toggled
+        while another thread encodes)."""
+        if self._plain is None:
+            from tokenizers import Tokenizer
+
+            self._plain = Tokenizer.from_str(self.backend.to_str())
+            self._plain.encode_special_tokens = True
+        return self.encode_with(self._plain, text) if text else []
+
+    def encode_with(self, tokenizer: Any, text: str) -> list[int]:
+        if any("\ud800" <= ch <= "\udfff" for ch in text):
+            raise InputError("the prompt is not valid UTF-8 text; fix its encoding")
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         if self._template_source is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,10 +24,12 @@ from llamatrt.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import TextTracker
 from llamatrt.runtime.scheduler import Request as ScheduledRequest
 from llamatrt.server import protocol
-from llamatrt.server.engine import Engine, EngineConfig, QueueFull
+from llamatrt.server.engine import Engine, EngineConfig, GenerationFailed, QueueFull, Unavailable
 from llamatrt.server.metrics import Metrics
 
 MAX_BODY = 1 << 20  # bytes: a request body beyond this is a 413
+MAX_DEPTH = 32  # nesting of a request body's JSON: no OpenAI request needs more than a few levels
+DISCONNECT_POLL_S = 0.05  # how often a non-streamed request checks that its client is still there
 
 
 class PayloadTooLarge(Exception):
@@ -37,8 +40,10 @@ class ModelNotFound(Exception):
     pass
 
 
-def create_app(config: EngineConfig, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
-    """The application with its engine loaded (so a Ray Serve replica builds one on start)."""
+def create_app(config: EngineConfig, api_key: str | None = None, max_body: int = MAX_BODY,
+               open_metrics: bool = False) -> FastAPI:  # fmt: skip
+    """The application with its engine loaded (so a Ray Serve replica builds one on start). With an
+    API key every route but /health needs it (/metrics too, unless `open_metrics`)."""
     metrics = Metrics()
     engine = Engine(config, metrics)
 
@@ -50,22 +55,32 @@ def create_app(config: EngineConfig, api_key: str | None = None, max_body: int =
     app = FastAPI(title="llamatrt", lifespan=lifespan)
     app.state.engine = engine
 
+    open_paths = {"/health"} | ({"/metrics"} if open_metrics else set())
+    expected = None if api_key is None else f"Bearer {api_key}".encode()
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         path = request.url.path
-        if api_key is not None and path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
+        sent = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if expected is not None and path not in open_paths and not hmac.compare_digest(sent, expected):
             response: Response = _error(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
                                         "authentication_error", code="invalid_api_key")  # fmt: skip
+        elif not (request.headers.get("content-length") or "0").isdigit():
+            response = _error(400, "the Content-Length header is not a number; send a valid one")
         elif int(request.headers.get("content-length") or 0) > max_body:
             response = _error(413, f"the request body is over {max_body} bytes; send a smaller one")
         else:
             response = await call_next(request)
-        metrics.requests.labels(path, str(response.status_code)).inc()
+        route = request.scope.get("route")  # the route template, so made-up paths add no series
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": engine.model_name}
+    async def health() -> Response:
+        problem = engine.healthy
+        if problem is not None:
+            return JSONResponse({"status": "error", "model": engine.model_name, "error": problem}, status_code=503)
+        return JSONResponse({"status": "ok", "model": engine.model_name})
 
     @app.get("/metrics")
     async def exposition() -> Response:
@@ -100,10 +115,41 @@ async def _body(request: Request, limit: int) -> Any:
         if size > limit:
             raise PayloadTooLarge
         chunks.append(chunk)
+    raw = b"".join(chunks)
+    if _nesting(raw) > MAX_DEPTH:
+        raise protocol.BadRequest(f"the request body nests JSON deeper than {MAX_DEPTH} levels; flatten it")
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise protocol.BadRequest(f"the request body is not JSON ({e.msg if hasattr(e, 'msg') else e})") from e
+
+
+def _no_constant(name: str) -> Any:
+    raise protocol.BadRequest(f"the request body holds {name}, which JSON does not allow; send finite numbers")
+
+
+def _nesting(raw: bytes) -> int:
+    """The deepest nesting of [ and { outside strings (checked before parsing, which recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 async def _complete(kind: str, request: Request, engine: Engine, metrics: Metrics, max_body: int) -> Response:
@@ -114,13 +160,20 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
         if parsed.stream and len(parsed.prompts) > 1:
             raise protocol.BadRequest("stream with several prompts is not supported; send one prompt", "prompt")
         prompts: list[str | list[int] | None] = [*parsed.prompts] or [None]
-        requests = [engine.request(engine.encode(p, parsed.messages), parsed.max_tokens, parsed.sampling,
+
+        def prepare() -> list[ScheduledRequest]:  # template and tokenizer: seconds on a huge prompt
+            return [engine.request(engine.encode(p, parsed.messages), parsed.max_tokens, parsed.sampling,
                                    parsed.stop, parsed.logprobs, parsed.top_logprobs) for p in prompts]  # fmt: skip
+
+        requests = await asyncio.to_thread(prepare)  # off the event loop, which serves every stream
+        engine.admit(len(requests))  # all prompts of a request, or none
         if parsed.stream:
             return StreamingResponse(
                 _stream(kind, parsed, requests[0], engine, metrics), media_type="text/event-stream"
             )
-        results = await asyncio.gather(*(_collect(engine, r, i) for i, r in enumerate(requests)))
+        results = await _until_disconnected(request, [_collect(engine, r, i) for i, r in enumerate(requests)])
+        if results is None:
+            return Response(status_code=499)  # nobody reads it; its rows were freed
         return JSONResponse(_response(kind, parsed, results, engine, metrics))
     except PayloadTooLarge:
         return _error(413, f"the request body is over {max_body} bytes; send a smaller one")
@@ -129,12 +182,34 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
                       param="model", code="model_not_found")  # fmt: skip
     except QueueFull as e:
         return _error(429, str(e), "rate_limit_error")
+    except Unavailable as e:
+        return _error(503, str(e), "server_error")
+    except GenerationFailed as e:
+        return _error(500, str(e), "server_error")
     except protocol.BadRequest as e:
         return _error(400, str(e), param=e.param)
     except InputError as e:  # the same validation and wording as the CLI (a prompt over the cache, ...)
         return _error(400, str(e))
     except LlamatrtError as e:
         return _error(500, str(e), "server_error")
+
+
+async def _until_disconnected(request: Request, work: list[Any]) -> list[TextTracker] | None:
+    """The results of `work`, or None if the client went away first: then every part is cancelled,
+    which frees its row at the next step (as llama.cpp's and vLLM's servers poll for a disconnect)."""
+    task = asyncio.ensure_future(asyncio.gather(*work))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LlamatrtError):
+                await task
 
 
 async def _collect(engine: Engine, request: ScheduledRequest, index: int) -> TextTracker:

@@ -15,14 +15,22 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamatrt.errors import InputError
+from llamatrt.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load, sampling_params
-from llamatrt.runtime.scheduler import Request, Step
+from llamatrt.runtime.scheduler import LoopFailed, Request, Step
 from llamatrt.server.metrics import Metrics
 
 
 class QueueFull(InputError):
     """A 429: more requests waiting than --max-queue."""
+
+
+class GenerationFailed(LlamatrtError):
+    """A 500 (or an error event on a stream): this request failed; the server goes on."""
+
+
+class Unavailable(LlamatrtError):
+    """A 503: the generation loop stopped; /health says so too."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,22 @@ class Engine:
         self._thread.join(timeout=10)
         self.llm.close()
 
+    @property
+    def healthy(self) -> str | None:
+        """None while the loop runs, else why it does not."""
+        if self.scheduler.failed is not None:
+            return self.scheduler.failed
+        return None if self._thread.is_alive() else "the generation loop is not running"
+
+    def admit(self, count: int) -> None:
+        """Refuse (429) `count` requests at once if more than --max-queue would then wait for a row;
+        requests that can start at once (free rows) do not count."""
+        free = sum(r is None for r in self.scheduler.rows)
+        waiting = len(self.scheduler.queue) + count - free
+        if waiting > self.config.max_queue:
+            raise QueueFull(f"{len(self.scheduler.queue)} requests are waiting (--max-queue {self.config.max_queue}); "
+                            "retry later")  # fmt: skip
+
     def encode(self, prompt: str | list[int] | None, messages: list[dict[str, str]] | None) -> list[int]:
         if messages is not None:
             return self.llm.encode_chat(messages)
@@ -71,16 +95,15 @@ class Engine:
 
     async def run(self, request: Request, index: int = 0) -> AsyncGenerator[tuple[TextDelta, TextTracker], None]:
         """Submit `request` and yield its text deltas (with the tracker that holds its result)."""
-        if len(self.scheduler.queue) >= self.config.max_queue:
-            raise QueueFull(f"{len(self.scheduler.queue)} requests are waiting (--max-queue {self.config.max_queue}); "
-                            "retry later")  # fmt: skip
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[Step] = asyncio.Queue()
-        decode = self.llm.decode if self.llm.tokenizer is not None else None
-        tracker = TextTracker(index, len(request.prompt), decode, request.stop_strings)
-        handle = self.scheduler.submit(
-            request, index, on_step=lambda step: loop.call_soon_threadsafe(steps.put_nowait, step)
-        )
+        tracker = TextTracker(index, len(request.prompt), self.llm.tokenizer is not None)
+        try:
+            handle = self.scheduler.submit(
+                request, index, on_step=lambda step: loop.call_soon_threadsafe(steps.put_nowait, step)
+            )
+        except LoopFailed as e:
+            raise Unavailable(str(e)) from e
         self.metrics.observe_queue(self.scheduler)
         last = time.perf_counter()
         try:
@@ -89,6 +112,8 @@ class Engine:
                 now = time.perf_counter()
                 self.metrics.token_time(step, now - last, first=tracker.first_s is None)
                 last = now
+                if step.finish_reason == "error":
+                    raise GenerationFailed(step.error or "generation failed")
                 delta = tracker.apply(step)
                 if delta is not None:
                     yield delta, tracker

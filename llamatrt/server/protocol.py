@@ -69,6 +69,14 @@ def _number(body: dict[str, Any], key: str, default: Any, kind: type, low: float
     return kind(value)
 
 
+def _flag(body: dict[str, Any], key: str) -> bool:
+    """A boolean parameter: true, false or absent/null; never a string or a number."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{key} must be true or false, got {value!r}", key)
+    return bool(value)
+
+
 def _check_keys(body: dict[str, Any], allowed: frozenset[str]) -> None:
     for key, value in body.items():
         if key in NO_EFFECT:
@@ -89,9 +97,11 @@ def _messages(raw: Any) -> list[dict[str, str]]:
             raise BadRequest(f"messages[{i}] needs a role of system, user, assistant or developer", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise BadRequest(f"messages[{i}].content has a part that is not text; send text only", "messages")
-            content = "".join(str(p.get("text", "")) for p in content)
+            if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
+                   for p in content):  # fmt: skip
+                raise BadRequest(f"messages[{i}].content has a part that is not text; send "
+                                 '{"type": "text", "text": "..."} parts only', "messages")  # fmt: skip
+            content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be text", "messages")
         role = "system" if message["role"] == "developer" else message["role"]
@@ -102,13 +112,17 @@ def _messages(raw: Any) -> list[dict[str, str]]:
 def _prompts(raw: Any) -> list[str | list[int]]:
     if isinstance(raw, str):
         return [raw]
-    if isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):
+    if isinstance(raw, list) and raw and all(_token(t) for t in raw):
         return [list(raw)]
     if isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
         return list(raw)
-    if isinstance(raw, list) and raw and all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in raw):
+    if isinstance(raw, list) and raw and all(isinstance(p, list) and p and all(_token(t) for t in p) for p in raw):
         return [list(p) for p in raw]
     raise BadRequest("prompt must be a string, a list of strings, or token ids", "prompt")
+
+
+def _token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse(kind: str, body: Any) -> Parsed:
@@ -120,13 +134,20 @@ def parse(kind: str, body: Any) -> Parsed:
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [] if stop is None else None
     if stops is None or any(not isinstance(s, str) or not s for s in stops) or len(stops) > MAX_STOPS:
         raise BadRequest(f"stop must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("stream_options must be an object", "stream_options")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise BadRequest("stream_options is only allowed with stream: true", "stream_options")
+    options = options or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest('stream_options must be an object such as {"include_usage": true}', "stream_options")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"model must be a string, got {model!r}", "model")
     if kind == "chat":
         messages, prompts = _messages(body.get("messages")), []
         max_tokens = _number(body, "max_completion_tokens", None, int, 1) or _number(body, "max_tokens", None, int, 1)
-        logprobs = bool(body.get("logprobs") or False)
+        logprobs = _flag(body, "logprobs")
         top = _number(body, "top_logprobs", 0, int, 0, 20)
         if top and not logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
@@ -143,13 +164,15 @@ def parse(kind: str, body: Any) -> Parsed:
         "top_p": _number(body, "top_p", 1.0, float, 0, 1),
         "top_k": _number(body, "top_k", 0, int, 0),
         "min_p": _number(body, "min_p", 0.0, float, 0, 1),
-        "repetition_penalty": _number(body, "repetition_penalty", 1.0, float, 0),
+        "repetition_penalty": _number(body, "repetition_penalty", 1.0, float, 0),  # > 0, below
         "seed": seed,
     }
     if sampling["top_p"] == 0:
         raise BadRequest("top_p must be in (0, 1]", "top_p")
-    return Parsed(kind, prompts, messages, max_tokens, sampling, tuple(stops), bool(body.get("stream") or False),
-                  bool(options.get("include_usage") or False), logprobs, top, body.get("model"))  # fmt: skip
+    if sampling["repetition_penalty"] == 0:
+        raise BadRequest("repetition_penalty must be > 0 (1 turns it off)", "repetition_penalty")
+    return Parsed(kind, prompts, messages, max_tokens, sampling, tuple(stops), stream,
+                  bool(options.get("include_usage") or False), logprobs, top, model)  # fmt: skip
 
 
 def response_id(kind: str) -> str:

@@ -14,12 +14,13 @@ from typing import Any
 from llamatrt.server.engine import EngineConfig
 
 
-def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
+def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          open_metrics: bool = False, access_log: bool = True, shutdown_timeout: float = 30.0) -> None:  # fmt: skip
     import uvicorn
 
     from llamatrt.server.app import create_app
 
-    app = create_app(config, api_key)
+    app = create_app(config, api_key, open_metrics=open_metrics)
     name = app.state.engine.model_name
 
     class Server(uvicorn.Server):
@@ -30,10 +31,15 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_k
                 print(f"llamatrt serve: {name} at http://{host}:{bound}/v1 (OpenAI API; /health, /metrics)",
                       file=sys.stderr, flush=True)  # fmt: skip
 
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler that was
-    # there before it started; a graceful stop on request is a success, so that handler does nothing.
+    # uvicorn shuts down gracefully on SIGTERM and Ctrl-C (in-flight responses get `shutdown_timeout`
+    # seconds), then re-raises the signal under the handler that was there before it started; a
+    # graceful stop on request is a success, so those handlers do nothing.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+    signal.signal(signal.SIGINT, lambda *_: None)
+    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level="info" if access_log else "warning",
+                                    access_log=access_log, timeout_graceful_shutdown=shutdown_timeout)  # fmt: skip
+    Server(uvicorn_config).run()
+    print("llamatrt serve: stopped", file=sys.stderr, flush=True)
 
 
 def ray_application(config: EngineConfig, replicas: int, api_key: str | None = None) -> Any:

@@ -63,3 +63,13 @@ class ScriptedBackend(Backend):
             logits[torch.arange(last.shape[0]), (last + 1) % VOCAB] = 10.0
         present = {k.replace("past_key_values.", "present.", 1): v for k, v in feeds.items() if "past" in k}
         return {"logits": logits, **present}
+
+
+class SpacedIds:
+    """Detokenizer pieces for token-id tests: token t reads "t " (runtime.detokenizer.Pieces)."""
+
+    def step(self, token: int) -> str:
+        return f"{token} "
+
+    def flush(self) -> str:
+        return ""

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from llamatrt.errors import InputError
+from llamatrt.runtime.detokenizer import TextStream
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import plan_prefill
 from llamatrt.runtime.sampling import SamplingParams
 from llamatrt.runtime.scheduler import Request, Scheduler
-from tests.runtime.fake_backend import ScriptedBackend, fake_manifest
+from tests.runtime.fake_backend import ScriptedBackend, SpacedIds, fake_manifest
 
 
 def steps_of(gen: Generator, prompts, **kw):
@@ -159,7 +160,7 @@ def test_stop_ids_are_not_emitted_and_several_are_allowed() -> None:
 
 
 def test_per_request_stop_ids_and_strings() -> None:
-    gen = Generator(ScriptedBackend(fake_manifest()), detokenize=lambda ids: " ".join(map(str, ids)))
+    gen = Generator(ScriptedBackend(fake_manifest()), text=lambda stops: TextStream(SpacedIds(), stops))
     steps = steps_of(gen, [[5]], max_new_tokens=10, stop_strings=["8 9"])
     assert [s.token_id for s in steps] == [6, 7, 8, 9]
     assert steps[-1].finish_reason == "stop" and steps[-1].stop == "8 9"
