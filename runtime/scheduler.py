@@ -15,6 +15,7 @@ together, kept as the baseline the benchmark measures in-flight batching against
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 import threading
@@ -31,6 +32,7 @@ from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
 from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill
 from llamatrt.runtime.sampling import SamplingParams, next_tokens, token_logprobs, top_logprobs
 
+log = logging.getLogger(__name__)
 GREEDY = SamplingParams()
 INTERLEAVE = 1.5  # a prefill call between two decode steps may take this many decode steps
 MIN_INTERLEAVE_TOKENS = 8
@@ -225,10 +227,10 @@ class Scheduler:
                             self.wake.wait(timeout=0.5)
                     if not stop.is_set():
                         self.step()
-            except BaseException as e:
+            except BaseException as e:  # the loop's own failure: everyone is told, the server says so
                 self.failed = f"the generation loop stopped ({type(e).__name__}: {str(e)[:200]})"
+                log.error("%s", self.failed, exc_info=True)
                 self._fail_all(self.failed)
-                raise
 
     def step(self) -> list[Step]:
         """One iteration: drop cancelled requests, admit into free rows, one prefill call, one decode."""

@@ -74,7 +74,8 @@ class ArtifactTokenizer:
             return self.encode(text, add_special_tokens=False)
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
         pieces = re.split("\ue000(\\d+)\ue001", self.apply_chat_template(marked))
-        if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))):
+        rebuilt = "".join(contents[int(p)] if k % 2 else p for k, p in enumerate(pieces))
+        if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))) or rebuilt != text:
             raise InputError("a message spells a control token and this chat template changes message text, so it "
                              "cannot be kept apart from the markup; remove the control-token text from the message")  # fmt: skip
         ids: list[int] = []

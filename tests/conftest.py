@@ -121,3 +121,31 @@ def tiny_artifact(tmp_path_factory) -> Path:
     save_tiny_tokenizer(root / "hf")
     export_artifact(root / "hf", root / "b3", ExportOptions(batch_size=3, max_cache_len=48, prefill_chunk=8))
     return root / "b3"
+
+
+@pytest.fixture(scope="session")
+def long_artifact(tmp_path_factory) -> Path:
+    """The tiny model with a long cache (B=1, C=2048), so a request can hold its row for a while."""
+    from llamatrt.exporter.export import ExportOptions
+    from llamatrt.pipeline import export_artifact
+
+    root = tmp_path_factory.mktemp("long")
+    tiny_hf_model("gqa-tied").save_pretrained(root / "hf")
+    save_tiny_tokenizer(root / "hf")
+    export_artifact(root / "hf", root / "c2048", ExportOptions(max_cache_len=2048, prefill_chunk=16))
+    return root / "c2048"
+
+
+def save_byte_level_bpe(folder: Path, text: str, special_tokens: list[str], vocab_size: int = 300) -> Path:
+    """A byte-level BPE (GPT-2's kind: rare characters split into byte tokens) trained on `text`,
+    saved as `folder/tokenizer.json`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=special_tokens)  # fmt: skip
+    tok.train_from_iterator([text] * 50, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"

@@ -4,10 +4,8 @@ official `openai` client (and httpx where the client would hide the status)."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,59 +16,9 @@ import openai
 import pytest
 
 from tests.safety_helpers import LLAMATRT
+from tests.server_helpers import Server
 
 PROMPT = "w5 w17 w42 w8"
-
-
-class Server:
-    def __init__(self, artifact: Path, *args: str) -> None:
-        self.proc = subprocess.Popen([str(LLAMATRT), "serve", str(artifact), "--port", "0", "--no-verify", *args],
-                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
-        self.lines: list[str] = []
-        self.url = ""
-        deadline = time.monotonic() + 120
-        assert self.proc.stderr is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                raise AssertionError(f"the server exited: {''.join(self.lines)}")
-            self.lines.append(line)
-            found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-            if found:
-                self.url = found.group(1)
-                break
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def client(self, **kw: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)  # type: ignore[arg-type]
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
-        return float(found.group(1)) if found else 0.0
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def long_artifact(tmp_path_factory) -> Path:
-    """The tiny model with a long cache (B=1, C=2048), so a request can hold its row for a while."""
-    from llamatrt.exporter.export import ExportOptions
-    from llamatrt.pipeline import export_artifact
-    from tests.conftest import save_tiny_tokenizer, tiny_hf_model
-
-    root = tmp_path_factory.mktemp("long")
-    tiny_hf_model("gqa-tied").save_pretrained(root / "hf")
-    save_tiny_tokenizer(root / "hf")
-    export_artifact(root / "hf", root / "c2048", ExportOptions(max_cache_len=2048, prefill_chunk=16))
-    return root / "c2048"
 
 
 @pytest.fixture(scope="module")

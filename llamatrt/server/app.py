@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,12 +18,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamatrt.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import TextTracker
 from llamatrt.runtime.scheduler import Request as ScheduledRequest
 from llamatrt.server import protocol
-from llamatrt.server.engine import Engine, EngineConfig, GenerationFailed, QueueFull, Unavailable
+from llamatrt.server.engine import Engine, EngineConfig, GenerationFailed, QueueFull, Submitted, Unavailable
+from llamatrt.server.guard import Guard
 from llamatrt.server.metrics import Metrics
 
 MAX_BODY = 1 << 20  # bytes: a request body beyond this is a 413
@@ -55,25 +56,13 @@ def create_app(config: EngineConfig, api_key: str | None = None, max_body: int =
     app = FastAPI(title="llamatrt", lifespan=lifespan)
     app.state.engine = engine
 
-    open_paths = {"/health"} | ({"/metrics"} if open_metrics else set())
-    expected = None if api_key is None else f"Bearer {api_key}".encode()
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> Response:  # unknown routes and methods
+        return _error(error.status_code, f"{error.detail}; see /v1/models, /v1/chat/completions, /v1/completions",
+                      "invalid_request_error" if error.status_code < 500 else "server_error")  # fmt: skip
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        sent = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-        if expected is not None and path not in open_paths and not hmac.compare_digest(sent, expected):
-            response: Response = _error(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
-                                        "authentication_error", code="invalid_api_key")  # fmt: skip
-        elif not (request.headers.get("content-length") or "0").isdigit():
-            response = _error(400, "the Content-Length header is not a number; send a valid one")
-        elif int(request.headers.get("content-length") or 0) > max_body:
-            response = _error(413, f"the request body is over {max_body} bytes; send a smaller one")
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")  # the route template, so made-up paths add no series
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    open_paths = frozenset({"/health"} | ({"/metrics"} if open_metrics else set()))
+    app.add_middleware(Guard, api_key=api_key, open_paths=open_paths, max_body=max_body, metrics=metrics)
 
     @app.get("/health")
     async def health() -> Response:
@@ -166,12 +155,10 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
                                    parsed.stop, parsed.logprobs, parsed.top_logprobs) for p in prompts]  # fmt: skip
 
         requests = await asyncio.to_thread(prepare)  # off the event loop, which serves every stream
-        engine.admit(len(requests))  # all prompts of a request, or none
+        runs = engine.submit(requests)  # all prompts of a request, or none
         if parsed.stream:
-            return StreamingResponse(
-                _stream(kind, parsed, requests[0], engine, metrics), media_type="text/event-stream"
-            )
-        results = await _until_disconnected(request, [_collect(engine, r, i) for i, r in enumerate(requests)])
+            return StreamingResponse(_stream(kind, parsed, runs[0], engine, metrics), media_type="text/event-stream")
+        results = await _until_disconnected(request, [_collect(engine, run) for run in runs])
         if results is None:
             return Response(status_code=499)  # nobody reads it; its rows were freed
         return JSONResponse(_response(kind, parsed, results, engine, metrics))
@@ -212,9 +199,9 @@ async def _until_disconnected(request: Request, work: list[Any]) -> list[TextTra
                 await task
 
 
-async def _collect(engine: Engine, request: ScheduledRequest, index: int) -> TextTracker:
+async def _collect(engine: Engine, run: Submitted) -> TextTracker:
     latest = None
-    async with contextlib.aclosing(engine.run(request, index)) as deltas:
+    async with contextlib.aclosing(engine.deltas(run)) as deltas:
         async for _, tracker in deltas:
             latest = tracker
     assert latest is not None
@@ -261,7 +248,7 @@ def _response(
 
 
 async def _stream(
-    kind: str, parsed: protocol.Parsed, request: ScheduledRequest, engine: Engine, metrics: Metrics
+    kind: str, parsed: protocol.Parsed, run: Submitted, engine: Engine, metrics: Metrics
 ) -> AsyncIterator[str]:
     rid = protocol.response_id(kind)
 
@@ -283,7 +270,7 @@ async def _stream(
     sent = 0  # tokens whose logprobs went out already
     tracker: TextTracker | None = None
     try:
-        async with contextlib.aclosing(engine.run(request)) as deltas:
+        async with contextlib.aclosing(engine.deltas(run)) as deltas:
             async for delta, tracker in deltas:
                 logprobs = None
                 if parsed.logprobs:

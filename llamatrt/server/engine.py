@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llamatrt.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load, sampling_params
-from llamatrt.runtime.scheduler import LoopFailed, Request, Step
+from llamatrt.runtime.scheduler import Handle, LoopFailed, Request, Step
 from llamatrt.server.metrics import Metrics
 
 
@@ -31,6 +31,15 @@ class GenerationFailed(LlamatrtError):
 
 class Unavailable(LlamatrtError):
     """A 503: the generation loop stopped; /health says so too."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A request in the loop: its handle, the steps the loop hands to the event loop, its text."""
+
+    handle: Handle
+    steps: asyncio.Queue[Step]
+    tracker: TextTracker
 
 
 @dataclass(frozen=True)
@@ -68,15 +77,6 @@ class Engine:
             return self.scheduler.failed
         return None if self._thread.is_alive() else "the generation loop is not running"
 
-    def admit(self, count: int) -> None:
-        """Refuse (429) `count` requests at once if more than --max-queue would then wait for a row;
-        requests that can start at once (free rows) do not count."""
-        free = sum(r is None for r in self.scheduler.rows)
-        waiting = len(self.scheduler.queue) + count - free
-        if waiting > self.config.max_queue:
-            raise QueueFull(f"{len(self.scheduler.queue)} requests are waiting (--max-queue {self.config.max_queue}); "
-                            "retry later")  # fmt: skip
-
     def encode(self, prompt: str | list[int] | None, messages: list[dict[str, str]] | None) -> list[int]:
         if messages is not None:
             return self.llm.encode_chat(messages)
@@ -93,33 +93,49 @@ class Engine:
                           "cap" if capped else "refuse")  # fmt: skip
         return self.scheduler.check(request)
 
-    async def run(self, request: Request, index: int = 0) -> AsyncGenerator[tuple[TextDelta, TextTracker], None]:
-        """Submit `request` and yield its text deltas (with the tracker that holds its result)."""
+    def submit(self, requests: list[Request]) -> list[Submitted]:
+        """Queue all of `requests` or none (one request's prompts): a 429 if more than --max-queue
+        would then wait for a row (requests that start at once in free rows do not count), a 503 if
+        the loop has stopped. Synchronous, so no other handler admits in between."""
+        free = sum(r is None for r in self.scheduler.rows)
+        if len(self.scheduler.queue) + len(requests) - free > self.config.max_queue:
+            raise QueueFull(f"{len(self.scheduler.queue)} requests are waiting (--max-queue {self.config.max_queue}); "
+                            "retry later")  # fmt: skip
         loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[Step] = asyncio.Queue()
-        tracker = TextTracker(index, len(request.prompt), self.llm.tokenizer is not None)
+        submitted: list[Submitted] = []
         try:
-            handle = self.scheduler.submit(
-                request, index, on_step=lambda step: loop.call_soon_threadsafe(steps.put_nowait, step)
-            )
+            for index, request in enumerate(requests):
+                steps: asyncio.Queue[Step] = asyncio.Queue()
+                handle = self.scheduler.submit(
+                    request, index, on_step=lambda step, q=steps: loop.call_soon_threadsafe(q.put_nowait, step)
+                )
+                tracker = TextTracker(index, len(request.prompt), self.llm.tokenizer is not None)
+                submitted.append(Submitted(handle, steps, tracker))
         except LoopFailed as e:
+            for done in submitted:
+                done.handle.cancel()
             raise Unavailable(str(e)) from e
         self.metrics.observe_queue(self.scheduler)
+        return submitted
+
+    async def deltas(self, run: Submitted) -> AsyncGenerator[tuple[TextDelta, TextTracker], None]:
+        """A submitted request's text deltas (with the tracker that holds its result); leaving early
+        (the client went away) cancels it, which frees its row at the next step."""
         last = time.perf_counter()
         try:
             while True:
-                step = await steps.get()
+                step = await run.steps.get()
                 now = time.perf_counter()
-                self.metrics.token_time(step, now - last, first=tracker.first_s is None)
+                self.metrics.token_time(step, now - last, first=run.tracker.first_s is None)
                 last = now
                 if step.finish_reason == "error":
                     raise GenerationFailed(step.error or "generation failed")
-                delta = tracker.apply(step)
+                delta = run.tracker.apply(step)
                 if delta is not None:
-                    yield delta, tracker
+                    yield delta, run.tracker
                 if step.finish_reason is not None:
                     return
         finally:
-            if not handle.done.is_set():
-                handle.cancel()  # the client went away: its row is freed at the next step
+            if not run.handle.done.is_set():
+                run.handle.cancel()
             self.metrics.observe_queue(self.scheduler)

@@ -11,6 +11,7 @@ import pytest
 from llamatrt.runtime.detokenizer import TextStream, TokenizerPieces
 from llamatrt.runtime.stopping import find_stop
 from llamatrt.runtime.tokenizer import clean_up_tokenization
+from tests.conftest import save_byte_level_bpe
 
 
 class ListPieces:
@@ -68,16 +69,10 @@ def test_streamed_text_equals_whole_text_for_random_pieces_and_stops() -> None:
 @pytest.fixture(scope="module")
 def byte_level_tokenizer(tmp_path_factory) -> object:
     """A byte-level BPE trained here (multi-byte characters split across tokens, as GPT-2's are)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|end|>"])  # fmt: skip
-    tok.train_from_iterator(["hello world, this is a test of the tokenizer"] * 50, trainer)
-    path = Path(tmp_path_factory.mktemp("bpe")) / "tokenizer.json"
-    tok.save(str(path))
+    path = save_byte_level_bpe(Path(tmp_path_factory.mktemp("bpe")), "hello world, this is a test of the tokenizer",
+                               ["<|end|>"])  # fmt: skip
     return Tokenizer.from_file(str(path))
 
 
