@@ -45,8 +45,9 @@ def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
 @click.option(
     "--layerwise", is_flag=True, help="Name the first node where the artifact's graph departs from a reference."
 )
-@click.option("--against", type=click.Choice(["fp32", "onnxruntime", "torch"]), default="fp32", show_default=True,
-              help="With --layerwise: the fp32 graph exported again, ONNX Runtime (for engines), or PyTorch.")  # fmt: skip
+@click.option("--against", type=click.Choice(["fp32", "onnxruntime", "torch", "level0"]), default="fp32",
+              show_default=True, help="With --layerwise: the fp32 graph exported again, ONNX Runtime (for engines), "
+              "PyTorch, or (quantized artifacts, their default) the graph's int8 activations against fp32 ones.")  # fmt: skip
 @click.option("--graph", "graph_role", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
               help="With --layerwise: which graph to compare.")  # fmt: skip
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,

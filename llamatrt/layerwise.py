@@ -97,22 +97,26 @@ class LayerwiseReport:
         return "\n".join(out) + "\n"
 
     def plot(self, path: Path) -> None:
-        try:
-            import matplotlib
+        plot_layers(self.layers, f"{Path(self.artifact).name} {self.graph} ({self.dtype}) vs {self.against}", path)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise InputError("--plot needs matplotlib; pip install matplotlib") from e
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.semilogy(range(len(self.layers)), [max(a, 1e-12) for _, a, _ in self.layers], marker="o", label="max |Δ|")
-        ax.semilogy(range(len(self.layers)), [max(r, 1e-12) for _, _, r in self.layers], marker="s", label="max rel")
-        ax.set(xlabel="decoder layer", ylabel="error of the residual stream",
-               title=f"{Path(self.artifact).name} {self.graph} ({self.dtype}) vs {self.against}")  # fmt: skip
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+
+def plot_layers(layers: list[tuple[str, float, float]], title: str, path: Path) -> None:
+    """PNG of an error curve over the decoder layers (max abs and max relative)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise InputError("--plot needs matplotlib; pip install matplotlib") from e
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.semilogy(range(len(layers)), [max(a, 1e-12) for _, a, _ in layers], marker="o", label="max |Δ|")
+    ax.semilogy(range(len(layers)), [max(r, 1e-12) for _, _, r in layers], marker="s", label="max rel")
+    ax.set(xlabel="decoder layer", ylabel="error", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # --- running graphs with every tensor marked --------------------------------------------------------
@@ -241,6 +245,11 @@ def run_layerwise(artifact: str | Path, against: str = "fp32", role: str = "pref
 
     folder = Path(artifact)
     manifest = read_manifest(folder, verify=verify)
+    portable = any(g.attention == "portable" for g in manifest.graphs.values())
+    if against == "level0" or (manifest.quantization and not portable):
+        from llamatrt.quant_layerwise import run_quant_layerwise  # int8 vs fp32 activations in ONNX Runtime's graph
+
+        return run_quant_layerwise(folder, progress=progress, verify=False)  # type: ignore[return-value]
     graph = _candidate_graph(manifest, role)
     notes = []
     if against == "onnxruntime":
@@ -254,7 +263,7 @@ def run_layerwise(artifact: str | Path, against: str = "fp32", role: str = "pref
             return _engine_vs_onnxruntime(folder, manifest, graph, progress)
         against = "fp32"
     if against not in ("fp32", "torch"):
-        raise InputError(f"unknown --against {against!r}; use fp32, onnxruntime or torch")
+        raise InputError(f"unknown --against {against!r}; use fp32, onnxruntime, torch or level0")
     atol, rtol = TOLERANCE[manifest.dtype]
     progress(f"running {graph.name} with every tensor marked")
     model, candidate_bytes = _marked(inside(folder, graph.path, f"graph {graph.name!r} path"))

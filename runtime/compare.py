@@ -104,11 +104,12 @@ def cpu_features() -> list[str]:
     return [f for f in CPU_FEATURES if f in flags]
 
 
-def kernel_note(backend: Backend) -> str:
+def kernel_note(backend: Backend, with_level: bool = True) -> str:
     """Which kernels ran a stage: results of int8 activation arithmetic differ between CPU kernel paths."""
     import onnxruntime
 
-    level = backend.manifest.quantization.get("accuracy_level") if backend.manifest.quantization else None
+    quantization = backend.manifest.quantization
+    level = quantization.get("accuracy_level") if quantization and with_level else None
     arithmetic = (
         ""
         if level is None

@@ -234,3 +234,23 @@ def test_build_with_no_graph_tensorrt_takes_fails_and_leaves_the_artifact(gguf_c
         assert result.stderr.startswith("error: ") and "no graph TensorRT can take" in result.stderr, result.stderr
         assert "--block-size 64" in result.stderr and "CUDA" not in result.stderr
     assert {p.name: p.read_bytes() for p in gguf_artifact.iterdir() if p.is_file()} == before
+
+
+def test_layerwise_compares_int8_with_fp32_activations_in_onnx_runtimes_graph(gguf_checkpoint, gguf_artifact,
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    qtype, checkpoint, _ = gguf_checkpoint
+    if qtype != "Q4_1":
+        pytest.skip("one block type is enough")
+    from llamatrt.quant_layerwise import run_quant_layerwise
+
+    report = run_quant_layerwise(gguf_artifact, prompts=[(True, "w5 w6 w7 w8"), (True, "w9 w10")], verify=False)
+    assert report and report.artifact_level == 0  # the artifact itself runs no int8 arithmetic
+    layers = checkpoint.config.num_layers
+    assert len(report.projections) == 4 * layers + 1 and len(report.layers) == layers
+    assert {k for k, *_ in report.by_kind()} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "head"}
+    # int8 activations cost something, but a fraction of a percent to a few percent, never a wrong wire
+    assert all(0 < p.rms_rel_error < 0.1 and 0 < p.simulated_rel_error < 0.1 for p in report.projections)
+    result = run_cli(["diff", str(gguf_artifact), "--layerwise", "--no-verify", "--report", str(tmp_path / "l.md")],
+                     tmp_path)  # fmt: skip
+    assert result.returncode == 0 and "own error of each projection kind" in result.stdout, result.stderr
+    assert "| down_proj |" in (tmp_path / "l.md").read_text()
