@@ -29,10 +29,12 @@ from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.bench_report import BenchReport, Measured
 from llamatrt.runtime.bench_workload import mixed_workload, run_workload
 from llamatrt.runtime.generator import Generator
+from llamatrt.runtime.ort_backend import physical_cores
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.scheduler import Scheduler
 
 BASELINES = ("transformers", "onnxruntime-genai")
+SETTLE_S = 0.05
 CONTEXT_TOKENS = 24  # tokens decoded after each --contexts prompt (at most --new-tokens; 1000 + 24 fits C = 1024)
 
 
@@ -45,14 +47,15 @@ class _Timed:
     kind: str  # "single" | "context" | "workload"
     run: Callable[[], dict[str, float]]
     context: int | None = None
-    held_mb: float = 0.0
+    held_mb: float | None = None  # None: measured around its loading, in this process
     runs: list[dict[str, float]] = field(default_factory=list)
+    note: str | None = None  # how it ran, for the report
 
     def measured(self) -> Measured:
         keys = self.runs[0].keys()
         median = {k: statistics.median(r[k] for r in self.runs) for k in keys}
         spread = {k: (min(r[k] for r in self.runs), max(r[k] for r in self.runs)) for k in keys}
-        return Measured(self.artifact, self.label, self.kind, self.context, median, spread, self.held_mb)
+        return Measured(self.artifact, self.label, self.kind, self.context, median, spread, self.held_mb or 0.0)
 
 
 def measure_bandwidth(nbytes: int, repeat: int = 3) -> float:
@@ -143,7 +146,10 @@ def _genai_timer(manifest: Manifest, artifact: str, prompt_len: int, new_tokens:
     precision = genai_precision(manifest)
     model = genai_model(_source_dir(manifest), precision)
     run = genai_timer_run(model, manifest.batch_size, prompt_len, new_tokens, manifest.config.vocab_size)
-    return _Timed(artifact, f"onnxruntime-genai {precision}", "single", run)
+    timed = _Timed(artifact, f"onnxruntime-genai {precision}", "single", run, held_mb=run.info["held_mb"])
+    timed.note = (f"onnxruntime-genai runs in its own process (pid {run.info['pid']}) with its default "
+                  f"{run.info['intra_op_threads']} intra-op threads")  # fmt: skip
+    return timed
 
 
 def _transformers_timer(manifest: Manifest, artifact: str, prompt_len: int, new_tokens: int) -> _Timed:
@@ -209,7 +215,8 @@ def run_benches(
                 before = _rss_mb()
                 make = _transformers_timer if baseline == "transformers" else _genai_timer
                 base = make(manifest, name, prompt_len, new_tokens)
-                base.held_mb = _rss_mb() - before
+                if base.held_mb is None:
+                    base.held_mb = _rss_mb() - before
                 timers.append(base)
         weights = max(m.weights_bytes for _, m in manifests)
         bandwidths = []
@@ -217,9 +224,13 @@ def run_benches(
             progress(f"round {round_index + 1} of {repeat}")
             bandwidths.append(measure_bandwidth(weights))
             for timer in timers:
+                time.sleep(SETTLE_S)  # the previous run's spinning worker threads go idle first
                 timer.runs.append(timer.run())
+    threads = (f"llamatrt runs ONNX Runtime with {physical_cores()} intra-op threads and its loop's torch work on "
+               "one thread")  # fmt: skip
+    notes = [threads, *dict.fromkeys(t.note for t in timers if t.note)]
     return BenchReport(prompt_len, new_tokens, repeat, statistics.median(bandwidths), dict(manifests),
-                       [t.measured() for t in timers], baseline)  # fmt: skip
+                       [t.measured() for t in timers], baseline, notes)  # fmt: skip
 
 
 def bench_steps(artifacts: int, repeat: int) -> int:

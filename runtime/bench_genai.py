@@ -2,8 +2,9 @@
 
 onnxruntime-genai's own model builder makes its model from the artifact's source checkpoint, at the
 precision that matches the artifact (int4 beside an int4 artifact, fp32 beside fp32), once, cached;
-its `og.Generator` then decodes the same prompt greedily in the same interleaved rounds. An optional
-extra (`pip install 'llamatrt[genai]'`); the builder is their tool, so it runs as they document it.
+its `og.Generator` then decodes the same prompt greedily in the same interleaved rounds, in a process
+of its own with its default threads (runtime.genai_worker). An optional extra
+(`pip install 'llamatrt[genai]'`); the builder is their tool, so it runs as they document it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact.feeds import fixed_prompt
 from llamatrt.artifact.manifest import Manifest
 from llamatrt.errors import InputError
 from llamatrt.models.gguf import cache_root
@@ -56,30 +55,46 @@ def genai_model(hf_dir: Path, precision: str) -> Path:
     return target
 
 
-def genai_timer_run(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> Any:
-    """A callable: one greedy generation of `new_tokens` on the fixed prompt, timed per token."""
+def genai_timer_run(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> GenaiWorker:
+    """A callable: one greedy generation of `new_tokens` on the fixed prompt, timed per token, in
+    onnxruntime-genai's own process (runtime.genai_worker), as its users run it: in llamatrt's
+    process it would share the cores with llamatrt's ONNX Runtime threads and torch's."""
     try:
-        import onnxruntime_genai as og
+        import onnxruntime_genai  # noqa: F401
     except ImportError as e:
         raise InputError("the onnxruntime-genai baseline needs it installed: pip install 'llamatrt[genai]'") from e
-    import numpy as np
+    return GenaiWorker(model_dir, batch, prompt_len, new_tokens, vocab)
 
-    model = og.Model(str(model_dir))
-    ids = fixed_prompt(batch, prompt_len, vocab).numpy().astype(np.int32)
 
-    def run(tokens: int = new_tokens) -> dict[str, float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt_len + tokens, min_length=prompt_len + tokens, batch_size=batch,
-                                  do_sample=False)  # fmt: skip
-        generator = og.Generator(model, params)
-        start = time.perf_counter()
-        generator.append_tokens(ids)
-        times = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            times.append(time.perf_counter())
-        return {"ttft_ms": 1000 * (times[0] - start), "prefill_tokens_per_s": batch * prompt_len / (times[0] - start),
-                "decode_tokens_per_s": batch * (len(times) - 1) / (times[-1] - times[0])}  # fmt: skip
+class GenaiWorker:
+    """The worker process, driven one line at a time: a token count in, one JSON line of timings out."""
 
-    run(4)  # warm-up
-    return run
+    def __init__(self, model_dir: Path, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> None:
+        import weakref
+
+        self.new_tokens = new_tokens
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llamatrt.runtime.genai_worker", str(model_dir), str(batch), str(prompt_len),
+             str(vocab)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        weakref.finalize(self, self.proc.kill)
+        self.info: dict[str, Any] = self._read()  # after its warm-up: its threads and held memory
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise InputError("the onnxruntime-genai worker exited; run `python -m llamatrt.runtime.genai_worker` "
+                             "to see why, or drop --baseline")  # fmt: skip
+        return dict(json.loads(line))
+
+    def __call__(self, tokens: int | None = None) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{tokens or self.new_tokens}\n")
+        self.proc.stdin.flush()
+        return {k: float(v) for k, v in self._read().items()}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

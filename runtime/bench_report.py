@@ -8,7 +8,7 @@ the working set between reductions), so it is shown as ">=100%" and the JSON say
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class BenchReport:
     manifests: dict[str, Manifest]  # artifact name -> manifest
     measured: list[Measured]
     baseline: str | None = None
+    notes: list[str] = field(default_factory=list)  # how things ran: threads, processes
 
     def _of(self, artifact: str, kind: str) -> list[Measured]:
         return [m for m in self.measured if m.artifact == artifact and m.kind == kind]
@@ -93,6 +94,7 @@ class BenchReport:
                 run["baseline_decode_tokens_per_s"] = base.median["decode_tokens_per_s"]
                 run["baseline_ratio"] = best["decode_tokens_per_s"] / base.median["decode_tokens_per_s"]
                 run["baseline_ttft_ratio"] = best["ttft_ms"] / base.median["ttft_ms"]
+            run["notes"] = list(self.notes)
             runs.append(run)
         return runs[0] if len(runs) == 1 else {"runs": runs}
 
@@ -140,6 +142,7 @@ class BenchReport:
                              + ", ".join(f"{c}: {v['decode_tokens_per_s']:.1f}" for c, v in by.items())
                              + "; prefill tok/s: " + ", ".join(f"{c}: {v['prefill_tokens_per_s']:.0f}" for c, v in by.items()))  # fmt: skip
             lines += self._workload_lines(artifact)
+        lines += ["", *(f"note: {n}" for n in self.notes)] if self.notes else []
         return "\n".join(lines)
 
     def _workload_lines(self, artifact: str) -> list[str]:

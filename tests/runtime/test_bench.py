@@ -85,6 +85,10 @@ def test_the_onnxruntime_genai_baseline_builds_its_own_model_of_the_checkpoint(
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{") :])
     assert report["baseline"]["backend"] == "onnxruntime-genai fp32" and report["baseline_decode_tokens_per_s"] > 0
+    # genai runs as its users run it: a process of its own, its default threads, both sides' threads said
+    assert any("its own process" in note and "intra-op threads" in note for note in report["notes"])
+    assert any(note.startswith("llamatrt runs ONNX Runtime with") for note in report["notes"])
+    assert report["baseline"]["held_mb"] > 0  # the worker's own memory, not this process's
     assert [p.name for p in (tmp_path / "genai").iterdir() if p.is_dir() and (p / "genai_config.json").is_file()]
     again = CliRunner().invoke(main, args)  # the built model is cached
     assert again.exit_code == 0, again.output
