@@ -1,14 +1,15 @@
 """Sampling as pure functions of logits, with one seeded torch.Generator per prompt (no global seed).
 
-Order as transformers applies them: repetition penalty, temperature, top-k, top-p, min-p.
-A prompt's generator is seeded with `seed` alone, so a prompt samples the same tokens alone or in
-a batch, and on every backend whose logits agree.
+Order as transformers applies them: repetition penalty, temperature, top-k, top-p, min-p. Every
+row of a step is sampled in one call with its own parameters (the loop's rows are different
+requests). A prompt's generator is seeded with `seed` alone, so a prompt samples the same tokens
+alone or in a batch, and on every backend whose logits agree.
 """
 
 from __future__ import annotations
 
 import math
-import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,52 +56,60 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
-def generators_for(params: SamplingParams, rows: int) -> list[torch.Generator]:
-    seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
-    return [torch.Generator().manual_seed(seed) for _ in range(rows)]
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style: seen tokens' positive logits divided by `penalty`, negative ones multiplied. An
-    extreme penalty overflows to infinities: they are clamped to the largest finite logit, so what
-    follows never sees inf - inf (a NaN)."""
-    if penalty == 1.0:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL-style: seen tokens' positive logits divided by `penalty` (one per row, (rows, 1), or one
+    for all), negative ones multiplied. An extreme penalty overflows to infinities: they are clamped
+    to the largest finite logit, so what follows never sees inf - inf (a NaN)."""
+    if isinstance(penalty, float) and penalty == 1.0:
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     big = torch.finfo(logits.dtype).max
     return torch.where(seen, penalized, logits).clamp(min=-big, max=big)
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k / top-p / min-p as -inf masks (batch, vocab) -> (batch, vocab)."""
+def _column(params: Sequence[SamplingParams], name: str, off: float = 0.0) -> torch.Tensor:
+    """One parameter of every row as a (rows, 1) column; `off` replaces a 0 ("turned off")."""
+    return torch.tensor([[float(getattr(p, name)) or off] for p in params])
+
+
+def filter_sorted(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, then top-k / top-p / min-p, each row with its own parameters, on the logits
+    sorted once in descending order: (sorted logits with dropped ones at -inf, the order), both
+    (rows, vocab). The most likely token is never dropped."""
     big = torch.finfo(logits.dtype).max
-    logits = (logits / params.temperature).clamp(min=-big, max=big)  # a tiny temperature overflows otherwise
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token crossing p
-        drop_sorted[..., 0] = False  # and always the most likely one (a top_p below fp32's range rounds to 0)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    if params.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    return logits
+    scaled = (logits / _column(params, "temperature", 1.0)).clamp(min=-big, max=big)  # a tiny temperature overflows
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1])
+    drop = rank >= _column(params, "top_k", float(logits.shape[-1]))
+    probs = ordered.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= probs.cumsum(-1) - probs >= _column(params, "top_p")  # keep the token crossing p
+    drop[:, 0] = False  # (a top_p below fp32's range rounds to 0)
+    probs = ordered.masked_fill(drop, float("-inf")).softmax(-1)
+    drop |= probs < _column(params, "min_p") * probs[:, :1]
+    drop[:, 0] = False
+    return ordered.masked_fill(drop, float("-inf")), order
 
 
-def next_tokens(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator], seen: torch.Tensor | None
-) -> torch.Tensor:
-    """(batch, vocab) fp32 logits -> (batch,) token ids."""
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
+           seen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(rows, vocab) fp32 logits -> (rows,) token ids, every row with its own parameters, in one
+    batched call. A sampled row draws one uniform number from its own generator (so its tokens do not
+    depend on the other rows) and takes the token where the cumulative probability passes it."""
     if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return logits.argmax(-1)
-    probs = filter_logits(logits, params).softmax(-1)
-    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+        penalty = _column(params, "repetition_penalty", 1.0)
+        if bool((penalty != 1).any()):
+            logits = apply_repetition_penalty(logits, seen, penalty)
+    tokens = logits.argmax(-1)
+    sampled = [r for r, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    ordered, order = filter_sorted(logits[sampled], [params[r] for r in sampled])
+    cumulative = ordered.softmax(-1).cumsum(-1)
+    draws = torch.cat([torch.rand(1, generator=generators[r]) for r in sampled])[:, None] * cumulative[:, -1:]
+    last_kept = torch.isfinite(ordered).sum(-1, keepdim=True) - 1
+    picked = torch.searchsorted(cumulative, draws, right=True).clamp(max=last_kept)
+    tokens[sampled] = order.gather(-1, picked)[:, 0]
+    return tokens
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

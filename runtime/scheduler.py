@@ -30,7 +30,7 @@ from llamatrt.errors import InputError, LlamatrtError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
 from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill
-from llamatrt.runtime.sampling import SamplingParams, next_tokens, token_logprobs, top_logprobs
+from llamatrt.runtime.sampling import SamplingParams, sample, token_logprobs, top_logprobs
 
 log = logging.getLogger(__name__)
 GREEDY = SamplingParams()
@@ -334,7 +334,8 @@ class Scheduler:
         self._prefill_token_s = _average(self._prefill_token_s, (time.perf_counter() - started) / size)
         if not row.windows:  # the prompt is in the cache: its last position's logits give the first token
             row.fed = len(row.prompt)
-            self._advance(b, _finite(outputs["logits"], graph.name)[0], events)
+            logits = _finite(outputs["logits"], graph.name)[:1]
+            self._advance(b, logits[0], events, self._sample([b], logits).get(b))
 
     def _decode(self, events: list[Step]) -> None:
         batch = len(self.rows)
@@ -359,13 +360,31 @@ class Scheduler:
         self._decode_step_s = _average(self._decode_step_s, self.decode_seconds[-1])
         logits = _finite(outputs["logits"], self.decode_graph.name)
         for b in decoding:
-            row = self.rows[b]
-            assert row is not None
-            row.fed += 1
-            self._isolated(lambda b=b: self._advance(b, logits[b], events), [b], events)
+            self.rows[b].fed += 1  # type: ignore[union-attr]
+        tokens = self._sample(decoding, logits[decoding])
+        for b in decoding:
+            self._isolated(lambda b=b: self._advance(b, logits[b], events, tokens.get(b)), [b], events)
 
-    def _advance(self, b: int, logits: torch.Tensor, events: list[Step]) -> None:
-        """Row b's next token from `logits` (vocab,): emit it, end the request or keep decoding."""
+    def _sample(self, rows: list[int], logits: torch.Tensor) -> dict[int, int]:
+        """The next token of every sampling row among `rows`, in one batched call (forced rows feed
+        their given tokens instead). `logits` is (len(rows), vocab), in the order of `rows`."""
+        at = [k for k, b in enumerate(rows) if self.rows[b].handle.request.forced is None]  # type: ignore[union-attr]
+        if not at:
+            return {}
+        chosen = [rows[k] for k in at]
+        running = [self.rows[b] for b in chosen]
+        seen = None
+        if any(r.seen is not None for r in running):  # type: ignore[union-attr]
+            vocab = logits.shape[-1]
+            seen = torch.stack([r.seen if r.seen is not None else torch.zeros(vocab, dtype=torch.bool)  # type: ignore[union-attr]
+                                for r in running])  # fmt: skip
+        tokens = sample(logits[at], [r.handle.request.sampling for r in running],  # type: ignore[union-attr]
+                        [r.generator for r in running], seen)  # type: ignore[union-attr]  # fmt: skip
+        return dict(zip(chosen, tokens.tolist(), strict=True))
+
+    def _advance(self, b: int, logits: torch.Tensor, events: list[Step], token: int | None) -> None:
+        """Row b's next token (sampled from `logits` (vocab,), or its forced one): emit it, end the
+        request or keep decoding."""
         row = self.rows[b]
         assert row is not None
         request, handle = row.handle.request, row.handle
@@ -380,10 +399,8 @@ class Scheduler:
                 events,
             )
             return self._continue_or_free(b, token, done)
+        assert token is not None
         logits = logits[None]  # (1, vocab)
-        token = int(
-            next_tokens(logits, request.sampling, [row.generator], None if row.seen is None else row.seen[None])[0]
-        )
         logprob = float(token_logprobs(logits, torch.tensor([token]))[0]) if request.logprobs else None
         top = top_logprobs(logits[0], request.top_logprobs) if request.top_logprobs else ()
         stop_ids = request.stop_ids | (self.eos_ids if request.use_eos else frozenset())

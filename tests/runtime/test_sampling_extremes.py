@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llamatrt.errors import InputError
-from llamatrt.runtime.sampling import SamplingParams, next_tokens
+from llamatrt.runtime.sampling import SamplingParams, sample
 
 EXTREMES = {
     "temperature": [0.0, 1e-300, 1e-6, 1e-5, 2.0, 1e6],
@@ -34,7 +34,7 @@ def test_no_extreme_valid_setting_samples_outside_the_vocabulary(temperature: fl
     seen[:, ::2] = True
     for penalty, top_p, top_k, min_p in itertools.product(*(EXTREMES[k] for k in list(EXTREMES)[1:])):
         params = SamplingParams(temperature, top_k, top_p, min_p, penalty, seed=1).checked()
-        tokens = next_tokens(logits.clone(), params, [torch.Generator().manual_seed(1) for _ in range(3)], seen)
+        tokens = sample(logits.clone(), [params] * 3, [torch.Generator().manual_seed(1) for _ in range(3)], seen)
         assert tokens.shape == (3,) and bool(((tokens >= 0) & (tokens < 64)).all()), params
 
 
@@ -47,6 +47,6 @@ def test_non_finite_parameters_are_refused(name: str, value: float) -> None:
 
 def test_temperatures_below_the_threshold_are_greedy() -> None:
     logits = _logits()
-    greedy = next_tokens(logits, SamplingParams(), [torch.Generator() for _ in range(3)], None)
-    tiny = next_tokens(logits, SamplingParams(temperature=1e-300), [torch.Generator() for _ in range(3)], None)
+    greedy = sample(logits, [SamplingParams()] * 3, [torch.Generator() for _ in range(3)], None)
+    tiny = sample(logits, [SamplingParams(temperature=1e-300)] * 3, [torch.Generator() for _ in range(3)], None)
     assert torch.equal(greedy, tiny)
