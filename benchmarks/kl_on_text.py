@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ def scored(artifact: str, chunks: list[list[int]], half: int) -> list[torch.Tens
 
 def main(reference: str, artifact: str, text_file: str, context: int = 256) -> None:
     with load(reference, verify=False) as llm:
-        ids = llm.encode(open(text_file, encoding="utf-8").read())
+        ids = llm.encode(Path(text_file).read_text(encoding="utf-8"))
     half = context // 2
     chunks = [ids[i : i + context] for i in range(0, len(ids) - context + 1, context)]
     ref, got = scored(reference, chunks, half), scored(artifact, chunks, half)
@@ -38,10 +39,22 @@ def main(reference: str, artifact: str, text_file: str, context: int = 256) -> N
         nll_ref.append(-p.gather(-1, targets[:, None])[:, 0])
         nll.append(-q.gather(-1, targets[:, None])[:, 0])
     kl = torch.cat(kls)
-    print(json.dumps({"artifact": artifact, "chunks": len(chunks), "context": context, "positions": int(kl.numel()),
-                      "mean_kl": float(kl.mean()), "p99_kl": float(kl.quantile(0.99)), "max_kl": float(kl.max()),
-                      "same_top_token": same / kl.numel(), "ppl_reference": float(torch.cat(nll_ref).mean().exp()),
-                      "ppl": float(torch.cat(nll).mean().exp())}))
+    print(
+        json.dumps(
+            {
+                "artifact": artifact,
+                "chunks": len(chunks),
+                "context": context,
+                "positions": int(kl.numel()),
+                "mean_kl": float(kl.mean()),
+                "p99_kl": float(kl.quantile(0.99)),
+                "max_kl": float(kl.max()),
+                "same_top_token": same / kl.numel(),
+                "ppl_reference": float(torch.cat(nll_ref).mean().exp()),
+                "ppl": float(torch.cat(nll).mean().exp()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

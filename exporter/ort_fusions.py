@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from llamatrt.artifact.variants import MS_DOMAIN
+
 if TYPE_CHECKING:
     import onnx_ir as ir
-
-MS_DOMAIN = "com.microsoft"
 
 
 def fuse_skip_rms_norm(model: ir.Model) -> int:

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llamatrt.artifact.variants import MS_DOMAIN
 from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
 
 if TYPE_CHECKING:
     import onnx_ir as ir
-
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamatrt.artifact.variants import ONNXRUNTIME, PORTABLE, AttentionForm, onnxruntime_loads
-
-SHORT_PREFILL = 16  # tokens per call of the small prefill variant: a short prompt pays for 16, not S
+from llamatrt.artifact.variants import ONNXRUNTIME, PORTABLE, SHORT_PREFILL, AttentionForm, onnxruntime_loads
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import numpy as np
 
 from llamatrt.artifact.manifest import GraphSpec, Manifest
 from llamatrt.artifact.reader import inside, read_manifest
+from llamatrt.artifact.variants import MS_DOMAIN
 from llamatrt.errors import InputError
 from llamatrt.layerwise import NodeDiff, compare_runs, plot_layers
 from llamatrt.progress import Progress, no_progress
@@ -163,7 +164,7 @@ def _single_node_session(node: Any, inits: Mapping[str, np.ndarray], level: int)
     from onnx import helper, numpy_helper
 
     attrs = {a.name: a.i for a in node.attribute}
-    single = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft",
+    single = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain=MS_DOMAIN,
                               **{**attrs, "accuracy_level": level})  # fmt: skip
     graph = helper.make_graph(
         [single], "projection", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
@@ -171,9 +172,7 @@ def _single_node_session(node: Any, inits: Mapping[str, np.ndarray], level: int)
         initializer=[numpy_helper.from_array(inits[node.input[1]], "B"),
                      numpy_helper.from_array(inits[node.input[2]], "scales")],
     )  # fmt: skip
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 10
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -26,10 +26,6 @@ class Workload:
     prompts: tuple[tuple[int, ...], ...]
     new_tokens: tuple[int, ...]
 
-    @property
-    def output_tokens(self) -> int:
-        return sum(self.new_tokens)
-
 
 def mixed_workload(count: int, vocab: int, capacity: int) -> Workload:
     """The same `count` requests for every artifact (seeded), each fitting a cache of `capacity`."""

@@ -15,6 +15,7 @@ import torch
 
 from llamatrt.artifact.manifest import Manifest
 from llamatrt.artifact.precision import Thresholds, stage_thresholds
+from llamatrt.artifact.variants import SHORT_PREFILL
 from llamatrt.errors import InputError
 from llamatrt.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
@@ -31,7 +32,6 @@ DEFAULT_PROMPTS: tuple[tuple[bool, str], ...] = (
     (True, "Write a haiku about autumn leaves."),
     (False, "In 1969, the first humans landed on the Moon. " * 14 + "The mission was called"),  # > 128 tokens
 )
-SHORT_PADDING = 16  # the most slots a static prefill pads a prompt with (exporter.variants.SHORT_PREFILL)
 PERPLEXITY_TEXT = (
     "The Moon is Earth's only natural satellite. It orbits at an average distance of 384,400 km, about "
     "thirty times the diameter of Earth. Tidal forces between Earth and the Moon have synchronized the "
@@ -181,7 +181,7 @@ def run_diff(
     notes: list[str] = []
     # Built-in texts are cut to fit a small cache (the user's own prompts are refused if they do not):
     # room for the prompt, the teacher-forced steps and a static prefill's padding.
-    room = manifest.max_cache_len - steps - SHORT_PADDING
+    room = manifest.max_cache_len - steps - SHORT_PREFILL  # the most slots a static prefill pads with
     if prompts is None:
         for i, ids in enumerate(token_prompts):
             if len(ids) > room:
@@ -189,7 +189,7 @@ def run_diff(
                 notes.append(f"built-in prompt {i} cut from {len(ids)} to its last {room} tokens to fit the cache of "
                              f"{manifest.max_cache_len}")  # fmt: skip
     full = llm.encode(PERPLEXITY_TEXT)
-    ppl_ids = full[: manifest.max_cache_len - SHORT_PADDING]
+    ppl_ids = full[: manifest.max_cache_len - SHORT_PREFILL]
     if len(ppl_ids) < len(full):
         notes.append(f"perplexity text cut from {len(full)} to {len(ppl_ids)} tokens to fit the cache of "
                      f"{manifest.max_cache_len}")  # fmt: skip

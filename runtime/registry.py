@@ -46,10 +46,6 @@ def backend_choices() -> list[str]:
     return [*BACKENDS, *ALIASES]
 
 
-def backend_help() -> str:
-    return "; ".join(f"{b.name} ({'/'.join(b.aliases)}): {b.summary}" for b in BACKENDS.values())
-
-
 def canonical_backend_name(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in BACKENDS:

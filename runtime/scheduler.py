@@ -15,6 +15,7 @@ together, kept as the baseline the benchmark measures in-flight batching against
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
@@ -361,9 +362,9 @@ class Scheduler:
         logits = _finite(outputs["logits"], self.decode_graph.name)
         for b in decoding:
             self.rows[b].fed += 1  # type: ignore[union-attr]
-        tokens = self._sample(decoding, logits[decoding])
+        sampled = self._sample(decoding, logits[decoding])
         for b in decoding:
-            self._isolated(lambda b=b: self._advance(b, logits[b], events, tokens.get(b)), [b], events)
+            self._isolated(functools.partial(self._advance, b, logits[b], events, sampled.get(b)), [b], events)
 
     def _sample(self, rows: list[int], logits: torch.Tensor) -> dict[int, int]:
         """The next token of every sampling row among `rows`, in one batched call (forced rows feed

@@ -47,14 +47,8 @@ class ArtifactTokenizer:
         self._template: ChatTemplate | None = None
         self._plain: Any = None  # the tokenizer with special-token matching off, made on first use
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self._template_source is not None
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if any("\ud800" <= ch <= "\udfff" for ch in text):  # what Python makes of bytes that are not UTF-8
-            raise InputError("the prompt is not valid UTF-8 text; fix its encoding")
-        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return _encoded(self.backend, text, add_special_tokens)
 
     def decode(self, ids: Sequence[int]) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=True)
@@ -94,12 +88,7 @@ class ArtifactTokenizer:
 
             self._plain = Tokenizer.from_str(self.backend.to_str())
             self._plain.encode_special_tokens = True
-        return self.encode_with(self._plain, text) if text else []
-
-    def encode_with(self, tokenizer: Any, text: str) -> list[int]:
-        if any("\ud800" <= ch <= "\udfff" for ch in text):
-            raise InputError("the prompt is not valid UTF-8 text; fix its encoding")
-        return list(tokenizer.encode(text, add_special_tokens=False).ids)
+        return _encoded(self._plain, text, add_special_tokens=False) if text else []
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         if self._template_source is None:
@@ -107,3 +96,9 @@ class ArtifactTokenizer:
         if self._template is None:
             self._template = ChatTemplate(self._template_source, self.info.get("special_tokens", {}))
         return self._template.render(messages, add_generation_prompt=True)
+
+
+def _encoded(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    if any("\ud800" <= ch <= "\udfff" for ch in text):  # what Python makes of bytes that are not UTF-8
+        raise InputError("the prompt is not valid UTF-8 text; fix its encoding")
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)

@@ -32,13 +32,17 @@ PORTABLE = AttentionForm(
     "explicit MatMul/Softmax over all C cache slots, cache written by ONNX TensorScatter (what TensorRT builds)",
     BACKENDS,
 )
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GroupQueryAttention, MatMulNBits, ...)
+# Tokens per call of the small static prefill variant: a short prompt pays for 16, not S; it is also
+# the most slots a static prefill pads a prompt with (the diff's built-in prompts leave room for it).
+SHORT_PREFILL = 16
 # ONNX Runtime's fused kernel (exporter.ort_attention): 1.32 is the first release whose
 # GroupQueryAttention takes query_seqlens; 1.25.1-1.31 reject the node.
 ONNXRUNTIME = AttentionForm(
     "onnxruntime",
     "one com.microsoft.GroupQueryAttention node per layer: rotary, in-place cache write, only written slots scored",
     ("onnxruntime",),
-    op_domain="com.microsoft",
+    op_domain=MS_DOMAIN,
     op_type="GroupQueryAttention",
     min_onnxruntime=(1, 32),
 )

@@ -9,6 +9,7 @@ non-streamed request could not notice its client going away.
 from __future__ import annotations
 
 import hmac
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -29,7 +30,7 @@ class Guard:
             return await self.app(scope, receive, send)
         status = 500
 
-        async def sending(message: dict[str, Any]) -> None:
+        async def sending(message: MutableMapping[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

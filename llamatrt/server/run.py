@@ -7,6 +7,7 @@ uvicorn handles SIGTERM itself: it stops accepting connections, lets the in-flig
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 from typing import Any
@@ -37,7 +38,7 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_k
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level="info" if access_log else "warning",
-                                    access_log=access_log, timeout_graceful_shutdown=shutdown_timeout)  # fmt: skip
+                                    access_log=access_log, timeout_graceful_shutdown=math.ceil(shutdown_timeout))  # fmt: skip
     Server(uvicorn_config).run()
     print("llamatrt serve: stopped", file=sys.stderr, flush=True)
 
