@@ -186,7 +186,10 @@ def projection_errors(model: Any, inits: Mapping[str, np.ndarray],
     for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
         weight = node.input[1].rsplit(".", 1)[0]
         block = next(a.i for a in node.attribute if a.name == "block_size")
-        fast, exact = _single_node_session(node, inits, INT8_ACTIVATIONS), _single_node_session(node, inits, 0)
+        fast, exact = (
+            _single_node_session(node, inits, INT8_ACTIVATIONS),
+            _single_node_session(node, inits, FP32_ACTIVATIONS),
+        )
         w = _dequantized(node, inits)
         errs, rms_errs, sims, outliers = [], [], [], []
         for run in runs:
