@@ -31,6 +31,7 @@ from llamatrt.artifact.variants import MS_DOMAIN
 from llamatrt.errors import InputError
 from llamatrt.layerwise import NodeDiff, compare_runs, plot_layers
 from llamatrt.progress import Progress, no_progress
+from llamatrt.runtime.quant_twin import set_accuracy_level
 
 INT8_ACTIVATIONS, FP32_ACTIVATIONS = 4, 0
 KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the rest is the head
@@ -115,14 +116,12 @@ class QuantLayerwiseReport:
 
 
 def _with_level(model: Any, level: int) -> Any:
+    """A copy at `level` (saving with external data empties the saved model's tensors, so each level
+    is saved from its own copy)."""
     import copy
 
     twin = copy.deepcopy(model)
-    for node in twin.graph.node:
-        if node.op_type == "MatMulNBits":
-            for attribute in node.attribute:
-                if attribute.name == "accuracy_level":
-                    attribute.i = level
+    set_accuracy_level(twin, level)
     return twin
 
 
@@ -146,16 +145,15 @@ def _block_int8(x: np.ndarray, block: int) -> np.ndarray:
 
 
 def _dequantized(node: Any, inits: Mapping[str, np.ndarray]) -> np.ndarray:
-    """W [N, K] as MatMulNBits computes it (default zero point: 8 for 4 bits, 128 for 8)."""
+    """W [N, K] as MatMulNBits computes it: the node's blocks at their default zero point."""
+    from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
+
     attrs = {a.name: a.i for a in node.attribute}
     n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
-    packed, scales = inits[node.input[1]], inits[node.input[2]].reshape(n, -1)
-    if bits == 4:
-        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1, block)
-    else:
-        codes = packed.reshape(n, -1, block)
-    w = scales[..., None] * (codes.astype(np.float32) - (8 if bits == 4 else 128))
-    return w.reshape(n, -1)[:, :k]
+    packed = inits[node.input[1]].reshape(n, -(-k // block), block * bits // 8)
+    weight = QuantizedWeight(bits, block, n, k, packed, inits[node.input[2]].reshape(n, -1), DEFAULT_ZERO[bits], None,
+                             node.input[1])  # fmt: skip
+    return weight.dequantize()
 
 
 def _single_node_session(node: Any, inits: Mapping[str, np.ndarray], level: int) -> Any:

@@ -11,9 +11,19 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from llamatrt.artifact.manifest import Manifest
 from llamatrt.artifact.reader import inside
+
+
+def set_accuracy_level(model: Any, level: int) -> None:
+    """Every MatMulNBits of an ONNX model (onnx.ModelProto) at `level`, in place."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.i = level
 
 
 def exact_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
@@ -27,11 +37,7 @@ def exact_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
         shutil.copyfile(weights, out / manifest.weights_file)
     for name, graph in manifest.graphs.items():
         model = onnx.load(str(inside(folder, graph.path, f"graph {name!r} path")), load_external_data=False)
-        for node in model.graph.node:
-            if node.op_type == "MatMulNBits":
-                for attribute in node.attribute:
-                    if attribute.name == "accuracy_level":
-                        attribute.i = 0
+        set_accuracy_level(model, 0)
         onnx.save(model, str(out / graph.path))
     # a portable graph's DequantizeLinear -> MatMul runs at the manifest's level (OrtBackend)
     return replace(manifest, quantization={**manifest.quantization, "accuracy_level": 0})

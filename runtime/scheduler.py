@@ -259,23 +259,19 @@ class Scheduler:
                 row = self.rows[b]
                 if row is not None and not row.handle.done.is_set():
                     self.rows[b] = None
-                    self._fail(row.handle, _describe(e), events)
-
-    def _fail(self, handle: Handle, error: str, events: list[Step]) -> None:
-        elapsed = time.perf_counter() - handle.submitted
-        self._emit(handle, Step(handle.index, None, None, "error", elapsed, error=error), events)
+                    self._finish(row.handle, None, "error", events, error=_describe(e))
 
     def _fail_all(self, error: str) -> None:
         events: list[Step] = []
         with self.lock:
             waiting, self.queue = list(self.queue), deque()
         for handle in waiting:
-            self._fail(handle, error, events)
+            self._finish(handle, None, "error", events, error=error)
         for b, row in enumerate(self.rows):
             if row is not None:
                 self.rows[b] = None
                 if not row.handle.done.is_set():
-                    self._fail(row.handle, error, events)
+                    self._finish(row.handle, None, "error", events, error=error)
 
     def _drop_cancelled(self, events: list[Step]) -> None:
         with self.lock:
@@ -434,10 +430,10 @@ class Scheduler:
 
     def _finish(
         self, handle: Handle, stop_id: int | None, reason: str, events: list[Step], elapsed: float | None = None,
-        text: str = "",
+        text: str = "", error: str | None = None,
     ) -> None:  # fmt: skip
         elapsed = time.perf_counter() - handle.submitted if elapsed is None else elapsed
-        self._emit(handle, Step(handle.index, None, None, reason, elapsed, stop_id, text=text), events)
+        self._emit(handle, Step(handle.index, None, None, reason, elapsed, stop_id, text=text, error=error), events)
 
 
 def _rest(row: _Row) -> str:

@@ -1,11 +1,9 @@
-"""Stop strings, found in one place: the loop ends a request when its decoded text contains one
-(runtime.scheduler), and the text API cuts the text where the first one starts (runtime.llm)."""
+"""Stop strings, found in one place: the loop's incremental detokenizer (runtime.detokenizer) ends a
+request when its text contains one and cuts the text where the first one starts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-Detokenize = Callable[[Sequence[int]], str]
+from collections.abc import Sequence
 
 
 def find_stop(text: str, stop_strings: Sequence[str]) -> tuple[int, str] | None:

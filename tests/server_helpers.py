@@ -1,5 +1,5 @@
-"""A real `llamatrt serve` for tests: a subprocess on a free port, or the same application in this
-process (uvicorn in a thread) where a test wraps the backend to inject faults."""
+"""A real `llamatrt serve` for tests: a subprocess on a free port (or the fault-injecting server,
+tests.fault_server, in one)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -65,37 +63,3 @@ def metric_of(url: str, name: str, headers: dict[str, str] | None = None) -> flo
 def fault_server(artifact: Path) -> Server:
     """The server with a fault-injecting backend (tests.fault_server) in its own process."""
     return Server(artifact, command=[sys.executable, "-m", "tests.fault_server", str(artifact)])
-
-
-class InProcessServer:
-    """`create_app` under uvicorn in a thread on a free port; `wrap(backend)` may replace the
-    backend's `run` (fault injection) before the first request."""
-
-    def __init__(self, artifact: Path, wrap: Callable[[Any], None] | None = None, **app_options: Any) -> None:
-        import uvicorn
-
-        from llamatrt.server.app import create_app
-        from llamatrt.server.engine import EngineConfig
-
-        self.app = create_app(EngineConfig(artifact, verify=False, model_name="tiny"), **app_options)
-        if wrap is not None:
-            wrap(self.app.state.engine.llm.backend)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the in-process server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def client(self, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kw)
-
-    def metric(self, name: str) -> float:
-        return metric_of(self.url, name)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)

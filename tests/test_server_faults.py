@@ -209,7 +209,9 @@ def test_huge_prompts_do_not_stall_other_streams(long_artifact: Path) -> None:
         assert s.stop() == 0
 
 
-def test_the_api_key_from_a_file_or_the_environment_guards_metrics_too(tiny_artifact: Path, tmp_path: Path) -> None:
+def test_the_api_key_from_a_file_or_the_environment_guards_metrics_too(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("fr0m-file\n")
     s = Server(tiny_artifact, "--api-key-file", str(key_file))
@@ -220,11 +222,8 @@ def test_the_api_key_from_a_file_or_the_environment_guards_metrics_too(tiny_arti
     finally:
         assert s.stop() == 0
     assert "fr0m-file" not in "".join(s.lines)  # never logged
-    os.environ["LLAMATRT_API_KEY"] = "fr0m-env"
-    try:
-        s = Server(tiny_artifact, "--open-metrics")
-    finally:
-        del os.environ["LLAMATRT_API_KEY"]
+    monkeypatch.setenv("LLAMATRT_API_KEY", "fr0m-env")  # the server process inherits it
+    s = Server(tiny_artifact, "--open-metrics")
     try:
         assert httpx.get(s.url + "/v1/models").status_code == 401
         assert httpx.get(s.url + "/v1/models", headers={"authorization": "Bearer fr0m-env"}).status_code == 200

@@ -58,7 +58,7 @@ def create_app(config: EngineConfig, api_key: str | None = None, max_body: int =
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> Response:  # unknown routes and methods
-        return _error(error.status_code, f"{error.detail}; see /v1/models, /v1/chat/completions, /v1/completions",
+        return protocol.error_response(error.status_code, f"{error.detail}; see /v1/models, /v1/chat/completions, /v1/completions",
                       "invalid_request_error" if error.status_code < 500 else "server_error")  # fmt: skip
 
     open_paths = frozenset({"/health"} | ({"/metrics"} if open_metrics else set()))
@@ -90,11 +90,6 @@ def create_app(config: EngineConfig, api_key: str | None = None, max_body: int =
         return await _complete("completions", request, engine, metrics, max_body)
 
     return app
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:  # fmt: skip
-    return JSONResponse(protocol.error_body(message, kind, param, code), status_code=status)
 
 
 async def _body(request: Request, limit: int) -> Any:
@@ -163,22 +158,22 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
             return Response(status_code=499)  # nobody reads it; its rows were freed
         return JSONResponse(_response(kind, parsed, results, engine, metrics))
     except PayloadTooLarge:
-        return _error(413, f"the request body is over {max_body} bytes; send a smaller one")
+        return protocol.error_response(413, f"the request body is over {max_body} bytes; send a smaller one")
     except ModelNotFound as e:
-        return _error(404, f"model {e.args[0]!r} is not served here; this server serves {engine.model_name!r}",
+        return protocol.error_response(404, f"model {e.args[0]!r} is not served here; this server serves {engine.model_name!r}",
                       param="model", code="model_not_found")  # fmt: skip
     except QueueFull as e:
-        return _error(429, str(e), "rate_limit_error")
+        return protocol.error_response(429, str(e), "rate_limit_error")
     except Unavailable as e:
-        return _error(503, str(e), "server_error")
+        return protocol.error_response(503, str(e), "server_error")
     except GenerationFailed as e:
-        return _error(500, str(e), "server_error")
+        return protocol.error_response(500, str(e), "server_error")
     except protocol.BadRequest as e:
-        return _error(400, str(e), param=e.param)
+        return protocol.error_response(400, str(e), param=e.param)
     except InputError as e:  # the same validation and wording as the CLI (a prompt over the cache, ...)
-        return _error(400, str(e))
+        return protocol.error_response(400, str(e))
     except LlamatrtError as e:
-        return _error(500, str(e), "server_error")
+        return protocol.error_response(500, str(e), "server_error")
 
 
 async def _until_disconnected(request: Request, work: list[Any]) -> list[TextTracker] | None:

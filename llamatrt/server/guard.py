@@ -49,15 +49,11 @@ class Guard:
         sent = headers.get("authorization", "").encode("utf-8", "surrogateescape")
         guarded = self.expected is not None and scope["path"] not in self.open_paths
         if guarded and not hmac.compare_digest(sent, self.expected or b""):
-            return _error(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
-                          "authentication_error", "invalid_api_key")  # fmt: skip
+            return protocol.error_response(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
+                                           "authentication_error", code="invalid_api_key")  # fmt: skip
         length = headers.get("content-length") or "0"
         if not length.isdigit():
-            return _error(400, "the Content-Length header is not a number; send a valid one")
+            return protocol.error_response(400, "the Content-Length header is not a number; send a valid one")
         if int(length) > self.max_body:
-            return _error(413, f"the request body is over {self.max_body} bytes; send a smaller one")
+            return protocol.error_response(413, f"the request body is over {self.max_body} bytes; send a smaller one")
         return None
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse(protocol.error_body(message, kind, None, code), status_code=status)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from llamatrt.errors import InputError
 
 # Accepted and ignored: they do not change what is generated.
@@ -222,6 +224,11 @@ def envelope(kind: str, rid: str, model: str, fingerprint: str, choices: list[di
     if usage_ is not None or not chunk:
         out["usage"] = usage_
     return out
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:  # fmt: skip
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
