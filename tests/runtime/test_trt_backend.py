@@ -113,6 +113,8 @@ def make_backend(tmp_path: Path, broken: bool = False, weights: str = "stripped"
         graphs[name] = {"path": f"{name}.plan", "bytes": len(name)}
     manifest = replace(manifest, engines={"builder": "tensorrt", "graphs": graphs, "weights": weights})
     backend = TensorRTBackend(tmp_path, manifest, device="cpu", trt=FakeTrt(log, broken), cuda=FakeCuda(log))
+    for logits in backend.logits.values():  # the fake engines compute nothing: their output must still be defined
+        logits.zero_()  # (left as torch.empty, a NaN now and then failed the loop's finite-logits check)
     return backend, log
 
 
