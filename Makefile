@@ -22,7 +22,7 @@ format:
 	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
 
 typecheck:
-	$(PY) -m mypy --ignore-missing-imports --follow-imports=silent llamatrt models exporter runtime
+	$(PY) -m mypy --ignore-missing-imports --follow-imports=silent llamatrt base models exporter runtime tools
 
 check-imports:  ## every module imports with tensorrt blocked; each layer with the ones it must not touch blocked
 	$(PY) -m pytest -q tests/test_imports.py

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from llamatrt.artifact.reader import read_manifest
+from llamatrt.base.artifact.reader import read_manifest
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import OrtBackend
 from llamatrt.runtime.tokenizer import ArtifactTokenizer

@@ -35,8 +35,8 @@ def session(model: str | bytes, threads: int) -> Any:
 
 def contract_step(path: Path, threads: int, context: int) -> Callable[[], object]:
     """One call of the artifact graph at `path`, fed by the contract's builder, as the runtime runs it."""
-    from llamatrt.artifact.feeds import fixed_prompt, graph_feeds
-    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.base.artifact.feeds import fixed_prompt, graph_feeds
+    from llamatrt.base.artifact.reader import read_manifest
     from llamatrt.runtime.ort_backend import OrtBackend
 
     manifest = read_manifest(path.parent, verify=False)

@@ -17,9 +17,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from llamatrt.artifact import names
-from llamatrt.errors import ArtifactExistsError, InputError
-from llamatrt.termination import deferred, removed_on_termination
+from llamatrt.base.artifact import names
+from llamatrt.base.errors import ArtifactExistsError, InputError
+from llamatrt.base.termination import deferred, removed_on_termination
 
 TMP_TAG, OLD_TAG = ".tmp-", ".old-"
 

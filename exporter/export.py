@@ -14,12 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact import names
-from llamatrt.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, write_manifest
-from llamatrt.artifact.precision import precision
-from llamatrt.artifact.reader import file_sha256
-from llamatrt.artifact.variants import ONNXRUNTIME
-from llamatrt.errors import CheckpointError, InputError, ValidationError
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, write_manifest
+from llamatrt.base.artifact.precision import precision
+from llamatrt.base.artifact.reader import file_sha256
+from llamatrt.base.artifact.variants import ONNXRUNTIME
+from llamatrt.base.errors import CheckpointError, InputError, ValidationError
+from llamatrt.base.progress import Progress, no_progress
 from llamatrt.exporter.artifacts import (
     atomic_output_dir,
     check_disk_space,
@@ -39,7 +40,6 @@ from llamatrt.exporter.weights_file import parameter_locations, save_graph, writ
 from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
 from llamatrt.models.llama import StaticLlama
 from llamatrt.models.tokenizer import eos_token_ids, load_tokenizer
-from llamatrt.progress import Progress, no_progress
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -262,7 +262,7 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from llamatrt import __version__
+    from llamatrt.base import __version__
 
     return {"llamatrt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}  # fmt: skip

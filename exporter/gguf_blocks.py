@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llamatrt.base.config import LlamaConfig
 from llamatrt.exporter.quant_weights import QuantizedWeight, from_gguf_blocks, stack_rows
-from llamatrt.models.config import LlamaConfig
 
 CARRIED = ("Q4_0", "Q4_1", "Q8_0")
 

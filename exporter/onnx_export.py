@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from llamatrt.artifact.feeds import graph_feeds
-from llamatrt.artifact.manifest import GraphSpec, contract_io
-from llamatrt.artifact.precision import dtype_name
-from llamatrt.artifact.variants import ONNXRUNTIME
+from llamatrt.base.artifact.feeds import graph_feeds
+from llamatrt.base.artifact.manifest import GraphSpec, contract_io
+from llamatrt.base.artifact.precision import dtype_name
+from llamatrt.base.artifact.variants import ONNXRUNTIME
 from llamatrt.exporter import ort_attention
 from llamatrt.exporter.variants import VariantPlan
 from llamatrt.models.kv_cache import empty_cache

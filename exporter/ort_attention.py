@@ -16,7 +16,7 @@ itself. Our graph contract is kept as it is:
 
 from __future__ import annotations
 
-from llamatrt.artifact.variants import ONNXRUNTIME
+from llamatrt.base.artifact.variants import ONNXRUNTIME
 
 DOMAIN, OP_TYPE = ONNXRUNTIME.op_domain, ONNXRUNTIME.op_type
 # The inputs in the order ONNX Runtime's schema declares them (the lowering passes None for unused ones).

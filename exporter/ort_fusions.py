@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llamatrt.artifact.variants import MS_DOMAIN
+from llamatrt.base.artifact.variants import MS_DOMAIN
 
 if TYPE_CHECKING:
     import onnx_ir as ir

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
 from llamatrt.exporter.quant_weights import SCHEMES, QuantizedWeight, rtn_quantize
 from llamatrt.models.checkpoint import Checkpoint

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llamatrt.errors import CheckpointError, InputError
+from llamatrt.base.errors import CheckpointError, InputError
 
 SCHEMES = {"int4": 4, "int8": 8}
 DEFAULT_ZERO = {4: 8, 8: 128}  # MatMulNBits' zero point when the graph gives none

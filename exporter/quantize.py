@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llamatrt.artifact.variants import MS_DOMAIN
+from llamatrt.base.artifact.variants import MS_DOMAIN
 from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
 
 if TYPE_CHECKING:

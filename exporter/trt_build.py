@@ -16,15 +16,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from llamatrt.artifact.engines import check_network_io, engine_module, plan_name, require_engine_graphs
-from llamatrt.artifact.manifest import Manifest, write_manifest
-from llamatrt.artifact.names import BUILD_LOG, TIMING_CACHE
-from llamatrt.artifact.reader import read_manifest
-from llamatrt.artifact.schema import QUANTIZED_WEIGHTS
-from llamatrt.errors import ArtifactExistsError, ValidationError
-from llamatrt.lazy import require_cuda
-from llamatrt.progress import Progress, no_progress
-from llamatrt.termination import undo_on_termination
+from llamatrt.base.artifact.engines import check_network_io, engine_module, plan_name, require_engine_graphs
+from llamatrt.base.artifact.manifest import Manifest, write_manifest
+from llamatrt.base.artifact.names import BUILD_LOG, TIMING_CACHE
+from llamatrt.base.artifact.reader import read_manifest
+from llamatrt.base.artifact.schema import QUANTIZED_WEIGHTS
+from llamatrt.base.errors import ArtifactExistsError, ValidationError
+from llamatrt.base.lazy import require_cuda
+from llamatrt.base.progress import Progress, no_progress
+from llamatrt.base.termination import undo_on_termination
 
 
 def _file_logger(trt: ModuleType, path: Path) -> Any:

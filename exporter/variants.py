@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llamatrt.artifact.variants import ONNXRUNTIME, PORTABLE, SHORT_PREFILL, AttentionForm, onnxruntime_loads
+from llamatrt.base.artifact.variants import ONNXRUNTIME, PORTABLE, SHORT_PREFILL, AttentionForm, onnxruntime_loads
 
 
 @dataclass(frozen=True)

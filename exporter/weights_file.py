@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llamatrt.artifact.precision import dtype_name
-from llamatrt.errors import ValidationError
+from llamatrt.base.artifact.precision import dtype_name
+from llamatrt.base.errors import ValidationError
 
 if TYPE_CHECKING:
     import onnx_ir as ir

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from llamatrt.artifact.manifest import Manifest
+    from llamatrt.base.artifact.manifest import Manifest
     from llamatrt.runtime.llm import LLM
 
-__version__ = "0.1.0"
+from llamatrt.base import __version__
+
+__all__ = ["__version__", "export", "load"]
 
 
 def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None = None, verify: bool = True) -> LLM:
@@ -31,6 +33,6 @@ def export(model: Any, out: str | Path, force: bool = False, **options: Any) -> 
     folder, validated by the runtime before it replaces anything. `options` are ExportOptions'
     fields: batch_size, max_cache_len, prefill_chunk, dtype, full_logits, validate."""
     from llamatrt.exporter.export import ExportOptions
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     return export_artifact(model, Path(out), ExportOptions(**options), force=force)

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the command ran and failed (bad input found on the way, a failed check,
 a `diff` verdict of FAIL); 2 the command line itself is wrong (unknown option, invalid choice);
-130 / 143 interrupted by Ctrl-C / SIGTERM (llamatrt.termination). Every failure is one `error:` line on stderr naming the
+130 / 143 interrupted by Ctrl-C / SIGTERM (llamatrt.base.termination). Every failure is one `error:` line on stderr naming the
 problem and the fix; `llamatrt --debug ...` shows the traceback instead.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from llamatrt import termination
-from llamatrt.errors import LlamatrtError
+from llamatrt.base import termination
+from llamatrt.base.errors import LlamatrtError
 
 
 def _fail(message: str, code: int) -> None:

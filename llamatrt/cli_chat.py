@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from llamatrt.errors import InputError, LlamatrtError
+from llamatrt.base.errors import InputError, LlamatrtError
 
 Message = dict[str, str]
 

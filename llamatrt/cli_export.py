@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from llamatrt.artifact.precision import PRECISIONS
-from llamatrt.progress import StepBar
+from llamatrt.base.artifact.precision import PRECISIONS
+from llamatrt.base.progress import StepBar
 
 DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECISIONS))
 
@@ -34,7 +34,7 @@ def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefil
            force: bool) -> None:  # fmt: skip
     """Export prefill and decode ONNX graphs, one weights file and a manifest."""
     from llamatrt.exporter.export import ExportOptions, export_steps
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     options = ExportOptions(batch_size, max_seq_len, prefill_chunk, dtype, full_logits, not no_validate, quantize,
                             block_size, accuracy_level).checked()  # fmt: skip
@@ -62,8 +62,8 @@ def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefil
 @click.option("--force", is_flag=True, help="Rebuild engines that exist.")
 def build(artifact: Path, engine: str, timing_cache: Path | None, workspace_gib: float | None, force: bool) -> None:
     """Build TensorRT engines from the artifact's graphs into the artifact (manifest updated atomically)."""
-    from llamatrt.artifact.engines import engine_graphs
-    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.base.artifact.engines import engine_graphs
+    from llamatrt.base.artifact.reader import read_manifest
     from llamatrt.exporter.trt_build import build_engines
 
     graphs = len(engine_graphs(read_manifest(artifact, verify=False)))

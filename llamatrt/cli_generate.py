@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
+from llamatrt.base.errors import InputError
 from llamatrt.cli_options import backend_option, verify_option
-from llamatrt.errors import InputError
 
 SEPARATOR = "---"  # between the answers of several prompts in plain output
 

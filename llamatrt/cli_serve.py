@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
+from llamatrt.base.errors import InputError
+from llamatrt.base.progress import StepBar
 from llamatrt.cli_options import backend_option, verify_option
-from llamatrt.errors import InputError
-from llamatrt.progress import StepBar
 
 
 @click.command()
@@ -77,7 +77,7 @@ def bench_serve(url: str, model: str | None, api_key: str | None, requests: int,
                 as_json: bool) -> None:  # fmt: skip
     """Load-test any OpenAI-compatible server at URL: requests/s, output tokens/s, TTFT and
     inter-token latency p50/p99, errors."""
-    from llamatrt.server.bench_serve import bench_serve as run
+    from llamatrt.tools.bench_serve import bench_serve as run
 
     if requests < 1 or clients < 1 or (rate is not None and rate <= 0):
         raise InputError("--requests and --clients must be >= 1 and --rate > 0; fix the one that is not")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
+from llamatrt.base.errors import InputError
+from llamatrt.base.progress import StepBar
 from llamatrt.cli_options import backend_option, verify_option
-from llamatrt.errors import InputError
-from llamatrt.progress import StepBar
 
 
 def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
@@ -60,14 +60,14 @@ def diff(artifact: Path, reference: str | None, backends: tuple[str, ...], promp
 
     With --layerwise: run one call of its graph and of a reference with every tensor marked
     (Polygraphy), and report the first node out of tolerance and the error after each layer."""
-    from llamatrt.runtime.compare import run_diff
+    from llamatrt.tools.compare import run_diff
 
     prompts = _read_prompts(prompts_file)
     for path in (report_path, plot_path):
         if path is not None:  # found now, not after minutes of work
             _check_report_path(path)
     if layerwise:
-        from llamatrt.layerwise import run_layerwise
+        from llamatrt.tools.layerwise import run_layerwise
 
         with StepBar(3, "diff --layerwise") as bar:
             result = run_layerwise(artifact, against, graph_role, progress=bar, verify=not no_verify)
@@ -135,9 +135,9 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
 
     Several ARTIFACTS (e.g. batch 1 and batch 4 exports) are measured in the same run, and each one's
     aggregate decode speed is reported as a ratio to the first's."""
-    from llamatrt.artifact.reader import read_manifest
-    from llamatrt.runtime.bench import bench_steps, run_benches
-    from llamatrt.runtime.bench_report import plot_by_context
+    from llamatrt.base.artifact.reader import read_manifest
+    from llamatrt.tools.bench import bench_steps, run_benches
+    from llamatrt.tools.bench_report import plot_by_context
 
     manifest = read_manifest(artifacts[0], verify=False)
     if batch is not None and batch != manifest.batch_size:
@@ -159,8 +159,8 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
 @click.argument("artifact", type=click.Path(path_type=Path))
 def verify(artifact: Path) -> None:
     """Check an artifact against its manifest: schema, paths, each graph's IO, and every file's SHA-256."""
-    from llamatrt.artifact.engines import check_engines
-    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.base.artifact.engines import check_engines
+    from llamatrt.base.artifact.reader import read_manifest
 
     started = time.perf_counter()
     manifest = read_manifest(artifact, verify=True)

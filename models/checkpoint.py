@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from llamatrt.errors import CheckpointError
-from llamatrt.models.config import LlamaConfig
+from llamatrt.base.config import LlamaConfig
+from llamatrt.base.errors import CheckpointError
 from llamatrt.models.gguf import hf_dir_from_gguf
 from llamatrt.models.llama import StaticLlama
 from llamatrt.models.weights import hf_config_from_dir, state_dict_from_dir

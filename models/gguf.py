@@ -16,8 +16,8 @@ import struct
 import tempfile
 from pathlib import Path
 
-from llamatrt.errors import CheckpointError
-from llamatrt.termination import removed_on_termination
+from llamatrt.base.errors import CheckpointError
+from llamatrt.base.termination import removed_on_termination
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The KV-cache write and the shape of the cache tensors (their names are the artifact's: llamatrt.artifact.names).
+"""The KV-cache write and the shape of the cache tensors (their names are the artifact's: llamatrt.base.artifact.names).
 
 `write_kv` is the only place new keys/values enter the cache. Its contract is ONNX
 `TensorScatter`'s: row b's S new entries land contiguously at slots cache_position[b, 0] ..
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from llamatrt.models.config import LlamaConfig
+from llamatrt.base.config import LlamaConfig
 
 
 def write_kv(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llamatrt.base.config import LlamaConfig
 from llamatrt.models.attention import cached_attention
-from llamatrt.models.config import LlamaConfig
 from llamatrt.models.rope import Rotary
 
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from llamatrt.errors import CheckpointError
-from llamatrt.models.config import LlamaConfig
+from llamatrt.base.config import LlamaConfig
+from llamatrt.base.errors import CheckpointError
 from llamatrt.models.layers import DecoderLayer, RMSNorm
 from llamatrt.models.mask import causal_mask
 from llamatrt.models.rope import Rotary, inv_freq_from_config, rope_cos_sin

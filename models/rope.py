@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from llamatrt.models.config import LlamaConfig
+from llamatrt.base.config import LlamaConfig
 
 
 def inv_freq_from_config(config: LlamaConfig) -> torch.Tensor:

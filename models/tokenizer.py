@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llamatrt.errors import CheckpointError
+from llamatrt.base.errors import CheckpointError
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from llamatrt.errors import CheckpointError
+from llamatrt.base.errors import CheckpointError
 
 
 def hf_config_from_dir(folder: Path) -> dict[str, Any]:

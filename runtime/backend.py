@@ -17,11 +17,11 @@ from typing import ClassVar
 
 import torch
 
-from llamatrt.artifact import names
-from llamatrt.artifact.feeds import check_feeds
-from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.precision import torch_dtype
-from llamatrt.errors import InputError, ManifestMismatchError
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.feeds import check_feeds
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest
+from llamatrt.base.artifact.precision import torch_dtype
+from llamatrt.base.errors import InputError, ManifestMismatchError
 
 
 class Backend(abc.ABC):

@@ -24,7 +24,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 
 TIME_LIMIT_S = 2.0  # a real template renders in well under a millisecond
 MAX_CHARS = 1 << 22  # 4 Mi characters: far beyond any context a prompt can fill

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.detokenizer import TextStreamFactory
 from llamatrt.runtime.sampling import SamplingParams

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llamatrt.artifact import names
-from llamatrt.artifact.feeds import graph_feeds
-from llamatrt.artifact.manifest import GraphSpec
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.feeds import graph_feeds
+from llamatrt.base.artifact.manifest import GraphSpec
 from llamatrt.runtime.backend import Backend
 
 

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact.reader import tokenizer_dir
-from llamatrt.errors import InputError
+from llamatrt.base.artifact.reader import tokenizer_dir
+from llamatrt.base.errors import InputError
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.detokenizer import TextStream, TokenizerPieces
 from llamatrt.runtime.generator import Generator, Step

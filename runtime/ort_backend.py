@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from llamatrt.artifact import names
-from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.precision import NUMPY_DTYPES
-from llamatrt.artifact.reader import inside
-from llamatrt.artifact.variants import ATTENTION_FORMS, ONNXRUNTIME, onnxruntime_loads
-from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest
+from llamatrt.base.artifact.precision import NUMPY_DTYPES
+from llamatrt.base.artifact.reader import inside
+from llamatrt.base.artifact.variants import ATTENTION_FORMS, ONNXRUNTIME, onnxruntime_loads
+from llamatrt.base.errors import BackendUnavailable, InputError, ManifestMismatchError
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.mapped_pages import release_clean_pages
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 
 if TYPE_CHECKING:
     from llamatrt.runtime.backend import Backend
@@ -61,10 +61,10 @@ def backend_class(name: str) -> type[Backend]:
 def open_backend(
     artifact: str | Path, kind: str = DEFAULT_BACKEND, device: str | None = None, **options: Any
 ) -> Backend:
-    """Read and check the artifact (llamatrt.artifact.reader), then open the named backend on it.
+    """Read and check the artifact (llamatrt.base.artifact.reader), then open the named backend on it.
     `options` go to the backend: `verify=False` skips hashing the files, `check_feeds=False` the
     per-call feed check."""
-    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.base.artifact.reader import read_manifest
 
     info = BACKENDS[canonical_backend_name(kind)]
     folder = Path(artifact)

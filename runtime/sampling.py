@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 
 # Temperatures below this are greedy (vLLM's threshold): dividing logits by less would overflow them.
 GREEDY_BELOW = 1e-5

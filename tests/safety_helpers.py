@@ -56,7 +56,7 @@ def perturb_parameter(artifact: Path, name: str, delta: float) -> None:
     an exporter bug, not a corrupted file (the manifest's hash is the perturbed file's own)."""
     import numpy as np
 
-    from llamatrt.artifact.reader import file_sha256
+    from llamatrt.base.artifact.reader import file_sha256
 
     where = json.loads((artifact / "manifest.json").read_text())["weights"]["tensors"][name]
     data = np.fromfile(artifact / "weights.data", dtype=np.uint8)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llamatrt.artifact.reader import file_sha256
+from llamatrt.base.artifact.reader import file_sha256
 from tests.safety_helpers import edit_manifest, error_lines, graph_entry, run_cli, snapshot, tmpfs
 
 # the module-scoped battery runs every case at once: on one pytest-xdist worker, it runs once
@@ -689,7 +689,7 @@ def test_invalid_utf8_in_chat_is_one_error_and_the_session_goes_on(tiny_artifact
 
 def test_nan_logits_are_refused_in_process(tiny_artifact: Path, tmp_path: Path) -> None:
     """The same NaN check without a subprocess: generation raises, it never emits a token."""
-    from llamatrt.errors import NumericalError
+    from llamatrt.base.errors import NumericalError
     from llamatrt.runtime.generator import Generator
     from llamatrt.runtime.registry import open_backend
 

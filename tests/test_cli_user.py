@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-from llamatrt.artifact.reader import read_manifest
+from llamatrt.base.artifact.reader import read_manifest
 from tests.safety_helpers import error_lines, run_cli
 
 
@@ -87,10 +87,10 @@ def test_bf16_graphs_are_checked_on_cpu_through_fp32_twins(tiny_artifact: Path, 
 def test_a_broken_bf16_graph_fails_its_export_check(tiny_artifact: Path, tmp_path: Path, monkeypatch) -> None:
     import torch
 
-    from llamatrt.errors import ValidationError
+    from llamatrt.base.errors import ValidationError
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.models import llama, mask
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     def off_by_one(cache_position: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return mask.causal_mask(cache_position - 1, attention_mask)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from llamatrt.exporter.export import ExportOptions
-from llamatrt.layerwise import fp16_scan, run_layerwise
-from llamatrt.pipeline import export_artifact
+from llamatrt.tools.layerwise import fp16_scan, run_layerwise
+from llamatrt.tools.pipeline import export_artifact
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 from tests.safety_helpers import perturb_parameter, run_cli
 

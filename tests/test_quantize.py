@@ -14,13 +14,13 @@ import onnx
 import pytest
 import torch
 
-from llamatrt.artifact.reader import read_manifest
+from llamatrt.base.artifact.reader import read_manifest
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
 from llamatrt.exporter.quant_weights import from_gguf_blocks, rtn_quantize
 from llamatrt.models.checkpoint import load_checkpoint
-from llamatrt.pipeline import export_artifact
-from llamatrt.runtime.compare import run_diff
+from llamatrt.tools.compare import run_diff
+from llamatrt.tools.pipeline import export_artifact
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 from tests.safety_helpers import edit_manifest, run_cli
 
@@ -163,7 +163,7 @@ def test_diff_passes_the_lossless_import_and_fails_a_corrupted_scale(gguf_checkp
 def _scale_tensor(artifact: Path, initializer: str, factor: float) -> None:
     """Multiply one float initializer in the weights file (found through the graph's external
     data) and re-hash: an exporter bug, not a damaged file."""
-    from llamatrt.artifact.reader import file_sha256
+    from llamatrt.base.artifact.reader import file_sha256
 
     graph = onnx.load(artifact / "model.ort.onnx", load_external_data=False)
     entry = next(i for i in graph.graph.initializer if i.name == initializer)
@@ -241,7 +241,7 @@ def test_layerwise_compares_int8_with_fp32_activations_in_onnx_runtimes_graph(gg
     qtype, checkpoint, _ = gguf_checkpoint
     if qtype != "Q4_1":
         pytest.skip("one block type is enough")
-    from llamatrt.quant_layerwise import run_quant_layerwise
+    from llamatrt.tools.quant_layerwise import run_quant_layerwise
 
     report = run_quant_layerwise(gguf_artifact, prompts=[(True, "w5 w6 w7 w8"), (True, "w9 w10")], verify=False)
     assert report and report.artifact_level == 0  # the artifact itself runs no int8 arithmetic

@@ -13,9 +13,9 @@ import pytest
 
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.exporter.trt_build import build_engines
-from llamatrt.pipeline import export_artifact
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import OrtBackend
+from llamatrt.tools.pipeline import export_artifact
 from tests.conftest import save_tiny_tokenizer
 
 # module-scoped exports shared by several tests: on one pytest-xdist worker, made once
@@ -47,7 +47,7 @@ def int4_artifact(request, tmp_path_factory) -> Path:
 
 
 def _scores(folder: Path, attention: str) -> list[np.ndarray]:
-    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.base.artifact.reader import read_manifest
 
     prompts = [[5, 9, 11, 30, 7], list(range(3, 14))]
     forced = [[40, 41, 42, 43], [8, 7, 6, 5]]
@@ -56,7 +56,7 @@ def _scores(folder: Path, attention: str) -> list[np.ndarray]:
 
 
 def test_the_portable_graphs_hold_the_same_int4_blocks_and_compute_the_same_logits(int4_artifact: Path) -> None:
-    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.base.artifact.reader import read_manifest
 
     manifest = read_manifest(int4_artifact)
     portable = {n: g for n, g in manifest.graphs.items() if g.attention == "portable"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llamatrt.errors import InputError, ManifestMismatchError
+from llamatrt.base.errors import InputError, ManifestMismatchError
 from llamatrt.runtime.chat_template import TIME_LIMIT_S, ChatTemplate
 from tests.safety_helpers import edit_manifest, error_lines, run_cli
 
@@ -62,7 +62,7 @@ def test_a_path_out_of_the_artifact_is_refused_even_when_its_file_matches(
     tiny_artifact: Path, tmp_path: Path, where: str
 ) -> None:
     """The outside files are a copy of the artifact's own, so size and hash agree: only the path rule stops it."""
-    from llamatrt.artifact.reader import read_manifest
+    from llamatrt.base.artifact.reader import read_manifest
 
     shutil.copytree(tiny_artifact, tmp_path / "other")
     art = Path(shutil.copytree(tiny_artifact, tmp_path / "art"))

@@ -12,7 +12,7 @@ def _run(body: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from llamatrt import termination
+        from llamatrt.base import termination
         termination.install()
         root = Path({str(tmp_path)!r})
     """) + textwrap.dedent(body)

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llamatrt.errors import InputError, LlamatrtError
+from llamatrt.base.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import TextTracker
 from llamatrt.runtime.scheduler import Request as ScheduledRequest
 from llamatrt.server import protocol

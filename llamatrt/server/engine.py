@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamatrt.errors import InputError, LlamatrtError
+from llamatrt.base.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load, sampling_params
 from llamatrt.runtime.scheduler import Handle, LoopFailed, Request, Step
 from llamatrt.server.metrics import Metrics

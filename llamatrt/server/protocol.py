@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 
 # Accepted and ignored: they do not change what is generated.
 NO_EFFECT = frozenset({"user", "store", "metadata", "service_tier", "stream_options"})

@@ -11,15 +11,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llamatrt.artifact import precision as precision_module
-from llamatrt.artifact.feeds import graph_feeds
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.artifact.reader import read_manifest
-from llamatrt.errors import ArtifactExistsError, CheckpointError, InputError, ValidationError
+from llamatrt.base.artifact import precision as precision_module
+from llamatrt.base.artifact.feeds import graph_feeds
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.artifact.reader import read_manifest
+from llamatrt.base.errors import ArtifactExistsError, CheckpointError, InputError, ValidationError
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.models import load_checkpoint
 from llamatrt.models.kv_cache import empty_cache
-from llamatrt.pipeline import export_artifact
+from llamatrt.tools.pipeline import export_artifact
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 
 CACHE, CHUNK = 48, 8

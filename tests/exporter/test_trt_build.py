@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from llamatrt.artifact.engines import engine_graphs
-from llamatrt.artifact.reader import read_manifest
+from llamatrt.base.artifact.engines import engine_graphs
+from llamatrt.base.artifact.reader import read_manifest
+from llamatrt.base.errors import ArtifactExistsError
 from llamatrt.cli import main
-from llamatrt.errors import ArtifactExistsError
 from llamatrt.exporter.trt_build import build_engines
 
 needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
@@ -49,7 +49,7 @@ def test_rtx_builds_both_graphs_and_io_matches_manifest(artifact: Path) -> None:
 @needs_rtx
 def test_rtx_builds_fp16_graphs(tiny_artifact: Path, tmp_path: Path) -> None:
     from llamatrt.exporter.export import ExportOptions
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     out = tmp_path / "fp16"
     export_artifact(tiny_artifact.parent / "hf", out, ExportOptions(max_cache_len=32, prefill_chunk=8, dtype="fp16"))

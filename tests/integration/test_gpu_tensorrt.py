@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import llamatrt
-from llamatrt.artifact.precision import PRECISIONS
+from llamatrt.base.artifact.precision import PRECISIONS
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,7 +26,7 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "What
 def fp16_engines(tmp_path_factory) -> Path:
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.exporter.trt_build import build_engines
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     out = tmp_path_factory.mktemp("gpu") / "smollm2-fp16"
     export_artifact("smollm2", out, ExportOptions(dtype="fp16", max_cache_len=512))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llamatrt.runtime.compare import run_diff
+from llamatrt.tools.compare import run_diff
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.artifact.reader import read_manifest
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.artifact.reader import read_manifest
 
 pytestmark = pytest.mark.slow
 SMOLLM2_PARAMS = 134_515_008  # incl. the tied 49152x576 embedding, counted once

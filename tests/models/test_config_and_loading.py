@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamatrt.errors import CheckpointError, ConfigError
+from llamatrt.base.errors import CheckpointError, ConfigError
 from llamatrt.models import LlamaConfig, load_checkpoint
 from tests.conftest import TINY_BASE, tiny_hf_model
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from llamatrt.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, contract_io
+from llamatrt.base.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, contract_io
 from llamatrt.models import LlamaConfig
 from llamatrt.runtime.backend import Backend
 

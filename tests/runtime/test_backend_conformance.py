@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError
+from llamatrt.base.errors import BackendUnavailable, InputError, ManifestMismatchError
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import KVState
 from llamatrt.runtime.registry import BACKENDS, open_backend

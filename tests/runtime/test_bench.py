@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from llamatrt.cli import main
-from llamatrt.runtime.bench import measure_bandwidth
-from llamatrt.runtime.bench_workload import mixed_workload
+from llamatrt.tools.bench import measure_bandwidth
+from llamatrt.tools.bench_workload import mixed_workload
 
 
 def test_bench_json_with_baseline_contexts_and_workload(tiny_artifact: Path) -> None:

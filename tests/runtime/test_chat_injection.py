@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 from llamatrt.runtime.tokenizer import ArtifactTokenizer
 from tests.conftest import save_byte_level_bpe
 

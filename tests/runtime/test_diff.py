@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from llamatrt.exporter.export import ExportOptions
-from llamatrt.pipeline import export_artifact
-from llamatrt.runtime.compare import run_diff
+from llamatrt.tools.compare import run_diff
+from llamatrt.tools.pipeline import export_artifact
 from tests.safety_helpers import perturb_parameter
 
 PROMPTS = [(False, "w5 w17 w42 w8"), (True, "w11 w12"), (False, " ".join(f"w{i % 90 + 3}" for i in range(20)))]
@@ -89,7 +89,7 @@ def test_mask_off_by_one_fails(tiny_artifact: Path, tmp_path: Path, monkeypatch)
 
 
 def test_bad_steps() -> None:
-    from llamatrt.errors import InputError
+    from llamatrt.base.errors import InputError
 
     with pytest.raises(InputError, match="--steps"):
         run_diff("nowhere", steps=0)

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 from llamatrt.runtime.detokenizer import TextStream
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import plan_prefill

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 from llamatrt.runtime.sampling import SamplingParams, sample
 
 EXTREMES = {

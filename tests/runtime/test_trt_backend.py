@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamatrt.errors import ManifestMismatchError
+from llamatrt.base.errors import ManifestMismatchError
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.trt_backend import TensorRTBackend
 from tests.runtime.fake_backend import fake_manifest

@@ -10,7 +10,7 @@ engine side with the same graph on ONNX Runtime. Then: the first node in topolog
 output leaves the tolerance (its op, its layer, its inputs' ranges), and the per-layer error of the
 residual stream after each decoder layer.
 
-The fp16 safety scan runs an fp16 graph and its fp32 twin (llamatrt.runtime.fp32_twin) on a few
+The fp16 safety scan runs an fp16 graph and its fp32 twin (llamatrt.tools.fp32_twin) on a few
 prompts with every tensor marked, and lists the tensors that come within 2x of fp16's maximum or
 underflow to zero in bulk: where an fp32 island is needed.
 """
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.reader import inside, read_manifest
-from llamatrt.errors import InputError
-from llamatrt.progress import Progress, no_progress
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest
+from llamatrt.base.artifact.reader import inside, read_manifest
+from llamatrt.base.errors import InputError
+from llamatrt.base.progress import Progress, no_progress
 
 FP16_MAX = 65504.0
 # Element-wise tolerance per candidate dtype: a mismatch is both |a - b| > atol and |a - b| / |b| > rtol.
@@ -205,8 +205,8 @@ def _feeds(graph: GraphSpec, manifest: Manifest, dtype: str) -> dict[str, np.nda
     cache then holds deterministic values, the same for both sides)."""
     import torch
 
-    from llamatrt.artifact.feeds import fixed_prompt, graph_feeds
-    from llamatrt.artifact.precision import torch_dtype
+    from llamatrt.base.artifact.feeds import fixed_prompt, graph_feeds
+    from llamatrt.base.artifact.precision import torch_dtype
 
     batch, seq = graph.batch or 1, graph.seq_len or 1
     vocab, capacity, c = manifest.config.vocab_size, manifest.max_cache_len, manifest.config
@@ -247,7 +247,9 @@ def run_layerwise(artifact: str | Path, against: str = "fp32", role: str = "pref
     manifest = read_manifest(folder, verify=verify)
     portable = any(g.attention == "portable" for g in manifest.graphs.values())
     if against == "level0" or (manifest.quantization and not portable):
-        from llamatrt.quant_layerwise import run_quant_layerwise  # int8 vs fp32 activations in ONNX Runtime's graph
+        from llamatrt.tools.quant_layerwise import (
+            run_quant_layerwise,  # int8 vs fp32 activations in ONNX Runtime's graph
+        )
 
         return run_quant_layerwise(folder, progress=progress, verify=False)  # type: ignore[return-value]
     graph = _candidate_graph(manifest, role)
@@ -286,7 +288,7 @@ def run_layerwise(artifact: str | Path, against: str = "fp32", role: str = "pref
 
 
 def _reference_graph(manifest: Manifest, graph: GraphSpec, folder: Path) -> Path:
-    from llamatrt.artifact.variants import PORTABLE
+    from llamatrt.base.artifact.variants import PORTABLE
     from llamatrt.exporter.export import export_graph
     from llamatrt.exporter.variants import VariantPlan
     from llamatrt.models.checkpoint import load_checkpoint
@@ -328,7 +330,7 @@ def _engine_vs_onnxruntime(
     from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, TrtRunner
     from polygraphy.backend.trt import modify_network_outputs as mark
 
-    from llamatrt.artifact.engines import engine_module
+    from llamatrt.base.artifact.engines import engine_module
 
     engine_module(manifest.engines["builder"])
     path = inside(folder, graph.path, f"graph {graph.name!r} path")
@@ -363,7 +365,7 @@ class Fp16Finding:
 def fp16_scan(artifact: str | Path, prompts: int = 2) -> list[Fp16Finding]:
     """Every tensor of the fp16 prefill graph within 2x of fp16's maximum, or underflowing to zero in
     bulk, on `prompts` calibration prompts (against its fp32 twin)."""
-    from llamatrt.runtime.fp32_twin import fp32_twin
+    from llamatrt.tools.fp32_twin import fp32_twin
 
     folder = Path(artifact)
     manifest = read_manifest(folder, verify=False)

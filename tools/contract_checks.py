@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import torch
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import KVState
-from llamatrt.runtime.report import CheckResult
+from llamatrt.tools.report import CheckResult
 
 
 def _token_by_token(gen: Generator, prompt: Sequence[int]) -> torch.Tensor:

@@ -3,7 +3,7 @@ accuracy level 4) depart from fp32 activations (level 0), in ONNX Runtime's own 
 
 Two views, both on real prompts (the chat prompts of `diff`, prefilled from an empty cache):
 - Node by node: the graph with every MatMulNBits at level 4 against the same graph at level 0, every
-  tensor marked (Polygraphy, as llamatrt.layerwise does for float graphs); tensors match by name
+  tensor marked (Polygraphy, as llamatrt.tools.layerwise does for float graphs); tensors match by name
   because the graphs differ in one attribute only. The residual stream after each layer shows how
   the error grows; the first node out of tolerance says where it starts.
 - Projection by projection: each MatMulNBits node run alone at levels 4 and 0 on the *same* input
@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.reader import inside, read_manifest
-from llamatrt.artifact.variants import MS_DOMAIN
-from llamatrt.errors import InputError
-from llamatrt.layerwise import NodeDiff, compare_runs, plot_layers
-from llamatrt.progress import Progress, no_progress
-from llamatrt.runtime.quant_twin import set_accuracy_level
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest
+from llamatrt.base.artifact.reader import inside, read_manifest
+from llamatrt.base.artifact.variants import MS_DOMAIN
+from llamatrt.base.errors import InputError
+from llamatrt.base.progress import Progress, no_progress
+from llamatrt.tools.layerwise import NodeDiff, compare_runs, plot_layers
+from llamatrt.tools.quant_twin import set_accuracy_level
 
 INT8_ACTIVATIONS, FP32_ACTIVATIONS = 4, 0
 KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the rest is the head
@@ -206,7 +206,7 @@ def projection_errors(model: Any, inits: Mapping[str, np.ndarray],
 def _prompt_feeds(graph: GraphSpec, manifest: Manifest, ids: list[int]) -> dict[str, np.ndarray]:
     import torch
 
-    from llamatrt.artifact.feeds import graph_feeds
+    from llamatrt.base.artifact.feeds import graph_feeds
 
     c = manifest.config
     tokens = torch.tensor([ids])
@@ -224,10 +224,10 @@ def run_quant_layerwise(artifact: str | Path, prompts: Sequence[tuple[bool, str]
     import onnx
     from onnx import numpy_helper
 
-    from llamatrt.layerwise import _marked, _run
-    from llamatrt.runtime.compare import DEFAULT_PROMPTS, kernel_note
     from llamatrt.runtime.llm import LLM
     from llamatrt.runtime.registry import open_backend
+    from llamatrt.tools.compare import DEFAULT_PROMPTS, kernel_note
+    from llamatrt.tools.layerwise import _marked, _run
 
     folder = Path(artifact)
     manifest = read_manifest(folder, verify=verify)

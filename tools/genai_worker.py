@@ -1,4 +1,4 @@
-"""`python -m llamatrt.runtime.genai_worker MODEL_DIR BATCH PROMPT_LEN VOCAB`: onnxruntime-genai's
+"""`python -m llamatrt.tools.genai_worker MODEL_DIR BATCH PROMPT_LEN VOCAB`: onnxruntime-genai's
 `og.Generator` in a process of its own, as its users run it (its default session options: ONNX
 Runtime's intra-op threads = the cores), for `bench --baseline onnxruntime-genai`.
 
@@ -27,7 +27,7 @@ def main(model_dir: str, batch: int, prompt_len: int, vocab: int) -> None:
     import numpy as np
     import onnxruntime_genai as og
 
-    from llamatrt.artifact.feeds import fixed_prompt
+    from llamatrt.base.artifact.feeds import fixed_prompt
 
     before = _rss_mb()
     model = og.Model(model_dir)

@@ -13,17 +13,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact.feeds import fixed_prompt
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.artifact.precision import PRECISIONS
-from llamatrt.errors import ValidationError
+from llamatrt.base.artifact.feeds import fixed_prompt
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.artifact.precision import PRECISIONS
+from llamatrt.base.errors import ValidationError
 from llamatrt.models.llama import StaticLlama
 from llamatrt.runtime.backend import Backend
-from llamatrt.runtime.fp32_twin import fp32_twin
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import OrtBackend
-from llamatrt.runtime.quant_twin import exact_twin
 from llamatrt.runtime.torch_backend import TorchBackend
+from llamatrt.tools.fp32_twin import fp32_twin
+from llamatrt.tools.quant_twin import exact_twin
 
 DECODE_STEPS = 4  # teacher-forced decode calls after the prefill
 # MatMulNBits' fp32 kernel sums a row block by block, in its own order: SmolLM2 measures 1.2e-4 on

@@ -10,10 +10,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from llamatrt.artifact.manifest import GraphSpec, Manifest
-from llamatrt.artifact.reader import check_file
-from llamatrt.errors import BackendUnavailable, InputError, ManifestMismatchError, ValidationError
-from llamatrt.lazy import require_tensorrt
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest
+from llamatrt.base.artifact.reader import check_file
+from llamatrt.base.errors import BackendUnavailable, InputError, ManifestMismatchError, ValidationError
+from llamatrt.base.lazy import require_tensorrt
 
 ENGINE_KINDS = ("tensorrt", "tensorrt-rtx")
 

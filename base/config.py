@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llamatrt.errors import ConfigError
+from llamatrt.base.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

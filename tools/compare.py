@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.artifact.precision import Thresholds, stage_thresholds
-from llamatrt.artifact.variants import SHORT_PREFILL
-from llamatrt.errors import InputError
-from llamatrt.progress import Progress, no_progress
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.artifact.precision import Thresholds, stage_thresholds
+from llamatrt.base.artifact.variants import SHORT_PREFILL
+from llamatrt.base.errors import InputError
+from llamatrt.base.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
-from llamatrt.runtime.contract_checks import run_contract_checks
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.registry import open_backend
-from llamatrt.runtime.report import AccuracyReport, StageResult
 from llamatrt.runtime.torch_backend import TorchBackend
+from llamatrt.tools.contract_checks import run_contract_checks
+from llamatrt.tools.report import AccuracyReport, StageResult
 
 # (chat?, text): chat and plain, short and longer than a typical prefill chunk.
 DEFAULT_PROMPTS: tuple[tuple[bool, str], ...] = (

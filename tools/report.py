@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llamatrt.artifact.precision import Thresholds, stage_thresholds
+from llamatrt.base.artifact.precision import Thresholds, stage_thresholds
 
 DIVERGE = (
     "the first step at which the stage's free-running greedy tokens differ from transformers' on any prompt "

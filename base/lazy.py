@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from llamatrt.errors import BackendUnavailable
+from llamatrt.base.errors import BackendUnavailable
 
 
 def require_tensorrt(allow_rtx: bool = False, fix: str = "or use --backend onnxruntime") -> ModuleType:

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.errors import InputError
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.errors import InputError
 from llamatrt.models.gguf import cache_root
 
 GENAI_PRECISION = {"int4": "int4", "int8": "int8", "float32": "fp32"}
@@ -74,7 +74,7 @@ class GenaiWorker:
 
         self.new_tokens = new_tokens
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llamatrt.runtime.genai_worker", str(model_dir), str(batch), str(prompt_len),
+            [sys.executable, "-m", "llamatrt.tools.genai_worker", str(model_dir), str(batch), str(prompt_len),
              str(vocab)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         weakref.finalize(self, self.proc.kill)
@@ -84,7 +84,7 @@ class GenaiWorker:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise InputError("the onnxruntime-genai worker exited; run `python -m llamatrt.runtime.genai_worker` "
+            raise InputError("the onnxruntime-genai worker exited; run `python -m llamatrt.tools.genai_worker` "
                              "to see why, or drop --baseline")  # fmt: skip
         return dict(json.loads(line))
 

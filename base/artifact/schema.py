@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llamatrt.artifact import names
-from llamatrt.artifact.precision import PRECISIONS, TENSOR_DTYPES
-from llamatrt.artifact.variants import ATTENTION_FORMS, BACKENDS, ROLES
-from llamatrt.errors import ManifestMismatchError
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.precision import PRECISIONS, TENSOR_DTYPES
+from llamatrt.base.artifact.variants import ATTENTION_FORMS, BACKENDS, ROLES
+from llamatrt.base.errors import ManifestMismatchError
 
 # 2: graphs are a list of variants described by data (role, batch, attention form, ...), each with a hash.
 # 3: cache_position is [B, S] (each row writes at its own slots: in-flight batching); a graph's batch

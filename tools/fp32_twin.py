@@ -2,7 +2,7 @@
 becomes fp32, the weights keep their values (exactly representable in fp32), the node and tensor
 names stay. The twin computes the same graph with fp32 arithmetic: a CPU machine can check a bf16
 graph through it (ONNX Runtime CPU has no bf16 kernels), and comparing an fp16 graph with its twin,
-tensor by tensor, shows where fp16 arithmetic departs (llamatrt.layerwise).
+tensor by tensor, shows where fp16 arithmetic departs (llamatrt.tools.layerwise).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llamatrt.artifact.manifest import GraphSpec, Manifest, TensorSpec
-from llamatrt.artifact.reader import inside
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest, TensorSpec
+from llamatrt.base.artifact.reader import inside
 
 
 def _fp32_graph(source: Path, target: Path) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from llamatrt.artifact import names
-from llamatrt.artifact.manifest import GraphSpec, Manifest, contract_io, load_manifest_json
-from llamatrt.artifact.schema import REEXPORT
-from llamatrt.errors import ManifestMismatchError
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.manifest import GraphSpec, Manifest, contract_io, load_manifest_json
+from llamatrt.base.artifact.schema import REEXPORT
+from llamatrt.base.errors import ManifestMismatchError
 
 
 def inside(folder: Path, relative: str, what: str) -> Path:

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import torch
 
-from llamatrt.artifact.feeds import fixed_prompt
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.errors import InputError
-from llamatrt.progress import Progress, no_progress
+from llamatrt.base.artifact.feeds import fixed_prompt
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.errors import InputError
+from llamatrt.base.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
-from llamatrt.runtime.bench_report import BenchReport, Measured
-from llamatrt.runtime.bench_workload import mixed_workload, run_workload
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import physical_cores
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.scheduler import Scheduler
+from llamatrt.tools.bench_report import BenchReport, Measured
+from llamatrt.tools.bench_workload import mixed_workload, run_workload
 
 BASELINES = ("transformers", "onnxruntime-genai")
 SETTLE_S = 0.05
@@ -141,7 +141,7 @@ def _source_dir(manifest: Manifest) -> Path:
 
 def _genai_timer(manifest: Manifest, artifact: str, prompt_len: int, new_tokens: int) -> _Timed:
     """onnxruntime-genai's own model of the same checkpoint, at the artifact's precision."""
-    from llamatrt.runtime.bench_genai import genai_model, genai_precision, genai_timer_run
+    from llamatrt.tools.bench_genai import genai_model, genai_precision, genai_timer_run
 
     precision = genai_precision(manifest)
     model = genai_model(_source_dir(manifest), precision)

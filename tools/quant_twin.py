@@ -13,8 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.artifact.reader import inside
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.artifact.reader import inside
 
 
 def set_accuracy_level(model: Any, level: int) -> None:

@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from llamatrt.artifact.feeds import fixed_prompt
+from llamatrt.base.artifact.feeds import fixed_prompt
 from llamatrt.runtime.scheduler import Request, Scheduler
 
 PROMPT_TOKENS = (10, 300)

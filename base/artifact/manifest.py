@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact import names
-from llamatrt.artifact.schema import FORMAT_VERSION, REEXPORT, check_manifest_json
-from llamatrt.artifact.variants import ATTENTION_FORMS, AttentionForm
-from llamatrt.errors import ManifestMismatchError
-from llamatrt.models.config import LlamaConfig
-from llamatrt.termination import removed_on_termination
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.schema import FORMAT_VERSION, REEXPORT, check_manifest_json
+from llamatrt.base.artifact.variants import ATTENTION_FORMS, AttentionForm
+from llamatrt.base.config import LlamaConfig
+from llamatrt.base.errors import ManifestMismatchError
+from llamatrt.base.termination import removed_on_termination
 
 __all__ = [
     "FORMAT_VERSION",

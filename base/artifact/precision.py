@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llamatrt.errors import InputError
+from llamatrt.base.errors import InputError
 
 if TYPE_CHECKING:
     import torch

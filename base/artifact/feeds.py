@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from llamatrt.artifact import names
-from llamatrt.artifact.manifest import GraphSpec
-from llamatrt.artifact.precision import torch_dtype
-from llamatrt.errors import InputError
+from llamatrt.base.artifact import names
+from llamatrt.base.artifact.manifest import GraphSpec
+from llamatrt.base.artifact.precision import torch_dtype
+from llamatrt.base.errors import InputError
 
 Cache = Sequence[torch.Tensor]  # flat past buffers (key0, value0, ...), each (batch, kv_heads, max_cache_len, head_dim)
 

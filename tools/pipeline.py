@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.progress import Progress, no_progress
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def export_artifact(model: str | Path | Any, out: Path, options: Any = None, for
     the runtime (ExportOptions.validate) before it replaces anything."""
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.exporter.export import export_artifact as write_artifact
-    from llamatrt.runtime.export_check import validate_artifact
+    from llamatrt.tools.export_check import validate_artifact
 
     options = options or ExportOptions()
     manifest = write_artifact(model, out, options, force, progress, validate_artifact)
@@ -32,9 +32,9 @@ def export_artifact(model: str | Path | Any, out: Path, options: Any = None, for
 
 
 def _warn_fp16(out: Path) -> None:
-    """The fp16 safety scan (llamatrt.layerwise): one warning line when a tensor comes near fp16's
+    """The fp16 safety scan (llamatrt.tools.layerwise): one warning line when a tensor comes near fp16's
     maximum or underflows in bulk, naming the first."""
-    from llamatrt.layerwise import fp16_scan
+    from llamatrt.tools.layerwise import fp16_scan
 
     findings = fp16_scan(out)
     if findings:

@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llamatrt.progress import Progress, no_progress
-from llamatrt.runtime.bench_workload import NEW_TOKENS, PROMPT_TOKENS
+from llamatrt.base.progress import Progress, no_progress
+from llamatrt.tools.bench_workload import NEW_TOKENS, PROMPT_TOKENS
 
 WORDS = ["the", "sky", "river", "stone", "light", "city", "music", "garden", "window", "story", "mountain", "letter",
          "ocean", "forest", "bridge", "morning", "engine", "paper", "silver", "winter"]  # fmt: skip

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamatrt.artifact.manifest import Manifest
-from llamatrt.errors import InputError
+from llamatrt.base.artifact.manifest import Manifest
+from llamatrt.base.errors import InputError
 
 BASELINE_LABELS = ("transformers", "onnxruntime-genai")  # runtime.bench's baselines label their runs so
 
