@@ -20,6 +20,7 @@ from llamatrt.runtime.detokenizer import TextStream, TokenizerPieces
 from llamatrt.runtime.generator import Generator, Step
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.sampling import SamplingParams
+from llamatrt.runtime.scheduler import Scheduler
 from llamatrt.runtime.tokenizer import ArtifactTokenizer, clean_up_tokenization
 
 Prompt = str | Sequence[int]
@@ -122,6 +123,11 @@ class LLM:
             text=self.text_stream if self.tokenizer is not None else None,
         )  # fmt: skip
 
+    @property
+    def scheduler(self) -> Scheduler:
+        """The one loop this LLM runs: a server drives it (`serve_forever`) and submits to it."""
+        return self.generator.scheduler
+
     def _load_tokenizer(self) -> ArtifactTokenizer | None:
         folder = tokenizer_dir(self.backend.folder, self.manifest)
         return None if folder is None else ArtifactTokenizer(folder, self.manifest.tokenizer)
@@ -186,8 +192,9 @@ class LLM:
         params = sampling_params(sampling)
         ids = [self.encode(p, chat=chat, system=system) for p in _as_prompt_list(prompts)]
         trackers = [TextTracker(i, len(p), self.tokenizer is not None) for i, p in enumerate(ids)]
-        steps = self.generator.stream(ids, max_new_tokens, params, tuple(stop), logprobs or bool(top_logprobs),
-                                      top_logprobs, stop_ids)  # fmt: skip
+        steps = self.generator.stream(
+            ids, max_new_tokens, params, tuple(stop), logprobs or bool(top_logprobs), top_logprobs, stop_ids, fit="cap"
+        )
         for step in steps:
             yield trackers, trackers[step.index].apply(step)
 

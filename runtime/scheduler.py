@@ -1,29 +1,30 @@
 """The one generation loop: requests join and leave a running batch (in-flight batching).
 
-A FIFO queue of requests; a request is admitted as soon as a row of the B-row cache is free. Its
-prompt is prefilled on that row alone (a batch-1 prefill bound onto the row's slice of the cache),
-one prefill call per loop iteration, so the rows already decoding wait at most one prefill chunk
-between two of their tokens; every iteration then runs one decode call of all B rows, each at its
-own slot and position. A finished or cancelled row is freed at once and refilled before the next
-decode. Each request carries its own sampling, seed, stop ids and strings, token budget and
-logprobs; its tokens do not depend on which row it got or what else runs (its own seeded
-torch.Generator, rows independent in every graph).
+Each step asks runtime.schedule for a plan (which waiting requests take which free rows, which row
+prefills how many tokens, which rows decode) and applies it: one prefill call, bound onto its row's
+slice of the B-row cache, then one decode call of all B rows, each at its own slot and position;
+the rows' next tokens are chosen in one batched call (runtime.sampling), stop ids end a request
+here and stop strings in its text stream (runtime.detokenizer). A finished or cancelled row is
+freed at once and refilled at the next step. Each request carries its own sampling, seed, stop ids
+and strings, token budget and logprobs; its tokens do not depend on which row it got or what else
+runs (its own seeded torch.Generator, rows independent in every graph).
 
-`admission="lockstep"` admits only into an empty batch: the classic batch that starts and ends
-together, kept as the baseline the benchmark measures in-flight batching against.
+What the tools need is passed in, not built in: an admission policy (the bench's lockstep batches),
+a token choice (teacher forcing in the diff), an observer of each graph call's time (the bench).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import queue
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -31,80 +32,20 @@ from llamatrt.base.errors import InputError, LlamatrtError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
 from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill
-from llamatrt.runtime.sampling import SamplingParams, sample, token_logprobs, top_logprobs
+from llamatrt.runtime.requests import GREEDY, Handle, Request, Step
+from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
+from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Plan, Prefill, RowState, decide
 
+__all__ = ["GREEDY", "Handle", "LoopFailed", "Request", "Scheduler", "Step"]
 log = logging.getLogger(__name__)
-GREEDY = SamplingParams()
 INTERLEAVE = 1.5  # a prefill call between two decode steps may take this many decode steps
 MIN_INTERLEAVE_TOKENS = 8
 
 
-@dataclass(frozen=True)
-class Request:
-    prompt: Sequence[int]
-    max_new_tokens: int = 128
-    sampling: SamplingParams = GREEDY
-    stop_ids: frozenset[int] = frozenset()  # besides the scheduler's EOS ids (unless use_eos is False)
-    stop_strings: tuple[str, ...] = ()
-    use_eos: bool = True
-    logprobs: bool = False
-    top_logprobs: int = 0  # the N most likely alternatives' logprobs at each step
-    forced: Sequence[int] | None = None  # teacher forcing: these tokens are fed, never sampled; logits kept
-    fit: str = "refuse"  # prompt + max_new_tokens beyond a row: "refuse" it, or "cap" (finish_reason "length")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One event of one request: a new token, and/or its end."""
-
-    index: int  # the request's index (given at submit)
-    token_id: int | None  # None on a final step ended by a stop id (stop ids are not emitted)
-    logprob: float | None
-    finish_reason: str | None  # None while running, then "stop", "length", "cancelled" or "error"
-    elapsed_s: float  # since the request was submitted (its first step: the time to first token)
-    stop: str | int | None = None  # the stop string or stop id that ended it
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-    logits: torch.Tensor | None = None  # (vocab,) for forced requests
-    error: str | None = None  # with finish_reason "error": what failed (this request alone ended)
-    text: str = ""  # text released by this step (runtime.detokenizer): the request's text is their sum
-    kept: int | None = None  # on a step ended by a stop string: the tokens whose text lies before it
-
-
-class Handle:
-    """A submitted request. Its steps arrive on `steps()` (from any thread) or through `on_step`."""
-
-    def __init__(self, request: Request, index: int, on_step: Callable[[Step], None] | None) -> None:
-        self.request, self.index, self.on_step = request, index, on_step
-        self.submitted = time.perf_counter()
-        self.events: queue.SimpleQueue[Step] = queue.SimpleQueue()
-        self.done = threading.Event()
-        self.cancel_requested = False
-
-    def cancel(self) -> None:
-        """Free the request's row at the next step (or drop it from the queue); others are unaffected."""
-        self.cancel_requested = True
-
-    def steps(self, timeout: float | None = None) -> Iterator[Step]:
-        """Steps as they come, ending with the final one (blocks; the loop runs in another thread)."""
-        while True:
-            step = self.events.get(timeout=timeout)
-            yield step
-            if step.finish_reason is not None:
-                return
-
-    def _emit(self, step: Step) -> None:
-        self.events.put(step)
-        if self.on_step is not None:
-            try:
-                self.on_step(step)
-            except RuntimeError:  # its event loop is closed: nobody reads this request any more
-                self.cancel_requested = True
-        if step.finish_reason is not None:
-            self.done.set()
-
-
 @dataclass
-class _Row:
+class Row:
+    """A request in a row of the cache: what the loop keeps of it between steps."""
+
     handle: Handle
     plan: PrefillPlan
     windows: deque[tuple[int, int]]
@@ -116,12 +57,33 @@ class _Row:
     last_token: int = 0
 
     @property
-    def prompt(self) -> Sequence[int]:
-        return self.handle.request.prompt
+    def request(self) -> Request:
+        return self.handle.request
 
     @property
     def next_slot(self) -> int:
         return self.plan.pad + self.fed
+
+
+class TokenChoice(Protocol):
+    """Chooses the next token of each row in `rows` from its logits (len(rows), vocab)."""
+
+    def __call__(self, rows: Sequence[Row], logits: torch.Tensor) -> list[int]: ...
+
+
+def sample_rows(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
+    """Each row's own sampling parameters, generator and seen tokens, in one batched call."""
+    seen = None
+    if any(r.seen is not None for r in rows):
+        blank = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        seen = torch.stack([r.seen if r.seen is not None else blank for r in rows])
+    return sample(logits, [r.request.sampling for r in rows], [r.generator for r in rows], seen).tolist()
+
+
+class Observer(Protocol):
+    """Told how long each graph call took (role "prefill" or "decode", rows in the call)."""
+
+    def __call__(self, role: str, seconds: float, rows: int) -> None: ...
 
 
 class LoopFailed(LlamatrtError):
@@ -130,23 +92,29 @@ class LoopFailed(LlamatrtError):
 
 class Scheduler:
     def __init__(
-        self, backend: Backend, stop_ids: Iterable[int] = (), pad_id: int = 0, text: TextStreamFactory | None = None,
-        admission: str = "continuous",
-    ) -> None:  # fmt: skip
-        if admission not in ("continuous", "lockstep"):
-            raise InputError(f"unknown admission {admission!r}; use continuous or lockstep")
+        self,
+        backend: Backend,
+        stop_ids: Iterable[int] = (),
+        pad_id: int = 0,
+        text: TextStreamFactory | None = None,
+        *,
+        admission: Admission = IN_FLIGHT,
+        choose: TokenChoice = sample_rows,
+        observer: Observer | None = None,
+    ) -> None:
         self.backend, self.manifest = backend, backend.manifest
         self.eos_ids = frozenset(stop_ids)
-        self.pad_id, self.text_stream, self.admission = pad_id, text, admission
+        self.pad_id, self.text_stream = pad_id, text
+        self.admission, self.choose, self.observer = admission, choose, observer
         self.kv = KVState(backend)
-        self.rows: list[_Row | None] = [None] * self.manifest.batch_size
+        self.rows: list[Row | None] = [None] * self.manifest.batch_size
         self.queue: deque[Handle] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
+        self.driving = threading.Lock()  # one driver at a time: `run` or `serve_forever`
         self.decode_graph = backend.graph("decode")
         self.prefill_sizes = backend.seq_sizes("prefill", batch=1)
         self.prefill_chunk = max(self.prefill_sizes) if self.prefill_sizes else self.manifest.prefill_chunk
-        self.decode_seconds: deque[float] = deque(maxlen=100_000)  # how long each recent decode call took
         self._decode_step_s: float | None = None  # running averages, for sizing interleaved prefill calls
         self._prefill_token_s: float | None = None
         self.failed: str | None = None  # why the loop stopped for good; submit refuses from then on
@@ -163,23 +131,27 @@ class Scheduler:
         if len(prompt) == 0:
             raise InputError(f"prompt {index} is empty; give it at least one token")
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InputError(f"prompt {index} has a token id outside the vocabulary [0, {vocab}); encode it with "
-                             "this artifact's tokenizer")  # fmt: skip
+            raise InputError(
+                f"prompt {index} has a token id outside the vocabulary [0, {vocab}); encode it with this "
+                "artifact's tokenizer"
+            )
         if any(not s for s in request.stop_strings):
             raise InputError("a stop string is empty (it would stop every row at once); give non-empty --stop strings")
         if any(not 0 <= t < vocab for t in request.stop_ids):
             raise InputError(f"a stop id is outside the vocabulary [0, {vocab}); give ids of this artifact's tokenizer")
         if request.top_logprobs < 0 or request.top_logprobs > 20:
             raise InputError(f"top logprobs {request.top_logprobs} must be in [0, 20]; ask for at most 20 alternatives")
-        steps = len(request.forced) if request.forced is not None else request.max_new_tokens
+        steps = request.max_new_tokens
         if steps < 1:
             raise InputError(f"max new tokens {steps} must be >= 1; ask for at least one token")
         pad = plan_prefill(len(prompt), self.prefill_sizes, self.prefill_chunk).pad
         room = capacity - pad - len(prompt) + 1  # tokens it can still get: the last one is never written
         if room < 1:
-            raise InputError(f"prompt {index} has {len(prompt)} tokens, the cache holds {capacity}; shorten it or "
-                             "re-export with a larger --max-seq-len")  # fmt: skip
-        if steps > room and (request.fit != "cap" or request.forced is not None):
+            raise InputError(
+                f"prompt {index} has {len(prompt)} tokens, the cache holds {capacity}; shorten it or re-export "
+                "with a larger --max-seq-len"
+            )
+        if steps > room and request.fit != "cap":
             raise InputError(
                 f"prompt {index} ({len(prompt)} tokens) plus {steps} new tokens does not fit the cache of "
                 f"{capacity}; ask for at most {room} new tokens, shorten the prompt or re-export with a larger "
@@ -205,13 +177,27 @@ class Scheduler:
     def active_rows(self) -> int:
         return sum(r is not None for r in self.rows)
 
-    # --- running ----------------------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue, not yet in a row."""
+        return len(self.queue)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self.rows) - self.active_rows
+
+    def wake_up(self) -> None:
+        """Wake a sleeping `serve_forever` (to see its stop event)."""
+        with self.wake:
+            self.wake.notify_all()
+
+    # --- driving ----------------------------------------------------------------------------------
 
     def run(self, handles: Sequence[Handle] | None = None) -> Iterator[Step]:
         """Drive the loop in this thread until `handles` (default: everything queued) are done,
         yielding their steps as they come."""
         waiting = set(handles) if handles is not None else None
-        with torch_threads(self.backend.loop_threads):
+        with self._driver(), torch_threads(self.backend.loop_threads):
             while not (self.idle if waiting is None else all(h.done.is_set() for h in waiting)):
                 yield from self.step()
 
@@ -220,7 +206,7 @@ class Scheduler:
         that belongs to some requests ends those (finish_reason "error") and the loop goes on; a
         failure of the loop itself ends every request, refuses new ones (`failed`) and returns."""
         self.isolate_failures = True
-        with torch_threads(self.backend.loop_threads):
+        with self._driver(), torch_threads(self.backend.loop_threads):
             try:
                 while not stop.is_set():
                     with self.wake:
@@ -233,18 +219,47 @@ class Scheduler:
                 log.error("%s", self.failed, exc_info=True)
                 self._fail_all(self.failed)
 
+    @contextlib.contextmanager
+    def choosing(self, choose: TokenChoice) -> Iterator[None]:
+        """Choose the tokens of what runs inside with `choose` (the diff's teacher forcing), then
+        go back to sampling. Only between runs: a running request keeps one way of choosing."""
+        if not self.idle:
+            raise InputError("the loop has requests running; change how it chooses tokens between runs")
+        previous, self.choose = self.choose, choose
+        try:
+            yield
+        finally:
+            self.choose = previous
+
+    def _driver(self) -> _Driving:
+        return _Driving(self.driving)
+
+    # --- one step: decide, then apply -------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        """This step's decision (runtime.schedule) from the rows and the queue's head."""
+        rows = [None if r is None else RowState(r.handle.submitted, tuple(r.windows)) for r in self.rows]
+        with self.lock:
+            head = list(self.queue)[: rows.count(None)]
+        waiting = [RowState(h.submitted, tuple(self._prefill_plan(h.request).windows)) for h in head]
+        limit = self._interleave_tokens() if self.prefill_sizes is None else None
+        return decide(rows, waiting, self.admission, limit)
+
     def step(self) -> list[Step]:
-        """One iteration: drop cancelled requests, admit into free rows, one prefill call, one decode."""
+        """One iteration: drop cancelled requests, then apply the plan: admit, one prefill call, one
+        decode call."""
         events: list[Step] = []
         self._drop_cancelled(events)
-        self._admit()
-        prefilling = [b for b, r in enumerate(self.rows) if r is not None and r.windows]
-        if prefilling:
-            b = min(prefilling, key=lambda b: self.rows[b].handle.submitted)  # type: ignore[union-attr]
-            self._isolated(lambda: self._prefill_window(b, events), [b], events)
-        decoding = [b for b, r in enumerate(self.rows) if r is not None and not r.windows]
+        plan = self.plan()
+        with self.lock:
+            for b in plan.admit:
+                self.rows[b] = self._new_row(b, self.queue.popleft())
+        if plan.prefill is not None:
+            prefill = plan.prefill
+            self._isolated(lambda: self._prefill(prefill, events), [prefill.row], events)
+        decoding = [b for b in plan.decode if (row := self.rows[b]) is not None and not row.windows]
         if decoding:
-            self._isolated(lambda: self._decode(events), decoding, events)
+            self._isolated(lambda: self._decode(decoding, events), decoding, events)
         return events
 
     def _isolated(self, call: Callable[[], None], rows: list[int], events: list[Step]) -> None:
@@ -283,17 +298,12 @@ class Scheduler:
                 self.rows[b] = None
                 self._finish(row.handle, None, "cancelled", events, text=_rest(row))
 
-    def _admit(self) -> None:
-        with self.lock:
-            if self.admission == "lockstep" and any(r is not None for r in self.rows):
-                return
-            for b in range(len(self.rows)):
-                if self.rows[b] is None and self.queue:
-                    self.rows[b] = self._new_row(b, self.queue.popleft())
+    def _prefill_plan(self, request: Request) -> PrefillPlan:
+        return plan_prefill(len(request.prompt), self.prefill_sizes, self.prefill_chunk)
 
-    def _new_row(self, b: int, handle: Handle) -> _Row:
+    def _new_row(self, b: int, handle: Handle) -> Row:
         request = handle.request
-        plan = plan_prefill(len(request.prompt), self.prefill_sizes, self.prefill_chunk)
+        plan = self._prefill_plan(request)
         self.kv.reset_row(b, plan.pad)
         seed = request.sampling.seed if request.sampling.seed is not None else random.SystemRandom().randrange(2**63)
         seen = None
@@ -301,7 +311,7 @@ class Scheduler:
             seen = torch.zeros(self.manifest.config.vocab_size, dtype=torch.bool)
             seen[torch.tensor(list(request.prompt))] = True
         text = None if self.text_stream is None else self.text_stream(request.stop_strings)
-        return _Row(handle, plan, deque(plan.windows), torch.Generator().manual_seed(seed), seen, text=text)
+        return Row(handle, plan, deque(plan.windows), torch.Generator().manual_seed(seed), seen, text=text)
 
     def _interleave_tokens(self) -> int:
         """Tokens of one prefill call while other rows decode, on a graph that takes any number: what
@@ -312,34 +322,36 @@ class Scheduler:
         tokens = int(INTERLEAVE * self._decode_step_s / self._prefill_token_s)
         return max(MIN_INTERLEAVE_TOKENS, min(tokens, self.prefill_chunk))
 
-    def _prefill_window(self, b: int, events: list[Step]) -> None:
+    def _prefill(self, call: Prefill, events: list[Step]) -> None:
+        b, start, size = call.row, call.start, call.size
         row = self.rows[b]
         assert row is not None
-        start, size = row.windows.popleft()
-        decoding = any(r is not None and not r.windows and r is not row for r in self.rows)
-        if self.prefill_sizes is None and decoding and size > (limit := self._interleave_tokens()):
-            row.windows.appendleft((start + limit, size - limit))  # the rest of this window, next time
-            size = limit
+        first, whole = row.windows.popleft()
+        assert first == start, "the plan prefills the row's next window"
+        if size < whole:  # the rest of this window, next time
+            row.windows.appendleft((first + size, whole - size))
         slots = torch.arange(start, start + size)  # (size,)
-        tokens = [self.pad_id] * row.plan.pad + list(row.prompt)
+        tokens = [self.pad_id] * row.plan.pad + list(row.request.prompt)
         ids = torch.tensor(tokens[start : start + size], dtype=torch.long)
         positions = (slots - row.plan.pad).clamp(min=0)  # padding slots at position 0, masked anyway
         graph = self.backend.graph("prefill", 1, None if self.prefill_sizes is None else size)
         started = time.perf_counter()
         outputs = self.backend.run(graph.name, self.kv.prefill_feeds(graph, b, ids, positions, start))
         self.kv.take(outputs, row=b)
-        self._prefill_token_s = _average(self._prefill_token_s, (time.perf_counter() - started) / size)
+        seconds = time.perf_counter() - started
+        self._prefill_token_s = _average(self._prefill_token_s, seconds / size)
+        if self.observer is not None:
+            self.observer("prefill", seconds, 1)
         if not row.windows:  # the prompt is in the cache: its last position's logits give the first token
-            row.fed = len(row.prompt)
+            row.fed = len(row.request.prompt)
             logits = _finite(outputs["logits"], graph.name)[:1]
-            self._advance(b, logits[0], events, self._sample([b], logits).get(b))
+            self._advance(b, logits[0], events, self.choose([row], logits)[0])
 
-    def _decode(self, events: list[Step]) -> None:
+    def _decode(self, decoding: list[int], events: list[Step]) -> None:
         batch = len(self.rows)
         tokens = torch.full((batch,), self.pad_id, dtype=torch.long)
         positions = torch.zeros(batch, dtype=torch.long)
         slots = torch.zeros(batch, dtype=torch.long)  # free rows write slot 0, rewritten by their next prefill
-        decoding = []
         for b, row in enumerate(self.rows):
             if row is None:
                 continue
@@ -347,56 +359,30 @@ class Scheduler:
                 slots[b] = row.windows[0][0]
                 continue
             tokens[b], positions[b], slots[b] = row.last_token, row.fed, row.next_slot
-            decoding.append(b)
         started = time.perf_counter()
         outputs = self.backend.run(
             self.decode_graph.name, self.kv.decode_feeds(self.decode_graph, tokens, positions, slots)
         )
         self.kv.take(outputs)
-        self.decode_seconds.append(time.perf_counter() - started)
-        self._decode_step_s = _average(self._decode_step_s, self.decode_seconds[-1])
+        seconds = time.perf_counter() - started
+        self._decode_step_s = _average(self._decode_step_s, seconds)
+        if self.observer is not None:
+            self.observer("decode", seconds, len(decoding))
         logits = _finite(outputs["logits"], self.decode_graph.name)
-        for b in decoding:
-            self.rows[b].fed += 1  # type: ignore[union-attr]
-        sampled = self._sample(decoding, logits[decoding])
-        for b in decoding:
-            self._isolated(functools.partial(self._advance, b, logits[b], events, sampled.get(b)), [b], events)
+        running = [self.rows[b] for b in decoding]
+        for row in running:
+            row.fed += 1  # type: ignore[union-attr]
+        chosen = self.choose(running, logits[decoding])  # type: ignore[arg-type]
+        for b, token in zip(decoding, chosen, strict=True):
+            self._isolated(functools.partial(self._advance, b, logits[b], events, token), [b], events)
 
-    def _sample(self, rows: list[int], logits: torch.Tensor) -> dict[int, int]:
-        """The next token of every sampling row among `rows`, in one batched call (forced rows feed
-        their given tokens instead). `logits` is (len(rows), vocab), in the order of `rows`."""
-        at = [k for k, b in enumerate(rows) if self.rows[b].handle.request.forced is None]  # type: ignore[union-attr]
-        if not at:
-            return {}
-        chosen = [rows[k] for k in at]
-        running = [self.rows[b] for b in chosen]
-        seen = None
-        if any(r.seen is not None for r in running):  # type: ignore[union-attr]
-            vocab = logits.shape[-1]
-            seen = torch.stack([r.seen if r.seen is not None else torch.zeros(vocab, dtype=torch.bool)  # type: ignore[union-attr]
-                                for r in running])  # fmt: skip
-        tokens = sample(logits[at], [r.handle.request.sampling for r in running],  # type: ignore[union-attr]
-                        [r.generator for r in running], seen)  # type: ignore[union-attr]  # fmt: skip
-        return dict(zip(chosen, tokens.tolist(), strict=True))
-
-    def _advance(self, b: int, logits: torch.Tensor, events: list[Step], token: int | None) -> None:
-        """Row b's next token (sampled from `logits` (vocab,), or its forced one): emit it, end the
-        request or keep decoding."""
+    def _advance(self, b: int, logits: torch.Tensor, events: list[Step], token: int) -> None:
+        """Row b's next token (chosen from `logits` (vocab,)): emit it, end the request or keep
+        decoding."""
         row = self.rows[b]
         assert row is not None
-        request, handle = row.handle.request, row.handle
+        request, handle = row.request, row.handle
         elapsed = time.perf_counter() - handle.submitted
-        if request.forced is not None:
-            token = int(request.forced[len(row.generated)])
-            row.generated.append(token)
-            done = len(row.generated) == len(request.forced)
-            self._emit(
-                handle,
-                Step(handle.index, token, None, "length" if done else None, elapsed, logits=logits.clone()),
-                events,
-            )
-            return self._continue_or_free(b, token, done)
-        assert token is not None
         logits = logits[None]  # (1, vocab)
         logprob = float(token_logprobs(logits, torch.tensor([token]))[0]) if request.logprobs else None
         top = top_logprobs(logits[0], request.top_logprobs) if request.top_logprobs else ()
@@ -414,29 +400,48 @@ class Scheduler:
             text += _rest(row)
         kept = row.text.kept if stop and row.text is not None else None
         self._emit(handle, Step(handle.index, token, logprob, reason, elapsed, stop, top, text=text, kept=kept), events)
-        self._continue_or_free(b, token, reason is not None)
-
-    def _continue_or_free(self, b: int, token: int, done: bool) -> None:
-        row = self.rows[b]
-        assert row is not None
-        if done:
+        if reason is not None:
             self.rows[b] = None
         else:
             row.last_token = token
 
     def _emit(self, handle: Handle, step: Step, events: list[Step]) -> None:
-        handle._emit(step)
+        handle.emit(step)
         events.append(step)
 
     def _finish(
-        self, handle: Handle, stop_id: int | None, reason: str, events: list[Step], elapsed: float | None = None,
-        text: str = "", error: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        handle: Handle,
+        stop_id: int | None,
+        reason: str,
+        events: list[Step],
+        elapsed: float | None = None,
+        text: str = "",
+        error: str | None = None,
+    ) -> None:
         elapsed = time.perf_counter() - handle.submitted if elapsed is None else elapsed
         self._emit(handle, Step(handle.index, None, None, reason, elapsed, stop_id, text=text, error=error), events)
 
 
-def _rest(row: _Row) -> str:
+class _Driving:
+    """Held while a thread drives the loop: a second driver (say `generate` on a served LLM) is
+    refused with one line instead of racing the first over the rows and the cache."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise InputError(
+                "this loop is already running in another thread (a server, or another generate); submit "
+                "requests to it instead of driving it twice"
+            )
+
+    def __exit__(self, *_: object) -> None:
+        self.lock.release()
+
+
+def _rest(row: Row) -> str:
     """The text a request's stream still holds, released at its end."""
     return "" if row.text is None else row.text.flush()
 

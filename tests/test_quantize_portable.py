@@ -16,6 +16,7 @@ from llamatrt.exporter.trt_build import build_engines
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import OrtBackend
 from llamatrt.tools.pipeline import export_artifact
+from llamatrt.tools.teacher_forcing import score
 from tests.conftest import save_tiny_tokenizer
 
 # module-scoped exports shared by several tests: on one pytest-xdist worker, made once
@@ -52,7 +53,7 @@ def _scores(folder: Path, attention: str) -> list[np.ndarray]:
     prompts = [[5, 9, 11, 30, 7], list(range(3, 14))]
     forced = [[40, 41, 42, 43], [8, 7, 6, 5]]
     with OrtBackend(folder, read_manifest(folder), attention=attention) as backend:
-        return [s.numpy() for s in Generator(backend).score(prompts, forced)]
+        return [s.numpy() for s in score(Generator(backend), prompts, forced)]
 
 
 def test_the_portable_graphs_hold_the_same_int4_blocks_and_compute_the_same_logits(int4_artifact: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import resource
 import statistics
 import time
@@ -29,9 +30,8 @@ from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import physical_cores
 from llamatrt.runtime.registry import open_backend
-from llamatrt.runtime.scheduler import Scheduler
 from llamatrt.tools.bench_report import BenchReport, Measured
-from llamatrt.tools.bench_workload import mixed_workload, run_workload
+from llamatrt.tools.bench_workload import mixed_workload, run_workload, workload_scheduler
 
 BASELINES = ("transformers", "onnxruntime-genai")
 SETTLE_S = 0.05
@@ -71,7 +71,9 @@ def measure_bandwidth(nbytes: int, repeat: int = 3) -> float:
 
 
 def _rss_mb() -> float:
-    """Resident memory now (Linux /proc), else the peak so far."""
+    """Resident memory now (Linux /proc), else the peak so far. Garbage is collected first, so memory
+    freed late by what ran before is not counted against what loads next."""
+    gc.collect()
     try:
         resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         return resident_pages * resource.getpagesize() / 2**20
@@ -122,7 +124,7 @@ def _backend_timers(
             label = f"{backend.name} workload {admission}" if batch > 1 else f"{backend.name} workload one at a time"
             # a scheduler (and cache) per run, made before run_workload's clock starts: held memory is
             # the Generator's one cache, not three
-            run = lambda a=admission: run_workload(Scheduler(backend, admission=a), mix)  # noqa: E731
+            run = lambda a=admission: run_workload(*workload_scheduler(backend, a), mix)  # noqa: E731
             timers.append(_Timed(artifact, label, "workload", run))
     gen.generate(prompts, max_new_tokens=4)  # warm-up: sessions, allocations, caches
     return timers

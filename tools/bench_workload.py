@@ -12,10 +12,14 @@ import itertools
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llamatrt.base.artifact.feeds import fixed_prompt
-from llamatrt.runtime.scheduler import Request, Scheduler
+from llamatrt.runtime.backend import Backend
+from llamatrt.runtime.requests import Request
+from llamatrt.runtime.schedule import IN_FLIGHT, Admission, RowState
+from llamatrt.runtime.scheduler import Scheduler
 
 PROMPT_TOKENS = (10, 300)
 NEW_TOKENS = (16, 256)
@@ -41,12 +45,39 @@ def mixed_workload(count: int, vocab: int, capacity: int) -> Workload:
     return Workload(tuple(prompts), tuple(budgets))
 
 
-def run_workload(scheduler: Scheduler, workload: Workload) -> dict[str, float]:
+class Lockstep:
+    """Admit only into an empty batch: the classic batch that starts and ends together, the baseline
+    in-flight batching is measured against."""
+
+    def admits(self, rows: Sequence[RowState | None]) -> bool:
+        return all(row is None for row in rows)
+
+
+ADMISSIONS: dict[str, Admission] = {"continuous": IN_FLIGHT, "lockstep": Lockstep()}
+
+
+class DecodeTimes:
+    """An observer of the loop: how long each decode call took."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __call__(self, role: str, seconds: float, rows: int) -> None:
+        if role == "decode":
+            self.seconds.append(seconds)
+
+
+def workload_scheduler(backend: Backend, admission: str) -> tuple[Scheduler, DecodeTimes]:
+    """A scheduler (and its cache) for one run, made before the run's clock starts."""
+    times = DecodeTimes()
+    return Scheduler(backend, admission=ADMISSIONS[admission], observer=times), times
+
+
+def run_workload(scheduler: Scheduler, decode_times: DecodeTimes, workload: Workload) -> dict[str, float]:
     """Submit every request at once, run them to the end; the figures of one run."""
-    scheduler.decode_seconds.clear()
     started = time.perf_counter()
     handles = [
-        scheduler.submit(Request(list(p), n, use_eos=False), i)
+        scheduler.submit(Request(list(p), max_new_tokens=n, use_eos=False), i)
         for i, (p, n) in enumerate(zip(workload.prompts, workload.new_tokens, strict=True))
     ]
     times: dict[int, list[float]] = {h.index: [] for h in handles}
@@ -56,7 +87,7 @@ def run_workload(scheduler: Scheduler, workload: Workload) -> dict[str, float]:
     wall = time.perf_counter() - started
     gaps = [b - a for t in times.values() for a, b in itertools.pairwise(t)]
     first = [t[0] for t in times.values() if t]
-    steps = list(scheduler.decode_seconds)
+    steps = decode_times.seconds
     return {
         "output_tokens_per_s": sum(len(t) for t in times.values()) / wall,
         "wall_s": wall,

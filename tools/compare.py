@@ -24,6 +24,7 @@ from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.torch_backend import TorchBackend
 from llamatrt.tools.contract_checks import run_contract_checks
 from llamatrt.tools.report import AccuracyReport, StageResult
+from llamatrt.tools.teacher_forcing import score
 
 # (chat?, text): chat and plain, short and longer than a typical prefill chunk.
 DEFAULT_PROMPTS: tuple[tuple[bool, str], ...] = (
@@ -70,9 +71,9 @@ def _stage_outputs(
     name: str, backend: Backend, prompts: list[list[int]], forced: list[list[int]], ppl_ids: list[int]
 ) -> StageOutputs:
     gen = Generator(backend)  # no stop ids: every step is compared
-    logits = gen.score(prompts, forced)
+    logits = score(gen, prompts, forced)
     greedy = gen.generate(prompts, max_new_tokens=len(forced[0]))
-    ppl_logits = gen.score([ppl_ids[:1]], [ppl_ids[1:]])[0]
+    ppl_logits = score(gen, [ppl_ids[:1]], [ppl_ids[1:]])[0]
     return StageOutputs(name, weights_kind(backend), logits, greedy, perplexity(ppl_logits, ppl_ids))
 
 

@@ -13,11 +13,12 @@ from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import KVState
 from llamatrt.tools.report import CheckResult
+from llamatrt.tools.teacher_forcing import score
 
 
 def _token_by_token(gen: Generator, prompt: Sequence[int]) -> torch.Tensor:
     """Logits after `prompt` computed through the decode graph one token at a time (no padding, no chunks)."""
-    return gen.score([prompt[:1]], [[*prompt[1:], 0]])[0][-1]
+    return score(gen, [prompt[:1]], [[*prompt[1:], 0]])[0][-1]
 
 
 def _within(name: str, a: torch.Tensor, b: torch.Tensor, tolerance: float, backend: Backend) -> CheckResult:
@@ -36,14 +37,14 @@ def run_contract_checks(backend: Backend, prompts: list[list[int]], tolerance: f
                       tolerance, backend)]  # fmt: skip
     long = max(prompts, key=len)
     if len(long) > chunk:
-        chunked = gen.score([long], [[0]])[0][0]
+        chunked = score(gen, [long], [[0]])[0][0]
         checks.append(_within("chunked prefill equals token-by-token", chunked, _token_by_token(gen, long),
                               tolerance, backend))  # fmt: skip
     if backend.manifest.batch_size > 1 and len(prompts) > 1:
         # distinct lengths, so the rows of every decode call sit at different positions
         rows = [p[: len(p) - i] for i, p in enumerate(sorted(prompts, key=len, reverse=True)) if len(p) > i]
-        together = gen.score(rows, [[0, 0, 0]] * len(rows))
-        alone = [gen.score([p], [[0, 0, 0]])[0] for p in rows]
+        together = score(gen, rows, [[0, 0, 0]] * len(rows))
+        alone = [score(gen, [p], [[0, 0, 0]])[0] for p in rows]
         worst = max(range(len(rows)), key=lambda i: float((together[i] - alone[i]).abs().max()))
         checks.append(_within("rows at different positions in one decode call equal each row alone",
                               together[worst], alone[worst], tolerance, backend))  # fmt: skip

@@ -3,7 +3,7 @@
 Every attention form ONNX Runtime CPU can run is opened through OrtBackend (IO binding, the cache
 updated in place, the generation loop's own feeds) and compared with the PyTorch backend running
 the exporter's StaticLlama: prompts that use every prefill variant, all in flight at once, then
-teacher-forced decode steps, through the loop's `score`.
+teacher-forced decode steps, through the loop (tools.teacher_forcing).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from llamatrt.runtime.ort_backend import OrtBackend
 from llamatrt.runtime.torch_backend import TorchBackend
 from llamatrt.tools.fp32_twin import fp32_twin
 from llamatrt.tools.quant_twin import exact_twin
+from llamatrt.tools.teacher_forcing import score
 
 DECODE_STEPS = 4  # teacher-forced decode calls after the prefill
 # MatMulNBits' fp32 kernel sums a row block by block, in its own order: SmolLM2 measures 1.2e-4 on
@@ -42,7 +43,7 @@ def _loop_error(candidate: Backend, reference: Backend) -> float:
     prompts = [fixed_prompt(1, n, m.config.vocab_size)[0].add(i).remainder(m.config.vocab_size).tolist()
                for i, n in enumerate(lengths)]  # fmt: skip
     forced = fixed_prompt(len(prompts), DECODE_STEPS + 5, m.config.vocab_size)[:, 5:].tolist()
-    got, want = Generator(candidate).score(prompts, forced), Generator(reference).score(prompts, forced)
+    got, want = score(Generator(candidate), prompts, forced), score(Generator(reference), prompts, forced)
     return max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
 
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamatrt.base.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import TextTracker
-from llamatrt.runtime.scheduler import Request as ScheduledRequest
+from llamatrt.runtime.requests import Request as ScheduledRequest
 from llamatrt.server import protocol
 from llamatrt.server.engine import Engine, EngineConfig, GenerationFailed, QueueFull, Submitted, Unavailable
 from llamatrt.server.guard import Guard

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from llamatrt.base.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load, sampling_params
-from llamatrt.runtime.scheduler import Handle, LoopFailed, Request, Step
+from llamatrt.runtime.requests import Handle, Request, Step
+from llamatrt.runtime.scheduler import LoopFailed
 from llamatrt.server.metrics import Metrics
 
 
@@ -55,7 +56,7 @@ class Engine:
     def __init__(self, config: EngineConfig, metrics: Metrics) -> None:
         self.config, self.metrics = config, metrics
         self.llm: LLM = load(config.artifact, config.backend, verify=config.verify)
-        self.scheduler = self.llm.generator.scheduler
+        self.scheduler = self.llm.scheduler
         self.model_name = config.model_name or Path(config.artifact).resolve().name
         self.fingerprint = f"fp_llamatrt_{os.getpid()}"  # tells replicas apart
         self._stop = threading.Event()
@@ -65,8 +66,7 @@ class Engine:
 
     def close(self) -> None:
         self._stop.set()
-        with self.scheduler.wake:
-            self.scheduler.wake.notify_all()
+        self.scheduler.wake_up()
         self._thread.join(timeout=10)
         self.llm.close()
 
@@ -88,18 +88,24 @@ class Engine:
         """The scheduler request (checked: a 400 if it cannot run). Without max_tokens, a request
         gets what is left of its row's cache."""
         capped = max_tokens is None
-        request = Request(ids, max_tokens or self.llm.manifest.max_cache_len, sampling_params(sampling), frozenset(),
-                          stop, True, logprobs or bool(top_logprobs), top_logprobs, None,
-                          "cap" if capped else "refuse")  # fmt: skip
+        request = Request(
+            ids,
+            max_new_tokens=max_tokens or self.llm.manifest.max_cache_len,
+            sampling=sampling_params(sampling),
+            stop_strings=stop,
+            logprobs=logprobs or bool(top_logprobs),
+            top_logprobs=top_logprobs,
+            fit="cap" if capped else "refuse",
+        )
         return self.scheduler.check(request)
 
     def submit(self, requests: list[Request]) -> list[Submitted]:
         """Queue all of `requests` or none (one request's prompts): a 429 if more than --max-queue
         would then wait for a row (requests that start at once in free rows do not count), a 503 if
         the loop has stopped. Synchronous, so no other handler admits in between."""
-        free = sum(r is None for r in self.scheduler.rows)
-        if len(self.scheduler.queue) + len(requests) - free > self.config.max_queue:
-            raise QueueFull(f"{len(self.scheduler.queue)} requests are waiting (--max-queue {self.config.max_queue}); "
+        waiting = self.scheduler.waiting
+        if waiting + len(requests) - self.scheduler.free_rows > self.config.max_queue:
+            raise QueueFull(f"{waiting} requests are waiting (--max-queue {self.config.max_queue}); "
                             "retry later")  # fmt: skip
         loop = asyncio.get_running_loop()
         submitted: list[Submitted] = []

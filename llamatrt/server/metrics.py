@@ -34,7 +34,7 @@ class Metrics:
             self.itl.observe(since_last)
 
     def observe_queue(self, scheduler: Any) -> None:
-        self.queue_depth.set(len(scheduler.queue))
+        self.queue_depth.set(scheduler.waiting)
         self.active_rows.set(scheduler.active_rows)
 
     def finished(self, prompt_tokens: int, completion_tokens: int) -> None:

@@ -35,17 +35,19 @@ def fp16_engines(tmp_path_factory) -> Path:
 
 
 def test_fp16_engines_match_ort_fp32(fp16_engines: Path, smollm2_artifact: Path) -> None:
+    from llamatrt.tools.teacher_forcing import score
+
     with llamatrt.load(smollm2_artifact, "onnxruntime") as ort_llm:
         reference = ort_llm.generate(PROMPTS, chat=True, max_new_tokens=32)
         ids = [ort_llm.encode(p, chat=True) for p in PROMPTS]
-        ref_logits = ort_llm.generator.score(
-            ids, [r.token_ids[:8] + [0] * (8 - len(r.token_ids[:8])) for r in reference]
+        ref_logits = score(
+            ort_llm.generator, ids, [r.token_ids[:8] + [0] * (8 - len(r.token_ids[:8])) for r in reference]
         )
     with llamatrt.load(fp16_engines, "tensorrt") as trt_llm:
         started = time.perf_counter()
         ours = trt_llm.generate(PROMPTS, chat=True, max_new_tokens=32)
         elapsed = time.perf_counter() - started
-        logits = trt_llm.generator.score(ids, [r.token_ids[:8] + [0] * (8 - len(r.token_ids[:8])) for r in reference])
+        logits = score(trt_llm.generator, ids, [r.token_ids[:8] + [0] * (8 - len(r.token_ids[:8])) for r in reference])
     assert [r.token_ids for r in ours] == [r.token_ids for r in reference]
     worst = max(float((a - b).abs().max()) for a, b in zip(ref_logits, logits, strict=True))
     assert worst <= PRECISIONS["float16"].thresholds.max_abs

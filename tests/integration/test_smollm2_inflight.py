@@ -35,7 +35,7 @@ def _alone(artifact: Path, kind: str, prompts: list[list[int]], budgets: list[in
         scheduler = Scheduler(backend)
         out = []
         for prompt, budget in zip(prompts, budgets, strict=True):
-            handle = scheduler.submit(Request(prompt, budget, use_eos=False))
+            handle = scheduler.submit(Request(prompt, max_new_tokens=budget, use_eos=False))
             out.append([s.token_id for s in scheduler.run([handle]) if s.token_id is not None])
         return out
 
@@ -53,7 +53,7 @@ def _together(artifact: Path, kind: str, prompts: list[list[int]], budgets: list
         while pending or not scheduler.idle:
             if pending and (len(handles) < 4 or iteration % 6 == 0):
                 i = pending.pop(0)
-                handles[i] = scheduler.submit(Request(prompts[i], budgets[i], use_eos=False), i)
+                handles[i] = scheduler.submit(Request(prompts[i], max_new_tokens=budgets[i], use_eos=False), i)
             for step in scheduler.step():
                 if step.token_id is not None:
                     tokens[step.index].append(step.token_id)

@@ -14,6 +14,7 @@ from llamatrt.base.errors import BackendUnavailable, InputError, ManifestMismatc
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import KVState
 from llamatrt.runtime.registry import BACKENDS, open_backend
+from llamatrt.tools.teacher_forcing import score
 from tests.conftest import tiny_hf_model
 
 PROMPTS = [[5, 17, 42, 8, 77, 3, 9, 21, 22, 23, 11], [11, 12], [40, 41, 42, 43], [7, 7, 7]]
@@ -82,8 +83,8 @@ def test_a_row_prefill_writes_its_row_in_place_and_leaves_the_others(backend) ->
 
 def test_rows_at_different_positions_in_one_decode_call_equal_each_alone(backend) -> None:
     prompts = [[5, 17, 42, 8, 77, 3, 9, 21, 22, 23, 11], [11, 12], [40, 41, 42, 43]]
-    together = Generator(backend).score(prompts, [[1, 2, 3]] * 3)
-    alone = [Generator(backend).score([p], [[1, 2, 3]])[0] for p in prompts]
+    together = score(Generator(backend), prompts, [[1, 2, 3]] * 3)
+    alone = [score(Generator(backend), [p], [[1, 2, 3]])[0] for p in prompts]
     for a, b in zip(together, alone, strict=True):
         assert torch.allclose(a, b, atol=1e-4)
 

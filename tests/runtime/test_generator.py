@@ -14,6 +14,8 @@ from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import plan_prefill
 from llamatrt.runtime.sampling import SamplingParams
 from llamatrt.runtime.scheduler import Request, Scheduler
+from llamatrt.tools.bench_workload import Lockstep
+from llamatrt.tools.teacher_forcing import score
 from tests.runtime.fake_backend import ScriptedBackend, SpacedIds, fake_manifest
 
 
@@ -98,7 +100,7 @@ def test_a_request_joins_the_row_freed_first_and_rows_run_on() -> None:
 
 def test_lockstep_admission_waits_for_the_whole_batch() -> None:
     backend = ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=32))
-    scheduler = Scheduler(backend, admission="lockstep")
+    scheduler = Scheduler(backend, admission=Lockstep())
     handles = [scheduler.submit(Request([1], max_new_tokens=n), i) for i, n in enumerate((6, 2, 2))]
     list(scheduler.run(handles))
     prefill_at = [i for i, c in enumerate(backend.calls) if c["graph"] == "prefill"]
@@ -175,7 +177,7 @@ def test_max_new_tokens_gives_length() -> None:
 
 def test_a_request_too_long_for_its_row_is_capped_or_refused_never_overflows() -> None:
     backend = ScriptedBackend(fake_manifest(chunk=4, cache=12))
-    steps = steps_of(Generator(backend), [list(range(1, 11))], max_new_tokens=50)  # fit="cap"
+    steps = steps_of(Generator(backend), [list(range(1, 11))], max_new_tokens=50, fit="cap")
     assert [s.token_id for s in steps] == [11, 12, 13] and steps[-1].finish_reason == "length"
     assert max(int(c["cache_position"].max()) for c in backend.calls) == 11  # the last slot, written once
     with pytest.raises(InputError, match="does not fit the cache of 12; ask for at most 3 new tokens"):
@@ -183,7 +185,7 @@ def test_a_request_too_long_for_its_row_is_capped_or_refused_never_overflows() -
             [list(range(1, 11))], max_new_tokens=50, fit="refuse"
         )
     exactly_full = steps_of(
-        Generator(ScriptedBackend(fake_manifest(chunk=4, cache=12))), [list(range(12))], max_new_tokens=5
+        Generator(ScriptedBackend(fake_manifest(chunk=4, cache=12))), [list(range(12))], max_new_tokens=5, fit="cap"
     )
     assert [(s.token_id, s.finish_reason) for s in exactly_full] == [(12, "length")]
 
@@ -239,7 +241,7 @@ def test_bad_generation_input(prompts, kw, needle) -> None:
 
 def test_score_is_teacher_forced_and_batched() -> None:
     backend = ScriptedBackend(fake_manifest(batch=2, chunk=4))
-    logits = Generator(backend).score([[5], [9, 10], [3]], [[20, 21, 22], [30, 31, 32], [1, 2, 3]])
+    logits = score(Generator(backend), [[5], [9, 10], [3]], [[20, 21, 22], [30, 31, 32], [1, 2, 3]])
     assert [tuple(t.shape) for t in logits] == [(3, 32)] * 3
     assert [t.argmax(-1).tolist() for t in logits] == [[6, 21, 22], [11, 31, 0], [4, 2, 3]]  # vocab 32 wraps
 
