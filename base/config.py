@@ -13,22 +13,70 @@ from llamatrt.base.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # Keys of an HF Llama config this loader reads (the rest of this list changes nothing in the math).
-READ_HF_KEYS = frozenset({
-    "model_type", "hidden_act", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-    "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings",
-})  # fmt: skip
+READ_HF_KEYS = frozenset(
+    {
+        "model_type",
+        "hidden_act",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "max_position_embeddings",
+    }
+)
 # Keys that do not change the math of inference: ignored on purpose.
-IGNORED_HF_KEYS = frozenset({
-    "_name_or_path", "_model_name_or_path", "architectures", "attention_dropout", "bos_token_id", "eos_token_id",
-    "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id", "dtype", "torch_dtype",
-    "initializer_range", "transformers_version", "use_cache", "quantization_config", "output_attentions",
-    "output_hidden_states", "return_dict", "is_decoder", "is_encoder_decoder", "id2label", "label2id",
-    "chunk_size_feed_forward", "problem_type", "tokenizer_class", "prefix", "task_specific_params",
-    "finetuning_task", "torchscript", "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
-    "pruned_heads", "output_scores", "return_dict_in_generate", "pretraining_tp",  # pretraining_tp slices the
-    # same matmuls; the result is the same function
-})  # fmt: skip
+IGNORED_HF_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "_model_name_or_path",
+        "architectures",
+        "attention_dropout",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "unk_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "dtype",
+        "torch_dtype",
+        "initializer_range",
+        "transformers_version",
+        "use_cache",
+        "quantization_config",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "is_decoder",
+        "is_encoder_decoder",
+        "id2label",
+        "label2id",
+        "chunk_size_feed_forward",
+        "problem_type",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "finetuning_task",
+        "torchscript",
+        "tie_encoder_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "pruned_heads",
+        "output_scores",
+        "return_dict_in_generate",
+        "pretraining_tp",  # pretraining_tp slices the
+        # same matmuls; the result is the same function
+    }
+)
 # Keys that change the model when set to anything but their "off" value: refused with the key named.
 UNSUPPORTED_WHEN_SET: dict[str, tuple[Any, ...]] = {
     "sliding_window": (None,),
@@ -119,8 +167,10 @@ class LlamaConfig:
             raise ConfigError(f"config.json lacks {', '.join(missing)}; is this a Llama config?")
         for key, off in UNSUPPORTED_WHEN_SET.items():
             if key in raw and raw[key] not in off:
-                raise ConfigError(f"config.json sets {key}={raw[key]!r}, which llamatrt does not implement; "
-                                  "export a plain Llama checkpoint (llamatrt would compute another model)")  # fmt: skip
+                raise ConfigError(
+                    f"config.json sets {key}={raw[key]!r}, which llamatrt does not implement; "
+                    "export a plain Llama checkpoint (llamatrt would compute another model)"
+                )
         unknown = sorted(set(raw) - READ_HF_KEYS - IGNORED_HF_KEYS - set(UNSUPPORTED_WHEN_SET))
         if unknown:
             log.warning("config.json keys llamatrt does not read (ignored): %s", ", ".join(unknown))

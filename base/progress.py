@@ -63,8 +63,12 @@ class StepBar:
             self.bar.n = min(self.done, self.total)
             self.bar.set_description_str(f"{self.desc}: {step}")
         else:
-            print(f"{self.desc}: [{min(self.done + 1, self.total)}/{self.total}] {step} "
-                  f"({time.perf_counter() - self.started:.1f} s)", file=self.stream, flush=True)  # fmt: skip
+            print(
+                f"{self.desc}: [{min(self.done + 1, self.total)}/{self.total}] {step} "
+                f"({time.perf_counter() - self.started:.1f} s)",
+                file=self.stream,
+                flush=True,
+            )
 
     def _tick(self) -> None:
         while not self._stop.wait(self.TICK_S):
@@ -75,8 +79,14 @@ class StepBar:
         if self.interactive:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="step", file=self.stream, leave=True,
-                            bar_format="{desc} {n}/{total} |{bar:20}| {elapsed}")  # fmt: skip
+            self.bar = tqdm(
+                total=self.total,
+                desc=self.desc,
+                unit="step",
+                file=self.stream,
+                leave=True,
+                bar_format="{desc} {n}/{total} |{bar:20}| {elapsed}",
+            )
             self._ticker = threading.Thread(target=self._tick, daemon=True)
             self._ticker.start()
         return self

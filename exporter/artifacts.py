@@ -49,12 +49,14 @@ def check_output(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> None
     resolved = out.resolve()
     cwd = Path.cwd().resolve()
     if cwd == resolved or resolved in cwd.parents:
-        raise ArtifactExistsError(f"--out {out} is (or holds) the current directory; refusing to replace it, "
-                                  "choose another --out")  # fmt: skip
+        raise ArtifactExistsError(
+            f"--out {out} is (or holds) the current directory; refusing to replace it, choose another --out"
+        )
     for path in protect:
         if path.resolve() == resolved or resolved in path.resolve().parents:
-            raise ArtifactExistsError(f"--out {out} holds the checkpoint {path}; refusing to replace it, "
-                                      "choose another --out")  # fmt: skip
+            raise ArtifactExistsError(
+                f"--out {out} holds the checkpoint {path}; refusing to replace it, choose another --out"
+            )
     if any(out.iterdir()) and not is_artifact(out):
         raise ArtifactExistsError(
             f"{out} is not a llamatrt artifact (no llamatrt manifest.json) and not empty; --force only replaces "
@@ -115,8 +117,9 @@ def locked(out: Path) -> Iterator[None]:
         except BlockingIOError as e:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
-            raise ArtifactExistsError(f"{out} is being written by {holder}; wait for it to finish or choose another "
-                                      "--out") from e  # fmt: skip
+            raise ArtifactExistsError(
+                f"{out} is being written by {holder}; wait for it to finish or choose another --out"
+            ) from e
         lock.seek(0)
         lock.truncate()
         lock.write(f"llamatrt (pid {os.getpid()})")

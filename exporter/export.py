@@ -42,9 +42,15 @@ from llamatrt.models.llama import StaticLlama
 from llamatrt.models.tokenizer import eos_token_ids, load_tokenizer
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+)
 log = logging.getLogger(__name__)
 # The runtime's check of a freshly written artifact folder; returns what goes into manifest.validation.
 Validator = Callable[[Path, Manifest, StaticLlama], Mapping[str, Any]]
@@ -77,22 +83,31 @@ class ExportOptions:
         if self.quantize is not None and dtype != "float32":
             raise InputError(f"--quantize runs on ONNX Runtime CPU with fp32 activations; drop --dtype {self.dtype}")
         if self.quantize is not None and self.full_logits:
-            raise InputError("--quantize makes the ONNX Runtime graph only, which returns last-token logits; "
-                             "drop --full-logits")  # fmt: skip
+            raise InputError(
+                "--quantize makes the ONNX Runtime graph only, which returns last-token logits; drop --full-logits"
+            )
         return replace(self, dtype=dtype)
 
 
 def export_steps(options: ExportOptions) -> int:
     """Progress steps of export_artifact, at most: loading, each graph, weights, validation (the
     bar completes early when the fused graphs are not made)."""
-    return (2 + len(planned_variants(options.batch_size, options.prefill_chunk, fused=True)) + int(options.validate)
-            + int(options.quantize is not None))  # fmt: skip
+    return (
+        2
+        + len(planned_variants(options.batch_size, options.prefill_chunk, fused=True))
+        + int(options.validate)
+        + int(options.quantize is not None)
+    )
 
 
 def export_artifact(
-    model: str | Path | Any, out: Path, options: ExportOptions = ExportOptions(), force: bool = False,
-    progress: Progress = no_progress, validate: Validator | None = None,
-) -> Manifest:  # fmt: skip
+    model: str | Path | Any,
+    out: Path,
+    options: ExportOptions = ExportOptions(),
+    force: bool = False,
+    progress: Progress = no_progress,
+    validate: Validator | None = None,
+) -> Manifest:
     """Export every graph variant, one weights file, tokenizer and manifest into `out`; with
     `validate` (and options.validate), check the folder before it replaces `out`."""
     options = options.checked()
@@ -100,8 +115,11 @@ def export_artifact(
         import torch
 
         if not torch.cuda.is_available():
-            log.warning("%s graphs are for GPUs (ONNX Runtime CUDA, TensorRT): on ONNX Runtime CPU they run slower "
-                        "than fp32 (bf16 not at all); export fp32 for CPU", options.dtype)  # fmt: skip
+            log.warning(
+                "%s graphs are for GPUs (ONNX Runtime CUDA, TensorRT): on ONNX Runtime CPU they run slower "
+                "than fp32 (bf16 not at all); export fp32 for CPU",
+                options.dtype,
+            )
     out = Path(out).absolute()
     protect = (Path(model),) if isinstance(model, str | Path) and Path(model).exists() else ()
     check_output(out, force, protect)
@@ -126,22 +144,35 @@ def _export_locked(
     quant, no_portable = None, None
     if options.quantize is not None:
         if not fused:
-            raise InputError(f"--quantize needs ONNX Runtime's fused graph (head_dim % 16 == 0, onnxruntime >= 1.32); "
-                             f"this model has head_dim {config.head_dim}: export it without --quantize")  # fmt: skip
+            raise InputError(
+                f"--quantize needs ONNX Runtime's fused graph (head_dim % 16 == 0, onnxruntime >= 1.32); "
+                f"this model has head_dim {config.head_dim}: export it without --quantize"
+            )
         progress("quantizing weights")
         quant = plan_quantization(checkpoint, torch_model, options.quantize, options.block_size, options.accuracy_level)
         no_portable = tensorrt_can_take(quant.weights)
         if no_portable is not None:  # MatMulNBits is an ONNX Runtime op: ONNX Runtime's graph only
-            log.warning("no TensorRT graphs: TensorRT takes symmetric int4 blocks of %s, and %s; for them export "
-                        "a float checkpoint with --quantize int4 --block-size 64",
-                        " or ".join(map(str, TENSORRT_INT4_BLOCKS)), no_portable)  # fmt: skip
+            log.warning(
+                "no TensorRT graphs: TensorRT takes symmetric int4 blocks of %s, and %s; for them export "
+                "a float checkpoint with --quantize int4 --block-size 64",
+                " or ".join(map(str, TENSORRT_INT4_BLOCKS)),
+                no_portable,
+            )
             plans = [p for p in plans if p.attention.name == ONNXRUNTIME.name]
     specs = [graph_spec(plan, torch_model, c, options.full_logits) for plan in plans]
     if quant is not None:
         # torch runs them on the dequantized weights (export validation, diff's middle rung); TensorRT
         # the portable ones, whose DequantizeLinear blocks it builds as weight-only quantized GEMMs
-        specs = [replace(spec, weights=quant.scheme, backends=("torch", "onnxruntime", "tensorrt")
-                         if spec.attention != ONNXRUNTIME.name else ("torch", "onnxruntime")) for spec in specs]  # fmt: skip
+        specs = [
+            replace(
+                spec,
+                weights=quant.scheme,
+                backends=("torch", "onnxruntime", "tensorrt")
+                if spec.attention != ONNXRUNTIME.name
+                else ("torch", "onnxruntime"),
+            )
+            for spec in specs
+        ]
     check_disk_space(out, _artifact_bytes(torch_model, len(specs)))
     with atomic_output_dir(out) as tmp:
         graphs = []
@@ -159,15 +190,33 @@ def _export_locked(
         specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
         del graphs
         manifest = Manifest(
-            format_version=FORMAT_VERSION, config=config, source=checkpoint.source, dtype=options.dtype,
-            batch_size=b, max_cache_len=c, prefill_chunk=s, opset=OPSET, kv_write=KV_WRITE,
-            weights_file=names.WEIGHTS, weights_bytes=written.bytes, weights_sha256=written.sha256,
-            weights_map=locations, graphs={g.name: g for g in specs},
-            tokenizer=_save_tokenizer(tokenizer, checkpoint, tmp), validation={"skipped": "--no-validate"}, versions=_versions(),
-            quantization={} if quant is None else {"scheme": quant.scheme, "block_size": quant.block_size,
-                                                   "accuracy_level": quant.accuracy_level, "tensors": quant.origins(),
-                                                   "portable": _portable_note(quant, no_portable)},
-        )  # fmt: skip
+            format_version=FORMAT_VERSION,
+            config=config,
+            source=checkpoint.source,
+            dtype=options.dtype,
+            batch_size=b,
+            max_cache_len=c,
+            prefill_chunk=s,
+            opset=OPSET,
+            kv_write=KV_WRITE,
+            weights_file=names.WEIGHTS,
+            weights_bytes=written.bytes,
+            weights_sha256=written.sha256,
+            weights_map=locations,
+            graphs={g.name: g for g in specs},
+            tokenizer=_save_tokenizer(tokenizer, checkpoint, tmp),
+            validation={"skipped": "--no-validate"},
+            versions=_versions(),
+            quantization={}
+            if quant is None
+            else {
+                "scheme": quant.scheme,
+                "block_size": quant.block_size,
+                "accuracy_level": quant.accuracy_level,
+                "tensors": quant.origins(),
+                "portable": _portable_note(quant, no_portable),
+            },
+        )
         write_manifest(manifest, tmp)
         if validate is not None and options.validate:
             progress("validating against PyTorch")
@@ -237,9 +286,11 @@ def _save_tokenizer(tokenizer: Any, checkpoint: Checkpoint, folder: Path) -> dic
     target = folder / names.TOKENIZER_DIR
     tokenizer.save_pretrained(target)
     if not (target / "tokenizer.json").is_file():
-        raise CheckpointError(f"the tokenizer in {checkpoint.hf_dir} has no fast (tokenizer.json) form, which "
-                              "llamatrt runs; install `sentencepiece` so transformers can convert it, or save a "
-                              "fast tokenizer into the checkpoint")  # fmt: skip
+        raise CheckpointError(
+            f"the tokenizer in {checkpoint.hf_dir} has no fast (tokenizer.json) form, which "
+            "llamatrt runs; install `sentencepiece` so transformers can convert it, or save a "
+            "fast tokenizer into the checkpoint"
+        )
     eos = eos_token_ids(checkpoint.hf_dir, tokenizer, checkpoint.hf_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     template = tokenizer.chat_template
@@ -264,5 +315,10 @@ def _versions() -> dict[str, str]:
 
     from llamatrt.base import __version__
 
-    return {"llamatrt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}  # fmt: skip
+    return {
+        "llamatrt": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "transformers": transformers.__version__,
+    }

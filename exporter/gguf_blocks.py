@@ -49,9 +49,14 @@ def gguf_quantized_weights(path: Path, config: LlamaConfig) -> dict[str, Quantiz
         put("lm_head.weight", [get("output.weight")])
     for i in range(config.num_layers):
         layer, block = f"model.layers.{i}", f"blk.{i}"
-        put(f"{layer}.self_attn.qkv_proj.weight", [get(f"{block}.attn_q.weight", config.num_heads),
-                                                   get(f"{block}.attn_k.weight", config.num_kv_heads),
-                                                   get(f"{block}.attn_v.weight")])  # fmt: skip
+        put(
+            f"{layer}.self_attn.qkv_proj.weight",
+            [
+                get(f"{block}.attn_q.weight", config.num_heads),
+                get(f"{block}.attn_k.weight", config.num_kv_heads),
+                get(f"{block}.attn_v.weight"),
+            ],
+        )
         put(f"{layer}.self_attn.o_proj.weight", [get(f"{block}.attn_output.weight")])
         put(f"{layer}.mlp.gate_up_proj.weight", [get(f"{block}.ffn_gate.weight"), get(f"{block}.ffn_up.weight")])
         put(f"{layer}.mlp.down_proj.weight", [get(f"{block}.ffn_down.weight")])

@@ -62,10 +62,12 @@ class GraphModule(nn.Module):
 def graph_spec(plan: VariantPlan, model: StaticLlama, max_cache_len: int, full_logits: bool) -> GraphSpec:
     """The manifest entry of one variant: what it is, and its IO contract (DESIGN.md §1)."""
     dtype = dtype_name(model.model.embed_tokens.weight.dtype)
-    inputs, outputs = contract_io(model.config, dtype, plan.batch, plan.seq, max_cache_len,
-                                  full_logits and plan.role == "prefill")  # fmt: skip
-    return GraphSpec(plan.name, plan.role, plan.path, inputs, outputs, plan.attention.name, dtype,
-                     plan.attention.backends)  # fmt: skip
+    inputs, outputs = contract_io(
+        model.config, dtype, plan.batch, plan.seq, max_cache_len, full_logits and plan.role == "prefill"
+    )
+    return GraphSpec(
+        plan.name, plan.role, plan.path, inputs, outputs, plan.attention.name, dtype, plan.attention.backends
+    )
 
 
 # Sizes the exporter traces an open dim at: not 0 or 1, which torch.export would specialize on.

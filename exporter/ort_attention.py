@@ -21,10 +21,24 @@ from llamatrt.base.artifact.variants import ONNXRUNTIME
 DOMAIN, OP_TYPE = ONNXRUNTIME.op_domain, ONNXRUNTIME.op_type
 # The inputs in the order ONNX Runtime's schema declares them (the lowering passes None for unused ones).
 _INPUTS = (
-    "query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
-    "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
-    "q_norm_weight", "k_norm_weight", "query_seqlens",
-)  # fmt: skip
+    "query",
+    "key",
+    "value",
+    "past_key",
+    "past_value",
+    "seqlens_k",
+    "total_sequence_length",
+    "cos_cache",
+    "sin_cache",
+    "position_ids",
+    "attention_bias",
+    "head_sink",
+    "k_scale",
+    "v_scale",
+    "q_norm_weight",
+    "k_norm_weight",
+    "query_seqlens",
+)
 _INT32_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")
 _REQUIRED = ("query", "seqlens_k", "total_sequence_length")
 
@@ -45,16 +59,24 @@ def register_schema() -> None:
     outputs = [OpSchema.FormalParameter("output", "T", "")]
     outputs += [OpSchema.FormalParameter(n, "T", "", param_option=optional) for n in ("present_key", "present_value")]
     schema = OpSchema(
-        OP_TYPE, DOMAIN, 1,
-        inputs=[param(n) for n in _INPUTS], outputs=outputs,
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
-                    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
-                    OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, ""),
-                    OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, "")],
-    )  # fmt: skip
+        OP_TYPE,
+        DOMAIN,
+        1,
+        inputs=[param(n) for n in _INPUTS],
+        outputs=outputs,
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+            ("M", ["tensor(int32)"], ""),
+            ("I", ["tensor(int64)"], ""),
+        ],
+        attributes=[
+            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+            OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, ""),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
+            OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, ""),
+            OpSchema.Attribute("rotary_interleaved", OpSchema.AttrType.INT, ""),
+        ],
+    )
     onnx.defs.register_schema(schema)
 
 
@@ -73,15 +95,27 @@ def cached_attention_to_gqa(qkv, position_ids, cos_table, sin_table, past_key, p
     batch_and_seq = op.Shape(cache_position)
     seqs = op.Cast(op.Expand(op.Slice(batch_and_seq, [1], [2]), op.Slice(batch_and_seq, [0], [1])), to=int32)
     out, present_key, present_value = msft.GroupQueryAttention(
-        op.Reshape(qkv, [0, 0, packed_heads * head_dim]), None, None,
-        past_key, past_value,
+        op.Reshape(qkv, [0, 0, packed_heads * head_dim]),
+        None,
+        None,
+        past_key,
+        past_value,
         last_slots,
         op.Constant(value=onnxscript.ir.tensor(capacity, dtype=int32)),
-        op.CastLike(cos_table, qkv), op.CastLike(sin_table, qkv), position_ids,
+        op.CastLike(cos_table, qkv),
+        op.CastLike(sin_table, qkv),
+        position_ids,
         mask,
-        None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
         seqs,  # (batch,) = S: query_seqlens
-        num_heads=packed_heads - 2 * kv_heads, kv_num_heads=kv_heads, scale=head_dim**-0.5,
-        do_rotary=1, rotary_interleaved=0,
-    )  # fmt: skip
+        num_heads=packed_heads - 2 * kv_heads,
+        kv_num_heads=kv_heads,
+        scale=head_dim**-0.5,
+        do_rotary=1,
+        rotary_interleaved=0,
+    )
     return op.Reshape(out, [0, 0, packed_heads - 2 * kv_heads, head_dim]), present_key, present_value

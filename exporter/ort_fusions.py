@@ -32,14 +32,22 @@ def fuse_skip_rms_norm(model: ir.Model) -> int:
             continue
         add = norm.inputs[0].producer()
         if (
-            add is None or add.op_type != "Add" or add.domain != "" or len(norm.inputs) < 2
+            add is None
+            or add.op_type != "Add"
+            or add.domain != ""
+            or len(norm.inputs) < 2
             or norm.attributes.get_int("axis", -1) != -1
             or not _same_shape_residuals(add)
-        ):  # fmt: skip
+        ):
             continue  # a broadcasting Add, or a norm over more than the last axis
         epsilon = norm.attributes.get_float("epsilon", 1e-5)
-        skip = ir.Node(MS_DOMAIN, "SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], norm.inputs[1]],
-                       [ir.AttrFloat32("epsilon", epsilon)], num_outputs=4)  # fmt: skip
+        skip = ir.Node(
+            MS_DOMAIN,
+            "SkipSimplifiedLayerNormalization",
+            [add.inputs[0], add.inputs[1], norm.inputs[1]],
+            [ir.AttrFloat32("epsilon", epsilon)],
+            num_outputs=4,
+        )
         graph.insert_before(add, skip)
         out, _, _, total = skip.outputs
         out_name, total_name = norm.outputs[0].name, add.outputs[0].name

@@ -50,8 +50,9 @@ def _quantized_params(model: StaticLlama) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.state_dict().items() if p.dim() == 2}
 
 
-def plan_quantization(checkpoint: Checkpoint, model: StaticLlama, scheme: str, block_size: int,
-                      accuracy_level: int) -> QuantPlan:  # fmt: skip
+def plan_quantization(
+    checkpoint: Checkpoint, model: StaticLlama, scheme: str, block_size: int, accuracy_level: int
+) -> QuantPlan:
     if scheme not in SCHEMES:
         raise InputError(f"unknown --quantize {scheme!r}; use one of {', '.join(SCHEMES)}")
     if accuracy_level not in ACCURACY_LEVELS:
@@ -63,8 +64,11 @@ def plan_quantization(checkpoint: Checkpoint, model: StaticLlama, scheme: str, b
         array = tensor.float().numpy()
         weight = carried.get(name)
         if weight is not None and not np.array_equal(weight.dequantize(), array):
-            log.warning("%s: the GGUF's blocks do not dequantize to the weights transformers loaded; quantizing "
-                        "it from the floats instead", name)  # fmt: skip
+            log.warning(
+                "%s: the GGUF's blocks do not dequantize to the weights transformers loaded; quantizing "
+                "it from the floats instead",
+                name,
+            )
             weight = None
         weights[name] = weight if weight is not None else rtn_quantize(array, SCHEMES[scheme], block_size)
         floats[name] = array

@@ -73,27 +73,50 @@ class QuantizedWeight:
         origin = f"{self.origin} as two nibble halves"
         return (
             QuantizedWeight(4, self.block, self.n, self.k, packed(high), scales_high, DEFAULT_ZERO[4], None, origin),
-            QuantizedWeight(4, self.block, self.n, self.k, packed(low), self.scales, 0,
-                            np.zeros_like(self.scales), origin),
-        )  # fmt: skip
+            QuantizedWeight(
+                4, self.block, self.n, self.k, packed(low), self.scales, 0, np.zeros_like(self.scales), origin
+            ),
+        )
 
     def rows(self, index: np.ndarray) -> QuantizedWeight:
         """The same weight with its rows (output features) reordered or selected."""
-        return QuantizedWeight(self.bits, self.block, len(index), self.k, self.packed[index], self.scales[index],
-                               self.zero, None if self.offsets is None else self.offsets[index], self.origin)  # fmt: skip
+        return QuantizedWeight(
+            self.bits,
+            self.block,
+            len(index),
+            self.k,
+            self.packed[index],
+            self.scales[index],
+            self.zero,
+            None if self.offsets is None else self.offsets[index],
+            self.origin,
+        )
 
 
 def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Row-wise concatenation (the fused q|k|v and gate|up projections), all of one format."""
     first = parts[0]
-    if any((p.bits, p.block, p.k, p.zero, p.offsets is None) != (first.bits, first.block, first.k, first.zero,
-                                                                  first.offsets is None) for p in parts):  # fmt: skip
-        raise CheckpointError("the q/k/v (or gate/up) tensors of one layer are quantized differently in the GGUF; "
-                              "export it without --quantize, or from a float checkpoint")  # fmt: skip
+    if any(
+        (p.bits, p.block, p.k, p.zero, p.offsets is None)
+        != (first.bits, first.block, first.k, first.zero, first.offsets is None)
+        for p in parts
+    ):
+        raise CheckpointError(
+            "the q/k/v (or gate/up) tensors of one layer are quantized differently in the GGUF; "
+            "export it without --quantize, or from a float checkpoint"
+        )
     offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])  # type: ignore[misc]
-    return QuantizedWeight(first.bits, first.block, sum(p.n for p in parts), first.k,
-                           np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
-                           first.zero, offsets, first.origin)  # fmt: skip
+    return QuantizedWeight(
+        first.bits,
+        first.block,
+        sum(p.n for p in parts),
+        first.k,
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        first.zero,
+        offsets,
+        first.origin,
+    )
 
 
 def rtn_quantize(weight: np.ndarray, bits: int, block: int) -> QuantizedWeight:
@@ -107,8 +130,9 @@ def rtn_quantize(weight: np.ndarray, bits: int, block: int) -> QuantizedWeight:
     packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
         np.ascontiguousarray(weight.T, dtype=np.float32)
     )
-    return QuantizedWeight(bits, block, n, k, packed, scales.astype(np.float32).reshape(n, -1), DEFAULT_ZERO[bits],
-                           None, "rtn")  # fmt: skip
+    return QuantizedWeight(
+        bits, block, n, k, packed, scales.astype(np.float32).reshape(n, -1), DEFAULT_ZERO[bits], None, "rtn"
+    )
 
 
 def from_gguf_blocks(type_name: str, data: np.ndarray, k: int) -> QuantizedWeight:

@@ -41,8 +41,9 @@ def signed_codes_kn(weight: QuantizedWeight) -> np.ndarray:
     return np.ascontiguousarray(codes.T)
 
 
-def dequantize_linear_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight],
-                            floats: Mapping[str, np.ndarray]) -> list[str]:  # fmt: skip
+def dequantize_linear_graph(
+    model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray]
+) -> list[str]:
     """Rewrite `model` in place (see the module docstring); returns the parameters it rewrote."""
     import onnx_ir as ir
 
@@ -50,8 +51,13 @@ def dequantize_linear_graph(model: ir.Model, weights: Mapping[str, QuantizedWeig
         w = weights[name]
         codes = inits.get_tensor(f"{name}.int4", ir.Tensor(signed_codes_kn(w), dtype=ir.DataType.INT4))
         scales = inits.get(f"{name}.scales.kn", np.ascontiguousarray(w.scales.T))
-        dq = ir.Node("", "DequantizeLinear", [codes, scales],
-                     [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", w.block)], num_outputs=1)  # fmt: skip
+        dq = ir.Node(
+            "",
+            "DequantizeLinear",
+            [codes, scales],
+            [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", w.block)],
+            num_outputs=1,
+        )
         model.graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
 

@@ -52,26 +52,36 @@ def network_io(trt: ModuleType, network: Any) -> dict[str, list[dict[str, Any]]]
     def spec(t: Any) -> dict[str, Any]:
         return {"name": t.name, "shape": list(t.shape), "dtype": _dtype_name(trt, t.dtype)}
 
-    return {"inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
-            "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)]}  # fmt: skip
+    return {
+        "inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
+        "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)],
+    }
 
 
 def engine_from_onnx(
-    trt: ModuleType, onnx_path: Path, timing_cache: bytes, workspace_gib: float | None, logger: Any,
+    trt: ModuleType,
+    onnx_path: Path,
+    timing_cache: bytes,
+    workspace_gib: float | None,
+    logger: Any,
     strip_weights: bool = True,
-) -> tuple[bytes, bytes, dict[str, Any]]:  # fmt: skip
+) -> tuple[bytes, bytes, dict[str, Any]]:
     """Parse and build one strongly typed engine. Returns (engine, updated timing cache, network info)."""
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         err = parser.get_error(0)
-        raise ValidationError(f"TensorRT cannot parse {onnx_path.name}: node {err.node_name()!r} (op "
-                              f"{err.node_operator()}): {err.desc()}; please report with the model config")  # fmt: skip
+        raise ValidationError(
+            f"TensorRT cannot parse {onnx_path.name}: node {err.node_name()!r} (op "
+            f"{err.node_operator()}): {err.desc()}; please report with the model config"
+        )
     layers = [network.get_layer(i).type for i in range(network.num_layers)]
-    info = {"io": network_io(trt, network),
-            "kv_cache_update_layers": sum(str(t).endswith("KV_CACHE_UPDATE") for t in layers),
-            "dequantize_layers": sum(str(t).endswith(".DEQUANTIZE") for t in layers)}  # fmt: skip
+    info = {
+        "io": network_io(trt, network),
+        "kv_cache_update_layers": sum(str(t).endswith("KV_CACHE_UPDATE") for t in layers),
+        "dequantize_layers": sum(str(t).endswith(".DEQUANTIZE") for t in layers),
+    }
     config = builder.create_builder_config()
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
@@ -98,17 +108,26 @@ def _check_quantized_layers(onnx_path: Path, built: int, log_path: Path) -> None
         n.op_type == "DequantizeLinear" for n in onnx.load(str(onnx_path), load_external_data=False).graph.node
     )
     with log_path.open("a") as log:
-        log.write(f"{onnx_path.name}: {built} DEQUANTIZE layers (weight-only quantized GEMMs) for {expected} "
-                  "DequantizeLinear nodes\n")  # fmt: skip
+        log.write(
+            f"{onnx_path.name}: {built} DEQUANTIZE layers (weight-only quantized GEMMs) for {expected} "
+            "DequantizeLinear nodes\n"
+        )
     if built != expected:
-        raise ValidationError(f"{onnx_path.name}: TensorRT made {built} DEQUANTIZE layers of {expected} "
-                              "DequantizeLinear nodes (the weights would be float); please report with the model config")  # fmt: skip
+        raise ValidationError(
+            f"{onnx_path.name}: TensorRT made {built} DEQUANTIZE layers of {expected} "
+            "DequantizeLinear nodes (the weights would be float); please report with the model config"
+        )
 
 
 def build_engines(
-    artifact: Path, engine: str = "tensorrt", timing_cache: Path | None = None, workspace_gib: float | None = None,
-    force: bool = False, progress: Progress = no_progress, strip_weights: bool | None = None,
-) -> Manifest:  # fmt: skip
+    artifact: Path,
+    engine: str = "tensorrt",
+    timing_cache: Path | None = None,
+    workspace_gib: float | None = None,
+    force: bool = False,
+    progress: Progress = no_progress,
+    strip_weights: bool | None = None,
+) -> Manifest:
     """Build every graph of `artifact` into an engine; the manifest is updated only when all succeed.
     strip_weights (default: wherever a CUDA device is present): weight-stripped engines, refit from
     weights.data at load, so an artifact with engines stays about 1x its weights on disk. TensorRT-RTX
@@ -150,9 +169,11 @@ def build_engines(
                 )
                 check_network_io(info["io"], graph)
                 if info["kv_cache_update_layers"] != 2 * manifest.config.num_layers:
-                    raise ValidationError(f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
-                                          f"expected {2 * manifest.config.num_layers} (the cache would be copied); re-export with "
-                                          "this llamatrt: `llamatrt export --force`")  # fmt: skip
+                    raise ValidationError(
+                        f"{graph.path}: {info['kv_cache_update_layers']} KV_CACHE_UPDATE layers, "
+                        f"expected {2 * manifest.config.num_layers} (the cache would be copied); re-export with "
+                        "this llamatrt: `llamatrt export --force`"
+                    )
                 if graph.weights in QUANTIZED_WEIGHTS:
                     _check_quantized_layers(artifact / graph.path, info["dequantize_layers"], log_path)
                 target = artifact / plan_name(graph, engine)
@@ -174,10 +195,14 @@ def build_engines(
     cache_tmp.write_bytes(cache)
     os.replace(cache_tmp, cache_path)
     inside = cache_path.resolve().parent == artifact.resolve()
-    engines = {"builder": engine, "version": trt.__version__, "graphs": graphs,
-               "weights": "stripped" if strip_weights else "embedded",
-               "timing_cache": cache_path.name if inside else str(cache_path.resolve()),
-               "build_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+    engines = {
+        "builder": engine,
+        "version": trt.__version__,
+        "graphs": graphs,
+        "weights": "stripped" if strip_weights else "embedded",
+        "timing_cache": cache_path.name if inside else str(cache_path.resolve()),
+        "build_seconds": round(time.perf_counter() - started, 2),
+    }
     updated = replace(manifest, engines=engines)
     write_manifest(updated, artifact)
     return updated

@@ -56,9 +56,14 @@ def write_shared_weights(models: Sequence[ir.Model], path: Path) -> WrittenWeigh
                     size += pad + len(data)
                 offset, length = offsets[key]
                 value.const_value = ir.ExternalTensor(
-                    path.name, offset, length, tensor.dtype,
-                    shape=ir.Shape(tensor.shape.numpy()), name=value.name or "", base_dir=path.parent,
-                )  # fmt: skip
+                    path.name,
+                    offset,
+                    length,
+                    tensor.dtype,
+                    shape=ir.Shape(tensor.shape.numpy()),
+                    name=value.name or "",
+                    base_dir=path.parent,
+                )
     return WrittenWeights(size, digest.hexdigest(), offsets)
 
 
@@ -73,12 +78,18 @@ def parameter_locations(state_dict: Mapping[str, torch.Tensor], written: Written
             data = candidate.contiguous().view(torch.uint8).numpy().tobytes()
             hit = written.offsets.get(hashlib.sha1(data).hexdigest())
             if hit is not None and hit[1] == len(data):
-                locations[name] = {"offset": hit[0], "shape": list(candidate.shape), "transposed": transposed,
-                                   "dtype": dtype_name(candidate.dtype)}  # fmt: skip
+                locations[name] = {
+                    "offset": hit[0],
+                    "shape": list(candidate.shape),
+                    "transposed": transposed,
+                    "dtype": dtype_name(candidate.dtype),
+                }
                 break
         else:
-            raise ValidationError(f"parameter {name!r} is not in the exported weights file in any known form; "
-                                  "please report with the model config")  # fmt: skip
+            raise ValidationError(
+                f"parameter {name!r} is not in the exported weights file in any known form; "
+                "please report with the model config"
+            )
     return locations
 
 

@@ -73,11 +73,15 @@ class ChatSession:
             messages = messages[2:]  # the oldest user message and its reply
             dropped += 1
         if len(ids) >= capacity:
-            raise InputError(f"this message is {len(ids)} tokens with the chat template, the cache holds {capacity}; "
-                             "send a shorter one, or /reset")  # fmt: skip
+            raise InputError(
+                f"this message is {len(ids)} tokens with the chat template, the cache holds {capacity}; "
+                "send a shorter one, or /reset"
+            )
         if dropped:
-            click.echo(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the cache of {capacity} "
-                       "tokens)", err=True)  # fmt: skip
+            click.echo(
+                f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the cache of {capacity} tokens)",
+                err=True,
+            )
         return ids, messages
 
     def _reply(self, text: str) -> None:
@@ -108,6 +112,10 @@ class ChatSession:
             click.echo()
             if last is not None and last.finish_reason == "length":
                 cut = tokens >= self.args["max_new_tokens"]
-                click.echo(f"[reply cut at --max-new-tokens {self.args['max_new_tokens']}]" if cut
-                           else "[reply cut: the cache is full]", err=True)  # fmt: skip
+                click.echo(
+                    f"[reply cut at --max-new-tokens {self.args['max_new_tokens']}]"
+                    if cut
+                    else "[reply cut: the cache is full]",
+                    err=True,
+                )
         self.turns = [*messages, {"role": "assistant", "content": reply}]

@@ -22,22 +22,51 @@ DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECIS
 @click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True, help="Compute precision.")
 @click.option("--full-logits", is_flag=True, help="Prefill returns [B, S, V] logits (accuracy work).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch self-check.")
-@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
-              help="Weight-only blocks for ONNX Runtime (MatMulNBits); a GGUF's own blocks are carried over.")  # fmt: skip
+@click.option(
+    "--quantize",
+    type=click.Choice(["int4", "int8"]),
+    default=None,
+    help="Weight-only blocks for ONNX Runtime (MatMulNBits); a GGUF's own blocks are carried over.",
+)
 @click.option("--block-size", type=int, default=32, show_default=True, help="Weights per quantization block.")
-@click.option("--accuracy-level", type=int, default=0, show_default=True,
-              help="MatMulNBits activation arithmetic: 0 = fp32 (exact: the answers of the float weights), "
-                   "4 = int8 (faster, may change answers; `llamatrt diff` says whether it did).")  # fmt: skip
+@click.option(
+    "--accuracy-level",
+    type=int,
+    default=0,
+    show_default=True,
+    help="MatMulNBits activation arithmetic: 0 = fp32 (exact: the answers of the float weights), "
+    "4 = int8 (faster, may change answers; `llamatrt diff` says whether it did).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only an artifact, or an empty folder).")
-def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefill_chunk: int, dtype: str,
-           full_logits: bool, no_validate: bool, quantize: str | None, block_size: int, accuracy_level: int,
-           force: bool) -> None:  # fmt: skip
+def export(
+    model_spec: str,
+    out: Path,
+    batch_size: int,
+    max_seq_len: int,
+    prefill_chunk: int,
+    dtype: str,
+    full_logits: bool,
+    no_validate: bool,
+    quantize: str | None,
+    block_size: int,
+    accuracy_level: int,
+    force: bool,
+) -> None:
     """Export prefill and decode ONNX graphs, one weights file and a manifest."""
     from llamatrt.exporter.export import ExportOptions, export_steps
     from llamatrt.tools.pipeline import export_artifact
 
-    options = ExportOptions(batch_size, max_seq_len, prefill_chunk, dtype, full_logits, not no_validate, quantize,
-                            block_size, accuracy_level).checked()  # fmt: skip
+    options = ExportOptions(
+        batch_size,
+        max_seq_len,
+        prefill_chunk,
+        dtype,
+        full_logits,
+        not no_validate,
+        quantize,
+        block_size,
+        accuracy_level,
+    ).checked()
     started = time.perf_counter()
     with StepBar(export_steps(options), "export") as bar:
         manifest = export_artifact(model_spec, out, options, force=force, progress=bar)
@@ -54,10 +83,19 @@ def export(model_spec: str, out: Path, batch_size: int, max_seq_len: int, prefil
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--engine", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default="tensorrt", show_default=True,
-              help="tensorrt-rtx builds without a GPU (engines then run under TensorRT-RTX).")  # fmt: skip
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="Timing cache to read and update (default: timing.cache in the artifact).")  # fmt: skip
+@click.option(
+    "--engine",
+    type=click.Choice(["tensorrt", "tensorrt-rtx"]),
+    default="tensorrt",
+    show_default=True,
+    help="tensorrt-rtx builds without a GPU (engines then run under TensorRT-RTX).",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Timing cache to read and update (default: timing.cache in the artifact).",
+)
 @click.option("--workspace", "workspace_gib", type=float, default=None, help="Builder workspace limit in GiB.")
 @click.option("--force", is_flag=True, help="Rebuild engines that exist.")
 def build(artifact: Path, engine: str, timing_cache: Path | None, workspace_gib: float | None, force: bool) -> None:
@@ -71,5 +109,7 @@ def build(artifact: Path, engine: str, timing_cache: Path | None, workspace_gib:
         manifest = build_engines(artifact, engine, timing_cache, workspace_gib, force, progress=bar)
     info = manifest.engines
     sizes = ", ".join(f"{name} {g['bytes'] / 1e6:.1f} MB" for name, g in info["graphs"].items())
-    click.echo(f"built {info['builder']} {info['version']} engines in {info['build_seconds']:.1f} s: {sizes}; "
-               f"timing cache {info['timing_cache']}")  # fmt: skip
+    click.echo(
+        f"built {info['builder']} {info['version']} engines in {info['build_seconds']:.1f} s: {sizes}; "
+        f"timing cache {info['timing_cache']}"
+    )

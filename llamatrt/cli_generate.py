@@ -16,23 +16,49 @@ SEPARATOR = "---"  # between the answers of several prompts in plain output
 
 
 def sampling_options(fn: Any) -> Any:
-    for option in reversed([
-        backend_option(),
-        verify_option,
-        click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most."),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely; 0 turns it off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True,
-                     help="Sample from the smallest set whose probability reaches p; 1 turns it off."),
-        click.option("--min-p", type=float, default=0.0, show_default=True,
-                     help="Drop tokens below min-p times the top token's probability; 0 turns it off."),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
-                     help="Divide the logits of tokens already seen by this (CTRL-style); 1 turns it off."),
-        click.option("--seed", type=int, default=None, help="Same seed, same tokens (alone or in a batch)."),
-        click.option("--stop", multiple=True, help="Stop string (repeatable); cut from the text."),
-        click.option("--stop-id", "stop_ids", type=int, multiple=True,
-                     help="Stop token id (repeatable), besides the checkpoint's EOS ids; not emitted."),
-    ]):  # fmt: skip
+    for option in reversed(
+        [
+            backend_option(),
+            verify_option,
+            click.option(
+                "--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most."
+            ),
+            click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
+            click.option(
+                "--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely; 0 turns it off."
+            ),
+            click.option(
+                "--top-p",
+                type=float,
+                default=1.0,
+                show_default=True,
+                help="Sample from the smallest set whose probability reaches p; 1 turns it off.",
+            ),
+            click.option(
+                "--min-p",
+                type=float,
+                default=0.0,
+                show_default=True,
+                help="Drop tokens below min-p times the top token's probability; 0 turns it off.",
+            ),
+            click.option(
+                "--repetition-penalty",
+                type=float,
+                default=1.0,
+                show_default=True,
+                help="Divide the logits of tokens already seen by this (CTRL-style); 1 turns it off.",
+            ),
+            click.option("--seed", type=int, default=None, help="Same seed, same tokens (alone or in a batch)."),
+            click.option("--stop", multiple=True, help="Stop string (repeatable); cut from the text."),
+            click.option(
+                "--stop-id",
+                "stop_ids",
+                type=int,
+                multiple=True,
+                help="Stop token id (repeatable), besides the checkpoint's EOS ids; not emitted.",
+            ),
+        ]
+    ):
         fn = option(fn)
     return fn
 
@@ -72,8 +98,18 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--logprobs", is_flag=True, help="Each generated token's log-probability (printed, or in --json).")
 @click.option("--top-logprobs", type=int, default=0, help="Also the N most likely alternatives at each token (0-20).")
 @sampling_options
-def generate(artifact: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...], chat: bool, system: str | None,
-             stream: bool, as_json: bool, logprobs: bool, top_logprobs: int, **kw: Any) -> None:  # fmt: skip
+def generate(
+    artifact: Path,
+    prompts: tuple[str, ...],
+    input_ids: tuple[str, ...],
+    chat: bool,
+    system: str | None,
+    stream: bool,
+    as_json: bool,
+    logprobs: bool,
+    top_logprobs: int,
+    **kw: Any,
+) -> None:
     """Generate text for one or more prompts."""
     import llamatrt
 
@@ -104,8 +140,14 @@ def generate(artifact: Path, prompts: tuple[str, ...], input_ids: tuple[str, ...
 
 
 def _event(delta: Any) -> dict[str, Any]:
-    event = {"index": delta.index, "text": delta.text, "token_id": delta.token_id, "logprob": delta.logprob,
-             "finish_reason": delta.finish_reason, "stop": delta.stop}  # fmt: skip
+    event = {
+        "index": delta.index,
+        "text": delta.text,
+        "token_id": delta.token_id,
+        "logprob": delta.logprob,
+        "finish_reason": delta.finish_reason,
+        "stop": delta.stop,
+    }
     if delta.top_logprobs:
         event["top_logprobs"] = [list(pair) for pair in delta.top_logprobs]
     return event

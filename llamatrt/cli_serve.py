@@ -17,14 +17,24 @@ from llamatrt.cli_options import backend_option, verify_option
 @backend_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 to serve others).")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free one).")
-@click.option("--api-key", default=None, envvar="LLAMATRT_API_KEY", show_envvar=True,
-              help="Require `Authorization: Bearer KEY` (all routes but /health); visible in `ps`: prefer the file "
-                   "or the environment variable.")  # fmt: skip
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="LLAMATRT_API_KEY",
+    show_envvar=True,
+    help="Require `Authorization: Bearer KEY` (all routes but /health); visible in `ps`: prefer the file "
+    "or the environment variable.",
+)
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the API key from a file.")
 @click.option("--open-metrics", is_flag=True, help="Serve /metrics without the API key.")
 @click.option("--no-access-log", is_flag=True, help="No access log line per request.")
-@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
-              help="Seconds in-flight responses get to finish after SIGTERM or Ctrl-C.")  # fmt: skip
+@click.option(
+    "--shutdown-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight responses get to finish after SIGTERM or Ctrl-C.",
+)
 @click.option(
     "--max-queue", type=int, default=64, show_default=True, help="Requests that may wait for a row; more get 429."
 )
@@ -33,9 +43,23 @@ from llamatrt.cli_options import backend_option, verify_option
 @click.option("--replicas", type=int, default=2, show_default=True, help="With --ray: replicas, each with an engine.")
 @click.option("--ray-address", default=None, help="With --ray: an existing Ray cluster (default: start a local one).")
 @verify_option
-def serve(artifact: Path, backend: str, host: str, port: int, api_key: str | None, api_key_file: Path | None,
-          open_metrics: bool, no_access_log: bool, shutdown_timeout: float, max_queue: int, model_name: str | None,
-          use_ray: bool, replicas: int, ray_address: str | None, no_verify: bool) -> None:  # fmt: skip
+def serve(
+    artifact: Path,
+    backend: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    api_key_file: Path | None,
+    open_metrics: bool,
+    no_access_log: bool,
+    shutdown_timeout: float,
+    max_queue: int,
+    model_name: str | None,
+    use_ray: bool,
+    replicas: int,
+    ray_address: str | None,
+    no_verify: bool,
+) -> None:
     """An OpenAI-compatible HTTP server over the in-flight batcher (/v1/chat/completions,
     /v1/completions, /v1/models, /health, /metrics)."""
     from llamatrt.server.engine import EngineConfig
@@ -48,8 +72,10 @@ def serve(artifact: Path, backend: str, host: str, port: int, api_key: str | Non
         try:
             api_key = api_key_file.read_text().strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"--api-key-file {api_key_file} cannot be read ({e.__class__.__name__}); give a text file "
-                             "holding the key") from e  # fmt: skip
+            raise InputError(
+                f"--api-key-file {api_key_file} cannot be read ({e.__class__.__name__}); give a text file "
+                "holding the key"
+            ) from e
     if api_key is not None and not api_key:
         raise InputError("the API key is empty; give a non-empty key")
     if not shutdown_timeout >= 0:
@@ -73,8 +99,9 @@ def serve(artifact: Path, backend: str, host: str, port: int, api_key: str | Non
 @click.option("--clients", type=int, default=8, show_default=True, help="Concurrent streaming clients.")
 @click.option("--rate", type=float, default=None, help="Arrivals per second (default: all at once).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench_serve(url: str, model: str | None, api_key: str | None, requests: int, clients: int, rate: float | None,
-                as_json: bool) -> None:  # fmt: skip
+def bench_serve(
+    url: str, model: str | None, api_key: str | None, requests: int, clients: int, rate: float | None, as_json: bool
+) -> None:
     """Load-test any OpenAI-compatible server at URL: requests/s, output tokens/s, TTFT and
     inter-token latency p50/p99, errors."""
     from llamatrt.tools.bench_serve import bench_serve as run

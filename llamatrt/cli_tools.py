@@ -26,8 +26,9 @@ def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
             f"cannot read --prompts {path} ({e.strerror}); give a text file with one prompt per line"
         ) from e
     except UnicodeDecodeError as e:
-        raise InputError(f"--prompts {path} is not UTF-8 text (byte {e.start}); give a text file with one prompt "
-                         "per line") from e  # fmt: skip
+        raise InputError(
+            f"--prompts {path} is not UTF-8 text (byte {e.start}); give a text file with one prompt per line"
+        ) from e
     if not lines:
         raise InputError(f"--prompts {path} has no prompts; give one prompt per line")
     return [(True, line[5:].strip()) if line.startswith("chat:") else (False, line) for line in lines]
@@ -37,25 +38,57 @@ def _read_prompts(path: Path | None) -> list[tuple[bool, str]] | None:
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--reference", default=None, help="Checkpoint for transformers (default: the one exported).")
 @backend_option(multiple=True)
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
-              help="Text file, one prompt per line; prefix `chat:` for chat prompts.")  # fmt: skip
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Text file, one prompt per line; prefix `chat:` for chat prompts.",
+)
 @click.option("--steps", type=int, default=16, show_default=True, help="Teacher-forced decode steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write a Markdown report.")
 @click.option(
     "--layerwise", is_flag=True, help="Name the first node where the artifact's graph departs from a reference."
 )
-@click.option("--against", type=click.Choice(["fp32", "onnxruntime", "torch", "level0"]), default="fp32",
-              show_default=True, help="With --layerwise: the fp32 graph exported again, ONNX Runtime (for engines), "
-              "PyTorch, or (quantized artifacts, their default) the graph's int8 activations against fp32 ones.")  # fmt: skip
-@click.option("--graph", "graph_role", type=click.Choice(["prefill", "decode"]), default="prefill", show_default=True,
-              help="With --layerwise: which graph to compare.")  # fmt: skip
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="With --layerwise: PNG of the per-layer error.")  # fmt: skip
+@click.option(
+    "--against",
+    type=click.Choice(["fp32", "onnxruntime", "torch", "level0"]),
+    default="fp32",
+    show_default=True,
+    help="With --layerwise: the fp32 graph exported again, ONNX Runtime (for engines), "
+    "PyTorch, or (quantized artifacts, their default) the graph's int8 activations against fp32 ones.",
+)
+@click.option(
+    "--graph",
+    "graph_role",
+    type=click.Choice(["prefill", "decode"]),
+    default="prefill",
+    show_default=True,
+    help="With --layerwise: which graph to compare.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --layerwise: PNG of the per-layer error.",
+)
 @verify_option
-def diff(artifact: Path, reference: str | None, backends: tuple[str, ...], prompts_file: Path | None, steps: int,
-         as_json: bool, report_path: Path | None, layerwise: bool, against: str, graph_role: str,
-         plot_path: Path | None, no_verify: bool) -> None:  # fmt: skip
+def diff(
+    artifact: Path,
+    reference: str | None,
+    backends: tuple[str, ...],
+    prompts_file: Path | None,
+    steps: int,
+    as_json: bool,
+    report_path: Path | None,
+    layerwise: bool,
+    against: str,
+    graph_role: str,
+    plot_path: Path | None,
+    no_verify: bool,
+) -> None:
     """Compare an artifact with transformers and StaticLlama; exit 0 only if every check passes.
 
     With --layerwise: run one call of its graph and of a reference with every tensor marked
@@ -114,22 +147,52 @@ def _parse_contexts(text: str | None) -> list[int]:
 @click.option("--prompt-len", type=int, default=20, show_default=True, help="Prompt tokens of the timed generation.")
 @click.option("--new-tokens", type=int, default=128, show_default=True, help="Tokens it generates.")
 @click.option("--batch", type=int, default=None, help="Must equal the artifact's batch (shapes are static).")
-@click.option("--repeat", type=int, default=3, show_default=True,
-              help="Timed rounds after a warm-up, each running everything once in turn; medians reported.")  # fmt: skip
-@click.option("--baseline", type=click.Choice(["transformers", "onnxruntime-genai"]), default=None,
-              help="Time transformers' eager generate, or onnxruntime-genai's model of the same checkpoint at the "
-                   "artifact's precision (built once, cached), in the same rounds.")  # fmt: skip
+@click.option(
+    "--repeat",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Timed rounds after a warm-up, each running everything once in turn; medians reported.",
+)
+@click.option(
+    "--baseline",
+    type=click.Choice(["transformers", "onnxruntime-genai"]),
+    default=None,
+    help="Time transformers' eager generate, or onnxruntime-genai's model of the same checkpoint at the "
+    "artifact's precision (built once, cached), in the same rounds.",
+)
 @click.option("--contexts", default=None, help="Prompt lengths for decode speed vs context, e.g. 100,1000.")
-@click.option("--workload", type=int, default=0, show_default=True,
-              help="Also run a fixed mix of N requests (prompts 10-300, outputs 16-256 tokens) submitted at once, on "
-              "the first --backend: in-flight batching, lockstep batches (batch > 1) or one at a time (batch 1).")  # fmt: skip
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="PNG of decode tok/s vs context (with the baseline and the ceiling).")  # fmt: skip
+@click.option(
+    "--workload",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also run a fixed mix of N requests (prompts 10-300, outputs 16-256 tokens) submitted at once, on "
+    "the first --backend: in-flight batching, lockstep batches (batch > 1) or one at a time (batch 1).",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PNG of decode tok/s vs context (with the baseline and the ceiling).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (the same figures).")
 @verify_option
-def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: int, new_tokens: int, batch: int | None,
-          repeat: int, baseline: str | None, contexts: str | None, workload: int, plot_path: Path | None,
-          as_json: bool, no_verify: bool) -> None:  # fmt: skip
+def bench(
+    artifacts: tuple[Path, ...],
+    backends: tuple[str, ...],
+    prompt_len: int,
+    new_tokens: int,
+    batch: int | None,
+    repeat: int,
+    baseline: str | None,
+    contexts: str | None,
+    workload: int,
+    plot_path: Path | None,
+    as_json: bool,
+    no_verify: bool,
+) -> None:
     """Time to first token, prefill and decode speed, % of the bandwidth ceiling, held memory, a mixed
     workload and a baseline: every figure from the same interleaved rounds.
 
@@ -141,15 +204,27 @@ def bench(artifacts: tuple[Path, ...], backends: tuple[str, ...], prompt_len: in
 
     manifest = read_manifest(artifacts[0], verify=False)
     if batch is not None and batch != manifest.batch_size:
-        raise InputError(f"--batch {batch} but {artifacts[0]} was exported with batch {manifest.batch_size}; "
-                         f"re-export with --batch {batch}")  # fmt: skip
+        raise InputError(
+            f"--batch {batch} but {artifacts[0]} was exported with batch {manifest.batch_size}; "
+            f"re-export with --batch {batch}"
+        )
     lengths = _parse_contexts(contexts)
     if plot_path is not None and not lengths:
         top = manifest.max_cache_len - 40
         lengths = sorted({min(n, top) for n in (128, 256, 512, top)})
     with StepBar(bench_steps(len(artifacts), repeat), "bench") as bar:
-        report = run_benches(artifacts, backends, prompt_len, new_tokens, repeat, baseline, lengths, workload,
-                             progress=bar, verify=not no_verify)  # fmt: skip
+        report = run_benches(
+            artifacts,
+            backends,
+            prompt_len,
+            new_tokens,
+            repeat,
+            baseline,
+            lengths,
+            workload,
+            progress=bar,
+            verify=not no_verify,
+        )
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))
     if plot_path is not None:
         plot_by_context(report, plot_path)
@@ -168,6 +243,8 @@ def verify(artifact: Path) -> None:
     if manifest.engines:
         check_engines(manifest, artifact, verify=True)
         checked += [e["bytes"] for e in manifest.engines["graphs"].values()]
-    click.echo(f"ok: {artifact}: manifest, {len(manifest.graphs)} graphs, the weights file"
-               f"{' and ' + str(len(manifest.engines['graphs'])) + ' engines' if manifest.engines else ''} match "
-               f"({sum(checked) / 1e6:.1f} MB hashed in {time.perf_counter() - started:.2f} s)")  # fmt: skip
+    click.echo(
+        f"ok: {artifact}: manifest, {len(manifest.graphs)} graphs, the weights file"
+        f"{' and ' + str(len(manifest.engines['graphs'])) + ' engines' if manifest.engines else ''} match "
+        f"({sum(checked) / 1e6:.1f} MB hashed in {time.perf_counter() - started:.2f} s)"
+    )

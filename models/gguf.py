@@ -103,11 +103,13 @@ def _convert(path: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     except ImportError as e:
-        raise CheckpointError(f"reading GGUF needs the `gguf` and `accelerate` packages ({e}); "
-                              "pip install gguf accelerate") from e  # fmt: skip
+        raise CheckpointError(
+            f"reading GGUF needs the `gguf` and `accelerate` packages ({e}); pip install gguf accelerate"
+        ) from e
     except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"transformers cannot read {path.name} ({str(e).splitlines()[0]}); "
-                              "is it a Llama GGUF?") from e  # fmt: skip
+        raise CheckpointError(
+            f"transformers cannot read {path.name} ({str(e).splitlines()[0]}); is it a Llama GGUF?"
+        ) from e
     model.config.quantization_config = None  # the saved copy is plain float
     if hasattr(model, "hf_quantizer"):  # a transformers attribute whose presence varies by version
         model.hf_quantizer = None  # type: ignore[assignment]

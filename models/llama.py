@@ -95,13 +95,17 @@ class StaticLlama(nn.Module):
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own) - {k for k in sd if k.endswith("rotary_emb.inv_freq")})
         if missing:
-            raise CheckpointError(f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing); "
-                                  "is it a complete Llama checkpoint?")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing); is it a complete Llama checkpoint?"
+            )
         if unexpected:
-            raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]!r}; "
-                                  "it does not match its config.json")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint has unexpected tensor {unexpected[0]!r}; it does not match its config.json"
+            )
         for name, tensor in own.items():
             if tuple(sd[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(f"tensor {name!r} has shape {tuple(sd[name].shape)}, config "
-                                      f"implies {tuple(tensor.shape)}; the checkpoint and config.json disagree")  # fmt: skip
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {tuple(sd[name].shape)}, config "
+                    f"implies {tuple(tensor.shape)}; the checkpoint and config.json disagree"
+                )
         self.load_state_dict({k: sd[k] for k in own}, strict=True, assign=assign)

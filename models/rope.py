@@ -24,8 +24,13 @@ def inv_freq_from_config(config: LlamaConfig) -> torch.Tensor:
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
-    return _llama3_scaled(inv_freq, scaling.factor, scaling.low_freq_factor,
-                          scaling.high_freq_factor, scaling.original_max_position_embeddings)  # fmt: skip
+    return _llama3_scaled(
+        inv_freq,
+        scaling.factor,
+        scaling.low_freq_factor,
+        scaling.high_freq_factor,
+        scaling.original_max_position_embeddings,
+    )
 
 
 def _llama3_scaled(

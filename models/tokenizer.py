@@ -18,14 +18,18 @@ def load_tokenizer(folder: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except ValueError as e:
         if "custom code" in str(e) or "trust_remote_code" in str(e):
-            raise CheckpointError(f"the tokenizer in {folder} asks to run its own Python code (auto_map), which "
-                                  "llamatrt never does; save a standard tokenizer (tokenizer.json) into the "
-                                  "checkpoint") from e  # fmt: skip
-        raise CheckpointError(f"no usable tokenizer in {folder} ({str(e).splitlines()[0]}); "
-                              "save one with tokenizer.save_pretrained()") from e  # fmt: skip
+            raise CheckpointError(
+                f"the tokenizer in {folder} asks to run its own Python code (auto_map), which "
+                "llamatrt never does; save a standard tokenizer (tokenizer.json) into the "
+                "checkpoint"
+            ) from e
+        raise CheckpointError(
+            f"no usable tokenizer in {folder} ({str(e).splitlines()[0]}); save one with tokenizer.save_pretrained()"
+        ) from e
     except (OSError, KeyError, TypeError) as e:
-        raise CheckpointError(f"no usable tokenizer in {folder} ({str(e).splitlines()[0]}); "
-                              "save one with tokenizer.save_pretrained()") from e  # fmt: skip
+        raise CheckpointError(
+            f"no usable tokenizer in {folder} ({str(e).splitlines()[0]}); save one with tokenizer.save_pretrained()"
+        ) from e
 
 
 def eos_token_ids(folder: Path, tokenizer: Any, hf_config: dict[str, Any]) -> list[int]:

@@ -95,9 +95,12 @@ class ChatTemplate:
         sys.settrace(_traced(time.monotonic() + TIME_LIMIT_S))
         try:
             text = self.template.render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tools=None,
-                documents=None, **self.special_tokens,
-            )  # fmt: skip
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.special_tokens,
+            )
         except _Deadline:
             raise InputError(f"the chat template ran longer than {TIME_LIMIT_S:g} s and was stopped; {FIX}") from None
         except jinja2.exceptions.TemplateError as e:

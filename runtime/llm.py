@@ -119,9 +119,11 @@ class LLM:
         self.tokenizer = self._load_tokenizer()
         tok = self.manifest.tokenizer
         self.generator = Generator(
-            backend, stop_ids=self.manifest.eos_token_ids, pad_id=int(tok.get("pad_token_id") or 0),
+            backend,
+            stop_ids=self.manifest.eos_token_ids,
+            pad_id=int(tok.get("pad_token_id") or 0),
             text=self.text_stream if self.tokenizer is not None else None,
-        )  # fmt: skip
+        )
 
     @property
     def scheduler(self) -> Scheduler:
@@ -162,10 +164,18 @@ class LLM:
         return self._need_tokenizer().decode(ids)
 
     def stream(
-        self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128, chat: bool = False,
-        system: str | None = None, stop: Sequence[str] = (), stop_ids: Sequence[int] = (), logprobs: bool = False,
-        top_logprobs: int = 0, **sampling: Any,
-    ) -> Iterator[TextDelta]:  # fmt: skip
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        max_new_tokens: int = 128,
+        chat: bool = False,
+        system: str | None = None,
+        stop: Sequence[str] = (),
+        stop_ids: Sequence[int] = (),
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        **sampling: Any,
+    ) -> Iterator[TextDelta]:
         """Text deltas of every prompt as tokens arrive (interleaved when several run at once)."""
         for _, delta in self._run(
             prompts, max_new_tokens, chat, system, stop, stop_ids, logprobs, top_logprobs, sampling
@@ -174,10 +184,18 @@ class LLM:
                 yield delta
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128, chat: bool = False,
-        system: str | None = None, stop: Sequence[str] = (), stop_ids: Sequence[int] = (), logprobs: bool = False,
-        top_logprobs: int = 0, **sampling: Any,
-    ) -> list[Result]:  # fmt: skip
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        max_new_tokens: int = 128,
+        chat: bool = False,
+        system: str | None = None,
+        stop: Sequence[str] = (),
+        stop_ids: Sequence[int] = (),
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        **sampling: Any,
+    ) -> list[Result]:
         trackers: list[TextTracker] = []
         for latest, _ in self._run(
             prompts, max_new_tokens, chat, system, stop, stop_ids, logprobs, top_logprobs, sampling
@@ -186,9 +204,17 @@ class LLM:
         return [t.result(logprobs or bool(top_logprobs)) for t in trackers]
 
     def _run(
-        self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int, chat: bool, system: str | None,
-        stop: Sequence[str], stop_ids: Sequence[int], logprobs: bool, top_logprobs: int, sampling: Mapping[str, Any],
-    ) -> Iterator[tuple[list[TextTracker], TextDelta | None]]:  # fmt: skip
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        max_new_tokens: int,
+        chat: bool,
+        system: str | None,
+        stop: Sequence[str],
+        stop_ids: Sequence[int],
+        logprobs: bool,
+        top_logprobs: int,
+        sampling: Mapping[str, Any],
+    ) -> Iterator[tuple[list[TextTracker], TextDelta | None]]:
         params = sampling_params(sampling)
         ids = [self.encode(p, chat=chat, system=system) for p in _as_prompt_list(prompts)]
         trackers = [TextTracker(i, len(p), self.tokenizer is not None) for i, p in enumerate(ids)]
@@ -213,8 +239,9 @@ def sampling_params(sampling: Mapping[str, Any]) -> SamplingParams:
     try:
         return SamplingParams(**sampling).checked()
     except TypeError as e:
-        raise InputError(f"unknown sampling option ({e}); use temperature, top_k, top_p, min_p, "
-                         "repetition_penalty, seed") from e  # fmt: skip
+        raise InputError(
+            f"unknown sampling option ({e}); use temperature, top_k, top_p, min_p, repetition_penalty, seed"
+        ) from e
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

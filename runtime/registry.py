@@ -29,14 +29,29 @@ class BackendInfo:
 BACKENDS = {
     b.name: b
     for b in (
-        BackendInfo("torch", "llamatrt.runtime.torch_backend:TorchBackend", "cpu", ("pytorch",),
-                    "PyTorch StaticLlama on the artifact's weights: the reference, any machine"),
-        BackendInfo("onnxruntime", "llamatrt.runtime.ort_backend:OrtBackend", "cpu", ("ort",),
-                    "ONNX Runtime CPU (CUDA with onnxruntime-gpu and --device cuda)"),
-        BackendInfo("tensorrt", "llamatrt.runtime.trt_backend:TensorRTBackend", "cuda", ("trt",),
-                    "TensorRT engines made by `llamatrt build` (GPU)"),
+        BackendInfo(
+            "torch",
+            "llamatrt.runtime.torch_backend:TorchBackend",
+            "cpu",
+            ("pytorch",),
+            "PyTorch StaticLlama on the artifact's weights: the reference, any machine",
+        ),
+        BackendInfo(
+            "onnxruntime",
+            "llamatrt.runtime.ort_backend:OrtBackend",
+            "cpu",
+            ("ort",),
+            "ONNX Runtime CPU (CUDA with onnxruntime-gpu and --device cuda)",
+        ),
+        BackendInfo(
+            "tensorrt",
+            "llamatrt.runtime.trt_backend:TensorRTBackend",
+            "cuda",
+            ("trt",),
+            "TensorRT engines made by `llamatrt build` (GPU)",
+        ),
     )
-}  # fmt: skip
+}
 ALIASES = {alias: b.name for b in BACKENDS.values() for alias in b.aliases}
 DEFAULT_BACKEND = "onnxruntime"
 

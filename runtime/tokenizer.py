@@ -20,8 +20,18 @@ from llamatrt.runtime.chat_template import ChatTemplate
 REEXPORT = "re-run `llamatrt export --force`"
 
 
-CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
+CLEAN_UP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -70,8 +80,10 @@ class ArtifactTokenizer:
         pieces = re.split("\ue000(\\d+)\ue001", self.apply_chat_template(marked))
         rebuilt = "".join(contents[int(p)] if k % 2 else p for k, p in enumerate(pieces))
         if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))) or rebuilt != text:
-            raise InputError("a message spells a control token and this chat template changes message text, so it "
-                             "cannot be kept apart from the markup; remove the control-token text from the message")  # fmt: skip
+            raise InputError(
+                "a message spells a control token and this chat template changes message text, so it "
+                "cannot be kept apart from the markup; remove the control-token text from the message"
+            )
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             if k % 2 == 0:

@@ -31,8 +31,10 @@ def state_dict_from_artifact(folder: Path, manifest: Manifest) -> dict[str, torc
             count = math.prod(where["shape"])
             dtype = torch_dtype(where.get("dtype", manifest.dtype))  # fp16 artifacts keep norm weights in fp32
             if where["offset"] + count * dtype.itemsize > len(mm):
-                raise ManifestMismatchError(f"weights map entry {name!r} reaches past the end of the weights file; "
-                                            "re-run `llamatrt export --force`")  # fmt: skip
+                raise ManifestMismatchError(
+                    f"weights map entry {name!r} reaches past the end of the weights file; "
+                    "re-run `llamatrt export --force`"
+                )
             with warnings.catch_warnings():  # read-only mmap; we clone right away
                 warnings.simplefilter("ignore", UserWarning)
                 flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=where["offset"]).clone()
@@ -50,14 +52,20 @@ class TorchBackend(Backend):
     reads_graph_files = False  # it runs the model on the weights file, never the .onnx files
 
     def __init__(
-        self, folder: Path, manifest: Manifest, device: str = "cpu", check_feeds: bool = True,
+        self,
+        folder: Path,
+        manifest: Manifest,
+        device: str = "cpu",
+        check_feeds: bool = True,
         model: StaticLlama | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Runs the artifact's own weights, or `model` (a StaticLlama from the checkpoint: `diff`'s
         middle rung, and export validation's reference) at the artifact's shapes."""
         if model is None and manifest.quantization:
-            raise InputError(f"the torch backend runs float weights; this artifact's are {manifest.quantization['scheme']} "
-                             "(MatMulNBits): pass --backend onnxruntime")  # fmt: skip
+            raise InputError(
+                f"the torch backend runs float weights; this artifact's are {manifest.quantization['scheme']} "
+                "(MatMulNBits): pass --backend onnxruntime"
+            )
         super().__init__(folder, manifest, device, check_feeds)
         if model is None:
             model = StaticLlama.from_weights(manifest.config, state_dict_from_artifact(self.folder, manifest))
@@ -73,7 +81,11 @@ class TorchBackend(Backend):
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
             out = self.model(
-                feeds[names.INPUT_IDS], feeds[names.POSITION_IDS], feeds[names.CACHE_POSITION],
-                feeds[names.ATTENTION_MASK], *(feeds[n] for n in self.past_names), full_logits=graph.full_logits,
-            )  # fmt: skip
+                feeds[names.INPUT_IDS],
+                feeds[names.POSITION_IDS],
+                feeds[names.CACHE_POSITION],
+                feeds[names.ATTENTION_MASK],
+                *(feeds[n] for n in self.past_names),
+                full_logits=graph.full_logits,
+            )
         return {names.LOGITS: out[0], **dict(zip(self.present_names, out[1:], strict=True))}

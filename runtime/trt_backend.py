@@ -51,9 +51,15 @@ class TensorRTBackend(Backend):
     # its engines are weight-stripped: they are refit from the .onnx graphs (hence weights.data) at load
 
     def __init__(
-        self, folder: Path, manifest: Manifest, device: str = "cuda", check_feeds: bool = True,
-        cuda_graph: bool = True, trt: ModuleType | None = None, cuda: Any = None,
-    ) -> None:  # fmt: skip
+        self,
+        folder: Path,
+        manifest: Manifest,
+        device: str = "cuda",
+        check_feeds: bool = True,
+        cuda_graph: bool = True,
+        trt: ModuleType | None = None,
+        cuda: Any = None,
+    ) -> None:
         require_engine_graphs(manifest, folder)  # said before anything about CUDA
         super().__init__(folder, manifest, device, check_feeds)
         plans = check_engines(manifest, self.folder)
@@ -70,8 +76,10 @@ class TensorRTBackend(Backend):
         for name, entry in engines.items():
             engine = self.runtime.deserialize_cuda_engine(plans[name].read_bytes())
             if engine is None:
-                raise ManifestMismatchError(f"{entry['path']} was built by another TensorRT version or for another "
-                                            f"GPU; re-run `llamatrt build {folder} --force`")  # fmt: skip
+                raise ManifestMismatchError(
+                    f"{entry['path']} was built by another TensorRT version or for another "
+                    f"GPU; re-run `llamatrt build {folder} --force`"
+                )
             if manifest.engines.get("weights") == "stripped":
                 self._refit(engine, self.graphs[name])
             self.engines[name] = engine
@@ -92,11 +100,14 @@ class TensorRTBackend(Backend):
         parser = self.trt.OnnxParserRefitter(refitter, logger)
         if not parser.refit_from_file(str(inside(self.folder, graph.path, f"graph {graph.name!r} path"))):
             error = parser.get_error(0) if parser.num_errors else None
-            raise ManifestMismatchError(f"cannot refit the {graph.name} engine from {graph.path}"
-                                        f"{f' ({error.desc()})' if error else ''}; re-run `llamatrt build --force`")  # fmt: skip
+            raise ManifestMismatchError(
+                f"cannot refit the {graph.name} engine from {graph.path}"
+                f"{f' ({error.desc()})' if error else ''}; re-run `llamatrt build --force`"
+            )
         if not refitter.refit_cuda_engine():
-            raise ManifestMismatchError(f"TensorRT could not refit the {graph.name} engine from {graph.path}; "
-                                        "re-run `llamatrt build --force`")  # fmt: skip
+            raise ManifestMismatchError(
+                f"TensorRT could not refit the {graph.name} engine from {graph.path}; re-run `llamatrt build --force`"
+            )
 
     def allocate_cache(self) -> list[torch.Tensor]:
         """One set of cache buffers for the backend's lifetime: fixed addresses for CUDA graphs."""

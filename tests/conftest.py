@@ -9,26 +9,43 @@ import pytest
 import torch
 
 TINY_BASE = {
-    "vocab_size": 99, "hidden_size": 64, "intermediate_size": 37, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-}  # fmt: skip
+    "vocab_size": 99,
+    "hidden_size": 64,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 
 # id -> overrides: tied/untied, GQA/MHA, llama3 rope scaling, biases, head_dim != hidden / heads.
 TINY_VARIANTS = {
     "gqa-tied": {"num_key_value_heads": 2, "tie_word_embeddings": True},
     "mha-untied": {"num_key_value_heads": 4, "tie_word_embeddings": False},
     "gqa-llama3": {
-        "num_key_value_heads": 1, "tie_word_embeddings": False,
-        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        "num_key_value_heads": 1,
+        "tie_word_embeddings": False,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     },
     "mha-bias-linear": {
-        "num_key_value_heads": 4, "tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": True,
+        "attention_bias": True,
+        "mlp_bias": True,
         "head_dim": 8,  # not a multiple of 16: ONNX Runtime's fused attention cannot take it
         "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
     },
-}  # fmt: skip
+}
 
 
 def tiny_hf_model(variant: str = "gqa-tied", seed: int = 0):
@@ -144,8 +161,9 @@ def save_byte_level_bpe(folder: Path, text: str, special_tokens: list[str], voca
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=special_tokens)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=special_tokens
+    )
     tok.train_from_iterator([text] * 50, trainer)
     tok.save(str(folder / "tokenizer.json"))
     return folder / "tokenizer.json"

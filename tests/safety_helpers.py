@@ -23,8 +23,9 @@ def run_cli(
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     closed = {"stdin": subprocess.DEVNULL, "preexec_fn": lambda: os.close(0)} if stdin is None else {"input": stdin}
     raw = subprocess.run([str(LLAMATRT), *args], cwd=cwd, capture_output=True, timeout=timeout, env=env, **closed)
-    return subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(errors="replace"),
-                                       raw.stderr.decode(errors="replace"))  # fmt: skip
+    return subprocess.CompletedProcess(
+        raw.args, raw.returncode, raw.stdout.decode(errors="replace"), raw.stderr.decode(errors="replace")
+    )
 
 
 def snapshot(*roots: Path) -> dict[str, str]:

@@ -13,8 +13,14 @@ from tests.safety_helpers import LLAMATRT, run_cli
 
 
 def _spawn(*args: str, timeout: float = 120) -> pexpect.spawn:
-    return pexpect.spawn(str(LLAMATRT), list(args), encoding="utf-8", timeout=timeout, dimensions=(40, 200),
-                         env={"PATH": str(Path(sys.executable).parent), "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    return pexpect.spawn(
+        str(LLAMATRT),
+        list(args),
+        encoding="utf-8",
+        timeout=timeout,
+        dimensions=(40, 200),
+        env={"PATH": str(Path(sys.executable).parent), "PYTHONWARNINGS": "ignore"},
+    )
 
 
 @pytest.mark.slow
@@ -52,8 +58,17 @@ def test_a_long_conversation_drops_its_oldest_turns_and_a_cut_reply_is_marked(
 
 
 def test_the_progress_clock_ticks_through_a_long_step_on_a_terminal(tiny_artifact: Path, tmp_path: Path) -> None:
-    export = _spawn("export", "--model", str(tiny_artifact.parent / "hf"), "--out", str(tmp_path / "o"),
-                    "--max-seq-len", "32", "--prefill-chunk", "8")  # fmt: skip
+    export = _spawn(
+        "export",
+        "--model",
+        str(tiny_artifact.parent / "hf"),
+        "--out",
+        str(tmp_path / "o"),
+        "--max-seq-len",
+        "32",
+        "--prefill-chunk",
+        "8",
+    )
     export.expect(pexpect.EOF)
     export.close()
     assert export.exitstatus == 0

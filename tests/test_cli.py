@@ -16,8 +16,18 @@ def invoke(*args: str, input: str | None = None):
 
 
 def test_generate_json_and_ids(tiny_artifact: Path) -> None:
-    result = invoke("generate", tiny_artifact, "--prompt", "w5 w6 w7", "--input-ids", "5,6,7", "--json",
-                    "--max-new-tokens", "5", "--logprobs")  # fmt: skip
+    result = invoke(
+        "generate",
+        tiny_artifact,
+        "--prompt",
+        "w5 w6 w7",
+        "--input-ids",
+        "5,6,7",
+        "--json",
+        "--max-new-tokens",
+        "5",
+        "--logprobs",
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.strip().splitlines()]
     assert len(rows) == 2 and rows[0]["token_ids"] == rows[1]["token_ids"]  # "w5 w6 w7" encodes to 5,6,7

@@ -24,8 +24,20 @@ def report(tiny_artifact: Path, tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("report")
     prompts = folder / "prompts.txt"
     prompts.write_text("w5 w17 w42 w8\nchat:w11 w12\n" + " ".join(f"w{i % 90 + 3}" for i in range(20)) + "\n")
-    result = run_cli(["diff", str(tiny_artifact), "--prompts", str(prompts), "--steps", "4", "--report",
-                      str(folder / "accuracy.md"), "--json"], folder)  # fmt: skip
+    result = run_cli(
+        [
+            "diff",
+            str(tiny_artifact),
+            "--prompts",
+            str(prompts),
+            "--steps",
+            "4",
+            "--report",
+            str(folder / "accuracy.md"),
+            "--json",
+        ],
+        folder,
+    )
     assert result.returncode == 0, result.stderr
     return folder / "accuracy.md", json.loads(result.stdout)
 
@@ -64,8 +76,21 @@ def test_the_markdown_report_renders_as_tables_with_the_thresholds(report) -> No
 
 def test_diff_with_its_built_in_prompts_fits_a_small_cache(tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "c40"
-    exported = run_cli(["export", "--model", str(tiny_artifact.parent / "hf"), "--out", str(out), "--max-seq-len", "40",
-                        "--prefill-chunk", "8", "--no-validate"], tmp_path)  # fmt: skip
+    exported = run_cli(
+        [
+            "export",
+            "--model",
+            str(tiny_artifact.parent / "hf"),
+            "--out",
+            str(out),
+            "--max-seq-len",
+            "40",
+            "--prefill-chunk",
+            "8",
+            "--no-validate",
+        ],
+        tmp_path,
+    )
     assert exported.returncode == 0, exported.stderr
     result = run_cli(["diff", str(out), "--steps", "4", "--json"], tmp_path)
     assert error_lines(result) == [], result.stderr
@@ -75,8 +100,22 @@ def test_diff_with_its_built_in_prompts_fits_a_small_cache(tiny_artifact: Path, 
 
 
 def test_bf16_graphs_are_checked_on_cpu_through_fp32_twins(tiny_artifact: Path, tmp_path: Path) -> None:
-    result = run_cli(["export", "--model", str(tiny_artifact.parent / "hf"), "--out", str(tmp_path / "bf16"),
-                      "--dtype", "bf16", "--max-seq-len", "32", "--prefill-chunk", "8"], tmp_path)  # fmt: skip
+    result = run_cli(
+        [
+            "export",
+            "--model",
+            str(tiny_artifact.parent / "hf"),
+            "--out",
+            str(tmp_path / "bf16"),
+            "--dtype",
+            "bf16",
+            "--max-seq-len",
+            "32",
+            "--prefill-chunk",
+            "8",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "run slower than fp32" in result.stderr  # said once, at export, on a machine without a GPU
     validation = read_manifest(tmp_path / "bf16").validation
@@ -105,15 +144,35 @@ def test_a_broken_bf16_graph_fails_its_export_check(tiny_artifact: Path, tmp_pat
 
     monkeypatch.setattr(llama, "causal_mask", broken_in_the_graph_only)
     with pytest.raises(ValidationError, match="differ from PyTorch"):
-        export_artifact(tiny_artifact.parent / "hf", tmp_path / "bad", ExportOptions(max_cache_len=32, prefill_chunk=8,
-                                                                                     dtype="bf16"))  # fmt: skip
+        export_artifact(
+            tiny_artifact.parent / "hf",
+            tmp_path / "bad",
+            ExportOptions(max_cache_len=32, prefill_chunk=8, dtype="bf16"),
+        )
     assert calls["n"] > 0 and not (tmp_path / "bad").exists()
 
 
 def test_fp16_on_cpu_is_said_at_load(tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "fp16"
-    assert run_cli(["export", "--model", str(tiny_artifact.parent / "hf"), "--out", str(out), "--dtype", "fp16",
-                    "--max-seq-len", "32", "--prefill-chunk", "8"], tmp_path).returncode == 0  # fmt: skip
+    assert (
+        run_cli(
+            [
+                "export",
+                "--model",
+                str(tiny_artifact.parent / "hf"),
+                "--out",
+                str(out),
+                "--dtype",
+                "fp16",
+                "--max-seq-len",
+                "32",
+                "--prefill-chunk",
+                "8",
+            ],
+            tmp_path,
+        ).returncode
+        == 0
+    )
     code, _, err = _generate(out, "--prompt", "w5", "--max-new-tokens", "2")
     assert code == 0 and "fp16, which ONNX Runtime CPU runs slower than fp32" in err
 
@@ -170,8 +229,16 @@ def test_a_stop_string_cuts_the_text_and_its_tokens_and_says_which_stop(tiny_art
     cut = json.loads(out)
     assert code == 0 and cut["finish_reason"] == "stop" and cut["stop"] == words[2]
     assert cut["text"].split() == words[:2] and cut["token_ids"] == free["token_ids"][:2]
-    code, out, _ = _generate(tiny_artifact, "--input-ids", "3,9,21", "--max-new-tokens", "6", "--json", "--stop-id",
-                             str(free["token_ids"][1]))  # fmt: skip
+    code, out, _ = _generate(
+        tiny_artifact,
+        "--input-ids",
+        "3,9,21",
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--stop-id",
+        str(free["token_ids"][1]),
+    )
     by_id = json.loads(out)
     assert by_id["token_ids"] == free["token_ids"][:1] and by_id["stop"] == free["token_ids"][1]
 

@@ -19,9 +19,24 @@ from tests.safety_helpers import LLAMATRT, error_lines, run_cli, snapshot, tmpfs
 
 
 def _start_export(hf: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(LLAMATRT), "export", "--model", str(hf), "--out", str(out), "--max-seq-len", "32",
-                             "--prefill-chunk", "8", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        [
+            str(LLAMATRT),
+            "export",
+            "--model",
+            str(hf),
+            "--out",
+            str(out),
+            "--max-seq-len",
+            "32",
+            "--prefill-chunk",
+            "8",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _temp_folders(out: Path) -> list[Path]:
@@ -67,8 +82,10 @@ def test_sigkill_leaves_a_temp_folder_that_the_next_export_removes(existing) -> 
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert _temp_folders(out) and snapshot(out) == before  # a kill -9 cannot clean up; the artifact is intact
-    result = run_cli(["export", "--model", str(hf), "--out", str(out), "--force", "--max-seq-len", "32",
-                      "--prefill-chunk", "8"], out.parent)  # fmt: skip
+    result = run_cli(
+        ["export", "--model", str(hf), "--out", str(out), "--force", "--max-seq-len", "32", "--prefill-chunk", "8"],
+        out.parent,
+    )
     assert result.returncode == 0, result.stderr
     assert _temp_folders(out) == []  # the dead process's folder is gone
 

@@ -58,8 +58,23 @@ def test_a_clean_fp16_graph_passes_at_fp16_tolerance_and_the_scan_finds_nothing(
 
 def test_an_overflowing_activation_is_flagged_by_the_scan_and_at_export(tmp_path: Path) -> None:
     hf = _hf(tmp_path / "hot", scale_layer_up=25000.0)
-    result = run_cli(["export", "--model", str(hf), "--out", str(tmp_path / "fp16"), "--dtype", "fp16", "--no-validate",
-                      "--max-seq-len", "32", "--prefill-chunk", "8"], tmp_path)  # fmt: skip
+    result = run_cli(
+        [
+            "export",
+            "--model",
+            str(hf),
+            "--out",
+            str(tmp_path / "fp16"),
+            "--dtype",
+            "fp16",
+            "--no-validate",
+            "--max-seq-len",
+            "32",
+            "--prefill-chunk",
+            "8",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "fp16 safety scan" in line]
     assert len(warnings) == 1 and "layer 0" in warnings[0]

@@ -23,8 +23,9 @@ def test_wheel_maps_folders_under_one_namespace(tmp_path: Path) -> None:
     for module in ("llamatrt/models/llama.py", "llamatrt/exporter/export.py", "llamatrt/runtime/generator.py"):
         assert module in names
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True
+    )
     code = (
         "import llamatrt.models, llamatrt.runtime.generator, llamatrt.exporter.export; print(llamatrt.models.__file__)"
     )

@@ -31,9 +31,19 @@ def _tiny_checkpoint(folder: Path, tied: bool) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=99, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
-                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=99,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     save_tiny_tokenizer(folder)
     return folder
@@ -68,8 +78,13 @@ def test_the_portable_graphs_hold_the_same_int4_blocks_and_compute_the_same_logi
         dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
         assert len(dq) == PROJECTIONS_PER_LAYER * manifest.config.num_layers + 1  # and the head
         assert {next(a.i for a in n.attribute if a.name == "block_size") for n in dq} == {64}
-        assert not [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
-                    and len(i.dims) == 2 and not i.name.endswith((".dequantized", ".scales.kn"))]  # no float projection  # fmt: skip
+        assert not [
+            i.name
+            for i in model.graph.initializer
+            if i.data_type == onnx.TensorProto.FLOAT
+            and len(i.dims) == 2
+            and not i.name.endswith((".dequantized", ".scales.kn"))
+        ]  # no float projection
     # validated at export against PyTorch on the dequantized weights, every form
     assert set(manifest.validation["max_abs_logits_error_by_graphs"]) == {"portable", "onnxruntime"}
     fused, standard = _scores(int4_artifact, "onnxruntime"), _scores(int4_artifact, "portable")
@@ -90,8 +105,9 @@ def test_gguf_q4_1_blocks_make_no_tensorrt_graphs_and_say_why(tmp_path: Path) ->
     from llamatrt.exporter.quantize_portable import tensorrt_can_take
 
     blocks = np.zeros((4, 2, 16), dtype=np.uint8)
-    q4_1 = QuantizedWeight(4, 32, 4, 64, blocks, np.ones((4, 2), np.float32), 0, np.zeros((4, 2), np.float32),
-                           "gguf Q4_1")  # fmt: skip
+    q4_1 = QuantizedWeight(
+        4, 32, 4, 64, blocks, np.ones((4, 2), np.float32), 0, np.zeros((4, 2), np.float32), "gguf Q4_1"
+    )
     assert "asymmetric" in (tensorrt_can_take({"w": q4_1}) or "")
     q4_0_32 = QuantizedWeight(4, 32, 4, 64, blocks, np.ones((4, 2), np.float32), 8, None, "gguf Q4_0")
     assert "blocks of 32" in (tensorrt_can_take({"w": q4_0_32}) or "")

@@ -50,8 +50,11 @@ def test_an_artifact_with_remote_code_in_its_tokenizer_runs_none_of_it(tiny_arti
 def test_exporting_a_checkpoint_with_remote_code_runs_none_of_it(tiny_artifact: Path, tmp_path: Path) -> None:
     hf = Path(shutil.copytree(tiny_artifact.parent / "hf", tmp_path / "hf"))
     marker = _plant_remote_code(hf)
-    result = run_cli(["export", "--model", str(hf), "--out", str(tmp_path / "out"), "--max-seq-len", "16",
-                      "--prefill-chunk", "4"], tmp_path, stdin=b"y\n")  # fmt: skip
+    result = run_cli(
+        ["export", "--model", str(hf), "--out", str(tmp_path / "out"), "--max-seq-len", "16", "--prefill-chunk", "4"],
+        tmp_path,
+        stdin=b"y\n",
+    )
     assert not marker.exists() and "[y/N]" not in result.stdout + result.stderr
     assert result.returncode == 1 and len(error_lines(result)) == 1 and "Traceback" not in result.stderr
     assert "tokenizer" in error_lines(result)[0] and not (tmp_path / "out").exists()

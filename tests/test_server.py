@@ -29,8 +29,12 @@ def server(tiny_artifact: Path) -> Iterator[Server]:
 
 
 def _generate_json(artifact: Path, *args: str) -> dict:
-    out = subprocess.run([str(LLAMATRT), "generate", str(artifact), "--no-verify", "--json", *args],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [str(LLAMATRT), "generate", str(artifact), "--no-verify", "--json", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -38,14 +42,21 @@ def test_chat_and_completions_streamed_or_not_equal_generate(server: Server, tin
     client = server.client()
     expected_chat = _generate_json(tiny_artifact, "--chat", "--prompt", PROMPT, "--max-new-tokens", "8")
     expected_text = _generate_json(tiny_artifact, "--prompt", PROMPT, "--max-new-tokens", "8")
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
-                                          temperature=0)  # fmt: skip
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0
+    )
     assert chat.choices[0].message.content == expected_chat["text"]
     assert chat.choices[0].finish_reason == expected_chat["finish_reason"]
     assert chat.usage.prompt_tokens == expected_chat["prompt_tokens"]
     assert chat.usage.completion_tokens == len(expected_chat["token_ids"])
-    streamed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
-                                              temperature=0, stream=True, stream_options={"include_usage": True})  # fmt: skip
+    streamed = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(streamed)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected_chat["text"]
     assert chunks[-1].usage.completion_tokens == len(expected_chat["token_ids"]) and chunks[-1].choices == []
@@ -56,8 +67,14 @@ def test_chat_and_completions_streamed_or_not_equal_generate(server: Server, tin
 
 
 def test_logprobs_in_openai_format(server: Server) -> None:
-    chat = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
-                                                   max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    chat = server.client().chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens == 3
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
@@ -72,8 +89,16 @@ def test_sixteen_concurrent_streaming_clients_all_complete_with_their_usage(
     prompts = [" ".join(f"w{(k * 11 + i) % 90 + 3}" for i in range(k % 5 + 2)) for k in range(16)]
 
     def stream(prompt: str) -> tuple[str, int]:
-        chunks = list(server.client().completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
-                                                         stream=True, stream_options={"include_usage": True}))  # fmt: skip
+        chunks = list(
+            server.client().completions.create(
+                model="tiny",
+                prompt=prompt,
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
 
     with ThreadPoolExecutor(16) as pool:
@@ -85,9 +110,14 @@ def test_sixteen_concurrent_streaming_clients_all_complete_with_their_usage(
 
 @pytest.mark.parametrize(
     ("body", "param"),
-    [({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
-     ({"temperature": 3}, "temperature"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop")],
-)  # fmt: skip
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"temperature": 3}, "temperature"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
 def test_an_unsupported_or_bad_parameter_is_a_400_naming_it(server: Server, body: dict, param: str) -> None:
     request = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], **body}
     response = httpx.post(server.url + "/v1/chat/completions", json=request)
@@ -134,8 +164,11 @@ def test_a_disconnected_client_frees_its_row_and_a_full_queue_is_a_429(long_arti
     s = Server(long_artifact, "--max-queue", "1")
     try:
         client = s.client()
-        with httpx.stream("POST", s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2000, "stream": True,
-                                                                   "temperature": 0}) as held:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            s.url + "/v1/completions",
+            json={"prompt": PROMPT, "max_tokens": 2000, "stream": True, "temperature": 0},
+        ) as held:
             lines = held.iter_lines()
             for _ in range(4):
                 next(lines)  # a few tokens in: it holds the only row
@@ -164,8 +197,9 @@ def test_a_disconnected_client_frees_its_row_and_a_full_queue_is_a_429(long_arti
 
 def test_sigterm_finishes_the_stream_in_flight_and_exits_0(long_artifact: Path) -> None:
     s = Server(long_artifact)
-    with httpx.stream("POST", s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 300, "stream": True,
-                                                               "temperature": 0}) as response:  # fmt: skip
+    with httpx.stream(
+        "POST", s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 300, "stream": True, "temperature": 0}
+    ) as response:
         lines = response.iter_lines()
         next(lines)
         s.proc.send_signal(signal.SIGTERM)

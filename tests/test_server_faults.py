@@ -98,8 +98,11 @@ def test_a_broken_loop_fails_every_request_turns_health_to_503_and_refuses_new_o
 
 
 def _rss_kb(pid: int) -> int:
-    return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                if line.startswith("VmRSS"))  # fmt: skip
+    return next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS")
+    )
 
 
 def _fds(pid: int) -> int:
@@ -145,8 +148,9 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(long_artifac
     try:
         before = s.metric("llamatrt_completion_tokens_total")
         with pytest.raises(httpx.ReadTimeout):  # the tiny model makes the 2000 tokens in about 0.4 s
-            httpx.post(s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2000, "temperature": 0},
-                       timeout=0.1)  # fmt: skip
+            httpx.post(
+                s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2000, "temperature": 0}, timeout=0.1
+            )
         deadline = time.monotonic() + 3
         while s.metric("llamatrt_active_rows") and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -170,8 +174,16 @@ def test_several_prompts_are_admitted_whole_or_refused_whole(long_artifact: Path
     s = Server(tiny_artifact, "--max-queue", "2")  # 3 rows + 2 waiting: 5 at once are never refused
     try:
         with ThreadPoolExecutor(5) as pool:
-            codes = list(pool.map(lambda _: httpx.post(s.url + "/v1/completions", json={"prompt": PROMPT,
-                                  "max_tokens": 8}, timeout=30).status_code, range(5)))  # fmt: skip
+            codes = list(
+                pool.map(
+                    lambda _: (
+                        httpx.post(
+                            s.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 8}, timeout=30
+                        ).status_code
+                    ),
+                    range(5),
+                )
+            )
         assert codes == [200] * 5
     finally:
         assert s.stop() == 0
@@ -185,8 +197,9 @@ def test_huge_prompts_do_not_stall_other_streams(long_artifact: Path) -> None:
 
         def stream() -> None:
             last = None
-            with httpx.stream("POST", url, json={"prompt": PROMPT, "max_tokens": 400, "stream": True,
-                                                 "temperature": 0}, timeout=120) as response:  # fmt: skip
+            with httpx.stream(
+                "POST", url, json={"prompt": PROMPT, "max_tokens": 400, "stream": True, "temperature": 0}, timeout=120
+            ) as response:
                 for line in response.iter_lines():
                     now = time.perf_counter()
                     if line.startswith("data: ") and last is not None:
@@ -244,6 +257,10 @@ def test_ctrl_c_drains_and_exits_0_with_an_access_log(tiny_artifact: Path) -> No
 
 
 def test_a_bad_api_key_file_is_one_line(tmp_path: Path, tiny_artifact: Path) -> None:
-    result = subprocess.run([str(LLAMATRT), "serve", str(tiny_artifact), "--api-key-file", str(tmp_path / "none")],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [str(LLAMATRT), "serve", str(tiny_artifact), "--api-key-file", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr

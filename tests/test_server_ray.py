@@ -29,8 +29,9 @@ def test_two_replicas_on_ray_serve_both_answer(tiny_artifact: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(ray_application(EngineConfig(tiny_artifact, model_name="tiny", verify=False), replicas=2),
-                  route_prefix="/")  # fmt: skip
+        serve.run(
+            ray_application(EngineConfig(tiny_artifact, model_name="tiny", verify=False), replicas=2), route_prefix="/"
+        )
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2)
         seen, texts = set(), set()
         for _ in range(40):

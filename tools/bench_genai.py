@@ -25,8 +25,10 @@ GENAI_PRECISION = {"int4": "int4", "int8": "int8", "float32": "fp32"}
 def genai_precision(manifest: Manifest) -> str:
     kind = manifest.quantization.get("scheme", manifest.dtype)
     if kind not in GENAI_PRECISION:
-        raise InputError(f"the onnxruntime-genai baseline runs on CPU in fp32, int8 or int4, not {kind}; "
-                         "bench an fp32 or quantized artifact")  # fmt: skip
+        raise InputError(
+            f"the onnxruntime-genai baseline runs on CPU in fp32, int8 or int4, not {kind}; "
+            "bench an fp32 or quantized artifact"
+        )
     return GENAI_PRECISION[kind]
 
 
@@ -45,9 +47,25 @@ def genai_model(hf_dir: Path, precision: str) -> Path:
     config.pop("quantization_config", None)
     (source / "config.json").write_text(json.dumps(config))
     staging = target.with_name(target.name + ".tmp")
-    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o",
-                           str(staging), "-p", precision, "-e", "cpu", "-c", str(staging.with_suffix(".cache"))],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(source),
+            "-o",
+            str(staging),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(staging.with_suffix(".cache")),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0 or not (staging / "genai_config.json").is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise InputError(f"onnxruntime-genai's model builder failed ({tail[0][:200]}); drop --baseline")
@@ -74,9 +92,19 @@ class GenaiWorker:
 
         self.new_tokens = new_tokens
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llamatrt.tools.genai_worker", str(model_dir), str(batch), str(prompt_len),
-             str(vocab)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "llamatrt.tools.genai_worker",
+                str(model_dir),
+                str(batch),
+                str(prompt_len),
+                str(vocab),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         weakref.finalize(self, self.proc.kill)
         self.info: dict[str, Any] = self._read()  # after its warm-up: its threads and held memory
 
@@ -84,8 +112,10 @@ class GenaiWorker:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise InputError("the onnxruntime-genai worker exited; run `python -m llamatrt.tools.genai_worker` "
-                             "to see why, or drop --baseline")  # fmt: skip
+            raise InputError(
+                "the onnxruntime-genai worker exited; run `python -m llamatrt.tools.genai_worker` "
+                "to see why, or drop --baseline"
+            )
         return dict(json.loads(line))
 
     def __call__(self, tokens: int | None = None) -> dict[str, float]:

@@ -72,19 +72,25 @@ class BenchReport:
             first = first or best["decode_tokens_per_s"]
             cache = _cache_bytes(manifest)
             run: dict[str, Any] = {
-                "artifact": artifact, "batch": manifest.batch_size, "prompt_len": self.prompt_len,
-                "new_tokens": self.new_tokens, "repeat": self.repeat, "weights_bytes": manifest.weights_bytes,
-                "cache_bytes": cache, "bandwidth_gb_s": self.bandwidth_gb_s,
+                "artifact": artifact,
+                "batch": manifest.batch_size,
+                "prompt_len": self.prompt_len,
+                "new_tokens": self.new_tokens,
+                "repeat": self.repeat,
+                "weights_bytes": manifest.weights_bytes,
+                "cache_bytes": cache,
+                "bandwidth_gb_s": self.bandwidth_gb_s,
                 "bandwidth_working_set_bytes": max(m.weights_bytes for m in self.manifests.values()),
                 "ceiling_tokens_per_s": self.ceiling(artifact),
-                "decode_tokens_per_s": best["decode_tokens_per_s"], "ttft_ms": best["ttft_ms"],
+                "decode_tokens_per_s": best["decode_tokens_per_s"],
+                "ttft_ms": best["ttft_ms"],
                 "percent_of_ceiling": self.percent_of_ceiling(artifact, best["decode_tokens_per_s"]),
                 "at_or_above_ceiling": best["decode_tokens_per_s"] >= self.ceiling(artifact),
                 "aggregate_ratio_vs_first": best["decode_tokens_per_s"] / first,
                 "backends": [self._entry(m, manifest, cache) for m in singles],
                 "by_context": {m.label: {} for m in singles},
                 "workload": [self._entry(m, manifest, cache) for m in self._of(artifact, "workload")],
-            }  # fmt: skip
+            }
             for m in self._of(artifact, "context"):
                 run["by_context"][m.label][str(m.context)] = m.median["decode_tokens_per_s"]
             for b in run["backends"]:
@@ -100,21 +106,33 @@ class BenchReport:
 
     @staticmethod
     def _entry(m: Measured, manifest: Manifest, cache: int) -> dict[str, Any]:
-        return {"backend": m.label, **m.median, "min_max": {k: list(v) for k, v in m.spread.items()},
-                "held_mb": m.held_mb, "held_vs_weights_and_cache": m.held_mb * 2**20 / (manifest.weights_bytes + cache)}  # fmt: skip
+        return {
+            "backend": m.label,
+            **m.median,
+            "min_max": {k: list(v) for k, v in m.spread.items()},
+            "held_mb": m.held_mb,
+            "held_vs_weights_and_cache": m.held_mb * 2**20 / (manifest.weights_bytes + cache),
+        }
 
     def __str__(self) -> str:
         working_set = max(m.weights_bytes for m in self.manifests.values())
-        lines = [f"bench: prompt {self.prompt_len} tokens, {self.new_tokens} new tokens, median of {self.repeat} "
-                 f"interleaved rounds; read bandwidth {self.bandwidth_gb_s:.1f} GB/s over {working_set / 1e6:.0f} MB "
-                 "(the weights' size)"]  # fmt: skip
+        lines = [
+            f"bench: prompt {self.prompt_len} tokens, {self.new_tokens} new tokens, median of {self.repeat} "
+            f"interleaved rounds; read bandwidth {self.bandwidth_gb_s:.1f} GB/s over {working_set / 1e6:.0f} MB "
+            "(the weights' size)"
+        ]
         first = None
         for artifact, manifest in self.manifests.items():
             cache = _cache_bytes(manifest)
-            lines += ["", f"{artifact}: batch {manifest.batch_size}, {manifest.weights_bytes / 1e6:.0f} MB of weights, "
-                      f"{cache / 1e6:.0f} MB of cache; ceiling {self.ceiling(artifact):.1f} tok/s"]  # fmt: skip
-            lines.append(f"{'run':<16} {'decode tok/s':>12} {'(min-max)':>15} {'% ceiling':>9} {'ttft ms':>8} "
-                         f"{'prefill tok/s':>13} {'held MB':>8} {'held/(w+c)':>10}")  # fmt: skip
+            lines += [
+                "",
+                f"{artifact}: batch {manifest.batch_size}, {manifest.weights_bytes / 1e6:.0f} MB of weights, "
+                f"{cache / 1e6:.0f} MB of cache; ceiling {self.ceiling(artifact):.1f} tok/s",
+            ]
+            lines.append(
+                f"{'run':<16} {'decode tok/s':>12} {'(min-max)':>15} {'% ceiling':>9} {'ttft ms':>8} "
+                f"{'prefill tok/s':>13} {'held MB':>8} {'held/(w+c)':>10}"
+            )
             singles = self._of(artifact, "single")
             for m in singles:
                 d = m.median["decode_tokens_per_s"]
@@ -122,15 +140,19 @@ class BenchReport:
                 pct = self.percent_of_ceiling(artifact, d)
                 shown = ">=100%" if pct >= 100 else f"{pct:.0f}%"
                 ratio = m.held_mb * 2**20 / (manifest.weights_bytes + cache)
-                lines.append(f"{m.label:<16} {d:>12.1f} {f'({lo:.1f}-{hi:.1f})':>15} {shown:>9} {m.median['ttft_ms']:>8.1f} "
-                             f"{m.median['prefill_tokens_per_s']:>13.0f} {m.held_mb:>8.0f} {ratio:>10.2f}")  # fmt: skip
+                lines.append(
+                    f"{m.label:<16} {d:>12.1f} {f'({lo:.1f}-{hi:.1f})':>15} {shown:>9} {m.median['ttft_ms']:>8.1f} "
+                    f"{m.median['prefill_tokens_per_s']:>13.0f} {m.held_mb:>8.0f} {ratio:>10.2f}"
+                )
             base = next((m for m in singles if is_baseline(m)), None)
             ours = [m for m in singles if not is_baseline(m)]
             if base is not None:
                 for m in ours:
-                    lines.append(f"{m.label} vs {base.label}, same rounds: decode "
-                                 f"{m.median['decode_tokens_per_s'] / base.median['decode_tokens_per_s']:.2f}x, "
-                                 f"time to first token {m.median['ttft_ms'] / base.median['ttft_ms']:.2f}x")  # fmt: skip
+                    lines.append(
+                        f"{m.label} vs {base.label}, same rounds: decode "
+                        f"{m.median['decode_tokens_per_s'] / base.median['decode_tokens_per_s']:.2f}x, "
+                        f"time to first token {m.median['ttft_ms'] / base.median['ttft_ms']:.2f}x"
+                    )
             first = first or ours[0].median["decode_tokens_per_s"]
             if len(self.manifests) > 1:
                 lines.append(
@@ -138,9 +160,12 @@ class BenchReport:
                 )
             for label in dict.fromkeys(m.label for m in self._of(artifact, "context")):
                 by = {m.context: m.median for m in self._of(artifact, "context") if m.label == label}
-                lines.append(f"{label} decode tok/s after a prompt of N tokens: "
-                             + ", ".join(f"{c}: {v['decode_tokens_per_s']:.1f}" for c, v in by.items())
-                             + "; prefill tok/s: " + ", ".join(f"{c}: {v['prefill_tokens_per_s']:.0f}" for c, v in by.items()))  # fmt: skip
+                lines.append(
+                    f"{label} decode tok/s after a prompt of N tokens: "
+                    + ", ".join(f"{c}: {v['decode_tokens_per_s']:.1f}" for c, v in by.items())
+                    + "; prefill tok/s: "
+                    + ", ".join(f"{c}: {v['prefill_tokens_per_s']:.0f}" for c, v in by.items())
+                )
             lines += self._workload_lines(artifact)
         lines += ["", *(f"note: {n}" for n in self.notes)] if self.notes else []
         return "\n".join(lines)
@@ -149,13 +174,17 @@ class BenchReport:
         runs = self._of(artifact, "workload")
         if not runs:
             return []
-        lines = [f"{'workload run':<36} {'output tok/s':>12} {'ttft p50 ms':>11} {'gap p50/p99 ms':>15} "
-                 f"{'decode step ms':>14} {'p99 gap/step':>12}"]  # fmt: skip
+        lines = [
+            f"{'workload run':<36} {'output tok/s':>12} {'ttft p50 ms':>11} {'gap p50/p99 ms':>15} "
+            f"{'decode step ms':>14} {'p99 gap/step':>12}"
+        ]
         for m in runs:
             w = m.median
             gaps = f"{w['inter_token_p50_ms']:.1f}/{w['inter_token_p99_ms']:.1f}"
-            lines.append(f"{m.label:<36} {w['output_tokens_per_s']:>12.1f} {w['ttft_p50_ms']:>11.0f} {gaps:>15} "
-                         f"{w['decode_step_p50_ms']:>14.1f} {w['inter_token_p99_ms'] / w['decode_step_p50_ms']:>12.2f}")  # fmt: skip
+            lines.append(
+                f"{m.label:<36} {w['output_tokens_per_s']:>12.1f} {w['ttft_p50_ms']:>11.0f} {gaps:>15} "
+                f"{w['decode_step_p50_ms']:>14.1f} {w['inter_token_p99_ms'] / w['decode_step_p50_ms']:>12.2f}"
+            )
         return lines
 
 
@@ -180,12 +209,18 @@ def plot_by_context(report: BenchReport, path: Path) -> str:
             ax.plot(*zip(*points, strict=True), marker="o", label=f"{artifact} / {label}")
         base = next((m for m in report._of(artifact, "single") if is_baseline(m)), None)
         if base is not None:
-            ax.axhline(base.median["decode_tokens_per_s"], linestyle=":", color="black",
-                       label=f"{artifact} / {base.label}, prompt {report.prompt_len}")  # fmt: skip
+            ax.axhline(
+                base.median["decode_tokens_per_s"],
+                linestyle=":",
+                color="black",
+                label=f"{artifact} / {base.label}, prompt {report.prompt_len}",
+            )
         ax.axhline(report.ceiling(artifact), linestyle="--", color="gray", label=f"{artifact} bandwidth ceiling")
     source = next(iter(report.manifests.values())).source
-    title = (f"{Path(source).name} ({', '.join(report.manifests)}): decode vs context, "
-             f"{report.bandwidth_gb_s:.0f} GB/s measured")  # fmt: skip
+    title = (
+        f"{Path(source).name} ({', '.join(report.manifests)}): decode vs context, "
+        f"{report.bandwidth_gb_s:.0f} GB/s measured"
+    )
     ax.set(xlabel="context length (tokens)", ylabel="decode tokens/s", title=title)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)

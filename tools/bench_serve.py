@@ -18,8 +18,28 @@ from typing import Any
 from llamatrt.base.progress import Progress, no_progress
 from llamatrt.tools.bench_workload import NEW_TOKENS, PROMPT_TOKENS
 
-WORDS = ["the", "sky", "river", "stone", "light", "city", "music", "garden", "window", "story", "mountain", "letter",
-         "ocean", "forest", "bridge", "morning", "engine", "paper", "silver", "winter"]  # fmt: skip
+WORDS = [
+    "the",
+    "sky",
+    "river",
+    "stone",
+    "light",
+    "city",
+    "music",
+    "garden",
+    "window",
+    "story",
+    "mountain",
+    "letter",
+    "ocean",
+    "forest",
+    "bridge",
+    "morning",
+    "engine",
+    "paper",
+    "silver",
+    "winter",
+]
 
 
 @dataclass(frozen=True)
@@ -44,13 +64,15 @@ class ServeReport:
 
     def __str__(self) -> str:
         offered = "all at once" if self.rate is None else f"{self.rate:g} requests/s"
-        return "\n".join([
-            f"bench-serve {self.url} ({self.model}): {self.requests} requests, {self.clients} concurrent clients, {offered}",
-            f"completed {self.completed}, errors {self.errors}, in {self.wall_s:.1f} s",
-            f"requests/s {self.requests_per_s:.2f}   output tokens/s {self.output_tokens_per_s:.1f}",
-            f"time to first token p50 {self.ttft_p50_ms:.0f} ms, p99 {self.ttft_p99_ms:.0f} ms",
-            f"inter-token latency p50 {self.inter_token_p50_ms:.1f} ms, p99 {self.inter_token_p99_ms:.1f} ms",
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                f"bench-serve {self.url} ({self.model}): {self.requests} requests, {self.clients} concurrent clients, {offered}",
+                f"completed {self.completed}, errors {self.errors}, in {self.wall_s:.1f} s",
+                f"requests/s {self.requests_per_s:.2f}   output tokens/s {self.output_tokens_per_s:.1f}",
+                f"time to first token p50 {self.ttft_p50_ms:.0f} ms, p99 {self.ttft_p99_ms:.0f} ms",
+                f"inter-token latency p50 {self.inter_token_p50_ms:.1f} ms, p99 {self.inter_token_p99_ms:.1f} ms",
+            ]
+        )
 
 
 def mixed_prompts(count: int, seed: int = 20261201) -> list[tuple[str, int]]:
@@ -75,8 +97,14 @@ def _percentile(values: list[float], q: float) -> float:
 async def _one(client: Any, model: str, prompt: str, max_tokens: int) -> tuple[list[float], int]:
     """One streamed completion: the arrival time of each content chunk, and completion tokens."""
     times, tokens = [], 0
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True})  # fmt: skip
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             times.append(time.perf_counter())
@@ -85,12 +113,24 @@ async def _one(client: Any, model: str, prompt: str, max_tokens: int) -> tuple[l
     return times, tokens
 
 
-async def _run(url: str, model: str | None, api_key: str | None, requests: int, clients: int, rate: float | None,
-               prompts: list[tuple[str, int]] | None, progress: Progress) -> ServeReport:  # fmt: skip
+async def _run(
+    url: str,
+    model: str | None,
+    api_key: str | None,
+    requests: int,
+    clients: int,
+    rate: float | None,
+    prompts: list[tuple[str, int]] | None,
+    progress: Progress,
+) -> ServeReport:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url.rstrip("/") + "/v1" if not url.rstrip("/").endswith("/v1") else url,
-                         api_key=api_key or "none", max_retries=0, timeout=600)  # fmt: skip
+    client = AsyncOpenAI(
+        base_url=url.rstrip("/") + "/v1" if not url.rstrip("/").endswith("/v1") else url,
+        api_key=api_key or "none",
+        max_retries=0,
+        timeout=600,
+    )
     if model is None:
         model = (await client.models.list()).data[0].id
     work = prompts or mixed_prompts(requests)
@@ -121,12 +161,32 @@ async def _run(url: str, model: str | None, api_key: str | None, requests: int, 
     await asyncio.gather(*(request(k, p, n) for k, (p, n) in enumerate(work)))
     wall = time.perf_counter() - started
     await client.close()
-    return ServeReport(url, model, len(work), clients, rate, wall, done, errors, done / wall, tokens / wall,
-                       1000 * statistics.median(ttfts) if ttfts else 0.0, 1000 * _percentile(ttfts, 99),
-                       1000 * statistics.median(gaps) if gaps else 0.0, 1000 * _percentile(gaps, 99))  # fmt: skip
+    return ServeReport(
+        url,
+        model,
+        len(work),
+        clients,
+        rate,
+        wall,
+        done,
+        errors,
+        done / wall,
+        tokens / wall,
+        1000 * statistics.median(ttfts) if ttfts else 0.0,
+        1000 * _percentile(ttfts, 99),
+        1000 * statistics.median(gaps) if gaps else 0.0,
+        1000 * _percentile(gaps, 99),
+    )
 
 
-def bench_serve(url: str, model: str | None = None, api_key: str | None = None, requests: int = 32, clients: int = 8,
-                rate: float | None = None, prompts: list[tuple[str, int]] | None = None,
-                progress: Progress = no_progress) -> ServeReport:  # fmt: skip
+def bench_serve(
+    url: str,
+    model: str | None = None,
+    api_key: str | None = None,
+    requests: int = 32,
+    clients: int = 8,
+    rate: float | None = None,
+    prompts: list[tuple[str, int]] | None = None,
+    progress: Progress = no_progress,
+) -> ServeReport:
     return asyncio.run(_run(url, model, api_key, requests, clients, rate, prompts, progress))

@@ -33,21 +33,36 @@ def run_contract_checks(backend: Backend, prompts: list[list[int]], tolerance: f
     chunk = gen.scheduler.prefill_chunk
     sizes = backend.seq_sizes("prefill", batch=1)
     short = min(prompts, key=len)[: None if sizes is None else sizes[-1] - 1]  # room for padding in one call
-    checks = [_within("left padding equals no padding", _left_padded(backend, short), _token_by_token(gen, short),
-                      tolerance, backend)]  # fmt: skip
+    checks = [
+        _within(
+            "left padding equals no padding",
+            _left_padded(backend, short),
+            _token_by_token(gen, short),
+            tolerance,
+            backend,
+        )
+    ]
     long = max(prompts, key=len)
     if len(long) > chunk:
         chunked = score(gen, [long], [[0]])[0][0]
-        checks.append(_within("chunked prefill equals token-by-token", chunked, _token_by_token(gen, long),
-                              tolerance, backend))  # fmt: skip
+        checks.append(
+            _within("chunked prefill equals token-by-token", chunked, _token_by_token(gen, long), tolerance, backend)
+        )
     if backend.manifest.batch_size > 1 and len(prompts) > 1:
         # distinct lengths, so the rows of every decode call sit at different positions
         rows = [p[: len(p) - i] for i, p in enumerate(sorted(prompts, key=len, reverse=True)) if len(p) > i]
         together = score(gen, rows, [[0, 0, 0]] * len(rows))
         alone = [score(gen, [p], [[0, 0, 0]])[0] for p in rows]
         worst = max(range(len(rows)), key=lambda i: float((together[i] - alone[i]).abs().max()))
-        checks.append(_within("rows at different positions in one decode call equal each row alone",
-                              together[worst], alone[worst], tolerance, backend))  # fmt: skip
+        checks.append(
+            _within(
+                "rows at different positions in one decode call equal each row alone",
+                together[worst],
+                alone[worst],
+                tolerance,
+                backend,
+            )
+        )
     checks += [_last_slot(backend), _fully_masked_row(backend)]
     return checks
 
@@ -84,13 +99,17 @@ def _last_slot(backend: Backend) -> CheckResult:
         refused = False
     except InputError:
         refused = True
-    return CheckResult(f"last cache slot works, one more is refused [{backend.name}]", finite and refused,
-                       f"slot {last}: {'finite' if finite else 'NON-FINITE'} logits; slot {last + 1}: "
-                       f"{'refused' if refused else 'ACCEPTED'}")  # fmt: skip
+    return CheckResult(
+        f"last cache slot works, one more is refused [{backend.name}]",
+        finite and refused,
+        f"slot {last}: {'finite' if finite else 'NON-FINITE'} logits; slot {last + 1}: "
+        f"{'refused' if refused else 'ACCEPTED'}",
+    )
 
 
 def _fully_masked_row(backend: Backend) -> CheckResult:
     logits = backend.run(backend.graph("decode").name, _decode_feeds(backend, 0, 0))["logits"]
     finite = bool(torch.isfinite(logits).all())
-    return CheckResult(f"fully masked row gives no NaN [{backend.name}]", finite,
-                       "finite logits" if finite else "NaN/inf logits")  # fmt: skip
+    return CheckResult(
+        f"fully masked row gives no NaN [{backend.name}]", finite, "finite logits" if finite else "NaN/inf logits"
+    )

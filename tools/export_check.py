@@ -40,8 +40,10 @@ def _loop_error(candidate: Backend, reference: Backend) -> float:
     sizes = candidate.seq_sizes("prefill", batch=1) or [1, 5]
     chunk = max(sizes) if candidate.seq_sizes("prefill", batch=1) else m.prefill_chunk
     lengths = sorted({*sizes, max(1, min(chunk + 3, m.max_cache_len - DECODE_STEPS - chunk))})
-    prompts = [fixed_prompt(1, n, m.config.vocab_size)[0].add(i).remainder(m.config.vocab_size).tolist()
-               for i, n in enumerate(lengths)]  # fmt: skip
+    prompts = [
+        fixed_prompt(1, n, m.config.vocab_size)[0].add(i).remainder(m.config.vocab_size).tolist()
+        for i, n in enumerate(lengths)
+    ]
     forced = fixed_prompt(len(prompts), DECODE_STEPS + 5, m.config.vocab_size)[:, 5:].tolist()
     got, want = score(Generator(candidate), prompts, forced), score(Generator(reference), prompts, forced)
     return max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))

@@ -39,8 +39,14 @@ def _fp32_graph(source: Path, target: Path) -> None:
                 attribute.t.CopyFrom(
                     numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float32), attribute.t.name)
                 )
-    onnx.save(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=target.name + ".data", size_threshold=1024)  # fmt: skip
+    onnx.save(
+        model,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=target.name + ".data",
+        size_threshold=1024,
+    )
 
 
 def fp32_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
@@ -57,6 +63,14 @@ def fp32_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
                 for t in specs
             )
 
-        graphs[name] = GraphSpec(graph.name, graph.role, graph.path, fp32(graph.inputs), fp32(graph.outputs),
-                                 graph.attention, "float32", graph.backends)  # fmt: skip
+        graphs[name] = GraphSpec(
+            graph.name,
+            graph.role,
+            graph.path,
+            fp32(graph.inputs),
+            fp32(graph.outputs),
+            graph.attention,
+            "float32",
+            graph.backends,
+        )
     return dataclasses.replace(manifest, dtype="float32", graphs=graphs)

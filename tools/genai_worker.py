@@ -35,8 +35,9 @@ def main(model_dir: str, batch: int, prompt_len: int, vocab: int) -> None:
 
     def run(tokens: int) -> dict[str, float]:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt_len + tokens, min_length=prompt_len + tokens, batch_size=batch,
-                                  do_sample=False)  # fmt: skip
+        params.set_search_options(
+            max_length=prompt_len + tokens, min_length=prompt_len + tokens, batch_size=batch, do_sample=False
+        )
         generator = og.Generator(model, params)
         start = time.perf_counter()
         generator.append_tokens(ids)
@@ -44,8 +45,11 @@ def main(model_dir: str, batch: int, prompt_len: int, vocab: int) -> None:
         while not generator.is_done():
             generator.generate_next_token()
             times.append(time.perf_counter())
-        return {"ttft_ms": 1000 * (times[0] - start), "prefill_tokens_per_s": batch * prompt_len / (times[0] - start),
-                "decode_tokens_per_s": batch * (len(times) - 1) / (times[-1] - times[0])}  # fmt: skip
+        return {
+            "ttft_ms": 1000 * (times[0] - start),
+            "prefill_tokens_per_s": batch * prompt_len / (times[0] - start),
+            "decode_tokens_per_s": batch * (len(times) - 1) / (times[-1] - times[0]),
+        }
 
     run(4)  # warm-up
     config = json.loads((Path(model_dir) / "genai_config.json").read_text())

@@ -65,12 +65,17 @@ class LayerwiseReport:
         return self.first_failure is None
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": bool(self),
-                "layers": [{"layer": n, "max_abs": a, "max_rel": r} for n, a, r in self.layers]}  # fmt: skip
+        return {
+            **asdict(self),
+            "passed": bool(self),
+            "layers": [{"layer": n, "max_abs": a, "max_rel": r} for n, a, r in self.layers],
+        }
 
     def __str__(self) -> str:
-        lines = [f"layerwise diff of {self.artifact} ({self.graph} graph, {self.dtype}) against {self.against}: "
-                 f"{self.compared} tensors compared, tolerance atol {self.atol:g} / rtol {self.rtol:g}"]  # fmt: skip
+        lines = [
+            f"layerwise diff of {self.artifact} ({self.graph} graph, {self.dtype}) against {self.against}: "
+            f"{self.compared} tensors compared, tolerance atol {self.atol:g} / rtol {self.rtol:g}"
+        ]
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"{'after':<12} {'max |Δ|':>10} {'max rel':>10}")
         lines += [f"{n:<12} {a:>10.3g} {r:>10.3g}" for n, a, r in self.layers]
@@ -79,20 +84,30 @@ class LayerwiseReport:
             lines.append("no node out of tolerance: PASS")
         else:
             ranges = ", ".join(f"{t} [{lo:.3g}, {hi:.3g}]" for t, lo, hi in f.inputs)
-            lines.append(f"first node out of tolerance: {f.node} ({f.op}, {f.layer}) -> {f.tensor}: max |Δ| "
-                         f"{f.max_abs:.3g}, max rel {f.max_rel:.3g}; inputs {ranges}: FAIL")  # fmt: skip
+            lines.append(
+                f"first node out of tolerance: {f.node} ({f.op}, {f.layer}) -> {f.tensor}: max |Δ| "
+                f"{f.max_abs:.3g}, max rel {f.max_rel:.3g}; inputs {ranges}: FAIL"
+            )
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        out = [f"# Layerwise diff: `{self.artifact}`", "",
-               f"{self.graph} graph ({self.dtype}) against {self.against}; {self.compared} tensors compared, "
-               f"atol {self.atol:g}, rtol {self.rtol:g}. **{'PASS' if self else 'FAIL'}**", "",
-               "| after | max \\|Δ\\| | max rel |", "|---|---|---|"]  # fmt: skip
+        out = [
+            f"# Layerwise diff: `{self.artifact}`",
+            "",
+            f"{self.graph} graph ({self.dtype}) against {self.against}; {self.compared} tensors compared, "
+            f"atol {self.atol:g}, rtol {self.rtol:g}. **{'PASS' if self else 'FAIL'}**",
+            "",
+            "| after | max \\|Δ\\| | max rel |",
+            "|---|---|---|",
+        ]
         out += [f"| {n} | {a:.3g} | {r:.3g} |" for n, a, r in self.layers]
         if self.first_failure is not None:
             f = self.first_failure
-            out += ["", f"First node out of tolerance: `{f.node}` ({f.op}, {f.layer}), output `{f.tensor}`: max "
-                    f"\\|Δ\\| {f.max_abs:.3g}, max rel {f.max_rel:.3g}."]  # fmt: skip
+            out += [
+                "",
+                f"First node out of tolerance: `{f.node}` ({f.op}, {f.layer}), output `{f.tensor}`: max "
+                f"\\|Δ\\| {f.max_abs:.3g}, max rel {f.max_rel:.3g}.",
+            ]
         out += ["", *(f"- {n}" for n in self.notes)] if self.notes else []
         return "\n".join(out) + "\n"
 
@@ -167,18 +182,30 @@ def _residuals(model: Any) -> list[tuple[str, str]]:
     return sorted(last.items(), key=lambda kv: int(kv[0].split()[1]))
 
 
-def compare_runs(model: Any, candidate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], atol: float,
-                 rtol: float) -> tuple[int, NodeDiff | None, list[tuple[str, float, float]]]:  # fmt: skip
+def compare_runs(
+    model: Any, candidate: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], atol: float, rtol: float
+) -> tuple[int, NodeDiff | None, list[tuple[str, float, float]]]:
     """Polygraphy's element-wise comparison of every tensor both runs produced, then the first node
     (in the candidate graph's topological order) whose output fails it, and the per-layer curve."""
     from polygraphy.comparator import Comparator, CompareFunc, IterationResult, RunResults
 
-    common = [n for n in candidate if n in reference and np.issubdtype(np.asarray(candidate[n]).dtype, np.floating)
-              and np.shape(candidate[n]) == np.shape(reference[n])]  # fmt: skip
+    common = [
+        n
+        for n in candidate
+        if n in reference
+        and np.issubdtype(np.asarray(candidate[n]).dtype, np.floating)
+        and np.shape(candidate[n]) == np.shape(reference[n])
+    ]
     as32 = {n: np.asarray(candidate[n], dtype=np.float32) for n in common}
-    results = RunResults([("candidate", [IterationResult(as32, runner_name="candidate")]),
-                          ("reference", [IterationResult({n: np.asarray(reference[n], np.float32) for n in common},
-                                                         runner_name="reference")])])  # fmt: skip
+    results = RunResults(
+        [
+            ("candidate", [IterationResult(as32, runner_name="candidate")]),
+            (
+                "reference",
+                [IterationResult({n: np.asarray(reference[n], np.float32) for n in common}, runner_name="reference")],
+            ),
+        ]
+    )
     check = CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="elemwise", infinities_compare_equal=True)
     # one AccuracyResult per compare function; its runner pair's first (only) iteration
     verdicts = Comparator.compare_accuracy(results, compare_func=check)[0][("candidate", "reference")][0]
@@ -187,10 +214,14 @@ def compare_runs(model: Any, candidate: Mapping[str, np.ndarray], reference: Map
         for tensor in node.output:
             verdict = verdicts.get(tensor)
             if verdict is not None and not bool(verdict) and first is None:
-                inputs = [(t, float(np.min(candidate[t])), float(np.max(candidate[t]))) for t in node.input
-                          if t in as32 and np.size(candidate[t])]  # fmt: skip
-                first = NodeDiff(tensor, node.name, node.op_type, _layer_of(node), verdict.max_absdiff,
-                                 verdict.max_reldiff, inputs)  # fmt: skip
+                inputs = [
+                    (t, float(np.min(candidate[t])), float(np.max(candidate[t])))
+                    for t in node.input
+                    if t in as32 and np.size(candidate[t])
+                ]
+                first = NodeDiff(
+                    tensor, node.name, node.op_type, _layer_of(node), verdict.max_absdiff, verdict.max_reldiff, inputs
+                )
     layers = [
         (layer, verdicts[t].max_absdiff, verdicts[t].max_reldiff) for layer, t in _residuals(model) if t in verdicts
     ]
@@ -238,8 +269,13 @@ def _candidate_graph(manifest: Manifest, role: str) -> GraphSpec:
     return max(graphs, key=lambda g: g.seq_len or 0)
 
 
-def run_layerwise(artifact: str | Path, against: str = "fp32", role: str = "prefill", progress: Progress = no_progress,
-                  verify: bool = True) -> LayerwiseReport:  # fmt: skip
+def run_layerwise(
+    artifact: str | Path,
+    against: str = "fp32",
+    role: str = "prefill",
+    progress: Progress = no_progress,
+    verify: bool = True,
+) -> LayerwiseReport:
     """Compare the artifact's portable `role` graph with a reference, tensor by tensor."""
     import torch
 
@@ -256,11 +292,15 @@ def run_layerwise(artifact: str | Path, against: str = "fp32", role: str = "pref
     notes = []
     if against == "onnxruntime":
         if manifest.engines and not torch.cuda.is_available():
-            notes.append("the artifact's TensorRT engines need a GPU to run, which this machine lacks; comparing its "
-                         "ONNX graph with the fp32 reference instead")  # fmt: skip
+            notes.append(
+                "the artifact's TensorRT engines need a GPU to run, which this machine lacks; comparing its "
+                "ONNX graph with the fp32 reference instead"
+            )
         elif not manifest.engines:
-            notes.append("the artifact has no engines to compare with ONNX Runtime; comparing its ONNX graph with "
-                         "the fp32 reference instead")  # fmt: skip
+            notes.append(
+                "the artifact has no engines to compare with ONNX Runtime; comparing its ONNX graph with "
+                "the fp32 reference instead"
+            )
         else:  # pragma: no cover - needs TensorRT and a GPU
             return _engine_vs_onnxruntime(folder, manifest, graph, progress)
         against = "fp32"
@@ -283,8 +323,18 @@ def run_layerwise(artifact: str | Path, against: str = "fp32", role: str = "pref
         progress("running the fp32 reference with every tensor marked")
         reference = _run(_marked(reference_path)[1], _as(feeds, np.float32), "reference")
     compared, first, layers = compare_runs(model, candidate, reference, atol, rtol)
-    return LayerwiseReport(str(artifact), graph.name, f"fp32 export of {manifest.source}", manifest.dtype, atol, rtol,
-                           compared, first, layers, notes)  # fmt: skip
+    return LayerwiseReport(
+        str(artifact),
+        graph.name,
+        f"fp32 export of {manifest.source}",
+        manifest.dtype,
+        atol,
+        rtol,
+        compared,
+        first,
+        layers,
+        notes,
+    )
 
 
 def _reference_graph(manifest: Manifest, graph: GraphSpec, folder: Path) -> Path:
@@ -299,8 +349,17 @@ def _reference_graph(manifest: Manifest, graph: GraphSpec, folder: Path) -> Path
     return folder / spec.path
 
 
-def _against_torch(folder: Path, manifest: Manifest, graph: GraphSpec, model: Any, candidate: Mapping[str, np.ndarray],
-                   feeds: Mapping[str, np.ndarray], atol: float, rtol: float, notes: list[str]) -> LayerwiseReport:  # fmt: skip
+def _against_torch(
+    folder: Path,
+    manifest: Manifest,
+    graph: GraphSpec,
+    model: Any,
+    candidate: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray],
+    atol: float,
+    rtol: float,
+    notes: list[str],
+) -> LayerwiseReport:
     """The residual stream after each layer against PyTorch's (forward hooks); no node-level pairing."""
     import torch
 
@@ -311,16 +370,28 @@ def _against_torch(folder: Path, manifest: Manifest, graph: GraphSpec, model: An
     residuals = _residuals(model)
     for (_, tensor), module in zip(residuals, reference.model.layers, strict=False):
         module.register_forward_hook(lambda _m, _i, out, t=tensor: captured.__setitem__(t, out[0].detach().numpy()))
-    inputs = [torch.from_numpy(np.asarray(feeds[t.name], dtype=np.float32 if "past" in t.name else feeds[t.name].dtype))
-              for t in graph.inputs]  # fmt: skip
+    inputs = [
+        torch.from_numpy(np.asarray(feeds[t.name], dtype=np.float32 if "past" in t.name else feeds[t.name].dtype))
+        for t in graph.inputs
+    ]
     with torch.no_grad():
         reference(*inputs)
     compared, first, layers = compare_runs(model, candidate, captured, atol, rtol)
     notes.append(
         "against PyTorch the residual stream after each layer is compared; node-level pairing needs --against fp32"
     )
-    return LayerwiseReport(str(folder), graph.name, "PyTorch (StaticLlama, fp32)", manifest.dtype, atol, rtol, compared,
-                           first, layers, notes)  # fmt: skip
+    return LayerwiseReport(
+        str(folder),
+        graph.name,
+        "PyTorch (StaticLlama, fp32)",
+        manifest.dtype,
+        atol,
+        rtol,
+        compared,
+        first,
+        layers,
+        notes,
+    )
 
 
 def _engine_vs_onnxruntime(

@@ -16,8 +16,9 @@ from llamatrt.base.progress import Progress, no_progress
 log = logging.getLogger(__name__)
 
 
-def export_artifact(model: str | Path | Any, out: Path, options: Any = None, force: bool = False,
-                    progress: Progress = no_progress) -> Manifest:  # fmt: skip
+def export_artifact(
+    model: str | Path | Any, out: Path, options: Any = None, force: bool = False, progress: Progress = no_progress
+) -> Manifest:
     """Export `model` (smollm2, an HF folder, a .gguf, a transformers model) to `out`, validated by
     the runtime (ExportOptions.validate) before it replaces anything."""
     from llamatrt.exporter.export import ExportOptions
@@ -39,5 +40,12 @@ def _warn_fp16(out: Path) -> None:
     findings = fp16_scan(out)
     if findings:
         first = findings[0]
-        log.warning("fp16 safety scan: %d tensors need fp32 (first: %s, %s in %s, %s); see `llamatrt diff %s "
-                    "--layerwise`", len(findings), first.tensor, first.op, first.layer, first.reason, out)  # fmt: skip
+        log.warning(
+            "fp16 safety scan: %d tensors need fp32 (first: %s, %s in %s, %s); see `llamatrt diff %s --layerwise`",
+            len(findings),
+            first.tensor,
+            first.op,
+            first.layer,
+            first.reason,
+            out,
+        )

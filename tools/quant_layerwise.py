@@ -72,42 +72,64 @@ class QuantLayerwiseReport:
         for kind in (*KINDS, "head"):
             errors = [p for p in self.projections if p.kind == kind]
             if errors:
-                rows.append((kind, float(np.mean([p.rms_rel_error for p in errors])),
-                             max(p.rms_rel_error for p in errors),
-                             float(np.mean([p.simulated_rel_error for p in errors])),
-                             max(p.outlier_ratio for p in errors)))  # fmt: skip
+                rows.append(
+                    (
+                        kind,
+                        float(np.mean([p.rms_rel_error for p in errors])),
+                        max(p.rms_rel_error for p in errors),
+                        float(np.mean([p.simulated_rel_error for p in errors])),
+                        max(p.outlier_ratio for p in errors),
+                    )
+                )
         return rows
 
     def plot(self, path: Path) -> None:
         plot_layers(self.layers, f"{Path(self.artifact).name}: int8 vs fp32 activations", path)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": bool(self), "by_kind": [
-            {"kind": k, "mean_rms_rel": a, "max_rms_rel": b, "simulated_rms_rel": c, "max_outlier_ratio": d}
-            for k, a, b, c, d in self.by_kind()]}  # fmt: skip
+        return {
+            **asdict(self),
+            "passed": bool(self),
+            "by_kind": [
+                {"kind": k, "mean_rms_rel": a, "max_rms_rel": b, "simulated_rms_rel": c, "max_outlier_ratio": d}
+                for k, a, b, c, d in self.by_kind()
+            ],
+        }
 
     def __str__(self) -> str:
-        lines = [f"int8 activations (accuracy level 4) vs fp32 activations (level 0) in {self.artifact}'s ONNX Runtime "
-                 f"graph (the artifact runs level {self.artifact_level}); {self.prompts} prompts, {self.compared} "
-                 f"tensors compared; {self.kernel}"]  # fmt: skip
+        lines = [
+            f"int8 activations (accuracy level 4) vs fp32 activations (level 0) in {self.artifact}'s ONNX Runtime "
+            f"graph (the artifact runs level {self.artifact_level}); {self.prompts} prompts, {self.compared} "
+            f"tensors compared; {self.kernel}"
+        ]
         lines.append("own error of each projection kind, on the same input (rms relative):")
         lines.append(f"  {'kind':<14}{'mean':>10}{'max':>10}{'simulated':>11}{'outliers':>10}")
         lines += [f"  {k:<14}{a:>10.2e}{b:>10.2e}{c:>11.2e}{d:>10.1f}" for k, a, b, c, d in self.by_kind()]
         worst = sorted(self.projections, key=lambda p: -p.rms_rel_error)[:5]
         lines.append("largest own errors: " + ", ".join(f"{p.weight} {p.rms_rel_error:.2e}" for p in worst))
-        lines.append("each layer's MLP output, level 4 vs level 0 (rms relative, inherited error included): "
-                     + ", ".join(f"{n.split()[-1]}: {r:.2g}" for n, _, r in self.layers))  # fmt: skip
+        lines.append(
+            "each layer's MLP output, level 4 vs level 0 (rms relative, inherited error included): "
+            + ", ".join(f"{n.split()[-1]}: {r:.2g}" for n, _, r in self.layers)
+        )
         f = self.first_failure
-        lines.append("no node out of tolerance" if f is None else
-                     f"first node out of tolerance (atol/rtol {TOLERANCE[0]:g}): {f.node} ({f.op}, {f.layer}) -> "
-                     f"{f.tensor}: max |Δ| {f.max_abs:.3g}")  # fmt: skip
+        lines.append(
+            "no node out of tolerance"
+            if f is None
+            else f"first node out of tolerance (atol/rtol {TOLERANCE[0]:g}): {f.node} ({f.op}, {f.layer}) -> "
+            f"{f.tensor}: max |Δ| {f.max_abs:.3g}"
+        )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        out = [f"# int8 vs fp32 activations: `{self.artifact}`", "", f"{self.kernel}; {self.prompts} prompts.", "",
-               "| projection | mean own error | max own error | per-block int8 simulated | max outlier ratio |",
-               "|---|---|---|---|---|"]  # fmt: skip
+        out = [
+            f"# int8 vs fp32 activations: `{self.artifact}`",
+            "",
+            f"{self.kernel}; {self.prompts} prompts.",
+            "",
+            "| projection | mean own error | max own error | per-block int8 simulated | max outlier ratio |",
+            "|---|---|---|---|---|",
+        ]
         out += [f"| {k} | {a:.2e} | {b:.2e} | {c:.2e} | {d:.1f} |" for k, a, b, c, d in self.by_kind()]
         out += ["", "| layer's MLP output | max \\|Δ\\| | rms rel |", "|---|---|---|"]
         out += [f"| {n} | {a:.3g} | {r:.3g} |" for n, a, r in self.layers]
@@ -151,8 +173,9 @@ def _dequantized(node: Any, inits: Mapping[str, np.ndarray]) -> np.ndarray:
     attrs = {a.name: a.i for a in node.attribute}
     n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
     packed = inits[node.input[1]].reshape(n, -(-k // block), block * bits // 8)
-    weight = QuantizedWeight(bits, block, n, k, packed, inits[node.input[2]].reshape(n, -1), DEFAULT_ZERO[bits], None,
-                             node.input[1])  # fmt: skip
+    weight = QuantizedWeight(
+        bits, block, n, k, packed, inits[node.input[2]].reshape(n, -1), DEFAULT_ZERO[bits], None, node.input[1]
+    )
     return weight.dequantize()
 
 
@@ -162,14 +185,19 @@ def _single_node_session(node: Any, inits: Mapping[str, np.ndarray], level: int)
     from onnx import helper, numpy_helper
 
     attrs = {a.name: a.i for a in node.attribute}
-    single = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain=MS_DOMAIN,
-                              **{**attrs, "accuracy_level": level})  # fmt: skip
+    single = helper.make_node(
+        "MatMulNBits", ["x", "B", "scales"], ["y"], domain=MS_DOMAIN, **{**attrs, "accuracy_level": level}
+    )
     graph = helper.make_graph(
-        [single], "projection", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+        [single],
+        "projection",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(inits[node.input[1]], "B"),
-                     numpy_helper.from_array(inits[node.input[2]], "scales")],
-    )  # fmt: skip
+        initializer=[
+            numpy_helper.from_array(inits[node.input[1]], "B"),
+            numpy_helper.from_array(inits[node.input[2]], "scales"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 10
     options = ort.SessionOptions()
@@ -177,8 +205,9 @@ def _single_node_session(node: Any, inits: Mapping[str, np.ndarray], level: int)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def projection_errors(model: Any, inits: Mapping[str, np.ndarray],
-                      runs: Sequence[Mapping[str, np.ndarray]]) -> list[ProjectionError]:  # fmt: skip
+def projection_errors(
+    model: Any, inits: Mapping[str, np.ndarray], runs: Sequence[Mapping[str, np.ndarray]]
+) -> list[ProjectionError]:
     """Each MatMulNBits alone at levels 4 and 0 on the level-0 run's input to it (every prompt)."""
     out = []
     for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
@@ -217,8 +246,12 @@ def _prompt_feeds(graph: GraphSpec, manifest: Manifest, ids: list[int]) -> dict[
     return {k: v.numpy() for k, v in graph_feeds(graph, tokens, positions, 0, mask, cache).items()}
 
 
-def run_quant_layerwise(artifact: str | Path, prompts: Sequence[tuple[bool, str]] | None = None,
-                        progress: Progress = no_progress, verify: bool = True) -> QuantLayerwiseReport:  # fmt: skip
+def run_quant_layerwise(
+    artifact: str | Path,
+    prompts: Sequence[tuple[bool, str]] | None = None,
+    progress: Progress = no_progress,
+    verify: bool = True,
+) -> QuantLayerwiseReport:
     """Level 4 against level 0 in the artifact's ONNX Runtime graph, node by node and projection by
     projection, on the chat prompts of `diff` (or `prompts`)."""
     import onnx
@@ -269,17 +302,29 @@ def run_quant_layerwise(artifact: str | Path, prompts: Sequence[tuple[bool, str]
     layers = _accumulated(model, runs4, runs0)
     progress("each projection alone on the same input")
     projections = projection_errors(model, inits, runs0)
-    notes = ["own error: each MatMulNBits run alone on the level-0 run's input to it, so no error is inherited; "
-             "simulated: the same input quantized to int8 per weight block in numpy (scale max |x| / 127); "
-             "outliers: max |x| / rms(x) of that input",
-             "the Q4_1 offset term (block sums of x times m + 8d) is fp32 arithmetic on the exact input at every "
-             "level: int8 activations touch only the MatMulNBits products"]  # fmt: skip
-    return QuantLayerwiseReport(str(artifact), int(manifest.quantization["accuracy_level"]), len(ids), compared,
-                                first, layers, projections, kernel, notes)  # fmt: skip
+    notes = [
+        "own error: each MatMulNBits run alone on the level-0 run's input to it, so no error is inherited; "
+        "simulated: the same input quantized to int8 per weight block in numpy (scale max |x| / 127); "
+        "outliers: max |x| / rms(x) of that input",
+        "the Q4_1 offset term (block sums of x times m + 8d) is fp32 arithmetic on the exact input at every "
+        "level: int8 activations touch only the MatMulNBits products",
+    ]
+    return QuantLayerwiseReport(
+        str(artifact),
+        int(manifest.quantization["accuracy_level"]),
+        len(ids),
+        compared,
+        first,
+        layers,
+        projections,
+        kernel,
+        notes,
+    )
 
 
-def _accumulated(model: Any, runs4: Sequence[Mapping[str, np.ndarray]],
-                 runs0: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[str, float, float]]:  # fmt: skip
+def _accumulated(
+    model: Any, runs4: Sequence[Mapping[str, np.ndarray]], runs0: Sequence[Mapping[str, np.ndarray]]
+) -> list[tuple[str, float, float]]:
     """(layer, max abs, max rel) of each layer's MLP output (down_proj) between the level-4 and the
     level-0 run: the error the residual stream has gathered by then, over every prompt."""
     out = []

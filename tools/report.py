@@ -36,9 +36,15 @@ class StageResult:
 
     @classmethod
     def summarise(
-        cls, name: str, dtype: str, per_step: dict[str, list[float]], first_divergence: int | None,
-        ppl: float, ppl_ref: float, t: Thresholds,
-    ) -> StageResult:  # fmt: skip
+        cls,
+        name: str,
+        dtype: str,
+        per_step: dict[str, list[float]],
+        first_divergence: int | None,
+        ppl: float,
+        ppl_ref: float,
+        t: Thresholds,
+    ) -> StageResult:
         top1 = sum(per_step["top1"]) / len(per_step["top1"])
         max_abs, max_kl, rel = max(per_step["max_abs"]), max(per_step["kl"]), abs(ppl - ppl_ref) / ppl_ref
         failures = []
@@ -54,9 +60,22 @@ class StageResult:
             failures.append(f"greedy tokens diverge at step {first_divergence}")
         if not rel <= t.max_ppl_rel:
             failures.append(f"perplexity {ppl:.4g} vs reference {ppl_ref:.4g} (relative {rel:.2g} > {t.max_ppl_rel:g})")
-        return cls(name, dtype, max_abs, sum(per_step["mean_abs"]) / len(per_step["mean_abs"]),
-                   min(per_step["cosine"]), max_kl, top1, sum(per_step["top5"]) / len(per_step["top5"]),
-                   first_divergence, ppl, rel, not failures, failures, per_step)  # fmt: skip
+        return cls(
+            name,
+            dtype,
+            max_abs,
+            sum(per_step["mean_abs"]) / len(per_step["mean_abs"]),
+            min(per_step["cosine"]),
+            max_kl,
+            top1,
+            sum(per_step["top5"]) / len(per_step["top5"]),
+            first_divergence,
+            ppl,
+            rel,
+            not failures,
+            failures,
+            per_step,
+        )
 
 
 @dataclass
@@ -118,23 +137,38 @@ class AccuracyReport:
             ]
         )
         for s in self.stages:
-            rows.append([s.name, s.dtype, f"{s.max_abs:.2e}", f"{s.mean_abs:.2e}", f"{s.min_cosine:.6f}",
-                         f"{s.max_kl:.1e}", f"{s.top1:.3f}", f"{s.top5:.3f}",
-                         "none" if s.first_divergence is None else str(s.first_divergence),
-                         f"{s.perplexity:.4g}", "PASS" if s.passed else "FAIL"])  # fmt: skip
+            rows.append(
+                [
+                    s.name,
+                    s.dtype,
+                    f"{s.max_abs:.2e}",
+                    f"{s.mean_abs:.2e}",
+                    f"{s.min_cosine:.6f}",
+                    f"{s.max_kl:.1e}",
+                    f"{s.top1:.3f}",
+                    f"{s.top5:.3f}",
+                    "none" if s.first_divergence is None else str(s.first_divergence),
+                    f"{s.perplexity:.4g}",
+                    "PASS" if s.passed else "FAIL",
+                ]
+            )
         return rows
 
     def __str__(self) -> str:
         rows = self._rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"accuracy of {self.artifact} vs transformers on {self.reference} "
-                 f"({self.prompts} prompts, prefill + {self.steps} teacher-forced steps)"]  # fmt: skip
+        lines = [
+            f"accuracy of {self.artifact} vs transformers on {self.reference} "
+            f"({self.prompts} prompts, prefill + {self.steps} teacher-forced steps)"
+        ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines += [f"  {s.name}: {f}" for s in self.stages for f in s.failures]
         lines += [f"check {'PASS' if c.passed else 'FAIL'}  {c.name}: {c.detail}" for c in self.checks]
         for dtype, t in self.thresholds.items():
-            lines.append(f"thresholds ({dtype}): max |Δ| <= {t.max_abs:g}, KL <= {t.max_kl:g}, top-1 >= {t.min_top1:g}, "
-                         f"perplexity rel <= {t.max_ppl_rel:g}, greedy tokens {'must match' if t.greedy_must_match else 'reported'}")  # fmt: skip
+            lines.append(
+                f"thresholds ({dtype}): max |Δ| <= {t.max_abs:g}, KL <= {t.max_kl:g}, top-1 >= {t.min_top1:g}, "
+                f"perplexity rel <= {t.max_ppl_rel:g}, greedy tokens {'must match' if t.greedy_must_match else 'reported'}"
+            )
         lines.append(f"diverge@: {DIVERGE}")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"verdict: {'PASS' if self else 'FAIL'}")
@@ -144,19 +178,39 @@ class AccuracyReport:
         """The report as GitHub-flavoured Markdown; every cell's pipes are escaped, so the tables render."""
         rows = self._rows()
         verdict = "PASS" if self else "FAIL"
-        out = [f"# Accuracy report: `{self.artifact}`", "",
-               f"Reference: transformers `LlamaForCausalLM` on `{self.reference}`; {self.prompts} prompts, "
-               f"prefill + {self.steps} teacher-forced decode steps. **Verdict: {verdict}**", "",
-               _md_row(rows[0]), "|" + "---|" * len(rows[0])]  # fmt: skip
+        out = [
+            f"# Accuracy report: `{self.artifact}`",
+            "",
+            f"Reference: transformers `LlamaForCausalLM` on `{self.reference}`; {self.prompts} prompts, "
+            f"prefill + {self.steps} teacher-forced decode steps. **Verdict: {verdict}**",
+            "",
+            _md_row(rows[0]),
+            "|" + "---|" * len(rows[0]),
+        ]
         out += [_md_row(r) for r in rows[1:]]
         out += ["", f"diverge@: {_md(DIVERGE)}"]
         failures = [f"- {_md(s.name)}: {_md(f)}" for s in self.stages for f in s.failures]
         out += ["", "## Failures", "", *failures] if failures else []
-        out += ["", "## Thresholds applied", "", _md_row(["dtype", "max |Δ| ≤", "max KL ≤", "top-1 ≥", "ppl rel ≤",
-                                                        "greedy must match"]), "|---|---|---|---|---|---|"]  # fmt: skip
+        out += [
+            "",
+            "## Thresholds applied",
+            "",
+            _md_row(["dtype", "max |Δ| ≤", "max KL ≤", "top-1 ≥", "ppl rel ≤", "greedy must match"]),
+            "|---|---|---|---|---|---|",
+        ]
         for dtype, t in self.thresholds.items():
-            out.append(_md_row([dtype, f"{t.max_abs:g}", f"{t.max_kl:g}", f"{t.min_top1:g}", f"{t.max_ppl_rel:g}",
-                                "yes" if t.greedy_must_match else "no"]))  # fmt: skip
+            out.append(
+                _md_row(
+                    [
+                        dtype,
+                        f"{t.max_abs:g}",
+                        f"{t.max_kl:g}",
+                        f"{t.min_top1:g}",
+                        f"{t.max_ppl_rel:g}",
+                        "yes" if t.greedy_must_match else "no",
+                    ]
+                )
+            )
         out += ["", "## Contract checks", "", "| check | result | detail |", "|---|---|---|"]
         out += [_md_row([c.name, "PASS" if c.passed else "FAIL", c.detail]) for c in self.checks]
         if self.notes:

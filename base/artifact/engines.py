@@ -47,8 +47,10 @@ def check_network_io(io: dict[str, list[dict[str, Any]]], graph: GraphSpec) -> N
             bad: tuple[Any, Any] = (f"{len(got)} tensors", f"{len(want)} tensors")
         else:
             bad = next((a, b) for a, b in zip(got, want, strict=True) if a != b)
-        raise ValidationError(f"{graph.path}: TensorRT sees {side[:-1]} {bad[0]}, the manifest says {bad[1]}; "
-                              "re-run `llamatrt export --force`")  # fmt: skip
+        raise ValidationError(
+            f"{graph.path}: TensorRT sees {side[:-1]} {bad[0]}, the manifest says {bad[1]}; "
+            "re-run `llamatrt export --force`"
+        )
 
 
 def engine_graphs(manifest: Manifest) -> dict[str, GraphSpec]:

@@ -94,8 +94,13 @@ ACTIVATION_ALLOWANCE = Thresholds(max_abs=1.0, max_kl=0.01, min_top1=-0.05, max_
 
 
 def _plus(base: Thresholds, allowance: Thresholds) -> Thresholds:
-    return Thresholds(base.max_abs + allowance.max_abs, base.max_kl + allowance.max_kl,
-                      base.min_top1 + allowance.min_top1, base.max_ppl_rel + allowance.max_ppl_rel, True)  # fmt: skip
+    return Thresholds(
+        base.max_abs + allowance.max_abs,
+        base.max_kl + allowance.max_kl,
+        base.min_top1 + allowance.min_top1,
+        base.max_ppl_rel + allowance.max_ppl_rel,
+        True,
+    )
 
 
 QUANTIZED_THRESHOLDS = {

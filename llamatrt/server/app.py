@@ -41,8 +41,9 @@ class ModelNotFound(Exception):
     pass
 
 
-def create_app(config: EngineConfig, api_key: str | None = None, max_body: int = MAX_BODY,
-               open_metrics: bool = False) -> FastAPI:  # fmt: skip
+def create_app(
+    config: EngineConfig, api_key: str | None = None, max_body: int = MAX_BODY, open_metrics: bool = False
+) -> FastAPI:
     """The application with its engine loaded (so a Ray Serve replica builds one on start). With an
     API key every route but /health needs it (/metrics too, unless `open_metrics`)."""
     metrics = Metrics()
@@ -58,8 +59,11 @@ def create_app(config: EngineConfig, api_key: str | None = None, max_body: int =
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> Response:  # unknown routes and methods
-        return protocol.error_response(error.status_code, f"{error.detail}; see /v1/models, /v1/chat/completions, /v1/completions",
-                      "invalid_request_error" if error.status_code < 500 else "server_error")  # fmt: skip
+        return protocol.error_response(
+            error.status_code,
+            f"{error.detail}; see /v1/models, /v1/chat/completions, /v1/completions",
+            "invalid_request_error" if error.status_code < 500 else "server_error",
+        )
 
     open_paths = frozenset({"/health"} | ({"/metrics"} if open_metrics else set()))
     app.add_middleware(Guard, api_key=api_key, open_paths=open_paths, max_body=max_body, metrics=metrics)
@@ -78,8 +82,10 @@ def create_app(config: EngineConfig, api_key: str | None = None, max_body: int =
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llamatrt"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": engine.model_name, "object": "model", "created": 0, "owned_by": "llamatrt"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -146,8 +152,17 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
         prompts: list[str | list[int] | None] = [*parsed.prompts] or [None]
 
         def prepare() -> list[ScheduledRequest]:  # template and tokenizer: seconds on a huge prompt
-            return [engine.request(engine.encode(p, parsed.messages), parsed.max_tokens, parsed.sampling,
-                                   parsed.stop, parsed.logprobs, parsed.top_logprobs) for p in prompts]  # fmt: skip
+            return [
+                engine.request(
+                    engine.encode(p, parsed.messages),
+                    parsed.max_tokens,
+                    parsed.sampling,
+                    parsed.stop,
+                    parsed.logprobs,
+                    parsed.top_logprobs,
+                )
+                for p in prompts
+            ]
 
         requests = await asyncio.to_thread(prepare)  # off the event loop, which serves every stream
         runs = engine.submit(requests)  # all prompts of a request, or none
@@ -160,8 +175,12 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
     except PayloadTooLarge:
         return protocol.error_response(413, f"the request body is over {max_body} bytes; send a smaller one")
     except ModelNotFound as e:
-        return protocol.error_response(404, f"model {e.args[0]!r} is not served here; this server serves {engine.model_name!r}",
-                      param="model", code="model_not_found")  # fmt: skip
+        return protocol.error_response(
+            404,
+            f"model {e.args[0]!r} is not served here; this server serves {engine.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
     except QueueFull as e:
         return protocol.error_response(429, str(e), "rate_limit_error")
     except Unavailable as e:
@@ -238,8 +257,14 @@ def _response(
             choice["text"] = result.text
         choices.append(choice)
     metrics.finished(prompt_tokens, completion_tokens)
-    return protocol.envelope(kind, protocol.response_id(kind), engine.model_name, engine.fingerprint, choices,
-                             usage_=protocol.usage(prompt_tokens, completion_tokens))  # fmt: skip
+    return protocol.envelope(
+        kind,
+        protocol.response_id(kind),
+        engine.model_name,
+        engine.fingerprint,
+        choices,
+        usage_=protocol.usage(prompt_tokens, completion_tokens),
+    )
 
 
 async def _stream(
@@ -248,14 +273,19 @@ async def _stream(
     rid = protocol.response_id(kind)
 
     def chunk(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
-        body = protocol.envelope(kind, rid, engine.model_name, engine.fingerprint, [choice] if choice else [],
-                                 chunk=True, usage_=usage)  # fmt: skip
+        body = protocol.envelope(
+            kind, rid, engine.model_name, engine.fingerprint, [choice] if choice else [], chunk=True, usage_=usage
+        )
         return f"data: {json.dumps(body)}\n\n"
 
     def choice(text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         if kind == "chat":
-            return {"index": 0, "delta": {"content": text} if text or finish is None else {}, "logprobs": logprobs,
-                    "finish_reason": finish}  # fmt: skip
+            return {
+                "index": 0,
+                "delta": {"content": text} if text or finish is None else {},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     if kind == "chat":

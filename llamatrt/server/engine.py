@@ -60,8 +60,9 @@ class Engine:
         self.model_name = config.model_name or Path(config.artifact).resolve().name
         self.fingerprint = f"fp_llamatrt_{os.getpid()}"  # tells replicas apart
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.scheduler.serve_forever, args=(self._stop,), daemon=True,
-                                        name="llamatrt-scheduler")  # fmt: skip
+        self._thread = threading.Thread(
+            target=self.scheduler.serve_forever, args=(self._stop,), daemon=True, name="llamatrt-scheduler"
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -83,8 +84,15 @@ class Engine:
         assert prompt is not None
         return self.llm.encode(prompt)
 
-    def request(self, ids: list[int], max_tokens: int | None, sampling: dict[str, object], stop: tuple[str, ...],
-                logprobs: bool, top_logprobs: int) -> Request:  # fmt: skip
+    def request(
+        self,
+        ids: list[int],
+        max_tokens: int | None,
+        sampling: dict[str, object],
+        stop: tuple[str, ...],
+        logprobs: bool,
+        top_logprobs: int,
+    ) -> Request:
         """The scheduler request (checked: a 400 if it cannot run). Without max_tokens, a request
         gets what is left of its row's cache."""
         capped = max_tokens is None
@@ -105,8 +113,7 @@ class Engine:
         the loop has stopped. Synchronous, so no other handler admits in between."""
         waiting = self.scheduler.waiting
         if waiting + len(requests) - self.scheduler.free_rows > self.config.max_queue:
-            raise QueueFull(f"{waiting} requests are waiting (--max-queue {self.config.max_queue}); "
-                            "retry later")  # fmt: skip
+            raise QueueFull(f"{waiting} requests are waiting (--max-queue {self.config.max_queue}); retry later")
         loop = asyncio.get_running_loop()
         submitted: list[Submitted] = []
         try:

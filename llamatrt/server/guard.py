@@ -20,8 +20,9 @@ from llamatrt.server.metrics import Metrics
 
 
 class Guard:
-    def __init__(self, app: Any, api_key: str | None, open_paths: frozenset[str], max_body: int,
-                 metrics: Metrics) -> None:  # fmt: skip
+    def __init__(
+        self, app: Any, api_key: str | None, open_paths: frozenset[str], max_body: int, metrics: Metrics
+    ) -> None:
         self.app, self.open_paths, self.max_body, self.metrics = app, open_paths, max_body, metrics
         self.expected = None if api_key is None else f"Bearer {api_key}".encode()
 
@@ -49,8 +50,12 @@ class Guard:
         sent = headers.get("authorization", "").encode("utf-8", "surrogateescape")
         guarded = self.expected is not None and scope["path"] not in self.open_paths
         if guarded and not hmac.compare_digest(sent, self.expected or b""):
-            return protocol.error_response(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
-                                           "authentication_error", code="invalid_api_key")  # fmt: skip
+            return protocol.error_response(
+                401,
+                "missing or wrong API key; send `Authorization: Bearer KEY`",
+                "authentication_error",
+                code="invalid_api_key",
+            )
         length = headers.get("content-length") or "0"
         if not length.isdigit():
             return protocol.error_response(400, "the Content-Length header is not a number; send a valid one")

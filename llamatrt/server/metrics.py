@@ -18,10 +18,18 @@ class Metrics:
         )
         self.prompt_tokens = Counter("llamatrt_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter("llamatrt_completion_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("llamatrt_time_to_first_token_seconds", "From submission to the first token",
-                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.itl = Histogram("llamatrt_inter_token_latency_seconds", "Between two tokens of a running request",
-                             buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "llamatrt_time_to_first_token_seconds",
+            "From submission to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "llamatrt_inter_token_latency_seconds",
+            "Between two tokens of a running request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("llamatrt_queue_depth", "Requests waiting for a free row", registry=r)
         self.active_rows = Gauge("llamatrt_active_rows", "Rows of the batch holding a request", registry=r)
 

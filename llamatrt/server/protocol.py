@@ -22,13 +22,36 @@ from llamatrt.base.errors import InputError
 # Accepted and ignored: they do not change what is generated.
 NO_EFFECT = frozenset({"user", "store", "metadata", "service_tier", "stream_options"})
 # The keys each endpoint implements.
-COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n", "top_k", "min_p",
-                    "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias"})  # fmt: skip
+COMMON = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "stream",
+        "n",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+    }
+)
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETIONS = COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 # Keys that are implemented only at their neutral value.
-NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None,
-           "suffix": None}  # fmt: skip
+NEUTRAL = {
+    "n": 1,
+    "best_of": 1,
+    "echo": False,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": None,
+    "suffix": None,
+}
 MAX_STOPS = 4  # as OpenAI
 
 
@@ -57,8 +80,9 @@ class Parsed:
     model: str | None
 
 
-def _number(body: dict[str, Any], key: str, default: Any, kind: type, low: float | None = None,
-            high: float | None = None) -> Any:  # fmt: skip
+def _number(
+    body: dict[str, Any], key: str, default: Any, kind: type, low: float | None = None, high: float | None = None
+) -> Any:
     value = body.get(key, default)
     if value is None:
         return default
@@ -86,8 +110,9 @@ def _check_keys(body: dict[str, Any], allowed: frozenset[str]) -> None:
         if key not in allowed:
             raise BadRequest(f"parameter {key!r} is not supported by llamatrt serve; remove it", key)
         if key in NEUTRAL and value is not None and value != NEUTRAL[key] and value != {}:
-            raise BadRequest(f"parameter {key}={value!r} is not supported by llamatrt serve (only "
-                             f"{NEUTRAL[key]!r}); remove it", key)  # fmt: skip
+            raise BadRequest(
+                f"parameter {key}={value!r} is not supported by llamatrt serve (only {NEUTRAL[key]!r}); remove it", key
+            )
 
 
 def _messages(raw: Any) -> list[dict[str, str]]:
@@ -99,10 +124,15 @@ def _messages(raw: Any) -> list[dict[str, str]]:
             raise BadRequest(f"messages[{i}] needs a role of system, user, assistant or developer", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: text only
-            if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
-                   for p in content):  # fmt: skip
-                raise BadRequest(f"messages[{i}].content has a part that is not text; send "
-                                 '{"type": "text", "text": "..."} parts only', "messages")  # fmt: skip
+            if any(
+                not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
+                for p in content
+            ):
+                raise BadRequest(
+                    f"messages[{i}].content has a part that is not text; send "
+                    '{"type": "text", "text": "..."} parts only',
+                    "messages",
+                )
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be text", "messages")
@@ -173,8 +203,19 @@ def parse(kind: str, body: Any) -> Parsed:
         raise BadRequest("top_p must be in (0, 1]", "top_p")
     if sampling["repetition_penalty"] == 0:
         raise BadRequest("repetition_penalty must be > 0 (1 turns it off)", "repetition_penalty")
-    return Parsed(kind, prompts, messages, max_tokens, sampling, tuple(stops), stream,
-                  bool(options.get("include_usage") or False), logprobs, top, model)  # fmt: skip
+    return Parsed(
+        kind,
+        prompts,
+        messages,
+        max_tokens,
+        sampling,
+        tuple(stops),
+        stream,
+        bool(options.get("include_usage") or False),
+        logprobs,
+        top,
+        model,
+    )
 
 
 def response_id(kind: str) -> str:
@@ -182,8 +223,11 @@ def response_id(kind: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def chat_logprobs(
@@ -210,27 +254,46 @@ def completion_logprobs(
     for piece in pieces:
         offsets.append(at)
         at += len(piece)
-    return {"tokens": list(pieces), "token_logprobs": list(logprobs),
-            "top_logprobs": [dict(alts) for alts in top] if top else None, "text_offset": offsets}  # fmt: skip
+    return {
+        "tokens": list(pieces),
+        "token_logprobs": list(logprobs),
+        "top_logprobs": [dict(alts) for alts in top] if top else None,
+        "text_offset": offsets,
+    }
 
 
-def envelope(kind: str, rid: str, model: str, fingerprint: str, choices: list[dict[str, Any]], chunk: bool = False,
-             usage_: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+def envelope(
+    kind: str,
+    rid: str,
+    model: str,
+    fingerprint: str,
+    choices: list[dict[str, Any]],
+    chunk: bool = False,
+    usage_: dict[str, int] | None = None,
+) -> dict[str, Any]:
     obj = {"chat": "chat.completion", "completions": "text_completion"}[kind] + (
         ".chunk" if chunk and kind == "chat" else ""
     )
-    out: dict[str, Any] = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
-                           "system_fingerprint": fingerprint, "choices": choices}  # fmt: skip
+    out: dict[str, Any] = {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+    }
     if usage_ is not None or not chunk:
         out["usage"] = usage_
     return out
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:  # fmt: skip
+def error_response(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:  # fmt: skip
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -15,8 +15,15 @@ from typing import Any
 from llamatrt.server.engine import EngineConfig
 
 
-def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          open_metrics: bool = False, access_log: bool = True, shutdown_timeout: float = 30.0) -> None:  # fmt: skip
+def serve(
+    config: EngineConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    open_metrics: bool = False,
+    access_log: bool = True,
+    shutdown_timeout: float = 30.0,
+) -> None:
     import uvicorn
 
     from llamatrt.server.app import create_app
@@ -29,16 +36,25 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_k
             await super().startup(sockets)
             if self.started:
                 bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
-                print(f"llamatrt serve: {name} at http://{host}:{bound}/v1 (OpenAI API; /health, /metrics)",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"llamatrt serve: {name} at http://{host}:{bound}/v1 (OpenAI API; /health, /metrics)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     # uvicorn shuts down gracefully on SIGTERM and Ctrl-C (in-flight responses get `shutdown_timeout`
     # seconds), then re-raises the signal under the handler that was there before it started; a
     # graceful stop on request is a success, so those handlers do nothing.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level="info" if access_log else "warning",
-                                    access_log=access_log, timeout_graceful_shutdown=math.ceil(shutdown_timeout))  # fmt: skip
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info" if access_log else "warning",
+        access_log=access_log,
+        timeout_graceful_shutdown=math.ceil(shutdown_timeout),
+    )
     Server(uvicorn_config).run()
     print("llamatrt serve: stopped", file=sys.stderr, flush=True)
 
@@ -57,8 +73,9 @@ def ray_application(config: EngineConfig, replicas: int, api_key: str | None = N
     return deployment.bind()
 
 
-def serve_ray(config: EngineConfig, replicas: int, host: str, port: int, api_key: str | None,
-              address: str | None = None) -> None:  # fmt: skip
+def serve_ray(
+    config: EngineConfig, replicas: int, host: str, port: int, api_key: str | None, address: str | None = None
+) -> None:
     """Run the Ray Serve application on a Ray cluster (`address`, or a local one) until interrupted."""
     import ray
     from ray import serve

@@ -141,8 +141,14 @@ def test_one_weights_file_shared_by_all_graphs(artifacts, tiny_dir: Path) -> Non
         ext = [{e.key: e.value for e in i.external_data} for i in proto.graph.initializer if i.external_data]
         assert {e["location"] for e in ext} == {"weights.data"}
         assert parameters <= {e["offset"] for e in ext}, graph
-    assert sorted(p.name for p in folder.iterdir()) == ["decode.onnx", "manifest.json", "model.ort.onnx",
-                                                         "prefill.onnx", "tokenizer", "weights.data"]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "decode.onnx",
+        "manifest.json",
+        "model.ort.onnx",
+        "prefill.onnx",
+        "tokenizer",
+        "weights.data",
+    ]
 
 
 def test_a_head_dim_the_fused_kernel_cannot_take_gets_the_portable_graphs_only(tmp_path: Path) -> None:
@@ -165,8 +171,9 @@ def test_an_onnxruntime_too_old_for_fused_attention_gets_the_portable_graphs_onl
 def test_fp16_keeps_fp32_norms_softmax_logits_and_finite_constants(tiny_dir: Path, tmp_path: Path) -> None:
     folder = _export(tiny_dir, tmp_path / "fp16", dtype="fp16")
     proto = onnx.load(str(folder / "decode.onnx"))
-    types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input,
-                                                             *proto.graph.output]}  # fmt: skip
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]
+    }
     fp32, fp16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     seen = set()
     for node in proto.graph.node:
@@ -177,8 +184,13 @@ def test_fp16_keeps_fp32_norms_softmax_logits_and_finite_constants(tiny_dir: Pat
     assert {"Softmax", "RMSNormalization"} <= seen
     assert types["logits"] == fp32 and types["past_key_values.0.key"] == fp16
     constants = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer]
-    constants += [onnx.numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant"
-                  for a in n.attribute if a.name == "value"]  # fmt: skip
+    constants += [
+        onnx.numpy_helper.to_array(a.t)
+        for n in proto.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value"
+    ]
     for c in constants:
         if c.dtype == np.float16:
             assert np.isfinite(c).all()

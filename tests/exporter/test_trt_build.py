@@ -17,8 +17,9 @@ from llamatrt.base.errors import ArtifactExistsError
 from llamatrt.cli import main
 from llamatrt.exporter.trt_build import build_engines
 
-needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
-                               reason="tensorrt-rtx-cu13 not installed (make install)")  # fmt: skip
+needs_rtx = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx-cu13 not installed (make install)"
+)
 
 
 @pytest.fixture

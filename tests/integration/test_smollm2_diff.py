@@ -18,6 +18,8 @@ def test_smollm2_fp32_artifact_passes_diff(smollm2_artifact: Path) -> None:
     assert artifact.max_abs < 1e-3 and artifact.top1 == 1.0 and artifact.first_divergence is None
     assert abs(artifact.perplexity - report.reference_perplexity) / report.reference_perplexity < 1e-4
     assert {c.name.split(" [")[0] for c in report.checks} == {
-        "left padding equals no padding", "chunked prefill equals token-by-token",
-        "last cache slot works, one more is refused", "fully masked row gives no NaN",
-    }  # fmt: skip
+        "left padding equals no padding",
+        "chunked prefill equals token-by-token",
+        "last cache slot works, one more is refused",
+        "fully masked row gives no NaN",
+    }

@@ -32,8 +32,14 @@ def reference_tokens(smollm2_artifact: Path) -> list[list[int]]:
     with torch.no_grad():
         for ids in prompts:
             # explicit mask: the chat prompt contains <|im_end|> = pad id, which generate() would mask out
-            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2)  # fmt: skip
+            gen = hf.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
+            )
             out.append(gen[0, len(ids) :].tolist())
     return out
 
@@ -60,8 +66,10 @@ def test_stream_text_equals_generate_text(smollm2_artifact: Path) -> None:
     with llamatrt.load(smollm2_artifact) as llm:
         streamed = "".join(d.text for d in llm.stream(PROMPTS[1], chat=True, max_new_tokens=40))
         result = llm.generate(PROMPTS[1], chat=True, max_new_tokens=40)[0]
-        sampled = [llm.generate(PROMPTS[1], chat=True, max_new_tokens=20, temperature=0.8, top_p=0.9, seed=7)[0]
-                   for _ in range(2)]  # fmt: skip
+        sampled = [
+            llm.generate(PROMPTS[1], chat=True, max_new_tokens=20, temperature=0.8, top_p=0.9, seed=7)[0]
+            for _ in range(2)
+        ]
     assert streamed == result.text and len(result.token_ids) == 40
     assert sampled[0].token_ids == sampled[1].token_ids
 

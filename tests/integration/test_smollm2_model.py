@@ -35,12 +35,17 @@ def test_smollm2_greedy_equals_transformers(smollm2) -> None:
     from transformers import LlamaForCausalLM
 
     tok = load_tokenizer(smollm2.hf_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     hf = LlamaForCausalLM.from_pretrained(smollm2.hf_dir).eval()
     # explicit mask: the chat prompt contains <|im_end|> = pad id, which generate() would mask out
-    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                      eos_token_id=None, pad_token_id=2)[0, ids.shape[1] :]  # fmt: skip
+    ref = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2
+    )[0, ids.shape[1] :]
     model = smollm2.build_model()
     cache_len = 128
     cache = empty_cache(model.config, 1, cache_len, torch.float32)

@@ -21,9 +21,18 @@ def test_config_reads_transformers4_and_5_rope_forms() -> None:
     v5 = LlamaConfig.from_hf_config(hf_raw(rope_parameters={"rope_type": "default", "rope_theta": 1e5}))
     v4 = LlamaConfig.from_hf_config(hf_raw(rope_theta=1e5, rope_scaling=None))
     assert v5 == v4 and v5.rope_theta == 1e5 and v5.rope_scaling is None
-    l3 = LlamaConfig.from_hf_config(hf_raw(rope_theta=5e5, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}))  # fmt: skip
+    l3 = LlamaConfig.from_hf_config(
+        hf_raw(
+            rope_theta=5e5,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        )
+    )
     assert l3.rope_scaling is not None and l3.rope_scaling.factor == 8.0
     assert LlamaConfig.from_dict(l3.to_dict()) == l3
 
@@ -46,9 +55,15 @@ def test_bad_configs_fail_with_one_line(overrides, needle) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("sliding_window", 4096), ("use_sliding_window", True), ("attn_logit_softcapping", 50.0),
-     ("final_logit_softcapping", 30.0), ("use_qk_norm", True), ("logits_scaling", 8.0)],
-)  # fmt: skip
+    [
+        ("sliding_window", 4096),
+        ("use_sliding_window", True),
+        ("attn_logit_softcapping", 50.0),
+        ("final_logit_softcapping", 30.0),
+        ("use_qk_norm", True),
+        ("logits_scaling", 8.0),
+    ],
+)
 def test_a_feature_llamatrt_does_not_implement_is_refused_by_name(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"sets {key}=") as err:
         LlamaConfig.from_hf_config(hf_raw(**{key: value}))

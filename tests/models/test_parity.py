@@ -12,8 +12,15 @@ TOL = 1e-4
 CACHE = 48
 
 
-def run_static(model: StaticLlama, ids: torch.Tensor, cache: list[torch.Tensor], start: int,
-               attention_mask: torch.Tensor, positions: torch.Tensor, full_logits: bool = False):  # fmt: skip
+def run_static(
+    model: StaticLlama,
+    ids: torch.Tensor,
+    cache: list[torch.Tensor],
+    start: int,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    full_logits: bool = False,
+):
     batch, seq = ids.shape
     cache_position = torch.arange(start, start + seq).expand(batch, seq)  # every row writes the same slots
     out = model(ids, positions, cache_position, attention_mask, *cache, full_logits=full_logits)
@@ -48,8 +55,9 @@ def test_full_logits_match_transformers(tiny_variant: str) -> None:
     model = load_checkpoint(hf).build_model()
     prompt = torch.tensor([[5, 17, 42, 8, 77, 3, 9, 11]])
     cache = empty_cache(model.config, 1, CACHE, torch.float32)
-    logits, _ = run_static(model, prompt, cache, 0, torch.ones(1, CACHE, dtype=torch.long), torch.arange(8)[None],
-                           full_logits=True)  # fmt: skip
+    logits, _ = run_static(
+        model, prompt, cache, 0, torch.ones(1, CACHE, dtype=torch.long), torch.arange(8)[None], full_logits=True
+    )
     assert (logits - hf(prompt).logits).abs().max() <= TOL
 
 
@@ -71,8 +79,14 @@ def test_left_padded_batch_equals_rows_alone() -> None:
     step_logits, _ = run_static(model, nxt, batch_cache, width, mask, pos[:, -1:] + 1)
     for b, row in enumerate(rows):
         one_mask = torch.ones(1, CACHE, dtype=torch.long)
-        alone, cache = run_static(model, torch.tensor([row]), empty_cache(model.config, 1, CACHE, torch.float32),
-                                  0, one_mask, torch.arange(len(row))[None])  # fmt: skip
+        alone, cache = run_static(
+            model,
+            torch.tensor([row]),
+            empty_cache(model.config, 1, CACHE, torch.float32),
+            0,
+            one_mask,
+            torch.arange(len(row))[None],
+        )
         assert (alone - batch_logits[b]).abs().max() <= TOL
         alone_step, _ = run_static(model, nxt[b : b + 1], cache, len(row), one_mask, torch.tensor([[len(row)]]))
         assert (alone_step - step_logits[b]).abs().max() <= TOL
@@ -83,8 +97,9 @@ def test_chunked_prefill_equals_one_call() -> None:
     model = load_checkpoint(tiny_hf_model("mha-untied")).build_model()
     prompt = torch.tensor([[5, 17, 42, 8, 77, 3, 9, 21, 22, 23]])
     mask = torch.ones(1, CACHE, dtype=torch.long)
-    whole, _ = run_static(model, prompt, empty_cache(model.config, 1, CACHE, torch.float32), 0, mask,
-                          torch.arange(10)[None])  # fmt: skip
+    whole, _ = run_static(
+        model, prompt, empty_cache(model.config, 1, CACHE, torch.float32), 0, mask, torch.arange(10)[None]
+    )
     cache = empty_cache(model.config, 1, CACHE, torch.float32)
     for start in (0, 4, 8):
         chunk = prompt[:, start : start + 4]
@@ -96,8 +111,14 @@ def test_chunked_prefill_equals_one_call() -> None:
 def test_fully_masked_row_gives_no_nan() -> None:
     model = load_checkpoint(tiny_hf_model("gqa-tied")).build_model()
     cache = empty_cache(model.config, 1, CACHE, torch.float32)
-    logits, present = run_static(model, torch.tensor([[3, 4]]), cache, 0, torch.zeros(1, CACHE, dtype=torch.long),
-                                 torch.zeros(1, 2, dtype=torch.long))  # fmt: skip
+    logits, present = run_static(
+        model,
+        torch.tensor([[3, 4]]),
+        cache,
+        0,
+        torch.zeros(1, CACHE, dtype=torch.long),
+        torch.zeros(1, 2, dtype=torch.long),
+    )
     assert torch.isfinite(logits).all() and all(torch.isfinite(t).all() for t in present)
 
 
@@ -109,8 +130,14 @@ def test_rows_at_their_own_slots_equal_each_row_alone() -> None:
     rows = [[5, 17, 42, 8, 77, 3, 9], [11, 12], [40, 41, 42, 43]]
     caches, logits = [], []
     for row in rows:  # each row prefilled alone
-        out, cache = run_static(model, torch.tensor([row]), empty_cache(model.config, 1, CACHE, torch.float32), 0,
-                                torch.ones(1, CACHE, dtype=torch.long), torch.arange(len(row))[None])  # fmt: skip
+        out, cache = run_static(
+            model,
+            torch.tensor([row]),
+            empty_cache(model.config, 1, CACHE, torch.float32),
+            0,
+            torch.ones(1, CACHE, dtype=torch.long),
+            torch.arange(len(row))[None],
+        )
         caches.append(cache)
         logits.append(out)
     batch_cache = [torch.cat(parts) for parts in zip(*caches, strict=True)]

@@ -17,9 +17,19 @@ VOCAB = 32
 def fake_manifest(batch: int = 1, chunk: int = 4, cache: int = 24, open_tokens: bool = False) -> Manifest:
     """A one-layer manifest: static batch-1 prefill and B-row decode graphs, or (`open_tokens`) one
     graph with open rows and tokens that serves both, like the ONNX Runtime fused graph."""
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
-                         num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4, rope_scaling=None,
-                         tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        rms_norm_eps=1e-6,
+        rope_theta=1e4,
+        rope_scaling=None,
+        tie_word_embeddings=True,
+    )
     shapes: dict[str, tuple[int | str, int | str]] = {"prefill": (1, chunk), "decode": (batch, 1)}
     if open_tokens:
         shapes = {"any": ("batch", "tokens")}
@@ -27,8 +37,21 @@ def fake_manifest(batch: int = 1, chunk: int = 4, cache: int = 24, open_tokens: 
         name: GraphSpec(name, name, f"{name}.onnx", *contract_io(config, "float32", b, s, cache))
         for name, (b, s) in shapes.items()
     }
-    return Manifest(FORMAT_VERSION, config, "fake", "float32", batch, cache, chunk, 24, "tensor_scatter",
-                    "weights.data", 0, "", graphs)  # fmt: skip
+    return Manifest(
+        FORMAT_VERSION,
+        config,
+        "fake",
+        "float32",
+        batch,
+        cache,
+        chunk,
+        24,
+        "tensor_scatter",
+        "weights.data",
+        0,
+        "",
+        graphs,
+    )
 
 
 class ScriptedBackend(Backend):
@@ -55,8 +78,13 @@ class ScriptedBackend(Backend):
         return dict(manifest.graphs)
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.calls.append({"graph": graph.name, "row": self._row_of(feeds["past_key_values.0.key"]),
-                           **{k: v.clone() for k, v in feeds.items() if "past" not in k}})  # fmt: skip
+        self.calls.append(
+            {
+                "graph": graph.name,
+                "row": self._row_of(feeds["past_key_values.0.key"]),
+                **{k: v.clone() for k, v in feeds.items() if "past" not in k},
+            }
+        )
         last = feeds["input_ids"][:, -1]
         logits = torch.zeros(last.shape[0], VOCAB)
         if not self.flat:

@@ -16,9 +16,26 @@ from llamatrt.tools.bench_workload import mixed_workload
 
 
 def test_bench_json_with_baseline_contexts_and_workload(tiny_artifact: Path) -> None:
-    result = CliRunner().invoke(main, ["bench", str(tiny_artifact), "--new-tokens", "6", "--prompt-len", "5",
-                                       "--repeat", "2", "--baseline", "transformers", "--contexts", "10,14",
-                                       "--workload", "4", "--json"])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tiny_artifact),
+            "--new-tokens",
+            "6",
+            "--prompt-len",
+            "5",
+            "--repeat",
+            "2",
+            "--baseline",
+            "transformers",
+            "--contexts",
+            "10,14",
+            "--workload",
+            "4",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{") :])
     for key in ("decode_tokens_per_s", "ttft_ms", "ceiling_tokens_per_s", "baseline_decode_tokens_per_s"):
@@ -58,8 +75,23 @@ def test_bench_rejects_wrong_batch_and_oversized_runs(tiny_artifact: Path) -> No
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
 def test_bench_plot(tiny_artifact: Path, tmp_path: Path) -> None:
     plot = tmp_path / "decode.png"
-    result = CliRunner().invoke(main, ["bench", str(tiny_artifact), "--new-tokens", "4", "--repeat", "1",
-                                       "--contexts", "8,12", "--baseline", "transformers", "--plot", str(plot)])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tiny_artifact),
+            "--new-tokens",
+            "4",
+            "--repeat",
+            "1",
+            "--contexts",
+            "8,12",
+            "--baseline",
+            "transformers",
+            "--plot",
+            str(plot),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -69,8 +101,9 @@ def test_bandwidth_is_plausible() -> None:
 
 
 def test_bench_several_artifacts_in_one_run(tiny_artifact: Path) -> None:
-    result = CliRunner().invoke(main, ["bench", str(tiny_artifact), str(tiny_artifact), "--new-tokens", "4",
-                                       "--repeat", "1", "--json"])  # fmt: skip
+    result = CliRunner().invoke(
+        main, ["bench", str(tiny_artifact), str(tiny_artifact), "--new-tokens", "4", "--repeat", "1", "--json"]
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output[result.output.index("{") :])
     assert "runs" in payload or payload["aggregate_ratio_vs_first"] == 1.0
@@ -81,8 +114,19 @@ def test_the_onnxruntime_genai_baseline_builds_its_own_model_of_the_checkpoint(
 ) -> None:
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install 'llamatrt[genai]')")
     monkeypatch.setenv("LLAMATRT_CACHE", str(tmp_path))
-    args = ["bench", str(tiny_artifact), "--new-tokens", "6", "--prompt-len", "5", "--repeat", "1",
-            "--baseline", "onnxruntime-genai", "--json"]  # fmt: skip
+    args = [
+        "bench",
+        str(tiny_artifact),
+        "--new-tokens",
+        "6",
+        "--prompt-len",
+        "5",
+        "--repeat",
+        "1",
+        "--baseline",
+        "onnxruntime-genai",
+        "--json",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{") :])

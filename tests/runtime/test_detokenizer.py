@@ -71,8 +71,9 @@ def byte_level_tokenizer(tmp_path_factory) -> object:
     """A byte-level BPE trained here (multi-byte characters split across tokens, as GPT-2's are)."""
     from tokenizers import Tokenizer
 
-    path = save_byte_level_bpe(Path(tmp_path_factory.mktemp("bpe")), "hello world, this is a test of the tokenizer",
-                               ["<|end|>"])  # fmt: skip
+    path = save_byte_level_bpe(
+        Path(tmp_path_factory.mktemp("bpe")), "hello world, this is a test of the tokenizer", ["<|end|>"]
+    )
     return Tokenizer.from_file(str(path))
 
 

@@ -45,9 +45,12 @@ def test_chunked_prefill_then_decode_slots() -> None:
     assert tokens == [[11, 12, 13]]
     starts = [(c["graph"], c["cache_position"].tolist()) for c in backend.calls]
     assert starts == [
-        ("prefill", [[0, 1, 2, 3]]), ("prefill", [[4, 5, 6, 7]]), ("prefill", [[6, 7, 8, 9]]),
-        ("decode", [[10]]), ("decode", [[11]]),
-    ]  # fmt: skip
+        ("prefill", [[0, 1, 2, 3]]),
+        ("prefill", [[4, 5, 6, 7]]),
+        ("prefill", [[6, 7, 8, 9]]),
+        ("decode", [[10]]),
+        ("decode", [[11]]),
+    ]
     assert backend.calls[2]["input_ids"].tolist() == [[7, 8, 9, 10]]
     assert backend.calls[3]["position_ids"].tolist() == [[10]]
 

@@ -120,8 +120,12 @@ def make_backend(tmp_path: Path, broken: bool = False, weights: str = "stripped"
 
 def test_stripped_engines_are_refit_from_their_graphs_at_load(tmp_path: Path) -> None:
     _, log = make_backend(tmp_path)
-    assert log == [("weights-from", "prefill.onnx"), ("refit", "prefill"), ("weights-from", "decode.onnx"),
-                   ("refit", "decode")]  # fmt: skip
+    assert log == [
+        ("weights-from", "prefill.onnx"),
+        ("refit", "prefill"),
+        ("weights-from", "decode.onnx"),
+        ("refit", "decode"),
+    ]
     (tmp_path / "embedded").mkdir()
     _, embedded = make_backend(tmp_path / "embedded", weights="embedded")
     assert embedded == []  # an engine with its weights inside needs no refit
