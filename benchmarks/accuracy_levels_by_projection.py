@@ -20,9 +20,14 @@ from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import OrtBackend
 from llamatrt.runtime.tokenizer import ArtifactTokenizer
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.", "How do I boil an egg?",
-           "Explain what a neural network is in two sentences.", "Give me three tips for better sleep.",
-           "What is 12 times 7?"]  # fmt: skip
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "How do I boil an egg?",
+    "Explain what a neural network is in two sentences.",
+    "Give me three tips for better sleep.",
+    "What is 12 times 7?",
+]
 KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 STEPS = 32
 
@@ -67,8 +72,10 @@ def main(artifact: str) -> None:
     exact = answers(folder, lambda w: 0, ids)
     for name, levels in LAYOUTS.items():
         got = answers(folder, levels, ids)
-        departs = [next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), STEPS)
-                   for x, y in zip(exact, got, strict=True)]  # fmt: skip
+        departs = [
+            next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), STEPS)
+            for x, y in zip(exact, got, strict=True)
+        ]
         print(f"{name:<40} departs at {departs}  France: {tokenizer.decode(got[0])[:40]!r}")
 
 

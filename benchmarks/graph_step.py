@@ -69,8 +69,9 @@ def matmul_only(graph: Path) -> tuple[bytes, dict[str, np.ndarray]]:
         nodes.append(helper.make_node("MatMul", [f"x{rows}", f"w{k}"], [f"y{k}"]))
         outputs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [1, cols]))
     feeds = [helper.make_tensor_value_info(f"x{rows}", TensorProto.FLOAT, [1, rows]) for rows in inputs]
-    model = helper.make_model(helper.make_graph(nodes, "matmuls", feeds, outputs, initializers),
-                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model = helper.make_model(
+        helper.make_graph(nodes, "matmuls", feeds, outputs, initializers), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     return model.SerializeToString(), {f"x{rows}": x for rows, x in inputs.items()}
 

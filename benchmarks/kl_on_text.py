@@ -16,12 +16,13 @@ import torch
 
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.llm import load
+from llamatrt.tools.teacher_forcing import score
 
 
 def scored(artifact: str, chunks: list[list[int]], half: int) -> list[torch.Tensor]:
     with load(artifact, verify=False) as llm:
         gen = Generator(llm.backend)
-        return gen.score([c[:half] for c in chunks], [c[half:] for c in chunks])
+        return score(gen, [c[:half] for c in chunks], [c[half:] for c in chunks])
 
 
 def main(reference: str, artifact: str, text_file: str, context: int = 256) -> None:

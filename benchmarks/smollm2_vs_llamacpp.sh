@@ -30,8 +30,8 @@ grep -E "Mean +KLD|99.0%|Maximum KLD|Same top p|Mean PPL\(Q\)|Mean PPL\(base\)" 
 echo "== llamatrt KL (same text, context 256, second halves)"
 $PY benchmarks/kl_on_text.py "$OUT/fp32" "$OUT/int4" "$TEXT" 256
 $PY benchmarks/kl_on_text.py "$OUT/fp32" "$OUT/int4-level4" "$TEXT" 256
-echo "== speed, interleaved: llama-bench tg128 and llamatrt bench, three rounds"
-for round in 1 2 3; do
+echo "== speed, interleaved: llama-bench tg128 and llamatrt bench, five rounds"
+for round in 1 2 3 4 5; do
     "$CPP/build/bin/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 1 -o json 2>/dev/null | \
         $PY -c "import json,sys; r=json.load(sys.stdin)[0]; print('llama.cpp tg128', round(r['avg_ts'], 1), 'tok/s')"
     $LLAMATRT bench "$OUT/int4" "$OUT/int4-level4" --repeat 1 --new-tokens 128 --json 2>/dev/null | \

@@ -81,8 +81,13 @@ MatMulRewrite = Callable[["ir.Node", str, Initializers], None]
 GatherRewrite = Callable[["ir.Node", str, Initializers], bool]
 
 
-def rewrite_weight_uses(model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray],
-                        on_matmul: MatMulRewrite, on_gather: GatherRewrite) -> list[str]:  # fmt: skip
+def rewrite_weight_uses(
+    model: ir.Model,
+    weights: Mapping[str, QuantizedWeight],
+    floats: Mapping[str, np.ndarray],
+    on_matmul: MatMulRewrite,
+    on_gather: GatherRewrite,
+) -> list[str]:
     """Call `on_matmul` for every MatMul whose B is a quantized parameter (pre-transposed, or a
     Transpose of it) and `on_gather` for every lookup of one (it returns whether it rewrote it), then
     drop the float copies nothing reads any more. `floats` are the parameters ([N, K] float32) as the
@@ -110,8 +115,9 @@ def rewrite_weight_uses(model: ir.Model, weights: Mapping[str, QuantizedWeight],
     return list(dict.fromkeys(done))
 
 
-def quantize_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray],
-                   accuracy_level: int) -> list[str]:  # fmt: skip
+def quantize_graph(
+    model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray], accuracy_level: int
+) -> list[str]:
     """Rewrite `model` in place: MatMulNBits for every projection, a dequantizing lookup."""
 
     def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
@@ -129,12 +135,17 @@ def quantize_graph(model: ir.Model, weights: Mapping[str, QuantizedWeight], floa
 
 def held_parts(weight: QuantizedWeight, accuracy_level: int) -> dict[str, QuantizedWeight]:
     """How the graph holds a weight, by initializer-name suffix: as it is, or an 8-bit weight with
-    fp32 activations as two exact 4-bit halves (QuantizedWeight.nibble_halves), which both the head
-    and the tied lookup read, so the matrix is still held once."""
-    if weight.bits == 8 and accuracy_level == 0:
+    fp32 activations whose rows do not split into activation blocks as two exact 4-bit halves
+    (QuantizedWeight.nibble_halves), which both the head and the tied lookup read, so the matrix is
+    still held once. (An 8-bit weight whose rows do split runs as two int8 passes: `_two_pass`.)"""
+    if weight.bits == 8 and accuracy_level == 0 and not _splits_into_blocks(weight):
         high, low = weight.nibble_halves()
         return {".high": high, ".low": low}
     return {"": weight}
+
+
+def _splits_into_blocks(weight: QuantizedWeight) -> bool:
+    return weight.k % weight.block == 0
 
 
 def remove_dead_nodes(graph: ir.Graph) -> None:
@@ -169,25 +180,46 @@ def _quantized_inputs(name: str, weight: QuantizedWeight, inits: Initializers) -
     return [inits.get(f"{name}.q{weight.bits}", weight.packed), inits.get(f"{name}.scales", weight.scales)]
 
 
-def _replace_matmul(graph: ir.Graph, node: ir.Node, name: str, parts: Mapping[str, QuantizedWeight],
-                    inits: Initializers, accuracy_level: int) -> None:  # fmt: skip
+def _replace_matmul(
+    graph: ir.Graph,
+    node: ir.Node,
+    name: str,
+    parts: Mapping[str, QuantizedWeight],
+    inits: Initializers,
+    accuracy_level: int,
+) -> None:
     import onnx_ir as ir
 
     build = _Builder(graph, node, [])
-    products = [_product(build, node.inputs[0], name + suffix, weight, inits, accuracy_level)
-                for suffix, weight in parts.items()]  # fmt: skip
+    products = [
+        _product(build, node.inputs[0], name + suffix, weight, inits, accuracy_level)
+        for suffix, weight in parts.items()
+    ]
     out = products[0] if len(products) == 1 else build.op("Add", *products)
     build.flush()
     ir.convenience.replace_all_uses_with(node.outputs[0], out, replace_graph_outputs=True)
     graph.remove(node, safe=True)
 
 
-def _product(build: _Builder, x: ir.Value | None, name: str, weight: QuantizedWeight, inits: Initializers,
-             accuracy_level: int) -> ir.Value:  # fmt: skip
+def _product(
+    build: _Builder, x: ir.Value | None, name: str, weight: QuantizedWeight, inits: Initializers, accuracy_level: int
+) -> ir.Value:
     """x @ W^T for one held weight."""
     packed, scales = _quantized_inputs(name, weight, inits)
-    out = build.op("MatMulNBits", x, packed, scales, domain=MS_DOMAIN, K=weight.k, N=weight.n, bits=weight.bits,
-                   block_size=weight.block, accuracy_level=accuracy_level)  # fmt: skip
+    if weight.bits == 8 and accuracy_level == 0 and _splits_into_blocks(weight):
+        return _two_pass(build, x, packed, scales, weight, inits)
+    out = build.op(
+        "MatMulNBits",
+        x,
+        packed,
+        scales,
+        domain=MS_DOMAIN,
+        K=weight.k,
+        N=weight.n,
+        bits=weight.bits,
+        block_size=weight.block,
+        accuracy_level=accuracy_level,
+    )
     if weight.offsets is not None:
         # Q4_1's d·q + m = d·(q - 8) + (m + 8·d): the product runs on MatMulNBits' symmetric kernel
         # (an explicit zero point of 0 costs it 6% of a SmolLM2 step), and (block sums of x) @ (m + 8·d)^T
@@ -196,15 +228,82 @@ def _product(build: _Builder, x: ir.Value | None, name: str, weight: QuantizedWe
         m_t = inits.get(f"{name}.offsets", np.ascontiguousarray(weight.offsets.T))  # [blocks, N]
         d_t = build.op("Transpose", scales, perm=[1, 0])
         shifted = build.op("Add", m_t, build.op("Mul", d_t, inits.get("f32.8", np.array(8, dtype=np.float32))))
-        blocked = build.op("Reshape", x, inits.get(f"shape.blocks{weight.blocks}x{weight.block}",
-                                                   np.array([0, 0, weight.blocks, weight.block], dtype=np.int64)))  # fmt: skip
+        blocked = build.op(
+            "Reshape",
+            x,
+            inits.get(
+                f"shape.blocks{weight.blocks}x{weight.block}",
+                np.array([0, 0, weight.blocks, weight.block], dtype=np.int64),
+            ),
+        )
         sums = build.op("ReduceSum", blocked, inits.get("axes.last", np.array([-1], dtype=np.int64)), keepdims=0)
         out = build.op("Add", out, build.op("MatMul", sums, shifted))
     return out
 
 
-def _replace_lookup(graph: ir.Graph, node: ir.Node, name: str, parts: Mapping[str, QuantizedWeight],
-                    inits: Initializers) -> None:  # fmt: skip
+def _two_pass(
+    build: _Builder,
+    x: ir.Value | None,
+    packed: ir.Value,
+    scales: ir.Value,
+    weight: QuantizedWeight,
+    inits: Initializers,
+) -> ir.Value:
+    """x @ W^T for an 8-bit W with fp32 activations, on MatMulNBits' int8-activation kernel (level 4),
+    whose fp32 kernel has no 8-bit path (it dequantizes the whole matrix per call):
+
+        x ──► split ──► [xq ; x - xq] ──► MatMulNBits (level 4, 2 rows) ──► row 1 + row 2
+
+    xq is x rounded per block to the kernel's own grid (scale = block max / 127), so the kernel
+    quantizes it without loss, and the remainder's rounding is all that is left: at most 1/254 of a
+    block's step, against 1/2 for one int8 pass. The two rows cost one pass (the weight is read once)."""
+    blocked = build.op(
+        "Reshape",
+        x,
+        inits.get(
+            f"shape.blocks{weight.blocks}x{weight.block}", np.array([0, 0, weight.blocks, weight.block], dtype=np.int64)
+        ),
+    )
+    peak = build.op(
+        "ReduceMax", build.op("Abs", blocked), inits.get("axes.last", np.array([-1], dtype=np.int64)), keepdims=1
+    )
+    step = build.op(
+        "Max",
+        build.op("Mul", peak, inits.get("f32.1/127", np.array(1 / 127, dtype=np.float32))),
+        inits.get("f32.tiny", np.array(1e-30, dtype=np.float32)),  # an all-zero block: xq = 0
+    )
+    grid = build.op("Mul", build.op("Round", build.op("Div", blocked, step)), step)
+    xq = build.op("Reshape", grid, inits.get(f"shape.rows{weight.k}", np.array([0, 0, weight.k], dtype=np.int64)))
+    rows = build.op("Concat", xq, build.op("Sub", x, xq), axis=0)  # [2B, S, K]
+    both = build.op(
+        "MatMulNBits",
+        rows,
+        packed,
+        scales,
+        domain=MS_DOMAIN,
+        K=weight.k,
+        N=weight.n,
+        bits=weight.bits,
+        block_size=weight.block,
+        accuracy_level=4,
+    )
+    first, second = _split_rows(build, both)
+    return build.op("Add", first, second)
+
+
+def _split_rows(build: _Builder, value: ir.Value) -> tuple[ir.Value, ir.Value]:
+    import onnx_ir as ir
+
+    node = ir.Node(
+        "", "Split", [value], ir.convenience.convert_attributes({"axis": 0, "num_outputs": 2}), num_outputs=2
+    )
+    build.nodes.append(node)
+    return node.outputs[0], node.outputs[1]
+
+
+def _replace_lookup(
+    graph: ir.Graph, node: ir.Node, name: str, parts: Mapping[str, QuantizedWeight], inits: Initializers
+) -> None:
     """Gather(embedding, ids) over the quantized rows of every held part, summed."""
     import onnx_ir as ir
 
@@ -225,16 +324,30 @@ def _lookup(build: _Builder, ids: ir.Value | None, name: str, weight: QuantizedW
     if weight.bits == 4:
         low = build.op("BitwiseAnd", codes, inits.get("u8.15", np.array(15, dtype=np.uint8)))
         high = build.op("BitShift", codes, inits.get("u8.4", np.array(4, dtype=np.uint8)), direction="RIGHT")
-        pair = build.op("Concat", build.op("Unsqueeze", low, inits.get("axes.last", np.array([-1], dtype=np.int64))),
-                        build.op("Unsqueeze", high, inits.get("axes.last", np.array([-1], dtype=np.int64))), axis=-1)  # fmt: skip
-        codes = build.op("Reshape", pair, inits.get(f"shape.blocks{weight.blocks}x{weight.block}",
-                                                    np.array([0, 0, weight.blocks, weight.block], dtype=np.int64)))  # fmt: skip
+        pair = build.op(
+            "Concat",
+            build.op("Unsqueeze", low, inits.get("axes.last", np.array([-1], dtype=np.int64))),
+            build.op("Unsqueeze", high, inits.get("axes.last", np.array([-1], dtype=np.int64))),
+            axis=-1,
+        )
+        codes = build.op(
+            "Reshape",
+            pair,
+            inits.get(
+                f"shape.blocks{weight.blocks}x{weight.block}",
+                np.array([0, 0, weight.blocks, weight.block], dtype=np.int64),
+            ),
+        )
     values = build.op("Cast", codes, to=ir.DataType.FLOAT)
-    scale = build.op("Unsqueeze", build.op("Gather", scales, ids, axis=0),
-                     inits.get("axes.last", np.array([-1], dtype=np.int64)))  # fmt: skip
+    scale = build.op(
+        "Unsqueeze", build.op("Gather", scales, ids, axis=0), inits.get("axes.last", np.array([-1], dtype=np.int64))
+    )
     if weight.offsets is not None:
-        offset = build.op("Unsqueeze", build.op("Gather", inits.get(f"{name}.offsets.rows", weight.offsets), ids,
-                                                axis=0), inits.get("axes.last", np.array([-1], dtype=np.int64)))  # fmt: skip
+        offset = build.op(
+            "Unsqueeze",
+            build.op("Gather", inits.get(f"{name}.offsets.rows", weight.offsets), ids, axis=0),
+            inits.get("axes.last", np.array([-1], dtype=np.int64)),
+        )
         rows = build.op("Add", build.op("Mul", scale, values), offset)
     else:
         zero = inits.get(f"f32.{weight.zero}", np.array(weight.zero, dtype=np.float32))

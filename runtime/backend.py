@@ -86,8 +86,9 @@ class Backend(abc.ABC):
     def run(self, graph: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         spec = self.graphs.get(graph)
         if spec is None:
-            raise InputError(f"graph {graph!r} is not one the {self.name} backend runs here; it runs "
-                             f"{', '.join(self.graphs)}")  # fmt: skip
+            raise InputError(
+                f"graph {graph!r} is not one the {self.name} backend runs here; it runs {', '.join(self.graphs)}"
+            )
         if self.check_feeds:
             check_feeds(spec, feeds)
         return self._run(spec, feeds)
@@ -98,22 +99,29 @@ class Backend(abc.ABC):
     def allocate_cache(self) -> list[torch.Tensor]:
         """Zeroed past buffers on this backend's device, flat in graph order; once per generation."""
         dtype = torch_dtype(self.manifest.dtype)
-        return [torch.zeros(self.manifest.cache_shape, dtype=dtype, device=self.device)
-                for _ in names.cache_names(self.manifest.config.num_layers)]  # fmt: skip
+        return [
+            torch.zeros(self.manifest.cache_shape, dtype=dtype, device=self.device)
+            for _ in names.cache_names(self.manifest.config.num_layers)
+        ]
 
     def _input_buffers(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per graph, persistent device buffers for the small inputs: backends that bind by address
         copy each call's values in, so the bound addresses never change."""
         return {
-            name: {t.name: torch.zeros(_fixed(t.shape), dtype=torch_dtype(t.dtype), device=self.device)
-                   for t in g.inputs if t.name in names.SMALL_INPUTS}
+            name: {
+                t.name: torch.zeros(_fixed(t.shape), dtype=torch_dtype(t.dtype), device=self.device)
+                for t in g.inputs
+                if t.name in names.SMALL_INPUTS
+            }
             for name, g in self.graphs.items()
-        }  # fmt: skip
+        }
 
     def _logits_buffers(self) -> dict[str, torch.Tensor]:
         """Per graph, the reused fp32 logits output buffer."""
-        return {n: torch.empty(_fixed(g.outputs[0].shape), dtype=torch.float32, device=self.device)
-                for n, g in self.graphs.items()}  # fmt: skip
+        return {
+            n: torch.empty(_fixed(g.outputs[0].shape), dtype=torch.float32, device=self.device)
+            for n, g in self.graphs.items()
+        }
 
     @staticmethod
     def _aliased_outputs(
@@ -121,8 +129,8 @@ class Backend(abc.ABC):
     ) -> dict[str, torch.Tensor]:
         """The outputs of a backend that writes the cache in place: each present is its past buffer."""
         outputs = {names.LOGITS: logits}
-        for spec in graph.outputs[1:]:
-            outputs[spec.name] = feeds[names.past_name_for(spec.name)]
+        for present, past in graph.aliases:
+            outputs[present] = feeds[past]
         return outputs
 
     def close(self) -> None:  # noqa: B027  (optional hook: most backends hold nothing to release)

@@ -83,15 +83,17 @@ class KVState:
     ) -> dict[str, torch.Tensor]:
         """One batch-1 prefill call on row `row`'s views of the cache, writing slots start .. + len(ids) - 1."""
         views = [t[row : row + 1] for t in self.buffers]  # (1, kv_heads, max_cache_len, head_dim): contiguous
-        return graph_feeds(graph, ids[None], positions[None], start, self.attention_mask[row : row + 1], views,
-                           self.device)  # fmt: skip
+        return graph_feeds(
+            graph, ids[None], positions[None], start, self.attention_mask[row : row + 1], views, self.device
+        )
 
     def decode_feeds(
         self, graph: GraphSpec, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """One decode call of every row: row b feeds tokens[b] at RoPE position positions[b], written to slots[b]."""
-        return graph_feeds(graph, tokens[:, None], positions[:, None], slots, self.attention_mask, self.buffers,
-                           self.device)  # fmt: skip
+        return graph_feeds(
+            graph, tokens[:, None], positions[:, None], slots, self.attention_mask, self.buffers, self.device
+        )
 
     def take(self, outputs: dict[str, torch.Tensor], row: int | None = None) -> None:
         """Present becomes past. Every backend here aliases present to the past buffer it was fed, so
@@ -100,5 +102,5 @@ class KVState:
         for buffer, name in zip(self.buffers, self.present_names, strict=True):
             target = buffer if row is None else buffer[row : row + 1]
             present = outputs[name]
-            if present.data_ptr() != target.data_ptr():
+            if present is not target and present.data_ptr() != target.data_ptr():
                 target.copy_(present)

@@ -52,9 +52,14 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(
-        self, folder: Path, manifest: Manifest, device: str = "cpu", check_feeds: bool = True,
-        threads: int | None = None, attention: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        folder: Path,
+        manifest: Manifest,
+        device: str = "cpu",
+        check_feeds: bool = True,
+        threads: int | None = None,
+        attention: str | None = None,
+    ) -> None:
         """`attention`: run only graphs of that attention form (export validation checks each form);
         None: the fastest form this device and ONNX Runtime can run."""
         self.forced_attention = attention
@@ -64,8 +69,10 @@ class OrtBackend(Backend):
         if manifest.dtype not in NUMPY_DTYPES and self.device.type == "cpu":
             raise BackendUnavailable("ONNX Runtime CPU cannot run bf16 graphs; use --backend torch or a GPU backend")
         if manifest.dtype == "float16" and self.device.type == "cpu":
-            logger.warning("this artifact is fp16, which ONNX Runtime CPU runs slower than fp32; export fp32 for CPU "
-                           "or run it on a GPU")  # fmt: skip
+            logger.warning(
+                "this artifact is fp16, which ONNX Runtime CPU runs slower than fp32; export fp32 for CPU "
+                "or run it on a GPU"
+            )
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -79,8 +86,10 @@ class OrtBackend(Backend):
                     str(path), self._options(ort, graph, threads, manifest), providers=providers
                 )
             except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)
-                raise ManifestMismatchError(f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
-                                            "re-run `llamatrt export --force`") from e  # fmt: skip
+                raise ManifestMismatchError(
+                    f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
+                    "re-run `llamatrt export --force`"
+                ) from e
         if self.device.type == "cpu":  # the kernels hold their own packed copies now
             release_clean_pages(inside(self.folder, manifest.weights_file, "weights file"))
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
@@ -95,6 +104,10 @@ class OrtBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or physical_cores()
         opts.log_severity_level = 3
+        if manifest.quantization:
+            # subnormal floats take the CPU's slow microcoded path; the quantized graphs make some, and
+            # values below 1.2e-38 change no logit (docs/quantization.md has the measured difference)
+            opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         if manifest.quantization:
             # ONNX Runtime fuses a portable graph's DequantizeLinear -> MatMul into MatMulNBits; its
             # arithmetic is then the artifact's accuracy level, as in ONNX Runtime's own graph
@@ -125,8 +138,12 @@ class OrtBackend(Backend):
             import onnxruntime
 
             minimum = ".".join(map(str, ONNXRUNTIME.min_onnxruntime or ()))
-            logger.warning("onnxruntime %s cannot run the fused-attention graphs (needs >= %s); running the "
-                           "portable ones, slower: pip install -U onnxruntime", onnxruntime.__version__, minimum)  # fmt: skip
+            logger.warning(
+                "onnxruntime %s cannot run the fused-attention graphs (needs >= %s); running the "
+                "portable ones, slower: pip install -U onnxruntime",
+                onnxruntime.__version__,
+                minimum,
+            )
         return ("portable",)
 
     @property
@@ -149,7 +166,7 @@ class OrtBackend(Backend):
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cache = [feeds[t.name] for t in graph.inputs if t.name not in names.SMALL_INPUTS]
-        key = (graph.name, tuple(feeds[names.INPUT_IDS].shape), *(t.data_ptr() for t in cache))
+        key = (graph.name, tuple(feeds[names.INPUT_IDS].shape), *map(torch.Tensor.data_ptr, cache))
         bound = self._bindings.get(key)
         if bound is None:
             bound = self._bindings[key] = self._new_binding(graph, feeds, cache)

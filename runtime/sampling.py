@@ -90,8 +90,12 @@ def filter_sorted(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tup
     return ordered.masked_fill(drop, float("-inf")), order
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
-           seen: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(rows, vocab) fp32 logits -> (rows,) token ids, every row with its own parameters, in one
     batched call. A sampled row draws one uniform number from its own generator (so its tokens do not
     depend on the other rows) and takes the token where the cumulative probability passes it."""
@@ -99,7 +103,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
         penalty = _column(params, "repetition_penalty", 1.0)
         if bool((penalty != 1).any()):
             logits = apply_repetition_penalty(logits, seen, penalty)
-    tokens = logits.argmax(-1)
+    tokens = greedy_tokens(logits)
     sampled = [r for r, p in enumerate(params) if not p.greedy]
     if not sampled:
         return tokens
@@ -110,6 +114,12 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     picked = torch.searchsorted(cumulative, draws, right=True).clamp(max=last_kept)
     tokens[sampled] = order.gather(-1, picked)[:, 0]
     return tokens
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """(rows, vocab) CPU logits -> (rows,) ids of the first largest logit, as torch.argmax. numpy's
+    argmax is vectorized where torch's single-threaded one is not, and this runs once a step."""
+    return torch.from_numpy(logits.numpy().argmax(-1))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

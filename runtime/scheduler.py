@@ -349,9 +349,8 @@ class Scheduler:
 
     def _decode(self, decoding: list[int], events: list[Step]) -> None:
         batch = len(self.rows)
-        tokens = torch.full((batch,), self.pad_id, dtype=torch.long)
-        positions = torch.zeros(batch, dtype=torch.long)
-        slots = torch.zeros(batch, dtype=torch.long)  # free rows write slot 0, rewritten by their next prefill
+        tokens, positions = [self.pad_id] * batch, [0] * batch
+        slots = [0] * batch  # free rows write slot 0, rewritten by their next prefill
         for b, row in enumerate(self.rows):
             if row is None:
                 continue
@@ -359,10 +358,11 @@ class Scheduler:
                 slots[b] = row.windows[0][0]
                 continue
             tokens[b], positions[b], slots[b] = row.last_token, row.fed, row.next_slot
+        feeds = self.kv.decode_feeds(
+            self.decode_graph, torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots)
+        )  # (batch,) int64 each
         started = time.perf_counter()
-        outputs = self.backend.run(
-            self.decode_graph.name, self.kv.decode_feeds(self.decode_graph, tokens, positions, slots)
-        )
+        outputs = self.backend.run(self.decode_graph.name, feeds)
         self.kv.take(outputs)
         seconds = time.perf_counter() - started
         self._decode_step_s = _average(self._decode_step_s, seconds)
@@ -372,7 +372,8 @@ class Scheduler:
         running = [self.rows[b] for b in decoding]
         for row in running:
             row.fed += 1  # type: ignore[union-attr]
-        chosen = self.choose(running, logits[decoding])  # type: ignore[arg-type]
+        every_row = len(decoding) == len(logits)  # (then decoding lists all rows in order)
+        chosen = self.choose(running, logits if every_row else logits[decoding])  # type: ignore[arg-type]
         for b, token in zip(decoding, chosen, strict=True):
             self._isolated(functools.partial(self._advance, b, logits[b], events, token), [b], events)
 
@@ -463,8 +464,11 @@ def _finite(logits: torch.Tensor, graph: str) -> torch.Tensor:
     logits = logits.float().cpu()
     if logits.dim() == 3:
         logits = logits[:, -1]
-    if not torch.isfinite(logits).all():
-        rows = sorted({int(r) for r in (~torch.isfinite(logits)).nonzero()[:, 0]})
-        raise NumericalError(f"the {graph} graph produced NaN/inf logits (rows {rows}); the artifact is damaged: "
-                             "run `llamatrt verify` on it, or re-export")  # fmt: skip
+    sums = logits.sum(-1)  # (rows,): a NaN or inf anywhere in a row makes its sum one (so do logits of ~1e34)
+    if not torch.isfinite(sums).all():
+        rows = [int(r) for r in (~torch.isfinite(sums)).nonzero()[:, 0]]
+        raise NumericalError(
+            f"the {graph} graph produced NaN/inf logits (rows {rows}); the artifact is damaged: run `llamatrt "
+            "verify` on it, or re-export"
+        )
     return logits

@@ -29,7 +29,7 @@ from llamatrt.base.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.ort_backend import physical_cores
-from llamatrt.runtime.registry import open_backend
+from llamatrt.runtime.registry import canonical_backend_name, open_backend
 from llamatrt.tools.bench_report import BenchReport, Measured
 from llamatrt.tools.bench_workload import mixed_workload, run_workload, workload_scheduler
 
@@ -81,6 +81,28 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _load_libraries(backends: Sequence[str]) -> None:
+    """Load ONNX Runtime's library and make one session before any memory is measured: its one-time
+    cost (tens of MB, paid once per process) is not the first artifact's to hold."""
+    if "onnxruntime" not in {canonical_backend_name(b) for b in backends}:
+        return
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "warm-up",
+        [value],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.zeros(1, np.float32)}
+    )
+
+
 def _generation(gen: Generator, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     """One greedy generation of every row (no stop ids): time to first token (the median row), prefill
     tokens/s, and aggregate decode tokens/s once every row is decoding."""
@@ -102,22 +124,30 @@ def _generation(gen: Generator, prompts: list[list[int]], new_tokens: int) -> di
 
 def _backend_timers(
     backend: Backend, artifact: str, prompt_len: int, new_tokens: int, contexts: Sequence[int], workload: int
-) -> list[_Timed]:  # fmt: skip
+) -> list[_Timed]:
     manifest = backend.manifest
     batch, vocab, capacity = manifest.batch_size, manifest.config.vocab_size, manifest.max_cache_len
     sizes = backend.seq_sizes("prefill", batch=1)
     pad = sizes[0] - 1 if sizes else 0  # the most padding a static prefill adds
     context_tokens = min(CONTEXT_TOKENS, new_tokens)
     if prompt_len + new_tokens + pad - 1 > capacity or max(contexts, default=0) + context_tokens + pad - 1 > capacity:
-        raise InputError(f"prompt plus new tokens exceed the cache of {capacity}; lower --prompt-len, --new-tokens "
-                         "or --contexts")  # fmt: skip
+        raise InputError(
+            f"prompt plus new tokens exceed the cache of {capacity}; lower --prompt-len, --new-tokens or --contexts"
+        )
     gen = Generator(backend)  # no stop ids: always generates what is asked
     prompts = fixed_prompt(batch, prompt_len, vocab).tolist()
     timers = [_Timed(artifact, backend.name, "single", lambda: _generation(gen, prompts, new_tokens))]
     for length in contexts:
         rows = fixed_prompt(batch, length, vocab).tolist()
-        timers.append(_Timed(artifact, backend.name, "context", functools.partial(_generation, gen, rows, context_tokens),
-                             context=length))  # fmt: skip
+        timers.append(
+            _Timed(
+                artifact,
+                backend.name,
+                "context",
+                functools.partial(_generation, gen, rows, context_tokens),
+                context=length,
+            )
+        )
     if workload:
         mix = mixed_workload(workload, vocab, capacity)
         for admission in ("continuous", "lockstep") if batch > 1 else ("continuous",):
@@ -136,8 +166,10 @@ def _source_dir(manifest: Manifest) -> Path:
 
     checkpoint = load_checkpoint(manifest.source)
     if checkpoint.hf_dir is None:
-        raise InputError("a baseline needs the artifact's checkpoint on disk; export from smollm2, an HF folder "
-                         "or a .gguf, or drop --baseline")  # fmt: skip
+        raise InputError(
+            "a baseline needs the artifact's checkpoint on disk; export from smollm2, an HF folder "
+            "or a .gguf, or drop --baseline"
+        )
     return checkpoint.hf_dir
 
 
@@ -149,8 +181,10 @@ def _genai_timer(manifest: Manifest, artifact: str, prompt_len: int, new_tokens:
     model = genai_model(_source_dir(manifest), precision)
     run = genai_timer_run(model, manifest.batch_size, prompt_len, new_tokens, manifest.config.vocab_size)
     timed = _Timed(artifact, f"onnxruntime-genai {precision}", "single", run, held_mb=run.info["held_mb"])
-    timed.note = (f"onnxruntime-genai runs in its own process (pid {run.info['pid']}) with its default "
-                  f"{run.info['intra_op_threads']} intra-op threads")  # fmt: skip
+    timed.note = (
+        f"onnxruntime-genai runs in its own process (pid {run.info['pid']}) with its default "
+        f"{run.info['intra_op_threads']} intra-op threads"
+    )
     return timed
 
 
@@ -159,8 +193,9 @@ def _transformers_timer(manifest: Manifest, artifact: str, prompt_len: int, new_
     from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
     batch = manifest.batch_size
-    model = LlamaForCausalLM.from_pretrained(_source_dir(manifest), dtype=torch.float32,
-                                             attn_implementation="eager").eval()  # fmt: skip
+    model = LlamaForCausalLM.from_pretrained(
+        _source_dir(manifest), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     ids = fixed_prompt(batch, prompt_len, manifest.config.vocab_size)
 
     class Clock(LogitsProcessor):
@@ -175,27 +210,47 @@ def _transformers_timer(manifest: Manifest, artifact: str, prompt_len: int, new_
         clock = Clock()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                           do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))  # fmt: skip
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([clock]),
+            )
         t = clock.times
-        return {"ttft_ms": 1000 * (t[0] - start), "prefill_tokens_per_s": batch * prompt_len / (t[0] - start),
-                "decode_tokens_per_s": batch * (len(t) - 1) / (t[-1] - t[0])}  # fmt: skip
+        return {
+            "ttft_ms": 1000 * (t[0] - start),
+            "prefill_tokens_per_s": batch * prompt_len / (t[0] - start),
+            "decode_tokens_per_s": batch * (len(t) - 1) / (t[-1] - t[0]),
+        }
 
     run(4)  # warm-up
     return _Timed(artifact, "transformers", "single", run)
 
 
 def run_benches(
-    artifacts: Sequence[str | Path], backends: Sequence[str] = ("onnxruntime",), prompt_len: int = 20,
-    new_tokens: int = 128, repeat: int = 3, baseline: str | None = None, contexts: Sequence[int] = (),
-    workload: int = 0, progress: Progress = no_progress, verify: bool = True,
-) -> BenchReport:  # fmt: skip
+    artifacts: Sequence[str | Path],
+    backends: Sequence[str] = ("onnxruntime",),
+    prompt_len: int = 20,
+    new_tokens: int = 128,
+    repeat: int = 3,
+    baseline: str | None = None,
+    contexts: Sequence[int] = (),
+    workload: int = 0,
+    progress: Progress = no_progress,
+    verify: bool = True,
+) -> BenchReport:
     """Every backend on every artifact (and the baseline per artifact), in `repeat` interleaved rounds."""
     if repeat < 1 or new_tokens < 2 or prompt_len < 1 or workload < 0:
-        raise InputError("--repeat must be >= 1, --new-tokens >= 2, --prompt-len >= 1 and --workload >= 0; raise the "
-                         "one that is lower")  # fmt: skip
+        raise InputError(
+            "--repeat must be >= 1, --new-tokens >= 2, --prompt-len >= 1 and --workload >= 0; raise the "
+            "one that is lower"
+        )
     if baseline not in (None, *BASELINES):
         raise InputError(f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)}")
+    _load_libraries(backends)
     with contextlib.ExitStack() as stack:
         timers: list[_Timed] = []
         manifests = []
@@ -228,11 +283,20 @@ def run_benches(
             for timer in timers:
                 time.sleep(SETTLE_S)  # the previous run's spinning worker threads go idle first
                 timer.runs.append(timer.run())
-    threads = (f"llamatrt runs ONNX Runtime with {physical_cores()} intra-op threads and its loop's torch work on "
-               "one thread")  # fmt: skip
+    threads = (
+        f"llamatrt runs ONNX Runtime with {physical_cores()} intra-op threads and its loop's torch work on one thread"
+    )
     notes = [threads, *dict.fromkeys(t.note for t in timers if t.note)]
-    return BenchReport(prompt_len, new_tokens, repeat, statistics.median(bandwidths), dict(manifests),
-                       [t.measured() for t in timers], baseline, notes)  # fmt: skip
+    return BenchReport(
+        prompt_len,
+        new_tokens,
+        repeat,
+        statistics.median(bandwidths),
+        dict(manifests),
+        [t.measured() for t in timers],
+        baseline,
+        notes,
+    )
 
 
 def bench_steps(artifacts: int, repeat: int) -> int:

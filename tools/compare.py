@@ -57,8 +57,14 @@ def _reference_outputs(hf_model: object, prompts: list[list[int]], steps: int, p
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])
-            out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, do_sample=False,  # type: ignore[attr-defined]
-                                    eos_token_id=None, pad_token_id=0)  # fmt: skip
+            out = hf_model.generate(  # type: ignore[attr-defined]
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=steps,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
             tokens = out[0, len(ids) :].tolist()
             full = hf_model(out[:, :-1]).logits[0, len(ids) - 1 :].float()  # type: ignore[operator]
             logits.append(full)
@@ -148,8 +154,7 @@ def compare_stage(stage: StageOutputs, ref: StageOutputs, thresholds: Thresholds
         per_step["top5"].append(sum(overlap) / len(overlap))
     divergence = [_first_divergence(r, c) for r, c in zip(ref.greedy, stage.greedy, strict=True)]
     first = min((d for d in divergence if d is not None), default=None)
-    return StageResult.summarise(stage.name, stage.dtype, per_step, first, stage.perplexity, ref.perplexity,
-                                 thresholds)  # fmt: skip
+    return StageResult.summarise(stage.name, stage.dtype, per_step, first, stage.perplexity, ref.perplexity, thresholds)
 
 
 def _first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -157,10 +162,14 @@ def _first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def run_diff(
-    artifact: str | Path, backends: Sequence[str] = ("onnxruntime",), reference: str | None = None,
-    prompts: Sequence[tuple[bool, str]] | None = None, steps: int = 16, progress: Progress = no_progress,
+    artifact: str | Path,
+    backends: Sequence[str] = ("onnxruntime",),
+    reference: str | None = None,
+    prompts: Sequence[tuple[bool, str]] | None = None,
+    steps: int = 16,
+    progress: Progress = no_progress,
     verify: bool = True,
-) -> AccuracyReport:  # fmt: skip
+) -> AccuracyReport:
     """The whole ladder on one artifact; the report's bool is the verdict."""
     from transformers import LlamaForCausalLM
 
@@ -187,13 +196,17 @@ def run_diff(
         for i, ids in enumerate(token_prompts):
             if len(ids) > room:
                 token_prompts[i] = ids[-room:]  # the end of a prompt is where its answer starts
-                notes.append(f"built-in prompt {i} cut from {len(ids)} to its last {room} tokens to fit the cache of "
-                             f"{manifest.max_cache_len}")  # fmt: skip
+                notes.append(
+                    f"built-in prompt {i} cut from {len(ids)} to its last {room} tokens to fit the cache of "
+                    f"{manifest.max_cache_len}"
+                )
     full = llm.encode(PERPLEXITY_TEXT)
     ppl_ids = full[: manifest.max_cache_len - SHORT_PREFILL]
     if len(ppl_ids) < len(full):
-        notes.append(f"perplexity text cut from {len(full)} to {len(ppl_ids)} tokens to fit the cache of "
-                     f"{manifest.max_cache_len}")  # fmt: skip
+        notes.append(
+            f"perplexity text cut from {len(full)} to {len(ppl_ids)} tokens to fit the cache of "
+            f"{manifest.max_cache_len}"
+        )
     step("running transformers")
     ref = _reference_outputs(hf_model, token_prompts, steps, ppl_ids)
     del hf_model
@@ -213,5 +226,14 @@ def run_diff(
             step(f"contract checks on {kind}")
             checks += run_contract_checks(backend, token_prompts, stage_thresholds(weights_kind(backend)).max_abs)
     results = [compare_stage(s, ref, stage_thresholds(s.dtype)) for s in stages]
-    return AccuracyReport(str(artifact), checkpoint.source, manifest.dtype, len(token_prompts), steps,
-                          ref.perplexity, results, checks, notes)  # fmt: skip
+    return AccuracyReport(
+        str(artifact),
+        checkpoint.source,
+        manifest.dtype,
+        len(token_prompts),
+        steps,
+        ref.perplexity,
+        results,
+        checks,
+        notes,
+    )

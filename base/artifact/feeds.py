@@ -12,9 +12,10 @@ import torch
 
 from llamatrt.base.artifact import names
 from llamatrt.base.artifact.manifest import GraphSpec
-from llamatrt.base.artifact.precision import torch_dtype
+from llamatrt.base.artifact.precision import TENSOR_DTYPES, torch_dtype
 from llamatrt.base.errors import InputError
 
+_TORCH_DTYPES = {name: torch_dtype(name) for name in TENSOR_DTYPES}  # manifest dtypes are checked by the schema
 Cache = Sequence[torch.Tensor]  # flat past buffers (key0, value0, ...), each (batch, kv_heads, max_cache_len, head_dim)
 
 
@@ -46,20 +47,23 @@ def graph_feeds(
 
 def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
     """One-line errors that name the tensor, instead of an ONNX Runtime / TensorRT traceback."""
-    expected = {t.name for t in graph.inputs}
-    if set(feeds) != expected:
+    expected = graph.input_names
+    if feeds.keys() != expected:
         missing, extra = sorted(expected - set(feeds)), sorted(set(feeds) - expected)
         raise InputError(
             f"{graph.name} feeds: missing {missing[:3]}, unexpected {extra[:3]}; feed exactly the graph's inputs "
             "named in manifest.json"
         )
     sizes: dict[str, int] = {}  # what each open dim ("batch", "tokens") is in this call
+    wants: dict[tuple[int | str, ...], tuple[int, ...]] = {}  # each spec shape resolved once (the cache's 2L share one)
     for t in graph.inputs:
         value = feeds[t.name]
-        want = tuple(
-            sizes.setdefault(d, n) if isinstance(d, str) else d for d, n in zip(t.shape, value.shape, strict=False)
-        )
-        if tuple(value.shape) != want or value.dtype != torch_dtype(t.dtype):
+        want = wants.get(t.shape)
+        if want is None:
+            want = wants[t.shape] = tuple(
+                sizes.setdefault(d, n) if isinstance(d, str) else d for d, n in zip(t.shape, value.shape, strict=False)
+            )
+        if value.shape != want or value.dtype != _TORCH_DTYPES[t.dtype]:
             bound = (
                 f" with {', '.join(f'{k}={v}' for k, v in sizes.items())} from the inputs before it" if sizes else ""
             )

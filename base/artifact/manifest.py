@@ -7,6 +7,7 @@ the dataclasses below can trust their fields.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -91,22 +92,46 @@ class GraphSpec:
     def attention_form(self) -> AttentionForm:
         return ATTENTION_FORMS[self.attention]
 
+    @functools.cached_property
+    def input_names(self) -> frozenset[str]:
+        return frozenset(t.name for t in self.inputs)
+
+    @functools.cached_property
+    def aliases(self) -> tuple[tuple[str, str], ...]:
+        """(present output, the past input it updates) of each cache tensor: a backend that writes the
+        cache in place returns the past buffer as the present. Worked out once: every step reads it."""
+        return tuple((t.name, names.past_name_for(t.name)) for t in self.outputs[1:])
+
     def to_json(self) -> dict[str, Any]:
         form = self.attention_form
         return {
-            "name": self.name, "role": self.role, "path": self.path, "bytes": self.bytes, "sha256": self.sha256,
-            "attention": self.attention, "weights": self.weights, "backends": list(self.backends),
+            "name": self.name,
+            "role": self.role,
+            "path": self.path,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "attention": self.attention,
+            "weights": self.weights,
+            "backends": list(self.backends),
             **({"requires": {"onnxruntime": ".".join(map(str, form.min_onnxruntime))}} if form.min_onnxruntime else {}),
-            "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
-        }  # fmt: skip
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> GraphSpec:
         return cls(
-            raw["name"], raw["role"], raw["path"],
-            tuple(TensorSpec.from_json(t) for t in raw["inputs"]), tuple(TensorSpec.from_json(t) for t in raw["outputs"]),
-            raw["attention"], raw["weights"], tuple(raw["backends"]), raw["bytes"], raw["sha256"],
-        )  # fmt: skip
+            raw["name"],
+            raw["role"],
+            raw["path"],
+            tuple(TensorSpec.from_json(t) for t in raw["inputs"]),
+            tuple(TensorSpec.from_json(t) for t in raw["outputs"]),
+            raw["attention"],
+            raw["weights"],
+            tuple(raw["backends"]),
+            raw["bytes"],
+            raw["sha256"],
+        )
 
 
 @dataclass(frozen=True)
