@@ -90,17 +90,22 @@ class KVState:
     def decode_feeds(
         self, graph: GraphSpec, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """One decode call of every row: row b feeds tokens[b] at RoPE position positions[b], written to slots[b]."""
+        """One decode call of the first len(tokens) rows (all B, or a prefix of them on a graph with an
+        open batch): row b feeds tokens[b] at RoPE position positions[b], written to slots[b]."""
+        rows = len(tokens)
+        views = self.buffers if rows == self.batch else [t[:rows] for t in self.buffers]  # contiguous prefix
         return graph_feeds(
-            graph, tokens[:, None], positions[:, None], slots, self.attention_mask, self.buffers, self.device
+            graph, tokens[:, None], positions[:, None], slots, self.attention_mask[:rows], views, self.device
         )
 
-    def take(self, outputs: dict[str, torch.Tensor], row: int | None = None) -> None:
+    def take(self, outputs: dict[str, torch.Tensor], row: int | None = None, rows: int | None = None) -> None:
         """Present becomes past. Every backend here aliases present to the past buffer it was fed, so
         this copies nothing; a backend that returned new tensors would have them copied into the
-        cache (row `row` of it, for a prefill on one row)."""
+        cache (row `row` of it, for a prefill on one row; its first `rows` rows, for a decode of them)."""
         for buffer, name in zip(self.buffers, self.present_names, strict=True):
-            target = buffer if row is None else buffer[row : row + 1]
+            target = (
+                buffer[row : row + 1] if row is not None else buffer if rows in (None, self.batch) else buffer[:rows]
+            )
             present = outputs[name]
             if present is not target and present.data_ptr() != target.data_ptr():
                 target.copy_(present)

@@ -2,15 +2,18 @@
 `update_from_output()`).
 
 Given what each row of the cache holds and which requests wait, `decide` says which waiting
-requests take which free rows, which row runs a prefill call of how many tokens in this step, and
-which rows run the decode call. It runs no graph, touches no cache and keeps no state, so it reads
-(and is tested) on plain values; runtime.scheduler applies its plan.
+requests take which free rows, which prefill calls run in this step (several rows, several windows
+each, in order) and which rows run the decode call. It runs no graph, touches no cache and keeps no
+state, so it reads (and is tested) on plain values; runtime.scheduler applies its plan.
 
-The rules: a waiting request takes the first free row (FIFO) when the admission policy agrees; one
-prefill call per step, for the row whose request came first, so rows already decoding wait at most
-one prefill call between two of their tokens; that call is cut to `prefill_limit` tokens while
-other rows decode (a graph that takes any number of tokens); every row whose prompt is in the cache
-decodes.
+The rules, after vLLM's chunked prefill and its `max_num_batched_tokens`: a waiting request takes
+the first free row (FIFO) when the admission policy agrees. Every row whose prompt is in the cache
+decodes first. Prefill gets the step's budget of tokens (runtime.scheduler sizes it as a share of a
+decode step's time: on a CPU a decode token and a prefill token cost nothing alike), spent on the
+prefilling rows oldest first, window after window; where the graph takes any number of tokens the last window is cut to
+what is left, where its sizes are fixed a window runs whole or waits. The step's first prefill call
+always runs (at least `min_prefill` tokens of it, where windows can be cut), so prefill never
+starves. When no row decodes there is nobody to keep waiting: every prefilling row's prompt runs.
 """
 
 from __future__ import annotations
@@ -39,12 +42,28 @@ class Prefill:
 @dataclass(frozen=True)
 class Plan:
     admit: tuple[int, ...] = ()  # free rows that take the first waiting requests, in this order
-    prefill: Prefill | None = None
-    decode: tuple[int, ...] = ()  # rows in the decode call (the prefill row too, if its prompt completes)
+    prefill: tuple[Prefill, ...] = ()  # the prefill calls of this step, in order
+    decode: tuple[int, ...] = ()  # rows in the decode call (prefilling rows whose prompt completes too)
 
     @property
     def idle(self) -> bool:
-        return self.prefill is None and not self.decode
+        return not self.prefill and not self.decode
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(call.size for call in self.prefill)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Tokens a step may spend on prefill after its decode tokens; None: no limit."""
+
+    tokens: int | None = None
+    cut: bool = True  # whether a window may be cut (a graph that takes any number of tokens)
+    min_prefill: int = 8  # the least a step's first prefill call takes, where windows are cut
+
+
+UNLIMITED = Budget()
 
 
 class Admission(Protocol):
@@ -67,10 +86,10 @@ def decide(
     rows: Sequence[RowState | None],
     waiting: Sequence[RowState],
     admission: Admission = IN_FLIGHT,
-    prefill_limit: int | None = None,
+    budget: Budget = UNLIMITED,
 ) -> Plan:
     """The plan of one step. `waiting` is the queue's head (at least as many as free rows, if there
-    are that many); `prefill_limit` caps a prefill call while other rows decode (None: no cap)."""
+    are that many); `budget` bounds the step's prefill tokens while rows decode."""
     after = list(rows)
     admit: list[int] = []
     if waiting and admission.admits(rows):
@@ -78,18 +97,36 @@ def decide(
         for b, request in zip(free, waiting, strict=False):
             after[b] = request
             admit.append(b)
-    prefill = None
-    prefilling = [b for b, row in enumerate(after) if row is not None and row.windows]
-    if prefilling:
-        b = min(prefilling, key=lambda b: after[b].submitted)  # type: ignore[union-attr]
+    decoding = [b for b, row in enumerate(after) if row is not None and not row.windows]
+    left = None if not decoding or budget.tokens is None else budget.tokens
+    calls: list[Prefill] = []
+    completing: list[int] = []
+    prefilling = sorted(
+        (b for b, row in enumerate(after) if row is not None and row.windows), key=lambda b: after[b].submitted
+    )  # type: ignore[union-attr]
+    for b in prefilling:
         windows = after[b].windows  # type: ignore[union-attr]
-        start, size = windows[0]
-        others_decode = any(row is not None and not row.windows for k, row in enumerate(after) if k != b)
-        cut = prefill_limit is not None and others_decode and size > prefill_limit
-        prefill = Prefill(b, start, prefill_limit if cut else size, last=not cut and len(windows) == 1)  # type: ignore[arg-type]
-    decode = tuple(
-        b
-        for b, row in enumerate(after)
-        if row is not None and (not row.windows or (prefill is not None and prefill.row == b and prefill.last))
-    )
-    return Plan(tuple(admit), prefill, decode)
+        for k, (start, size) in enumerate(windows):
+            take = size if left is None else _fits(size, left, budget, first=not calls)
+            if take == 0:
+                break
+            calls.append(Prefill(b, start, take, last=take == size and k == len(windows) - 1))
+            if left is not None:
+                left -= take
+            if take < size:
+                break
+        if calls and calls[-1].row == b and calls[-1].last:
+            completing.append(b)
+        if left is not None and left <= 0:
+            break
+    decode = tuple(b for b in range(len(after)) if b in decoding or b in completing)
+    return Plan(tuple(admit), tuple(calls), decode)
+
+
+def _fits(size: int, left: int, budget: Budget, first: bool) -> int:
+    """Tokens of a window of `size` that run with `left` tokens of budget left."""
+    if size <= left:
+        return size
+    if budget.cut:  # never a call below the minimum, whose fixed cost would outweigh its tokens
+        return min(size, max(left, budget.min_prefill)) if first else (left if left >= budget.min_prefill else 0)
+    return size if first else 0

@@ -28,18 +28,21 @@ from typing import Protocol
 
 import torch
 
+from llamatrt.base.artifact.manifest import GraphSpec
 from llamatrt.base.errors import InputError, LlamatrtError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
 from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill
 from llamatrt.runtime.requests import GREEDY, Handle, Request, Step
 from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
-from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Plan, Prefill, RowState, decide
+from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Budget, Plan, Prefill, RowState, decide
 
 __all__ = ["GREEDY", "Handle", "LoopFailed", "Request", "Scheduler", "Step"]
 log = logging.getLogger(__name__)
-INTERLEAVE = 1.5  # a prefill call between two decode steps may take this many decode steps
-MIN_INTERLEAVE_TOKENS = 8
+# While rows decode, a step's prefill calls may take this share of a decode step's time: a decoding
+# row then waits at most about (1 + PREFILL_SHARE) decode steps between two tokens, on any host
+PREFILL_SHARE = 1.0
+MIN_PREFILL_TOKENS = 8
 
 
 @dataclass
@@ -113,6 +116,7 @@ class Scheduler:
         self.wake = threading.Condition(self.lock)
         self.driving = threading.Lock()  # one driver at a time: `run` or `serve_forever`
         self.decode_graph = backend.graph("decode")
+        self._decode_graphs: dict[int, GraphSpec] = {}  # rows in the call -> the graph that runs them
         self.prefill_sizes = backend.seq_sizes("prefill", batch=1)
         self.prefill_chunk = max(self.prefill_sizes) if self.prefill_sizes else self.manifest.prefill_chunk
         self._decode_step_s: float | None = None  # running averages, for sizing interleaved prefill calls
@@ -242,21 +246,29 @@ class Scheduler:
         with self.lock:
             head = list(self.queue)[: rows.count(None)]
         waiting = [RowState(h.submitted, tuple(self._prefill_plan(h.request).windows)) for h in head]
-        limit = self._interleave_tokens() if self.prefill_sizes is None else None
-        return decide(rows, waiting, self.admission, limit)
+        return decide(rows, waiting, self.admission, self.budget())
+
+    def budget(self) -> Budget:
+        """The step's prefill tokens while rows decode: what fits in PREFILL_SHARE x a decode step,
+        from the running averages of both (before any were measured, MIN_PREFILL_TOKENS)."""
+        cut = self.prefill_sizes is None
+        if self._prefill_token_s is None or self._decode_step_s is None:
+            return Budget(MIN_PREFILL_TOKENS, cut, MIN_PREFILL_TOKENS)
+        tokens = int(PREFILL_SHARE * self._decode_step_s / self._prefill_token_s)
+        return Budget(max(MIN_PREFILL_TOKENS, tokens), cut, MIN_PREFILL_TOKENS)
 
     def step(self) -> list[Step]:
-        """One iteration: drop cancelled requests, then apply the plan: admit, one prefill call, one
-        decode call."""
+        """One iteration: drop cancelled requests, then apply the plan: admit, its prefill calls in
+        order, one decode call."""
         events: list[Step] = []
         self._drop_cancelled(events)
         plan = self.plan()
         with self.lock:
             for b in plan.admit:
                 self.rows[b] = self._new_row(b, self.queue.popleft())
-        if plan.prefill is not None:
-            prefill = plan.prefill
-            self._isolated(lambda: self._prefill(prefill, events), [prefill.row], events)
+        for prefill in plan.prefill:
+            if self.rows[prefill.row] is not None:  # (an earlier call of this step may have failed it)
+                self._isolated(functools.partial(self._prefill, prefill, events), [prefill.row], events)
         decoding = [b for b in plan.decode if (row := self.rows[b]) is not None and not row.windows]
         if decoding:
             self._isolated(lambda: self._decode(decoding, events), decoding, events)
@@ -313,15 +325,6 @@ class Scheduler:
         text = None if self.text_stream is None else self.text_stream(request.stop_strings)
         return Row(handle, plan, deque(plan.windows), torch.Generator().manual_seed(seed), seen, text=text)
 
-    def _interleave_tokens(self) -> int:
-        """Tokens of one prefill call while other rows decode, on a graph that takes any number: what
-        fits in INTERLEAVE x a decode step, from the running averages of both (so a decoding row
-        waits about (1 + INTERLEAVE) decode steps between two tokens, on any host)."""
-        if self._prefill_token_s is None or self._decode_step_s is None:
-            return MIN_INTERLEAVE_TOKENS
-        tokens = int(INTERLEAVE * self._decode_step_s / self._prefill_token_s)
-        return max(MIN_INTERLEAVE_TOKENS, min(tokens, self.prefill_chunk))
-
     def _prefill(self, call: Prefill, events: list[Step]) -> None:
         b, start, size = call.row, call.start, call.size
         row = self.rows[b]
@@ -347,28 +350,36 @@ class Scheduler:
             logits = _finite(outputs["logits"], graph.name)[:1]
             self._advance(b, logits[0], events, self.choose([row], logits)[0])
 
+    def _decode_graph(self, rows: int) -> GraphSpec:
+        """The decode graph for the first `rows` rows of the cache: one that takes exactly that many
+        (a graph with an open batch does), else the artifact's batch. Rows past the last decoding
+        one then cost nothing (row b of every cache buffer is contiguous, so rows 0..k-1 are too)."""
+        if rows not in self._decode_graphs:
+            found = [g for g in self.backend.graphs.values() if g.serves("decode", rows)]
+            self._decode_graphs[rows] = self.backend.graph("decode", rows) if found else self.decode_graph
+        return self._decode_graphs[rows]
+
     def _decode(self, decoding: list[int], events: list[Step]) -> None:
-        batch = len(self.rows)
+        graph = self._decode_graph(max(decoding) + 1)
+        batch = graph.batch or max(decoding) + 1
         tokens, positions = [self.pad_id] * batch, [0] * batch
         slots = [0] * batch  # free rows write slot 0, rewritten by their next prefill
-        for b, row in enumerate(self.rows):
+        for b, row in enumerate(self.rows[:batch]):
             if row is None:
                 continue
             if row.windows:  # still prefilling: write where its next prefill call will write anyway
                 slots[b] = row.windows[0][0]
                 continue
             tokens[b], positions[b], slots[b] = row.last_token, row.fed, row.next_slot
-        feeds = self.kv.decode_feeds(
-            self.decode_graph, torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots)
-        )  # (batch,) int64 each
+        feeds = self.kv.decode_feeds(graph, torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
         started = time.perf_counter()
-        outputs = self.backend.run(self.decode_graph.name, feeds)
-        self.kv.take(outputs)
+        outputs = self.backend.run(graph.name, feeds)
+        self.kv.take(outputs, rows=batch)
         seconds = time.perf_counter() - started
         self._decode_step_s = _average(self._decode_step_s, seconds)
         if self.observer is not None:
             self.observer("decode", seconds, len(decoding))
-        logits = _finite(outputs["logits"], self.decode_graph.name)
+        logits = _finite(outputs["logits"], graph.name)
         running = [self.rows[b] for b in decoding]
         for row in running:
             row.fed += 1  # type: ignore[union-attr]

@@ -17,18 +17,20 @@ class LoopBreaker(BaseException):
     """Not an Exception: what no request-level handler may swallow (a bug in the loop itself)."""
 
 
-def inject_faults(backend: Any) -> None:
-    run = backend.run
+def inject_faults(scheduler: Any) -> None:
+    """Wraps the scheduler's prefill call (a decode of one row feeds a [1, 1] batch like a one-token
+    prefill, so the backend alone cannot tell which tokens are the prompt's)."""
+    prefill = scheduler._prefill
 
-    def faulty(graph: str, feeds: Any) -> Any:
-        ids = feeds["input_ids"]  # a prefill (one row of a B = 3 artifact) reads the prompt
-        if ids.shape[0] == 1 and bool((ids == FAILS_ITS_PREFILL).any()):
+    def faulty(call: Any, events: Any) -> Any:
+        prompt = scheduler.rows[call.row].request.prompt
+        if FAILS_ITS_PREFILL in prompt:
             raise RuntimeError("injected fault")
-        if ids.shape[0] == 1 and bool((ids == BREAKS_THE_LOOP).any()):
+        if BREAKS_THE_LOOP in prompt:
             raise LoopBreaker("injected loop failure")
-        return run(graph, feeds)
+        return prefill(call, events)
 
-    backend.run = faulty
+    scheduler._prefill = faulty
 
 
 def main(artifact: str) -> None:
@@ -38,7 +40,7 @@ def main(artifact: str) -> None:
     from llamatrt.server.engine import EngineConfig
 
     app = create_app(EngineConfig(Path(artifact), verify=False, model_name="tiny"))
-    inject_faults(app.state.engine.llm.backend)
+    inject_faults(app.state.engine.scheduler)
 
     class Announcing(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:

@@ -12,7 +12,8 @@ import itertools
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llamatrt.base.progress import Progress, no_progress
@@ -58,6 +59,7 @@ class ServeReport:
     ttft_p99_ms: float
     inter_token_p50_ms: float
     inter_token_p99_ms: float
+    error_kinds: dict[str, int] = field(default_factory=dict)  # "TypeName: first line" -> how many
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +69,8 @@ class ServeReport:
         return "\n".join(
             [
                 f"bench-serve {self.url} ({self.model}): {self.requests} requests, {self.clients} concurrent clients, {offered}",
-                f"completed {self.completed}, errors {self.errors}, in {self.wall_s:.1f} s",
+                f"completed {self.completed}, errors {self.errors}, in {self.wall_s:.1f} s"
+                + "".join(f"\n  error x{n}: {kind}" for kind, n in self.error_kinds.items()),
                 f"requests/s {self.requests_per_s:.2f}   output tokens/s {self.output_tokens_per_s:.1f}",
                 f"time to first token p50 {self.ttft_p50_ms:.0f} ms, p99 {self.ttft_p99_ms:.0f} ms",
                 f"inter-token latency p50 {self.inter_token_p50_ms:.1f} ms, p99 {self.inter_token_p99_ms:.1f} ms",
@@ -123,6 +126,7 @@ async def _run(
     prompts: list[tuple[str, int]] | None,
     progress: Progress,
 ) -> ServeReport:
+    import httpx
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(
@@ -130,6 +134,9 @@ async def _run(
         api_key=api_key or "none",
         max_retries=0,
         timeout=600,
+        # a fresh connection per request: a server that closes idle keep-alive connections (llama-server
+        # does) would otherwise fail a request sent on a pooled one that it just closed
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=600),
     )
     if model is None:
         model = (await client.models.list()).data[0].id
@@ -138,6 +145,7 @@ async def _run(
     ttfts: list[float] = []
     gaps: list[float] = []
     tokens, errors, done = 0, 0, 0
+    kinds: Counter[str] = Counter()
     started = time.perf_counter()
 
     async def request(k: int, prompt: str, max_tokens: int) -> None:
@@ -148,8 +156,9 @@ async def _run(
             sent = time.perf_counter()
             try:
                 times, count = await _one(client, model, prompt, max_tokens)
-            except Exception:  # any failed request counts as an error, whatever the server or client raised
+            except Exception as e:  # any failed request counts as an error, whatever the server or client raised
                 errors += 1
+                kinds[f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"] += 1
                 return
             done += 1
             tokens += count
@@ -176,6 +185,7 @@ async def _run(
         1000 * _percentile(ttfts, 99),
         1000 * statistics.median(gaps) if gaps else 0.0,
         1000 * _percentile(gaps, 99),
+        dict(kinds),
     )
 
 

@@ -13,6 +13,7 @@ from llamatrt.runtime.detokenizer import TextStream
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import plan_prefill
 from llamatrt.runtime.sampling import SamplingParams
+from llamatrt.runtime.schedule import Budget
 from llamatrt.runtime.scheduler import Request, Scheduler
 from llamatrt.tools.bench_workload import Lockstep
 from llamatrt.tools.teacher_forcing import score
@@ -68,12 +69,27 @@ def test_a_short_prompt_is_padded_in_its_own_row_only() -> None:
         1,
     ]
     decodes = calls(backend, "decode")
-    # while row 1 still prefills, its decode slot is where its next prefill call writes anyway
-    assert [d["cache_position"][1, 0].item() for d in decodes[:2]] == [0, 1]
-    both = decodes[2]
-    assert both["cache_position"][:, 0].tolist() == [6, 5]  # each row at its own slot: row 0 is 3 tokens
-    assert both["position_ids"][:, 0].tolist() == [3, 5]  # in after 3 padding slots; row 1 is 5 tokens in
+    # nobody decodes yet: both prompts are prefilled in the first step, then decode together
+    assert [c["row"] for c in calls(backend, "prefill")] == [0, 1, 1]
+    both = decodes[0]
+    assert both["cache_position"][:, 0].tolist() == [4, 5]  # each row at its own slot: row 0 is 1 token
+    assert both["position_ids"][:, 0].tolist() == [1, 5]  # in after 3 padding slots; row 1 is 5 tokens in
     assert both["attention_mask"][1, :6].tolist() == [1, 1, 1, 1, 1, 1]  # row 1 has no padding
+
+
+def test_a_row_still_prefilling_writes_its_next_window_in_the_others_decode(monkeypatch) -> None:
+    """Row 0 decodes while row 1's prompt of three windows is prefilled a budget at a time: in each
+    decode call row 1 writes the slot its next prefill call writes anyway, and its tokens come after."""
+    backend = ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=32))
+    scheduler = Scheduler(backend)
+    monkeypatch.setattr(scheduler, "budget", lambda: Budget(4, cut=False))  # one window a step
+    first = scheduler.submit(Request([1], max_new_tokens=6), 0)
+    scheduler.step()
+    second = scheduler.submit(Request(list(range(2, 14)), max_new_tokens=2), 1)
+    steps = list(scheduler.run([first, second]))
+    step_calls = [(c["graph"], c["cache_position"][-1, 0].item()) for c in backend.calls[2:8]]
+    assert step_calls == [("prefill", 0), ("decode", 4), ("prefill", 4), ("decode", 8), ("prefill", 8), ("decode", 12)]
+    assert [s.token_id for s in steps if s.index == 1 and s.token_id is not None] == [14, 15]
 
 
 def test_rows_at_different_positions_equal_each_alone() -> None:
@@ -111,9 +127,10 @@ def test_lockstep_admission_waits_for_the_whole_batch() -> None:
     assert prefill_at[2] > decode_at[4]  # the third started only after the 6-token request ended
 
 
-def test_a_long_prefill_does_not_freeze_running_rows() -> None:
+def test_a_long_prefill_does_not_freeze_running_rows(monkeypatch) -> None:
     backend = ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=64))
     scheduler = Scheduler(backend)
+    monkeypatch.setattr(scheduler, "budget", lambda: Budget(4, cut=False))  # one window a step
     running = scheduler.submit(Request([1], max_new_tokens=20), 0)
     for _ in range(3):
         scheduler.step()  # row 0 is decoding
@@ -121,7 +138,7 @@ def test_a_long_prefill_does_not_freeze_running_rows() -> None:
     list(scheduler.run([running]))
     graphs = [c["graph"] for c in backend.calls]
     first = graphs.index("prefill", 1)
-    assert graphs[first : first + 10] == ["prefill", "decode"] * 5  # one prefill call between two decode steps
+    assert graphs[first : first + 10] == ["prefill", "decode"] * 5  # one budget of prefill between two decode steps
 
 
 def test_cancelling_frees_the_row_and_leaves_the_others_unchanged() -> None:
@@ -250,8 +267,8 @@ def test_score_is_teacher_forced_and_batched() -> None:
 
 
 def test_on_a_graph_with_open_tokens_a_prompt_is_prefilled_in_calls_sized_to_the_decode_step() -> None:
-    """While a row decodes, a long prompt's prefill calls take what fits in 1.5 decode steps (from
-    the running averages), so the decoding row is not held for a whole chunk."""
+    """While a row decodes, a long prompt's prefill calls take what fits in PREFILL_SHARE x a decode
+    step (from the running averages), so the decoding row is not held for a whole chunk."""
     manifest = fake_manifest(batch=2, chunk=16, cache=64, open_tokens=True)
     backend = ScriptedBackend(manifest)
     scheduler = Scheduler(backend)
@@ -259,7 +276,7 @@ def test_on_a_graph_with_open_tokens_a_prompt_is_prefilled_in_calls_sized_to_the
     running = scheduler.submit(Request([1], max_new_tokens=30), 0)
     for _ in range(2):
         scheduler.step()
-    scheduler._decode_step_s, scheduler._prefill_token_s = 0.010, 0.002  # 1.5 x 10 ms / 2 ms = 7 -> at least 8
+    scheduler._decode_step_s, scheduler._prefill_token_s = 0.010, 0.002  # 1.0 x 10 ms / 2 ms = 5 -> at least 8
     late = scheduler.submit(Request(list(range(1, 31)), max_new_tokens=2), 1)
     scheduler._decode_step_s, scheduler._prefill_token_s = 0.010, 0.002
     steps = list(scheduler.run([running, late]))

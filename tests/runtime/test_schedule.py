@@ -7,7 +7,7 @@ import pytest
 
 from llamatrt.base.errors import InputError
 from llamatrt.runtime.requests import Request
-from llamatrt.runtime.schedule import Plan, Prefill, RowState, decide
+from llamatrt.runtime.schedule import Budget, Prefill, RowState, decide
 from llamatrt.runtime.scheduler import Scheduler
 from llamatrt.tools.bench_workload import Lockstep
 from tests.runtime.fake_backend import ScriptedBackend, fake_manifest
@@ -19,22 +19,44 @@ def waiting(submitted: float, *windows: tuple[int, int]) -> RowState:
     return RowState(submitted, tuple(windows))
 
 
-def test_waiting_requests_take_free_rows_in_order_and_the_oldest_prefills() -> None:
-    plan = decide([DECODING, None, None], [waiting(1.0, (0, 4)), waiting(2.0, (0, 8))])
-    assert plan == Plan(admit=(1, 2), prefill=Prefill(1, 0, 4, last=True), decode=(0, 1))
+def test_waiting_requests_take_free_rows_in_order_and_all_prefill_while_nobody_decodes() -> None:
+    plan = decide([None, None, None], [waiting(1.0, (0, 4)), waiting(2.0, (0, 8), (8, 8))])
+    assert plan.admit == (0, 1)
+    assert plan.prefill == (Prefill(0, 0, 4, last=True), Prefill(1, 0, 8, last=False), Prefill(1, 8, 8, last=True))
+    assert plan.decode == (0, 1)  # both prompts complete: their rows decode in the same step
 
 
-def test_a_prefill_call_is_cut_while_others_decode_and_not_when_alone() -> None:
-    long = waiting(1.0, (0, 100))
-    assert decide([DECODING, long], [], prefill_limit=16).prefill == Prefill(1, 0, 16, last=False)
-    assert decide([DECODING, long], [], prefill_limit=16).decode == (0,)
-    assert decide([None, long], [], prefill_limit=16).prefill == Prefill(1, 0, 100, last=True)
+def test_every_decoding_row_decodes_and_prefill_spends_its_budget_oldest_first() -> None:
+    rows = [DECODING, DECODING, waiting(2.0, (0, 100)), waiting(1.0, (0, 10))]
+    plan = decide(rows, [], budget=Budget(20))
+    # 20 tokens of prefill: the older row's 10, then 10 of the newer one's window
+    assert plan.prefill == (Prefill(3, 0, 10, last=True), Prefill(2, 0, 10, last=False))
+    assert plan.decode == (0, 1, 3) and plan.prefill_tokens == 20
+
+
+def test_a_long_prompt_never_takes_more_than_one_budget_while_others_decode() -> None:
+    long = waiting(1.0, (0, 1000))
+    assert decide([DECODING, long], [], budget=Budget(16)).prefill == (Prefill(1, 0, 16, last=False),)
+    assert decide([DECODING, long], [], budget=Budget(16)).decode == (0,)
+    assert decide([None, long], [], budget=Budget(16)).prefill == (Prefill(1, 0, 1000, last=True),)
+
+
+def test_prefill_never_starves_and_fixed_windows_run_whole_or_wait() -> None:
+    busy = [DECODING] * 4 + [waiting(1.0, (0, 16)), waiting(2.0, (0, 16))]
+    # the budget is spent on decode: the first prefill call still takes its minimum
+    assert decide(busy, [], budget=Budget(4, min_prefill=8)).prefill == (Prefill(4, 0, 8, last=False),)
+    # fixed sizes: the first window runs whole, the next waits for a step with room
+    fixed = decide(busy, [], budget=Budget(12, cut=False))
+    assert fixed.prefill == (Prefill(4, 0, 16, last=True),) and fixed.decode == (0, 1, 2, 3, 4)
+    assert decide(busy, [], budget=Budget(40, cut=False)).prefill_tokens == 32
 
 
 def test_a_prompt_of_several_windows_decodes_after_its_last() -> None:
     two = waiting(1.0, (0, 4), (4, 4))
-    assert decide([two], []) == Plan(prefill=Prefill(0, 0, 4, last=False))
-    assert decide([waiting(1.0, (4, 4))], []).decode == (0,)
+    busy = [DECODING, two]
+    assert decide(busy, [], budget=Budget(5)).prefill == (Prefill(1, 0, 4, last=False),)
+    assert decide(busy, [], budget=Budget(5)).decode == (0,)
+    assert decide([DECODING, waiting(1.0, (4, 4))], [], budget=Budget(5)).decode == (0, 1)
 
 
 def test_lockstep_admits_only_into_an_empty_batch() -> None:
