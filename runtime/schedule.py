@@ -8,10 +8,10 @@ state, so it reads (and is tested) on plain values; runtime.scheduler applies it
 
 The rules, after vLLM's chunked prefill and its `max_num_batched_tokens`: a waiting request takes
 the first free row (FIFO) when the admission policy agrees. Every row whose prompt is in the cache
-decodes first. Prefill gets the step's budget of tokens (runtime.scheduler sizes it as a share of a
-decode step's time: on a CPU a decode token and a prefill token cost nothing alike), spent on the
-prefilling rows oldest first, window after window; where the graph takes any number of tokens the last window is cut to
-what is left, where its sizes are fixed a window runs whole or waits. The step's first prefill call
+decodes first. Prefill gets the step's budget of tokens (`prefill_budget` sizes it from what calls
+cost: on a CPU a decode token and a prefill token cost nothing alike), spent on the prefilling rows
+oldest first, window after window; where the graph takes any number of tokens the last window is
+cut to what is left, where its sizes are fixed a window runs whole or waits. The step's first prefill call
 always runs (at least `min_prefill` tokens of it, where windows can be cut), so prefill never
 starves. When no row decodes there is nobody to keep waiting: every prefilling row's prompt runs.
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from llamatrt.runtime.prefill_cost import CallCost
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,25 @@ class Budget:
 
 
 UNLIMITED = Budget()
+MIN_PREFILL_TOKENS = 8
+START_PREFILL_TOKENS = 32  # before the loop has measured what its calls cost
+# A prefill call spends at most this share of its time on its fixed cost (what a call costs whatever
+# its tokens): smaller calls would spend the step on reading weights rather than on tokens
+FIXED_SHARE = 1 / 5
+# ... and takes at least the tokens that fit in this share of a decode step beyond it
+PREFILL_SHARE = 1.0
+
+
+def prefill_budget(cost: CallCost | None, decode_step_s: float | None, cut: bool) -> Budget:
+    """The step's prefill tokens while rows decode, from what calls cost (runtime.prefill_cost): the
+    larger of the tokens that pay a call's fixed cost back (it is then at most FIXED_SHARE of the
+    call) and those that fit in PREFILL_SHARE x a decode step. A decoding row so waits at most one
+    such call between two of its tokens, and prefill keeps pace with the rows it refills."""
+    if cost is None or decode_step_s is None:
+        return Budget(START_PREFILL_TOKENS, cut, MIN_PREFILL_TOKENS)
+    amortized = cost.fixed_s * (1 - FIXED_SHARE) / (FIXED_SHARE * cost.token_s)
+    paced = PREFILL_SHARE * decode_step_s / cost.token_s
+    return Budget(int(max(MIN_PREFILL_TOKENS, amortized, paced)), cut, MIN_PREFILL_TOKENS)
 
 
 class Admission(Protocol):

@@ -1,8 +1,10 @@
 """The one generation loop: requests join and leave a running batch (in-flight batching).
 
-Each step asks runtime.schedule for a plan (which waiting requests take which free rows, which row
-prefills how many tokens, which rows decode) and applies it: one prefill call, bound onto its row's
-slice of the B-row cache, then one decode call of all B rows, each at its own slot and position;
+Each step asks runtime.schedule for a plan (which waiting requests take which free rows, which rows
+prefill how many tokens within the step's budget, which rows decode) and applies it: its prefill
+calls, each bound onto its row's slice of the B-row cache, then one decode call of the rows up to
+the last decoding one, each at its own slot and position (what calls cost is learnt as they run:
+runtime.prefill_cost);
 the rows' next tokens are chosen in one batched call (runtime.sampling), stop ids end a request
 here and stop strings in its text stream (runtime.detokenizer). A finished or cancelled row is
 freed at once and refilled at the next step. Each request carries its own sampling, seed, stop ids
@@ -33,16 +35,13 @@ from llamatrt.base.errors import InputError, LlamatrtError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
 from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill
+from llamatrt.runtime.prefill_cost import PrefillCost
 from llamatrt.runtime.requests import GREEDY, Handle, Request, Step
 from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
-from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Budget, Plan, Prefill, RowState, decide
+from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Budget, Plan, Prefill, RowState, decide, prefill_budget
 
 __all__ = ["GREEDY", "Handle", "LoopFailed", "Request", "Scheduler", "Step"]
 log = logging.getLogger(__name__)
-# While rows decode, a step's prefill calls may take this share of a decode step's time: a decoding
-# row then waits at most about (1 + PREFILL_SHARE) decode steps between two tokens, on any host
-PREFILL_SHARE = 1.0
-MIN_PREFILL_TOKENS = 8
 
 
 @dataclass
@@ -119,8 +118,8 @@ class Scheduler:
         self._decode_graphs: dict[int, GraphSpec] = {}  # rows in the call -> the graph that runs them
         self.prefill_sizes = backend.seq_sizes("prefill", batch=1)
         self.prefill_chunk = max(self.prefill_sizes) if self.prefill_sizes else self.manifest.prefill_chunk
-        self._decode_step_s: float | None = None  # running averages, for sizing interleaved prefill calls
-        self._prefill_token_s: float | None = None
+        self._decode_step_s: float | None = None  # a running average, for sizing interleaved prefill calls
+        self.prefill_cost = PrefillCost()
         self.failed: str | None = None  # why the loop stopped for good; submit refuses from then on
         # a server ends only the requests a failure belongs to; a caller driving `run` gets the exception
         self.isolate_failures = False
@@ -249,13 +248,8 @@ class Scheduler:
         return decide(rows, waiting, self.admission, self.budget())
 
     def budget(self) -> Budget:
-        """The step's prefill tokens while rows decode: what fits in PREFILL_SHARE x a decode step,
-        from the running averages of both (before any were measured, MIN_PREFILL_TOKENS)."""
-        cut = self.prefill_sizes is None
-        if self._prefill_token_s is None or self._decode_step_s is None:
-            return Budget(MIN_PREFILL_TOKENS, cut, MIN_PREFILL_TOKENS)
-        tokens = int(PREFILL_SHARE * self._decode_step_s / self._prefill_token_s)
-        return Budget(max(MIN_PREFILL_TOKENS, tokens), cut, MIN_PREFILL_TOKENS)
+        """The step's prefill tokens while rows decode, from what this loop's calls cost."""
+        return prefill_budget(self.prefill_cost.fit(), self._decode_step_s, cut=self.prefill_sizes is None)
 
     def step(self) -> list[Step]:
         """One iteration: drop cancelled requests, then apply the plan: admit, its prefill calls in
@@ -342,7 +336,7 @@ class Scheduler:
         outputs = self.backend.run(graph.name, self.kv.prefill_feeds(graph, b, ids, positions, start))
         self.kv.take(outputs, row=b)
         seconds = time.perf_counter() - started
-        self._prefill_token_s = _average(self._prefill_token_s, seconds / size)
+        self.prefill_cost.observe(size, seconds)
         if self.observer is not None:
             self.observer("prefill", seconds, 1)
         if not row.windows:  # the prompt is in the cache: its last position's logits give the first token

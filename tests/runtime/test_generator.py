@@ -12,6 +12,7 @@ from llamatrt.base.errors import InputError
 from llamatrt.runtime.detokenizer import TextStream
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import plan_prefill
+from llamatrt.runtime.prefill_cost import CallCost
 from llamatrt.runtime.sampling import SamplingParams
 from llamatrt.runtime.schedule import Budget
 from llamatrt.runtime.scheduler import Request, Scheduler
@@ -266,9 +267,9 @@ def test_score_is_teacher_forced_and_batched() -> None:
     assert [t.argmax(-1).tolist() for t in logits] == [[6, 21, 22], [11, 31, 0], [4, 2, 3]]  # vocab 32 wraps
 
 
-def test_on_a_graph_with_open_tokens_a_prompt_is_prefilled_in_calls_sized_to_the_decode_step() -> None:
-    """While a row decodes, a long prompt's prefill calls take what fits in PREFILL_SHARE x a decode
-    step (from the running averages), so the decoding row is not held for a whole chunk."""
+def test_on_a_graph_with_open_tokens_a_prompt_is_prefilled_in_calls_sized_by_the_budget(monkeypatch) -> None:
+    """While a row decodes, a long prompt's prefill calls take the step's budget, sized from what
+    calls cost (schedule.prefill_budget), so the decoding row is not held for a whole chunk."""
     manifest = fake_manifest(batch=2, chunk=16, cache=64, open_tokens=True)
     backend = ScriptedBackend(manifest)
     scheduler = Scheduler(backend)
@@ -276,9 +277,11 @@ def test_on_a_graph_with_open_tokens_a_prompt_is_prefilled_in_calls_sized_to_the
     running = scheduler.submit(Request([1], max_new_tokens=30), 0)
     for _ in range(2):
         scheduler.step()
-    scheduler._decode_step_s, scheduler._prefill_token_s = 0.010, 0.002  # 1.0 x 10 ms / 2 ms = 5 -> at least 8
+    # fixed 2 ms, 2 ms a token, 10 ms decode steps: 4 x 2 / 2 = 4 tokens pay the fixed cost back,
+    # 1.0 x 10 / 2 = 5 fit in a decode step: at least 8
+    monkeypatch.setattr(scheduler.prefill_cost, "fit", lambda: CallCost(0.002, 0.002))
+    scheduler._decode_step_s = 0.010
     late = scheduler.submit(Request(list(range(1, 31)), max_new_tokens=2), 1)
-    scheduler._decode_step_s, scheduler._prefill_token_s = 0.010, 0.002
     steps = list(scheduler.run([running, late]))
     prefills = [c for c in backend.calls if c["row"] == 1]  # batch-1 calls on row 1: its prefill
     assert [c["input_ids"].shape[1] for c in prefills][:2] == [8, 8]  # not one call of 16

@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 
 from llamatrt.base.errors import InputError
+from llamatrt.runtime.prefill_cost import CallCost, PrefillCost
 from llamatrt.runtime.requests import Request
-from llamatrt.runtime.schedule import Budget, Prefill, RowState, decide
+from llamatrt.runtime.schedule import (
+    MIN_PREFILL_TOKENS,
+    START_PREFILL_TOKENS,
+    Budget,
+    Prefill,
+    RowState,
+    decide,
+    prefill_budget,
+)
 from llamatrt.runtime.scheduler import Scheduler
 from llamatrt.tools.bench_workload import Lockstep
 from tests.runtime.fake_backend import ScriptedBackend, fake_manifest
@@ -88,3 +97,24 @@ def test_token_choice_changes_only_between_runs() -> None:
     with scheduler.choosing(lambda rows, logits: [7] * len(rows)):
         scheduler.submit(Request([1], max_new_tokens=2, use_eos=False))
         assert [s.token_id for s in scheduler.run()] == [7, 7]
+
+
+def test_the_prefill_cost_keeps_the_fixed_part_apart_from_the_tokens() -> None:
+    cost = PrefillCost()
+    cost.observe(8, 0.010 + 8 * 0.001)
+    assert cost.fit() is None  # one size says nothing of the split
+    for tokens in (8, 32, 20, 100, 3):
+        cost.observe(tokens, 0.010 + tokens * 0.001)
+    fit = cost.fit()
+    assert fit is not None and fit.fixed_s == pytest.approx(0.010) and fit.token_s == pytest.approx(0.001)
+    # a per-token average of the small calls would have said 2.25 ms a token
+    assert PrefillCost(window=2).fit() is None
+
+
+def test_the_budget_pays_a_calls_fixed_cost_back_and_keeps_pace_with_decode() -> None:
+    assert prefill_budget(None, None, cut=True) == Budget(START_PREFILL_TOKENS, True, MIN_PREFILL_TOKENS)
+    # fixed 10 ms, 1 ms a token: 40 tokens keep the fixed cost at a fifth of the call
+    assert prefill_budget(CallCost(0.010, 0.001), 0.015, cut=True).tokens == 40
+    # a GPU-like call, nearly all per-token cost: the decode step's time sets it
+    assert prefill_budget(CallCost(0.0, 0.0001), 0.015, cut=False) == Budget(150, False, MIN_PREFILL_TOKENS)
+    assert prefill_budget(CallCost(0.0, 1.0), 0.015, cut=True).tokens == MIN_PREFILL_TOKENS
