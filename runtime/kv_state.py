@@ -103,9 +103,7 @@ class KVState:
         this copies nothing; a backend that returned new tensors would have them copied into the
         cache (row `row` of it, for a prefill on one row; its first `rows` rows, for a decode of them)."""
         for buffer, name in zip(self.buffers, self.present_names, strict=True):
-            target = (
-                buffer[row : row + 1] if row is not None else buffer if rows in (None, self.batch) else buffer[:rows]
-            )
+            target = buffer[row : row + 1] if row is not None else buffer[:rows]  # (rows None: every row)
             present = outputs[name]
             if present is not target and present.data_ptr() != target.data_ptr():
                 target.copy_(present)

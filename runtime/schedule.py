@@ -56,17 +56,19 @@ class Plan:
         return sum(call.size for call in self.prefill)
 
 
+MIN_PREFILL_TOKENS = 8
+
+
 @dataclass(frozen=True)
 class Budget:
     """Tokens a step may spend on prefill after its decode tokens; None: no limit."""
 
     tokens: int | None = None
     cut: bool = True  # whether a window may be cut (a graph that takes any number of tokens)
-    min_prefill: int = 8  # the least a step's first prefill call takes, where windows are cut
+    min_prefill: int = MIN_PREFILL_TOKENS  # the least a step's first prefill call takes, where windows are cut
 
 
 UNLIMITED = Budget()
-MIN_PREFILL_TOKENS = 8
 START_PREFILL_TOKENS = 32  # before the loop has measured what its calls cost
 # A prefill call spends at most this share of its time on its fixed cost (what a call costs whatever
 # its tokens): smaller calls would spend the step on reading weights rather than on tokens

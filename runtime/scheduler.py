@@ -349,7 +349,7 @@ class Scheduler:
         (a graph with an open batch does), else the artifact's batch. Rows past the last decoding
         one then cost nothing (row b of every cache buffer is contiguous, so rows 0..k-1 are too)."""
         if rows not in self._decode_graphs:
-            found = [g for g in self.backend.graphs.values() if g.serves("decode", rows)]
+            found = any(g.serves("decode", rows) for g in self.backend.graphs.values())
             self._decode_graphs[rows] = self.backend.graph("decode", rows) if found else self.decode_graph
         return self._decode_graphs[rows]
 
