@@ -1,9 +1,10 @@
 """Where a served loop's time goes: `llamatrt serve` in this process with an observer on its
 scheduler. On Ctrl-C (or SIGTERM) it prints the steps, the prefill and decode graph calls (count,
 seconds, rows a call, ms a call), the Python time of a step outside its graph calls, and the
-prefill budget and call cost the scheduler has learnt. Drive it with `llamatrt bench-serve`.
+prefill budget and call cost the scheduler has learnt. Drive it with `llamatrt bench-serve`. A
+BUDGET (tokens) replaces the learnt budget by a fixed one, to measure what the budget's size does.
 
-Usage: .venv/bin/python benchmarks/serve_step_profile.py ARTIFACT [PORT]
+Usage: .venv/bin/python benchmarks/serve_step_profile.py ARTIFACT [PORT] [BUDGET]
        .venv/bin/llamatrt bench-serve http://127.0.0.1:PORT --clients 8 --requests 32   (another shell)
 """
 
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import uvicorn
 
+from llamatrt.runtime.schedule import MIN_PREFILL_TOKENS, Budget
 from llamatrt.server.app import create_app
 from llamatrt.server.engine import EngineConfig
 
 
-def main(artifact: str, port: int) -> None:
+def main(artifact: str, port: int, budget: int | None) -> None:
     app = create_app(EngineConfig(Path(artifact), verify=False))
     scheduler = app.state.engine.scheduler
     calls: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])  # role -> calls, seconds, rows
@@ -56,10 +58,12 @@ def main(artifact: str, port: int) -> None:
         print(f"  budget {scheduler.budget()}, call cost {scheduler.prefill_cost.fit()}")
 
     scheduler.observer = observe
+    if budget is not None:
+        scheduler.budget = lambda: Budget(budget, scheduler.prefill_sizes is None, MIN_PREFILL_TOKENS)
     scheduler.step = timed_step
     atexit.register(report)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8472)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8472, int(sys.argv[3]) if len(sys.argv) > 3 else None)
