@@ -27,13 +27,13 @@ typecheck:
 check-imports:  ## every module imports with tensorrt blocked; each layer with the ones it must not touch blocked
 	$(PY) -m pytest -q tests/test_imports.py
 
-test: $(PY)  ## the whole suite, SmolLM2 integration included, on two workers (the SmolLM2 exports on one)
+test: $(PY)  ## the whole suite, SmolLM2 integration included, on two workers, a module's tests on one
 	@test -x $(VENV)/bin/llamatrt || $(MAKE) install
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations 15
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations 15
 
 test-fast: $(PY)  ## the tiny-model tests only (CI runs `test`, which includes the slow SmolLM2 ones)
 	@test -x $(VENV)/bin/llamatrt || $(MAKE) install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow"
 
 test-gpu:
 	$(PY) -m pytest -q -m gpu

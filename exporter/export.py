@@ -163,16 +163,7 @@ def _export_locked(
     if quant is not None:
         # torch runs them on the dequantized weights (export validation, diff's middle rung); TensorRT
         # the portable ones, whose DequantizeLinear blocks it builds as weight-only quantized GEMMs
-        specs = [
-            replace(
-                spec,
-                weights=quant.scheme,
-                backends=("torch", "onnxruntime", "tensorrt")
-                if spec.attention != ONNXRUNTIME.name
-                else ("torch", "onnxruntime"),
-            )
-            for spec in specs
-        ]
+        specs = [replace(spec, weights=quant.scheme) for spec in specs]
     check_disk_space(out, _artifact_bytes(torch_model, len(specs)))
     with atomic_output_dir(out) as tmp:
         graphs = []

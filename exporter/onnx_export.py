@@ -65,9 +65,7 @@ def graph_spec(plan: VariantPlan, model: StaticLlama, max_cache_len: int, full_l
     inputs, outputs = contract_io(
         model.config, dtype, plan.batch, plan.seq, max_cache_len, full_logits and plan.role == "prefill"
     )
-    return GraphSpec(
-        plan.name, plan.role, plan.path, inputs, outputs, plan.attention.name, dtype, plan.attention.backends
-    )
+    return GraphSpec(plan.name, plan.role, plan.path, inputs, outputs, plan.attention.name, dtype)
 
 
 # Sizes the exporter traces an open dim at: not 0 or 1, which torch.export would specialize on.

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llamatrt.base.artifact.precision import WEIGHT_FORMATS
 from llamatrt.base.errors import InputError
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
-from llamatrt.exporter.quant_weights import SCHEMES, QuantizedWeight, rtn_quantize
+from llamatrt.exporter.quant_weights import QuantizedWeight, rtn_quantize
 from llamatrt.models.checkpoint import Checkpoint
 from llamatrt.models.llama import StaticLlama
 
@@ -53,8 +54,8 @@ def _quantized_params(model: StaticLlama) -> dict[str, torch.Tensor]:
 def plan_quantization(
     checkpoint: Checkpoint, model: StaticLlama, scheme: str, block_size: int, accuracy_level: int
 ) -> QuantPlan:
-    if scheme not in SCHEMES:
-        raise InputError(f"unknown --quantize {scheme!r}; use one of {', '.join(SCHEMES)}")
+    if scheme not in WEIGHT_FORMATS:
+        raise InputError(f"unknown --quantize {scheme!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise InputError(f"--accuracy-level {accuracy_level} is not 0 (fp32, exact) or 4 (int8 activations, fast)")
     carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config) if checkpoint.gguf is not None else {}
@@ -70,7 +71,7 @@ def plan_quantization(
                 name,
             )
             weight = None
-        weights[name] = weight if weight is not None else rtn_quantize(array, SCHEMES[scheme], block_size)
+        weights[name] = weight if weight is not None else rtn_quantize(array, WEIGHT_FORMATS[scheme].bits, block_size)
         floats[name] = array
     plan = QuantPlan(scheme, block_size, accuracy_level, weights, floats)
     log.info("quantized weights: %s", plan.summary())

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llamatrt.base.artifact.precision import WEIGHT_FORMATS
 from llamatrt.base.errors import CheckpointError, InputError
 
-SCHEMES = {"int4": 4, "int8": 8}
-DEFAULT_ZERO = {4: 8, 8: 128}  # MatMulNBits' zero point when the graph gives none
+# MatMulNBits' zero point when the graph gives none, by bits
+DEFAULT_ZERO = {f.bits: f.symmetric_zero for f in WEIGHT_FORMATS.values()}
 
 
 @dataclass(frozen=True)

@@ -16,21 +16,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llamatrt.base.artifact.precision import WEIGHT_FORMATS, weight_format
 from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
 from llamatrt.exporter.quantize import Initializers, rewrite_weight_uses
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-TENSORRT_INT4_BLOCKS = (64, 128)
+TENSORRT_INT4_BLOCKS = WEIGHT_FORMATS["int4"].tensorrt_blocks
 
 
 def tensorrt_can_take(weights: Mapping[str, QuantizedWeight]) -> str | None:
-    """None when every weight is in TensorRT's int4 weight-only form, else why not (one phrase)."""
+    """None when every weight is in a weight-only form TensorRT takes (symmetric blocks of a size
+    its format allows: base.artifact.precision.WEIGHT_FORMATS), else why not (one phrase)."""
     for name, w in weights.items():
-        if w.bits != 4 or w.zero != DEFAULT_ZERO[4] or w.offsets is not None:
+        blocks = weight_format(w.bits).tensorrt_blocks
+        if not blocks or w.zero != DEFAULT_ZERO[w.bits] or w.offsets is not None:
             return f"{name} is {w.origin} ({w.bits}-bit{', asymmetric' if w.offsets is not None else ''})"
-        if w.block not in TENSORRT_INT4_BLOCKS or w.k % w.block:
+        if w.block not in blocks or w.k % w.block:
             return f"{name} has blocks of {w.block} over {w.k} inputs"
     return None
 

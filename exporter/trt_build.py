@@ -19,8 +19,8 @@ from typing import Any
 from llamatrt.base.artifact.engines import check_network_io, engine_module, plan_name, require_engine_graphs
 from llamatrt.base.artifact.manifest import Manifest, write_manifest
 from llamatrt.base.artifact.names import BUILD_LOG, TIMING_CACHE
+from llamatrt.base.artifact.precision import WEIGHT_FORMATS
 from llamatrt.base.artifact.reader import read_manifest
-from llamatrt.base.artifact.schema import QUANTIZED_WEIGHTS
 from llamatrt.base.errors import ArtifactExistsError, ValidationError
 from llamatrt.base.lazy import require_cuda
 from llamatrt.base.progress import Progress, no_progress
@@ -174,7 +174,7 @@ def build_engines(
                         f"expected {2 * manifest.config.num_layers} (the cache would be copied); re-export with "
                         "this llamatrt: `llamatrt export --force`"
                     )
-                if graph.weights in QUANTIZED_WEIGHTS:
+                if graph.weights in WEIGHT_FORMATS:
                     _check_quantized_layers(artifact / graph.path, info["dequantize_layers"], log_path)
                 target = artifact / plan_name(graph, engine)
                 tmp = target.with_name(target.name + ".tmp")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from llamatrt.base.artifact.precision import PRECISIONS
+from llamatrt.base.artifact.precision import PRECISIONS, WEIGHT_FORMATS
 from llamatrt.base.progress import StepBar
 
 DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECISIONS))
@@ -24,7 +24,7 @@ DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECIS
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch self-check.")
 @click.option(
     "--quantize",
-    type=click.Choice(["int4", "int8"]),
+    type=click.Choice(list(WEIGHT_FORMATS)),
     default=None,
     help="Weight-only blocks for ONNX Runtime (MatMulNBits); a GGUF's own blocks are carried over.",
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,20 @@ import click
 
 from llamatrt.base.errors import InputError
 from llamatrt.cli_options import backend_option, verify_option
+from llamatrt.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams, field_kind, sampling_params
 
 SEPARATOR = "---"  # between the answers of several prompts in plain output
+
+
+def _sampling_option(f: dataclasses.Field[Any]) -> Any:
+    """The option of one SamplingParams field: its name, type, default and help, as declared there."""
+    return click.option(
+        f"--{f.name.replace('_', '-')}",
+        type=field_kind(f.name),
+        default=f.default,
+        show_default=f.default is not None,
+        help=f.metadata["help"],
+    )
 
 
 def sampling_options(fn: Any) -> Any:
@@ -23,32 +36,7 @@ def sampling_options(fn: Any) -> Any:
             click.option(
                 "--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most."
             ),
-            click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
-            click.option(
-                "--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely; 0 turns it off."
-            ),
-            click.option(
-                "--top-p",
-                type=float,
-                default=1.0,
-                show_default=True,
-                help="Sample from the smallest set whose probability reaches p; 1 turns it off.",
-            ),
-            click.option(
-                "--min-p",
-                type=float,
-                default=0.0,
-                show_default=True,
-                help="Drop tokens below min-p times the top token's probability; 0 turns it off.",
-            ),
-            click.option(
-                "--repetition-penalty",
-                type=float,
-                default=1.0,
-                show_default=True,
-                help="Divide the logits of tokens already seen by this (CTRL-style); 1 turns it off.",
-            ),
-            click.option("--seed", type=int, default=None, help="Same seed, same tokens (alone or in a batch)."),
+            *(_sampling_option(f) for f in dataclasses.fields(SamplingParams)),
             click.option("--stop", multiple=True, help="Stop string (repeatable); cut from the text."),
             click.option(
                 "--stop-id",
@@ -65,9 +53,7 @@ def sampling_options(fn: Any) -> Any:
 
 def _sampling(kw: dict[str, Any]) -> dict[str, Any]:
     """The sampling options, checked now (before a model loads or a chat starts), as LLM takes them."""
-    from llamatrt.runtime.llm import sampling_params
-
-    sampling = {k: kw[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")}
+    sampling = {k: kw[k] for k in SAMPLING_FIELDS}
     sampling_params(sampling)
     if kw["max_new_tokens"] < 1:
         raise InputError(f"max new tokens {kw['max_new_tokens']} must be >= 1; pass --max-new-tokens 1 or more")

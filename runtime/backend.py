@@ -1,7 +1,9 @@
 """The Backend interface: run one graph on torch tensors. Generation never looks past it.
 
-Backends differ only in how they run a graph (and where the cache lives). Each picks, from the
-artifact's graph variants, the ones it can run (`graphs`); the loop asks for one by role and batch.
+Backends differ only in how they run a graph (and where the cache lives). Each declares what it
+runs (`attention_forms`, `weight_formats`): the manifest says what a graph is, never who may run
+it, so a backend added later runs the artifacts that exist. From the artifact's graph variants a
+backend picks the ones it runs (`graphs`); the loop asks for one by role and batch.
 Outputs are valid until the next `run`: present tensors may alias the past buffers they were fed
 (that is the point: no copy of the cache per step), and logits may live in a reused buffer.
 """
@@ -28,6 +30,10 @@ class Backend(abc.ABC):
     name: ClassVar[str] = "abstract"
     # Whether opening needs the .onnx files checked (a backend that runs engines or the model does not).
     reads_graph_files: ClassVar[bool] = True
+    # What it runs: attention forms (base.artifact.variants), preferred first, and weight formats
+    # (a precision or a quantized format's name; None: every one the exporter writes).
+    attention_forms: ClassVar[tuple[str, ...]] = ("portable",)
+    weight_formats: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, folder: Path, manifest: Manifest, device: str = "cpu", check_feeds: bool = True) -> None:
         self.folder = Path(folder)
@@ -37,15 +43,23 @@ class Backend(abc.ABC):
         self.graphs = self.select_graphs(manifest)
 
     def attention_order(self) -> tuple[str, ...]:
-        """Attention forms this backend runs, preferred first."""
-        return ("portable",)
+        """Attention forms this backend runs here, preferred first (a backend may narrow its
+        declared `attention_forms` by device or library version)."""
+        return self.attention_forms
+
+    @classmethod
+    def runs(cls, graph: GraphSpec) -> bool:
+        """Whether this kind of backend can run `graph`, by what the graph is."""
+        return graph.attention in cls.attention_forms and (
+            cls.weight_formats is None or graph.weights in cls.weight_formats
+        )
 
     def select_graphs(self, manifest: Manifest) -> dict[str, GraphSpec]:
-        """The variants that name this backend, of the first attention form in `attention_order`
-        that has a whole set: a decode at the artifact's batch and a batch-1 prefill (one form, so
-        a backend holds one set of sessions or engines)."""
+        """The variants this backend runs, of the first attention form in `attention_order` that has
+        a whole set: a decode at the artifact's batch and a batch-1 prefill (one form, so a backend
+        holds one set of sessions or engines)."""
         for form in self.attention_order():
-            graphs = {n: g for n, g in manifest.graphs.items() if self.name in g.backends and g.attention == form}
+            graphs = {n: g for n, g in manifest.graphs.items() if g.attention == form and self.runs(g)}
             values = graphs.values()
             if any(g.serves("decode", manifest.batch_size) for g in values) and any(
                 g.serves("prefill", 1) for g in values

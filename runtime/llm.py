@@ -19,7 +19,7 @@ from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.detokenizer import TextStream, TokenizerPieces
 from llamatrt.runtime.generator import Generator, Step
 from llamatrt.runtime.registry import open_backend
-from llamatrt.runtime.sampling import SamplingParams
+from llamatrt.runtime.sampling_params import sampling_params
 from llamatrt.runtime.scheduler import Scheduler
 from llamatrt.runtime.tokenizer import ArtifactTokenizer, clean_up_tokenization
 
@@ -232,16 +232,6 @@ class LLM:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-def sampling_params(sampling: Mapping[str, Any]) -> SamplingParams:
-    """Sampling options by name, checked (one line naming an unknown option)."""
-    try:
-        return SamplingParams(**sampling).checked()
-    except TypeError as e:
-        raise InputError(
-            f"unknown sampling option ({e}); use temperature, top_k, top_p, min_p, repetition_penalty, seed"
-        ) from e
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

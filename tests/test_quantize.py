@@ -25,8 +25,6 @@ from llamatrt.tools.pipeline import export_artifact
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 from tests.safety_helpers import edit_manifest, run_cli
 
-# module-scoped exports shared by several tests: on one pytest-xdist worker, made once
-pytestmark = pytest.mark.xdist_group("quantize-gguf")
 OPTIONS = {"max_cache_len": 32, "prefill_chunk": 8}
 GGUF_NAMES = {
     "q_proj": "attn_q",

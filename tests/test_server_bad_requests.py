@@ -15,8 +15,6 @@ import pytest
 
 from tests.server_helpers import PROMPT, Server
 
-pytestmark = pytest.mark.xdist_group("server-bad-requests")
-
 MESSAGES = [{"role": "user", "content": PROMPT}]
 CHAT = "/v1/chat/completions"
 TEXT = "/v1/completions"

@@ -23,8 +23,6 @@ import pytest
 from tests.safety_helpers import LLAMATRT
 from tests.server_helpers import PROMPT, Server, fault_server, metric_of
 
-pytestmark = pytest.mark.xdist_group("server-faults")
-
 
 def sse(url: str, body: dict[str, Any], stop_after: int | None = None) -> list[str]:
     """The data lines of a streamed request; `stop_after` lines, then the client goes away."""

@@ -71,6 +71,5 @@ def fp32_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
             fp32(graph.outputs),
             graph.attention,
             "float32",
-            graph.backends,
         )
     return dataclasses.replace(manifest, dtype="float32", graphs=graphs)

@@ -12,6 +12,7 @@ from typing import Any
 
 from llamatrt.base.artifact.manifest import GraphSpec, Manifest
 from llamatrt.base.artifact.reader import check_file
+from llamatrt.base.artifact.variants import PORTABLE
 from llamatrt.base.errors import BackendUnavailable, InputError, ManifestMismatchError, ValidationError
 from llamatrt.base.lazy import require_tensorrt
 
@@ -54,8 +55,10 @@ def check_network_io(io: dict[str, list[dict[str, Any]]], graph: GraphSpec) -> N
 
 
 def engine_graphs(manifest: Manifest) -> dict[str, GraphSpec]:
-    """The graph variants `build` makes engines of: the ones TensorRT may run."""
-    return {name: g for name, g in manifest.graphs.items() if "tensorrt" in g.backends}
+    """The graph variants `build` makes engines of: the portable ones (explicit attention; quantized
+    weights as DequantizeLinear blocks, written only in forms TensorRT takes), as the TensorRT
+    backend declares (`TensorRTBackend.attention_forms`)."""
+    return {name: g for name, g in manifest.graphs.items() if g.attention == PORTABLE.name}
 
 
 def require_engine_graphs(manifest: Manifest, folder: Path) -> dict[str, GraphSpec]:

@@ -49,7 +49,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One graph variant: what it is (role, attention form, weight format, who may run it) and its IO."""
+    """One graph variant: what it is (role, attention form, weight format) and its IO. Which backend
+    runs it is the backend's to say (`Backend.runs`), never the artifact's."""
 
     name: str  # unique in the artifact: "prefill", "decode", "model.ort"
     role: str  # "prefill" | "decode" | "any" (one graph with open batch and tokens dims serves both)
@@ -58,7 +59,6 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     attention: str = "portable"  # a name in variants.ATTENTION_FORMS
     weights: str = "float32"  # the weight format its initializers are stored in
-    backends: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
     bytes: int = 0  # size of the .onnx file
     sha256: str = ""
 
@@ -112,7 +112,6 @@ class GraphSpec:
             "sha256": self.sha256,
             "attention": self.attention,
             "weights": self.weights,
-            "backends": list(self.backends),
             **({"requires": {"onnxruntime": ".".join(map(str, form.min_onnxruntime))}} if form.min_onnxruntime else {}),
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
@@ -128,7 +127,6 @@ class GraphSpec:
             tuple(TensorSpec.from_json(t) for t in raw["outputs"]),
             raw["attention"],
             raw["weights"],
-            tuple(raw["backends"]),
             raw["bytes"],
             raw["sha256"],
         )

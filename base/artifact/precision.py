@@ -1,4 +1,4 @@
-"""Compute precisions: one table, keyed once, that every side reads.
+"""Compute precisions and quantized weight formats: one table each, keyed once, that every side reads.
 
 A precision's name is the manifest's spelling ("float16"); its alias is the CLI's ("fp16"). The
 table holds what each layer needs of it: the torch dtype (models, the PyTorch backend), the numpy
@@ -103,12 +103,42 @@ def _plus(base: Thresholds, allowance: Thresholds) -> Thresholds:
     )
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """A weight-only, block-wise quantized format: what the manifest, the CLI's --quantize, the
+    exporter's writers (exporter.quant_weights: ONNX Runtime's MatMulNBits layout;
+    exporter.quantize_portable: DequantizeLinear for TensorRT), the engine build and `diff` read.
+    Adding one is a line here plus its writer's branch for its bits."""
+
+    name: str  # the manifest's and the CLI's spelling
+    bits: int
+    tensorrt_blocks: tuple[int, ...]  # block sizes of symmetric blocks TensorRT's weight-only GEMMs take; () none
+    thresholds: Thresholds  # what diff accepts of weights re-quantized from a float checkpoint
+
+    @property
+    def symmetric_zero(self) -> int:
+        """The zero point of a symmetric block: the middle of the code range (MatMulNBits' default)."""
+        return 1 << (self.bits - 1)
+
+
+WEIGHT_FORMATS = {
+    f.name: f
+    for f in (
+        WeightFormat("int4", 4, (64, 128), Thresholds(12.0, 0.5, 0.75, 0.25, True)),
+        WeightFormat("int8", 8, (), Thresholds(8.0, 0.15, 0.9, 0.05, True)),
+    )
+}
+
 QUANTIZED_THRESHOLDS = {
     "gguf-blocks": PRECISIONS["float32"].thresholds,
     "gguf-blocks+int8-activations": _plus(PRECISIONS["float32"].thresholds, ACTIVATION_ALLOWANCE),
-    "int8": Thresholds(8.0, 0.15, 0.9, 0.05, True),
-    "int4": Thresholds(12.0, 0.5, 0.75, 0.25, True),
+    **{f.name: f.thresholds for f in WEIGHT_FORMATS.values()},
 }
+
+
+def weight_format(bits: int) -> WeightFormat:
+    """The format of `bits`-bit codes."""
+    return next(f for f in WEIGHT_FORMATS.values() if f.bits == bits)
 
 
 def stage_thresholds(kind: str) -> Thresholds:

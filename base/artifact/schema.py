@@ -12,15 +12,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from llamatrt.base.artifact import names
-from llamatrt.base.artifact.precision import PRECISIONS, TENSOR_DTYPES
-from llamatrt.base.artifact.variants import ATTENTION_FORMS, BACKENDS, ROLES
+from llamatrt.base.artifact.precision import PRECISIONS, TENSOR_DTYPES, WEIGHT_FORMATS
+from llamatrt.base.artifact.variants import ATTENTION_FORMS, ROLES
 from llamatrt.base.errors import ManifestMismatchError
 
 # 2: graphs are a list of variants described by data (role, batch, attention form, ...), each with a hash.
 # 3: cache_position is [B, S] (each row writes at its own slots: in-flight batching); a graph's batch
 #    and tokens-per-call dims may be symbolic ("batch", "tokens") where one graph serves every shape.
-FORMAT_VERSION = 3
-QUANTIZED_WEIGHTS = ("int4", "int8")  # weight-only formats a graph's initializers may be stored in
+# 4: a graph says what it is, not who may run it (each backend declares what it runs): no `backends`.
+#    Version 3 manifests still open; their `backends` lists are read past.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 REEXPORT = "re-run `llamatrt export --force` with this llamatrt"
 MAX_DIM = 1 << 24  # no real shape comes near; 10^12 is a tampered or corrupt manifest
 _COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_DIM}
@@ -49,7 +51,7 @@ _CONFIG_SIZES = (
 )
 _GRAPH = {
     "type": "object",
-    "required": ["name", "role", "path", "bytes", "sha256", "attention", "weights", "backends", "inputs", "outputs"],
+    "required": ["name", "role", "path", "bytes", "sha256", "attention", "weights", "inputs", "outputs"],
     "properties": {
         "name": _NAME,
         "role": {"enum": [*ROLES, "any"]},
@@ -57,8 +59,8 @@ _GRAPH = {
         "bytes": _SIZE,
         "sha256": _SHA256,
         "attention": {"enum": sorted(ATTENTION_FORMS)},
-        "weights": {"enum": [*sorted(PRECISIONS), *QUANTIZED_WEIGHTS]},
-        "backends": {"type": "array", "items": {"enum": list(BACKENDS)}, "minItems": 1, "uniqueItems": True},
+        "weights": {"enum": [*sorted(PRECISIONS), *WEIGHT_FORMATS]},
+        "backends": {"type": "array", "items": _NAME},  # version 3 only, read past
         "inputs": {"type": "array", "items": _TENSOR, "minItems": len(names.SMALL_INPUTS) + 2},
         "outputs": {"type": "array", "items": _TENSOR, "minItems": 3},
     },
@@ -143,7 +145,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["scheme", "block_size", "accuracy_level", "tensors"],
             "properties": {
-                "scheme": {"enum": list(QUANTIZED_WEIGHTS)},
+                "scheme": {"enum": list(WEIGHT_FORMATS)},
                 "block_size": {"type": "integer", "minimum": 16},
                 "accuracy_level": {"type": "integer", "minimum": 0, "maximum": 4},
                 "tensors": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -166,7 +168,7 @@ def _where(path: Any) -> str:
 def check_manifest_json(raw: Any) -> None:
     """The format version first (an old artifact is told to re-export), then the schema."""
     version = raw.get("format_version") if isinstance(raw, Mapping) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ManifestMismatchError(
             f"manifest format_version={version!r}, this llamatrt reads version {FORMAT_VERSION}; {REEXPORT}"
         )

@@ -1,6 +1,7 @@
-"""What a graph variant is, as data: its role, shapes, attention form, weight format, and which
-backends may run it. An artifact holds a set of them, all over one weights file; a backend picks
-the ones it can run, and the loop picks among those by role, batch and tokens per call.
+"""What a graph variant is, as data: its role, shapes, attention form and weight format. An
+artifact holds a set of them, all over one weights file. Who may run a graph is not written here
+nor in the manifest: each backend declares the attention forms and weight formats it runs
+(`runtime.backend.Backend`), so a new backend runs the artifacts that exist.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROLES = ("prefill", "decode")
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,6 @@ class AttentionForm:
 
     name: str
     description: str
-    backends: tuple[str, ...]  # who may run graphs of this form
     op_domain: str = ""  # the fused node's domain and type, where there is one
     op_type: str = ""
     min_onnxruntime: tuple[int, int] | None = None  # the first ONNX Runtime that loads it
@@ -30,7 +29,6 @@ class AttentionForm:
 PORTABLE = AttentionForm(
     "portable",
     "explicit MatMul/Softmax over all C cache slots, cache written by ONNX TensorScatter (what TensorRT builds)",
-    BACKENDS,
 )
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GroupQueryAttention, MatMulNBits, ...)
 # Tokens per call of the small static prefill variant: a short prompt pays for 16, not S; it is also
@@ -41,7 +39,6 @@ SHORT_PREFILL = 16
 ONNXRUNTIME = AttentionForm(
     "onnxruntime",
     "one com.microsoft.GroupQueryAttention node per layer: rotary, in-place cache write, only written slots scored",
-    ("onnxruntime",),
     op_domain=MS_DOMAIN,
     op_type="GroupQueryAttention",
     min_onnxruntime=(1, 32),

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamatrt.base.errors import InputError, LlamatrtError
-from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load, sampling_params
+from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load
 from llamatrt.runtime.requests import Handle, Request, Step
+from llamatrt.runtime.sampling_params import sampling_params
 from llamatrt.runtime.scheduler import LoopFailed
 from llamatrt.server.metrics import Metrics
 

@@ -9,6 +9,7 @@ ignored silently; ones that change nothing in the output (`user`, `store`, `meta
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from llamatrt.base.errors import InputError
+from llamatrt.runtime.sampling_params import SAMPLING_FIELDS, SamplingError, SamplingParams, field_kind
 
 # Accepted and ignored: they do not change what is generated.
 NO_EFFECT = frozenset({"user", "store", "metadata", "service_tier", "stream_options"})
@@ -26,18 +28,13 @@ COMMON = frozenset(
     {
         "model",
         "max_tokens",
-        "temperature",
-        "top_p",
-        "seed",
         "stop",
         "stream",
         "n",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
         "frequency_penalty",
         "presence_penalty",
         "logit_bias",
+        *SAMPLING_FIELDS,  # every SamplingParams field, by its own name
     }
 )
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -91,8 +88,32 @@ def _number(
     if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
         raise BadRequest(f"{key} must be a number, got {value!r}", key)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise BadRequest(f"{key} must be in [{low}, {high}], got {value!r}", key)
+        bounds = (
+            f"in [{low}, {high}]"
+            if low is not None and high is not None
+            else f"at least {low}"
+            if high is None
+            else f"at most {high}"
+        )
+        raise BadRequest(f"{key} must be {bounds}, got {value!r}", key)
     return kind(value)
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """Every SamplingParams field, by its name and type, at OpenAI's default where it differs from
+    ours (temperature 1) and within OpenAI's maximum (temperature 2); then checked by
+    `SamplingParams.checked`, whose error names the field."""
+    sampling = {}
+    for f in dataclasses.fields(SamplingParams):
+        api = f.metadata
+        sampling[f.name] = _number(
+            body, f.name, api.get("api_default", f.default), field_kind(f.name), None, api.get("api_max")
+        )
+    try:
+        SamplingParams(**sampling).checked()
+    except SamplingError as e:
+        raise BadRequest(e.api_message, e.field) from e
+    return sampling
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:
@@ -188,21 +209,7 @@ def parse(kind: str, body: Any) -> Parsed:
         max_tokens = _number(body, "max_tokens", 16, int, 1)  # OpenAI's default for completions
         top = _number(body, "logprobs", None, int, 0, 5)
         logprobs, top = top is not None, top or 0
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
-        raise BadRequest(f"seed must be an integer in [0, 2**64), got {seed!r}", "seed")
-    sampling = {
-        "temperature": _number(body, "temperature", 1.0, float, 0, 2),
-        "top_p": _number(body, "top_p", 1.0, float, 0, 1),
-        "top_k": _number(body, "top_k", 0, int, 0),
-        "min_p": _number(body, "min_p", 0.0, float, 0, 1),
-        "repetition_penalty": _number(body, "repetition_penalty", 1.0, float, 0),  # > 0, below
-        "seed": seed,
-    }
-    if sampling["top_p"] == 0:
-        raise BadRequest("top_p must be in (0, 1]", "top_p")
-    if sampling["repetition_penalty"] == 0:
-        raise BadRequest("repetition_penalty must be > 0 (1 turns it off)", "repetition_penalty")
+    sampling = _sampling(body)
     return Parsed(
         kind,
         prompts,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from llamatrt.base.errors import ArtifactExistsError, CheckpointError, InputErro
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.models import load_checkpoint
 from llamatrt.models.kv_cache import empty_cache
+from llamatrt.runtime.registry import BACKENDS, backend_class
 from llamatrt.tools.pipeline import export_artifact
 from tests.conftest import save_tiny_tokenizer, tiny_hf_model
 
@@ -103,13 +105,16 @@ def test_manifest_round_trips_and_names_every_tensor(artifacts) -> None:
     folder = artifacts[3]
     manifest = read_manifest(folder)
     assert Manifest.from_json(manifest.to_json()) == manifest
-    described = {(g.role, g.batch, g.seq_len, g.attention, g.backends) for g in manifest.graphs.values()}
-    portable, fused_only = ("torch", "onnxruntime", "tensorrt"), ("onnxruntime",)
+    described = {(g.role, g.batch, g.seq_len, g.attention) for g in manifest.graphs.values()}
     assert described == {
-        ("prefill", 1, CHUNK, "portable", portable),  # one request's prompt into one row of the B-row cache
-        ("decode", 3, 1, "portable", portable),  # every row at its own slot
-        ("any", None, None, "onnxruntime", fused_only),  # rows and tokens open: one session serves both
+        ("prefill", 1, CHUNK, "portable"),  # one request's prompt into one row of the B-row cache
+        ("decode", 3, 1, "portable"),  # every row at its own slot
+        ("any", None, None, "onnxruntime"),  # rows and tokens open: one session serves both
     }
+    # what runs each graph is each backend's declaration, not the manifest's
+    assert "backends" not in json.loads((folder / "manifest.json").read_text())["graphs"][0]
+    runners = {g.attention: {k for k in BACKENDS if backend_class(k).runs(g)} for g in manifest.graphs.values()}
+    assert runners == {"portable": {"torch", "onnxruntime", "tensorrt"}, "onnxruntime": {"torch", "onnxruntime"}}
     fused_entry = next(g for g in manifest.to_json()["graphs"] if g["name"] == "model.ort")
     assert fused_entry["path"] == "model.ort.onnx" and fused_entry["requires"] == {"onnxruntime": "1.32"}
     assert fused_entry["inputs"][0]["shape"] == ["batch", "tokens"]

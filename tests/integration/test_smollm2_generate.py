@@ -44,9 +44,11 @@ def reference_tokens(smollm2_artifact: Path) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_greedy_64_tokens_equal_transformers(smollm2_artifact: Path, reference_tokens, backend: str) -> None:
-    with llamatrt.load(smollm2_artifact, backend) as llm:
+def test_greedy_64_tokens_equal_transformers(smollm2_artifact: Path, reference_tokens) -> None:
+    """On ONNX Runtime; the PyTorch backend's tokens are held to transformers' on the tiny models
+    (tests/runtime/test_backend_conformance.py) and StaticLlama's logits on SmolLM2
+    (test_smollm2_model.py)."""
+    with llamatrt.load(smollm2_artifact) as llm:
         prompts = [llm.encode(p, chat=True) for p in PROMPTS]
         tokens = Generator(llm.backend, pad_id=2).generate(prompts, max_new_tokens=64)  # no stop ids: all 64
     assert tokens == reference_tokens

@@ -1,6 +1,7 @@
 """In-flight batching on SmolLM2: ten requests of different lengths join and leave a B = 4 batch at
 different moments, one is cancelled half-way, and every request's greedy tokens equal what the same
-request gets alone on the B = 1 artifact, on ONNX Runtime and on the PyTorch backend."""
+request gets alone on the B = 1 artifact (ONNX Runtime; every backend runs the same scenario on the
+tiny model in tests/runtime/test_backend_conformance.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 import llamatrt
 from llamatrt.runtime.registry import open_backend
-from llamatrt.runtime.scheduler import Request, Scheduler
+from llamatrt.runtime.scheduler import Scheduler
+from tests.inflight_helpers import alone, assert_each_as_alone, joining_and_leaving
 
 pytestmark = pytest.mark.slow
 
@@ -30,53 +32,16 @@ def _prompts(artifact: Path) -> list[list[int]]:
         return [llm.encode(" ".join(words[:n])) for n, _ in SHAPES]
 
 
-def _alone(artifact: Path, kind: str, prompts: list[list[int]], budgets: list[int]) -> list[list[int]]:
-    with open_backend(artifact, kind, verify=False) as backend:
-        scheduler = Scheduler(backend)
-        out = []
-        for prompt, budget in zip(prompts, budgets, strict=True):
-            handle = scheduler.submit(Request(prompt, max_new_tokens=budget, use_eos=False))
-            out.append([s.token_id for s in scheduler.run([handle]) if s.token_id is not None])
-        return out
-
-
-def _together(artifact: Path, kind: str, prompts: list[list[int]], budgets: list[int]) -> dict[int, list[int]]:
-    """Four requests at first, then one more every six loop iterations; CANCELLED is cancelled once
-    it has half its tokens."""
-    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-    with open_backend(artifact, kind, verify=False) as backend:
-        scheduler = Scheduler(backend)
-        assert scheduler.prefill_sizes is None if kind == "onnxruntime" else scheduler.prefill_sizes == [16, 128]
-        pending = list(range(len(prompts)))
-        handles = {}
-        iteration = 0
-        while pending or not scheduler.idle:
-            if pending and (len(handles) < 4 or iteration % 6 == 0):
-                i = pending.pop(0)
-                handles[i] = scheduler.submit(Request(prompts[i], max_new_tokens=budgets[i], use_eos=False), i)
-            for step in scheduler.step():
-                if step.token_id is not None:
-                    tokens[step.index].append(step.token_id)
-            if CANCELLED in handles and len(tokens[CANCELLED]) == budgets[CANCELLED] // 2:
-                handles[CANCELLED].cancel()
-            iteration += 1
-        assert max(len(scheduler.rows), scheduler.active_rows) == 4
-    return tokens
-
-
-@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
 def test_requests_joining_and_leaving_a_batch_get_their_tokens_alone(
-    kind: str, smollm2_artifact: Path, smollm2_b4_artifact: Path
+    smollm2_artifact: Path, smollm2_b4_artifact: Path
 ) -> None:
     prompts = _prompts(smollm2_artifact)
     assert min(map(len, prompts)) <= 8 and 250 <= max(map(len, prompts)) <= 320
     budgets = [n for _, n in SHAPES]
-    if kind == "torch":  # its attention reads all C slots at every step: six requests, short answers
-        prompts, budgets = prompts[:6], [min(n, 16) for n in budgets[:6]]
-    alone = _alone(smollm2_artifact, kind, prompts, budgets)
-    together = _together(smollm2_b4_artifact, kind, prompts, budgets)
-    for i, expected in enumerate(alone):
-        if i == CANCELLED:
-            assert together[i] == expected[: budgets[i] // 2]  # cut where it was cancelled, right until then
-        else:
-            assert together[i] == expected, f"request {i}"
+    with open_backend(smollm2_artifact, verify=False) as backend:
+        each_alone = alone(Scheduler(backend), prompts, budgets)
+    with open_backend(smollm2_b4_artifact, verify=False) as backend:
+        scheduler = Scheduler(backend)
+        assert scheduler.prefill_sizes is None  # ONNX Runtime's graph: open tokens
+        together = joining_and_leaving(scheduler, prompts, budgets, every=6, cancelled=CANCELLED)
+    assert_each_as_alone(together, each_alone, budgets, CANCELLED)

@@ -15,7 +15,7 @@ import pytest
 
 from llamatrt.base.artifact.reader import read_manifest
 from llamatrt.tools.compare import DEFAULT_PROMPTS, run_diff
-from tests.conftest import smollm2_available
+from tests.conftest import shared_folder, smollm2_available
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +27,8 @@ def int4_artifact(tmp_path_factory) -> Path:
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.tools.pipeline import export_artifact
 
-    out = tmp_path_factory.mktemp("smollm2-int4") / "int4"
-    export_artifact("smollm2", out, ExportOptions(quantize="int4"))
-    return out
+    options = ExportOptions(quantize="int4")
+    return shared_folder(tmp_path_factory, "smollm2-int4", lambda out: export_artifact("smollm2", out, options))
 
 
 def test_the_gguf_blocks_are_carried_and_the_artifact_passes_diff(int4_artifact: Path) -> None:

@@ -14,8 +14,10 @@ from llamatrt.base.errors import BackendUnavailable, InputError, ManifestMismatc
 from llamatrt.runtime.generator import Generator
 from llamatrt.runtime.kv_state import KVState
 from llamatrt.runtime.registry import BACKENDS, open_backend
+from llamatrt.runtime.scheduler import Scheduler
 from llamatrt.tools.teacher_forcing import score
 from tests.conftest import tiny_hf_model
+from tests.inflight_helpers import alone, assert_each_as_alone, joining_and_leaving
 
 PROMPTS = [[5, 17, 42, 8, 77, 3, 9, 21, 22, 23, 11], [11, 12], [40, 41, 42, 43], [7, 7, 7]]
 
@@ -89,6 +91,17 @@ def test_rows_at_different_positions_in_one_decode_call_equal_each_alone(backend
         assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_requests_joining_and_leaving_the_batch_get_their_tokens_alone(backend) -> None:
+    """Seven requests of different lengths through the B = 3 rows: three at first, one more every
+    fourth loop iteration, one cancelled half-way; each gets the greedy tokens it gets alone."""
+    words = [17, 42, 8, 77, 3, 9, 21, 22, 23, 11, 40, 41, 42, 43, 7, 7, 12, 60, 61]
+    prompts = [[5 + i, *words][:n] for i, n in enumerate([2, 11, 5, 19, 3, 14, 8])]  # 1 to 3 prefill windows
+    budgets = [12, 4, 20, 8, 16, 6, 10]
+    cancelled = 2
+    together = joining_and_leaving(Scheduler(backend), prompts, budgets, every=4, cancelled=cancelled)
+    assert_each_as_alone(together, alone(Scheduler(backend), prompts, budgets), budgets, cancelled)
+
+
 def test_last_slot_works_and_one_more_is_refused(backend) -> None:
     kv = KVState(backend)
     decode = backend.graph("decode")
@@ -132,6 +145,22 @@ def test_broken_artifacts_are_refused_with_a_fix(tiny_artifact: Path, tmp_path: 
         open_backend(truncated, "onnxruntime")
     with pytest.raises(InputError, match="unknown backend 'tpu'"):
         open_backend(tiny_artifact, "tpu")
+
+
+def test_a_version_3_manifest_that_names_backends_per_graph_still_opens(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Version 3 listed who may run each graph; version 4 leaves that to the backends. An artifact
+    written before opens and answers alike on every backend that runs here."""
+    old = _copy(tiny_artifact, tmp_path / "v3")
+    raw = json.loads((old / "manifest.json").read_text())
+    raw["format_version"] = 3
+    for graph in raw["graphs"]:
+        portable = graph["attention"] == "portable"
+        graph["backends"] = ["torch", "onnxruntime", "tensorrt"] if portable else ["onnxruntime"]
+    (old / "manifest.json").write_text(json.dumps(raw))
+    for kind in ("onnxruntime", "torch"):
+        with open_backend(old, kind) as then, open_backend(tiny_artifact, kind) as now:
+            assert set(then.graphs) == set(now.graphs)
+            assert Generator(then).generate(PROMPTS[:2], 6) == Generator(now).generate(PROMPTS[:2], 6)
 
 
 def test_tensorrt_backend_unavailable_here_is_one_line(tiny_artifact: Path) -> None:
