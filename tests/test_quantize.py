@@ -233,6 +233,7 @@ def test_an_8_bit_weight_is_the_sum_of_its_two_4_bit_halves() -> None:
     assert np.allclose(high.dequantize() + low.dequantize(), weight.dequantize(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
 def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:
     tiny_hf_model("gqa-tied").save_pretrained(tmp_path / "hf")
     save_tiny_tokenizer(tmp_path / "hf")

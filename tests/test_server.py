@@ -83,6 +83,7 @@ def test_logprobs_in_openai_format(server: Server) -> None:
     assert len(legacy.choices[0].logprobs.tokens) == 3 and len(legacy.choices[0].logprobs.top_logprobs[0]) == 2
 
 
+@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
 def test_sixteen_concurrent_streaming_clients_all_complete_with_their_usage(
     server: Server, tiny_artifact: Path
 ) -> None:

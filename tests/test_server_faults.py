@@ -123,6 +123,7 @@ def _soak_round(url: str, seed: int) -> list[tuple[str, list[str]]]:
     return results
 
 
+@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
 def test_a_bounded_soak_ends_every_stream_and_leaks_nothing(faulty: Server) -> None:
     url, pid = faulty.url + "/v1/completions", faulty.proc.pid
     _soak_round(url, 0)  # warm-up: allocators, thread pools and caches reach their size
