@@ -20,12 +20,22 @@ from llamatrt.base import __version__
 __all__ = ["__version__", "export", "load"]
 
 
-def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None = None, verify: bool = True) -> LLM:
+def load(
+    artifact: str | Path,
+    backend: str = "onnxruntime",
+    device: str | None = None,
+    verify: bool = True,
+    prefix_cache_mb: int | None = None,
+) -> LLM:
     """Open an exported artifact on a backend (torch | onnxruntime | tensorrt); verify=False skips
-    hashing its files against the manifest."""
+    hashing its files against the manifest; prefix_cache_mb: memory for prompt beginnings already
+    computed, reused by later prompts (default 512; 0 turns it off)."""
     from llamatrt.runtime.llm import load as _load
+    from llamatrt.runtime.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 
-    return _load(artifact, backend, device, verify)
+    return _load(
+        artifact, backend, device, verify, DEFAULT_PREFIX_CACHE_MB if prefix_cache_mb is None else prefix_cache_mb
+    )
 
 
 def export(model: Any, out: str | Path, force: bool = False, **options: Any) -> Manifest:

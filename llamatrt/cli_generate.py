@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from llamatrt.base.errors import InputError
-from llamatrt.cli_options import backend_option, verify_option
+from llamatrt.cli_options import backend_option, prefix_cache_option, verify_option
 from llamatrt.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams, field_kind, sampling_params
 
 SEPARATOR = "---"  # between the answers of several prompts in plain output
@@ -33,6 +33,7 @@ def sampling_options(fn: Any) -> Any:
         [
             backend_option(),
             verify_option,
+            prefix_cache_option,
             click.option(
                 "--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most."
             ),
@@ -105,7 +106,9 @@ def generate(
     if system is not None and not chat:
         raise InputError("--system needs --chat (a system message goes through the chat template)")
     args = dict(chat=chat, system=system, logprobs=logprobs, top_logprobs=top_logprobs, **_generation_args(kw))
-    with llamatrt.load(artifact, kw["backend"], verify=not kw["no_verify"]) as llm:
+    with llamatrt.load(
+        artifact, kw["backend"], verify=not kw["no_verify"], prefix_cache_mb=kw["prefix_cache_mb"]
+    ) as llm:
         if stream and as_json:
             for delta in llm.stream(all_prompts, **args):
                 click.echo(json.dumps(_event(delta)))
@@ -190,5 +193,7 @@ def chat(artifact: Path, system: str | None, **kw: Any) -> None:
     args = _generation_args(kw)
     import llamatrt
 
-    with llamatrt.load(artifact, kw["backend"], verify=not kw["no_verify"]) as llm:
+    with llamatrt.load(
+        artifact, kw["backend"], verify=not kw["no_verify"], prefix_cache_mb=kw["prefix_cache_mb"]
+    ) as llm:
         ChatSession(llm, system, args).run()

@@ -28,6 +28,15 @@ def backend_option(multiple: bool = False) -> Callable[[Any], Any]:
     )
 
 
+prefix_cache_option = click.option(
+    "--prefix-cache-mb",
+    type=click.IntRange(min=0),
+    default=512,
+    show_default=True,
+    help="Memory for the keys and values of prompt beginnings already computed (a system prompt, the "
+    "conversation so far), reused by later prompts instead of prefilled again; 0 turns it off.",
+)
+
 verify_option = click.option(
     "--no-verify",
     "no_verify",

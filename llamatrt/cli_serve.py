@@ -9,7 +9,7 @@ import click
 
 from llamatrt.base.errors import InputError
 from llamatrt.base.progress import StepBar
-from llamatrt.cli_options import backend_option, verify_option
+from llamatrt.cli_options import backend_option, prefix_cache_option, verify_option
 
 
 @click.command()
@@ -42,6 +42,7 @@ from llamatrt.cli_options import backend_option, verify_option
 @click.option("--ray", "use_ray", is_flag=True, help="Serve replicas on Ray Serve (pip install 'llamatrt[ray]').")
 @click.option("--replicas", type=int, default=2, show_default=True, help="With --ray: replicas, each with an engine.")
 @click.option("--ray-address", default=None, help="With --ray: an existing Ray cluster (default: start a local one).")
+@prefix_cache_option
 @verify_option
 def serve(
     artifact: Path,
@@ -58,6 +59,7 @@ def serve(
     use_ray: bool,
     replicas: int,
     ray_address: str | None,
+    prefix_cache_mb: int,
     no_verify: bool,
 ) -> None:
     """An OpenAI-compatible HTTP server over the in-flight batcher (/v1/chat/completions,
@@ -80,7 +82,7 @@ def serve(
         raise InputError("the API key is empty; give a non-empty key")
     if not shutdown_timeout >= 0:
         raise InputError("--shutdown-timeout must be >= 0 seconds")
-    config = EngineConfig(artifact, backend, model_name, max_queue, not no_verify)
+    config = EngineConfig(artifact, backend, model_name, max_queue, not no_verify, prefix_cache_mb)
     if use_ray:
         try:
             import ray.serve  # noqa: F401
@@ -98,16 +100,33 @@ def serve(
 @click.option("--requests", type=int, default=32, show_default=True, help="Requests of the mixed workload.")
 @click.option("--clients", type=int, default=8, show_default=True, help="Concurrent streaming clients.")
 @click.option("--rate", type=float, default=None, help="Arrivals per second (default: all at once).")
+@click.option(
+    "--workload",
+    type=click.Choice(["mixed", "shared-prefix", "chat"]),
+    default="mixed",
+    show_default=True,
+    help="mixed lengths; one ~600-token system prompt shared by every request; or one chat of --turns turns per client.",
+)
+@click.option("--turns", type=int, default=6, show_default=True, help="With --workload chat: turns per conversation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_serve(
-    url: str, model: str | None, api_key: str | None, requests: int, clients: int, rate: float | None, as_json: bool
+    url: str,
+    model: str | None,
+    api_key: str | None,
+    requests: int,
+    clients: int,
+    rate: float | None,
+    workload: str,
+    turns: int,
+    as_json: bool,
 ) -> None:
     """Load-test any OpenAI-compatible server at URL: requests/s, output tokens/s, TTFT and
-    inter-token latency p50/p99, errors."""
+    inter-token latency p50/p99, prompt tokens taken from its cache, errors."""
     from llamatrt.tools.bench_serve import bench_serve as run
 
-    if requests < 1 or clients < 1 or (rate is not None and rate <= 0):
-        raise InputError("--requests and --clients must be >= 1 and --rate > 0; fix the one that is not")
-    with StepBar(requests, "bench-serve") as bar:
-        report = run(url, model, api_key, requests, clients, rate, progress=bar)
+    if requests < 1 or clients < 1 or turns < 1 or (rate is not None and rate <= 0):
+        raise InputError("--requests, --clients and --turns must be >= 1 and --rate > 0; fix the one that is not")
+    total = clients * turns if workload == "chat" else requests
+    with StepBar(total, "bench-serve") as bar:
+        report = run(url, model, api_key, requests, clients, rate, progress=bar, workload=workload, turns=turns)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))

@@ -12,6 +12,7 @@ before it becomes visible.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +29,21 @@ class PrefillPlan:
     windows: tuple[tuple[int, int], ...]  # (first slot, tokens) of each prefill call, in order
 
 
-def plan_prefill(length: int, sizes: list[int] | None, chunk: int) -> PrefillPlan:
-    """The prefill calls for a prompt of `length` tokens. `sizes`: the tokens per call the backend's
+def plan_prefill(length: int, sizes: list[int] | None, chunk: int, cached: int = 0) -> PrefillPlan:
+    """The prefill calls for a prompt of `length` tokens whose first `cached` are in its row already
+    (the prefix cache): the calls of the rest, placed after them; a static tail narrower than the
+    smallest graph reaches back over cached slots (rewriting them alike) instead of padding. Call
+    `usable_cached` first: it says how many cached tokens a plan can start after. `sizes`: the tokens per call the backend's
     static prefill graphs take, ascending (None: any number, up to `chunk` a call). Every plan's last
     call ends at the prompt's last token, whose logits the graph returns. With static sizes, full
     calls of the widest graph come first, then the tail that processes the fewest tokens (a prefill
     call's cost is mostly its tokens): its last window may start before the previous one ends, since
     rewriting a slot with the same token and context gives the same keys and values."""
+    if cached:
+        rest = plan_prefill(length - cached, sizes, chunk)
+        shift = cached - rest.pad
+        assert shift >= 0, "usable_cached leaves room for the tail"
+        return PrefillPlan(0, tuple((shift + start, size) for start, size in rest.windows))
     if sizes is None:
         return PrefillPlan(0, tuple((s, min(chunk, length - s)) for s in range(0, length, chunk)))
     width = max(length, sizes[0])
@@ -45,6 +54,15 @@ def plan_prefill(length: int, sizes: list[int] | None, chunk: int) -> PrefillPla
         windows.append((min(start, width - size), size))
         start += size
     return PrefillPlan(width - length, tuple(windows))
+
+
+def usable_cached(length: int, cached: int, block: int, sizes: list[int] | None) -> int:
+    """Of `cached` prefix tokens (whole blocks), how many a prompt of `length` tokens can take: at
+    least one token is left to prefill (its logits give the first new token), and a static tail
+    must fit behind the prompt's start."""
+    if sizes is not None and length < sizes[0]:  # padded on the left: its slots are not its positions
+        return 0
+    return min(cached, (length - 1) // block * block)
 
 
 def _cheapest_tail(remaining: int, sizes: list[int], width: int) -> list[int]:
@@ -97,6 +115,18 @@ class KVState:
         return graph_feeds(
             graph, tokens[:, None], positions[:, None], slots, self.attention_mask[:rows], views, self.device
         )
+
+    def read_slots(self, row: int, start: int, size: int) -> torch.Tensor:
+        """A copy of row `row`'s slots start .. start + size - 1 in every cache tensor, stacked:
+        (2 * layers, kv_heads, size, head_dim), on the cache's device (what the prefix cache keeps)."""
+        return torch.stack([t[row, :, start : start + size] for t in self.buffers])
+
+    def write_slots(self, row: int, blocks: Sequence[torch.Tensor]) -> None:
+        """Row `row`'s first slots from `blocks` (each as `read_slots` gives), in order: one copy per
+        cache tensor, in place (the backends' bound addresses stay the same)."""
+        joined = blocks[0] if len(blocks) == 1 else torch.cat(list(blocks), dim=2)
+        for buffer, values in zip(self.buffers, joined, strict=True):
+            buffer[row, :, : values.shape[1]].copy_(values)
 
     def take(self, outputs: dict[str, torch.Tensor], row: int | None = None, rows: int | None = None) -> None:
         """Present becomes past. Every backend here aliases present to the past buffer it was fed, so

@@ -18,6 +18,7 @@ from llamatrt.base.errors import InputError
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.detokenizer import TextStream, TokenizerPieces
 from llamatrt.runtime.generator import Generator, Step
+from llamatrt.runtime.prefix_cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.sampling_params import sampling_params
 from llamatrt.runtime.scheduler import Scheduler
@@ -39,6 +40,7 @@ class Result:
     decode_tokens_per_s: float
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not prefilled
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "stop"}
@@ -72,6 +74,7 @@ class TextTracker:
     finish_reason: str | None = None
     stop: str | int | None = None
     kept: int | None = None  # tokens kept when a stop string cut the text
+    cached_tokens: int = 0
 
     def apply(self, step: Step) -> TextDelta | None:
         """The step's text delta, or None while its text is held back (an incomplete multi-byte
@@ -79,6 +82,7 @@ class TextTracker:
         self.first_s = step.elapsed_s if self.first_s is None else self.first_s
         self.last_s = step.elapsed_s
         self.finish_reason, self.stop = step.finish_reason, step.stop
+        self.cached_tokens = max(self.cached_tokens, step.cached_tokens)
         if step.token_id is not None:
             self.tokens.append(step.token_id)
             if step.logprob is not None:
@@ -109,11 +113,16 @@ class TextTracker:
             decode_tokens_per_s=decoded / decode_s if decode_s > 0 else 0.0,
             logprobs=self.logprobs[:kept] if logprobs else None,
             top_logprobs=self.top[:kept] if self.top else None,
+            cached_tokens=self.cached_tokens,
         )
 
 
 class LLM:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB) -> None:
+        """`prefix_cache_mb`: memory for the keys and values of prompt beginnings already computed
+        (runtime.prefix_cache), on the backend's device; 0 turns the prefix cache off."""
+        if prefix_cache_mb < 0:
+            raise InputError(f"prefix cache of {prefix_cache_mb} MB; give 0 (off) or more")
         self.backend = backend
         self.manifest = backend.manifest
         self.tokenizer = self._load_tokenizer()
@@ -123,7 +132,12 @@ class LLM:
             stop_ids=self.manifest.eos_token_ids,
             pad_id=int(tok.get("pad_token_id") or 0),
             text=self.text_stream if self.tokenizer is not None else None,
+            prefix_cache=PrefixCache(prefix_cache_mb << 20),
         )
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        return self.generator.scheduler.prefix or PrefixCache(0)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -241,7 +255,16 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return list(prompts)  # type: ignore[arg-type]
 
 
-def load(artifact: str | Path, backend: str = "onnxruntime", device: str | None = None, verify: bool = True) -> LLM:
+def load(
+    artifact: str | Path,
+    backend: str = "onnxruntime",
+    device: str | None = None,
+    verify: bool = True,
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
+) -> LLM:
     """Open an exported artifact on a backend: `llamatrt.load("out/smollm2").generate("Hi")`.
-    verify=False skips hashing its files (their structure is still checked)."""
-    return LLM(open_backend(artifact, backend, device, verify=verify))
+    verify=False skips hashing its files (their structure is still checked); prefix_cache_mb=0
+    turns the prefix cache off."""
+    if prefix_cache_mb < 0:
+        raise InputError(f"prefix cache of {prefix_cache_mb} MB; give 0 (off) or more")
+    return LLM(open_backend(artifact, backend, device, verify=verify), prefix_cache_mb)

@@ -45,6 +45,7 @@ class Step:
     error: str | None = None  # with finish_reason "error": what failed (this request alone ended)
     text: str = ""  # text released by this step (runtime.detokenizer): the request's text is their sum
     kept: int | None = None  # on a step ended by a stop string: the tokens whose text lies before it
+    cached_tokens: int = 0  # prompt tokens its row took from the prefix cache instead of prefilling
 
 
 class Handle:
@@ -56,6 +57,7 @@ class Handle:
         self.events: queue.SimpleQueue[Step] = queue.SimpleQueue()
         self.done = threading.Event()
         self.cancel_requested = False
+        self.prefix_keys: list[bytes] | None = None  # its prompt's block keys (runtime.prefix_cache), once
 
     def cancel(self) -> None:
         """Free the request's row at the next step (or drop it from the queue); others are unaffected."""

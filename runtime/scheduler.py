@@ -5,6 +5,9 @@ prefill how many tokens within the step's budget, which rows decode) and applies
 calls, each bound onto its row's slice of the B-row cache, then one decode call of the rows up to
 the last decoding one, each at its own slot and position (what calls cost is learnt as they run:
 runtime.prefill_cost);
+a row admitted with a prompt whose beginning was computed before gets it from the prefix cache
+(runtime.prefix_cache) by a copy and prefills only the rest, and the full blocks of what its row
+computed are kept there;
 the rows' next tokens are chosen in one batched call (runtime.sampling), stop ids end a request
 here and stop strings in its text stream (runtime.detokenizer). A finished or cancelled row is
 freed at once and refilled at the next step. Each request carries its own sampling, seed, stop ids
@@ -34,8 +37,9 @@ from llamatrt.base.artifact.manifest import GraphSpec
 from llamatrt.base.errors import InputError, LlamatrtError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
-from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill
+from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill, usable_cached
 from llamatrt.runtime.prefill_cost import PrefillCost
+from llamatrt.runtime.prefix_cache import PrefixCache, block_keys
 from llamatrt.runtime.requests import GREEDY, Handle, Request, Step
 from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
 from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Budget, Plan, Prefill, RowState, decide, prefill_budget
@@ -57,6 +61,13 @@ class Row:
     text: TextStream | None = None  # the request's text, when the loop has a tokenizer
     generated: list[int] = field(default_factory=list)
     last_token: int = 0
+    cached: int = 0  # prompt tokens copied from the prefix cache
+    remembered: int = 0  # blocks from slot 0 that the prefix cache has (or had) from this row
+
+    @property
+    def written(self) -> list[int]:
+        """The tokens in this row's slots, from its first: the prompt, then the generated tokens fed back."""
+        return [*self.request.prompt, *self.generated[: self.fed - len(self.request.prompt)]]
 
     @property
     def request(self) -> Request:
@@ -103,8 +114,10 @@ class Scheduler:
         admission: Admission = IN_FLIGHT,
         choose: TokenChoice = sample_rows,
         observer: Observer | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.backend, self.manifest = backend, backend.manifest
+        self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         self.eos_ids = frozenset(stop_ids)
         self.pad_id, self.text_stream = pad_id, text
         self.admission, self.choose, self.observer = admission, choose, observer
@@ -244,7 +257,7 @@ class Scheduler:
         rows = [None if r is None else RowState(r.handle.submitted, tuple(r.windows)) for r in self.rows]
         with self.lock:
             head = list(self.queue)[: rows.count(None)]
-        waiting = [RowState(h.submitted, tuple(self._prefill_plan(h.request).windows)) for h in head]
+        waiting = [RowState(h.submitted, tuple(self._prefill_plan(h.request, self._cached(h)).windows)) for h in head]
         return decide(rows, waiting, self.admission, self.budget())
 
     def budget(self) -> Budget:
@@ -304,20 +317,60 @@ class Scheduler:
                 self.rows[b] = None
                 self._finish(row.handle, None, "cancelled", events, text=_rest(row))
 
-    def _prefill_plan(self, request: Request) -> PrefillPlan:
-        return plan_prefill(len(request.prompt), self.prefill_sizes, self.prefill_chunk)
+    def _prefill_plan(self, request: Request, cached: int = 0) -> PrefillPlan:
+        return plan_prefill(len(request.prompt), self.prefill_sizes, self.prefill_chunk, cached)
+
+    # --- the prefix cache -------------------------------------------------------------------------
+
+    def _keys(self, handle: Handle) -> list[bytes]:
+        """The block keys of a request's prompt, worked out once."""
+        assert self.prefix is not None
+        if handle.prefix_keys is None:
+            handle.prefix_keys = block_keys(handle.request.prompt, self.prefix.block_size)
+        return handle.prefix_keys
+
+    def _cached(self, handle: Handle) -> int:
+        """Prompt tokens of `handle` the prefix cache holds now and its prefill plan can start after."""
+        if self.prefix is None:
+            return 0
+        found = self.prefix.longest(self._keys(handle)) * self.prefix.block_size
+        return usable_cached(len(handle.request.prompt), found, self.prefix.block_size, self.prefill_sizes)
+
+    def _remember(self, b: int, row: Row, keys: Sequence[bytes]) -> None:
+        """Keep the blocks of row b's slots under `keys` (the full blocks of what it holds from slot
+        0) that the prefix cache did not get from this row yet. A padded row holds nothing to share."""
+        if self.prefix is None or row.plan.pad:
+            return
+        size = self.prefix.block_size
+        for i in range(row.remembered, len(keys)):
+            self.prefix.add(keys[i], self.kv.read_slots(b, i * size, size))
+        row.remembered = max(row.remembered, len(keys))
+
+    def _remember_written(self, b: int, row: Row) -> None:
+        """At a request's end: its generated tokens' blocks too (a chat's next turn starts with them)."""
+        if self.prefix is not None and not row.plan.pad and row.fed // self.prefix.block_size > row.remembered:
+            self._remember(b, row, block_keys(row.written, self.prefix.block_size))
+
+    # --- rows -------------------------------------------------------------------------------------
 
     def _new_row(self, b: int, handle: Handle) -> Row:
         request = handle.request
-        plan = self._prefill_plan(request)
+        cached = self._cached(handle)
+        plan = self._prefill_plan(request, cached)
         self.kv.reset_row(b, plan.pad)
+        if self.prefix is not None:
+            blocks = self.prefix.take(self._keys(handle)[: cached // self.prefix.block_size], len(request.prompt))
+            if blocks:
+                self.kv.write_slots(b, blocks)
         seed = request.sampling.seed if request.sampling.seed is not None else random.SystemRandom().randrange(2**63)
         seen = None
         if request.sampling.repetition_penalty != 1.0:
             seen = torch.zeros(self.manifest.config.vocab_size, dtype=torch.bool)
             seen[torch.tensor(list(request.prompt))] = True
         text = None if self.text_stream is None else self.text_stream(request.stop_strings)
-        return Row(handle, plan, deque(plan.windows), torch.Generator().manual_seed(seed), seen, text=text)
+        generator = torch.Generator().manual_seed(seed)
+        blocks = cached // self.prefix.block_size if self.prefix is not None else 0
+        return Row(handle, plan, deque(plan.windows), generator, seen, text=text, cached=cached, remembered=blocks)
 
     def _prefill(self, call: Prefill, events: list[Step]) -> None:
         b, start, size = call.row, call.start, call.size
@@ -341,6 +394,8 @@ class Scheduler:
             self.observer("prefill", seconds, 1)
         if not row.windows:  # the prompt is in the cache: its last position's logits give the first token
             row.fed = len(row.request.prompt)
+            if self.prefix is not None:
+                self._remember(b, row, self._keys(row.handle))
             logits = _finite(outputs["logits"], graph.name)[:1]
             self._advance(b, logits[0], events, self.choose([row], logits)[0])
 
@@ -394,8 +449,9 @@ class Scheduler:
         top = top_logprobs(logits[0], request.top_logprobs) if request.top_logprobs else ()
         stop_ids = request.stop_ids | (self.eos_ids if request.use_eos else frozenset())
         if token in stop_ids:
+            self._remember_written(b, row)
             self.rows[b] = None
-            return self._finish(handle, token, "stop", events, elapsed, _rest(row))
+            return self._finish(handle, token, "stop", events, elapsed, _rest(row), cached=row.cached)
         row.generated.append(token)
         if row.seen is not None:
             row.seen[token] = True
@@ -405,8 +461,12 @@ class Scheduler:
         if reason == "length":
             text += _rest(row)
         kept = row.text.kept if stop and row.text is not None else None
-        self._emit(handle, Step(handle.index, token, logprob, reason, elapsed, stop, top, text=text, kept=kept), events)
+        step = Step(
+            handle.index, token, logprob, reason, elapsed, stop, top, text=text, kept=kept, cached_tokens=row.cached
+        )
+        self._emit(handle, step, events)
         if reason is not None:
+            self._remember_written(b, row)
             self.rows[b] = None
         else:
             row.last_token = token
@@ -424,9 +484,11 @@ class Scheduler:
         elapsed: float | None = None,
         text: str = "",
         error: str | None = None,
+        cached: int = 0,
     ) -> None:
         elapsed = time.perf_counter() - handle.submitted if elapsed is None else elapsed
-        self._emit(handle, Step(handle.index, None, None, reason, elapsed, stop_id, text=text, error=error), events)
+        step = Step(handle.index, None, None, reason, elapsed, stop_id, text=text, error=error, cached_tokens=cached)
+        self._emit(handle, step, events)
 
 
 class _Driving:

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.safety_helpers import LLAMATRT
-from tests.server_helpers import Server
+from tests.server_helpers import Server, metric_of
 
 PROMPT = "w5 w17 w42 w8"
 
@@ -148,6 +148,34 @@ def test_errors_are_openai_shaped(server: Server) -> None:
         "llamatrt_completion_tokens_total",
     ):
         assert name in metrics, name
+
+
+def test_a_repeated_prompt_beginning_comes_from_the_prefix_cache_and_says_so(server: Server) -> None:
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI reports it, and vLLM's counters of
+    prefix-cache queries and hits, in tokens."""
+    client = server.client()
+    shared = " ".join(f"w{i}" for i in range(5, 30))
+    hits_before = metric_of(server.url, "llamatrt_prefix_cache_hits_total")
+    answers = []
+    for question in ("w40 w41", "w50"):
+        reply = client.completions.create(model="tiny", prompt=f"{shared} {question}", max_tokens=4, temperature=0)
+        answers.append(reply.usage.prompt_tokens_details.cached_tokens)
+        streamed = list(
+            client.completions.create(
+                model="tiny",
+                prompt=f"{shared} {question}",
+                max_tokens=4,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert streamed[-1].usage.prompt_tokens_details.cached_tokens >= 16
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+    assert answers[1] >= 16  # the shared beginning, in whole blocks of 16
+    assert metric_of(server.url, "llamatrt_prefix_cache_hits_total") - hits_before >= 3 * 16
+    assert metric_of(server.url, "llamatrt_prefix_cache_queries_total") > 0
+    assert metric_of(server.url, "llamatrt_prefix_cache_bytes") > 0
 
 
 def test_an_api_key_guards_every_route_but_health(tiny_artifact: Path) -> None:

@@ -1,8 +1,12 @@
 """`llamatrt bench-serve URL`: a load benchmark for any OpenAI-compatible server.
 
-N concurrent streaming clients (the official `openai` client) send a fixed mixed workload
-(runtime.bench_workload's lengths, as text), arriving all at once or at a given rate. Reported:
-requests/s, output tokens/s, time to first token and inter-token latency (p50/p99), errors.
+N concurrent streaming clients (the official `openai` client) send one of three fixed workloads,
+arriving all at once or at a given rate: `mixed` (runtime.bench_workload's lengths, as text),
+`shared-prefix` (one long system prompt, then a short question of each request's own: what a
+prefix cache is for) and `chat` (N conversations of several turns, each turn's prompt the whole
+conversation so far). Reported: requests/s, output tokens/s, time to first token (p50/p99, and per
+turn for `chat`) and inter-token latency (p50/p99), the prompt tokens the server says it took from
+its cache, errors.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ class ServeReport:
     inter_token_p50_ms: float
     inter_token_p99_ms: float
     error_kinds: dict[str, int] = field(default_factory=dict)  # "TypeName: first line" -> how many
+    workload: str = "mixed"
+    prompt_tokens: int = 0  # as the server's usage counts them
+    cached_prompt_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where the server says
+    ttft_by_turn_ms: list[float] = field(default_factory=list)  # `chat`: the p50 of each turn
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +82,12 @@ class ServeReport:
                 f"requests/s {self.requests_per_s:.2f}   output tokens/s {self.output_tokens_per_s:.1f}",
                 f"time to first token p50 {self.ttft_p50_ms:.0f} ms, p99 {self.ttft_p99_ms:.0f} ms",
                 f"inter-token latency p50 {self.inter_token_p50_ms:.1f} ms, p99 {self.inter_token_p99_ms:.1f} ms",
+                f"prompt tokens {self.prompt_tokens}, of them from the server's cache {self.cached_prompt_tokens}",
+                *(
+                    [f"time to first token p50 by turn: {', '.join(f'{t:.0f}' for t in self.ttft_by_turn_ms)} ms"]
+                    if self.ttft_by_turn_ms
+                    else []
+                ),
             ]
         )
 
@@ -90,6 +104,21 @@ def mixed_prompts(count: int, seed: int = 20261201) -> list[tuple[str, int]]:
     return out
 
 
+WORKLOADS = ("mixed", "shared-prefix", "chat")
+SYSTEM_WORDS = 600  # the shared system prompt: about 600 tokens
+QUESTION_WORDS = 20
+
+
+def _words(start: int, count: int) -> str:
+    return " ".join(WORDS[(start * 7 + k * 3) % len(WORDS)] for k in range(count))
+
+
+def shared_prefix_prompts(count: int) -> list[tuple[str, int]]:
+    """(prompt, max_tokens): one system prompt of about 600 tokens, then a 20-word question of its own."""
+    system = f"You are a helpful assistant. Here are the notes you answer from: {_words(0, SYSTEM_WORDS)}."
+    return [(f"{system}\nQuestion {i}: {_words(i + 1, QUESTION_WORDS)}?\nAnswer:", 32) for i in range(count)]
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -97,9 +126,25 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def _one(client: Any, model: str, prompt: str, max_tokens: int) -> tuple[list[float], int]:
-    """One streamed completion: the arrival time of each content chunk, and completion tokens."""
-    times, tokens = [], 0
+@dataclass
+class _Streamed:
+    times: list[float] = field(default_factory=list)  # arrival of each content chunk
+    text: str = ""
+    tokens: int = 0  # completion tokens
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def take_usage(self, usage: Any) -> None:
+        if usage is None:
+            return
+        self.tokens, self.prompt_tokens = usage.completion_tokens, usage.prompt_tokens
+        details = getattr(usage, "prompt_tokens_details", None)
+        self.cached_tokens = int(getattr(details, "cached_tokens", 0) or 0) if details is not None else 0
+
+
+async def _one(client: Any, model: str, prompt: str, max_tokens: int) -> _Streamed:
+    """One streamed completion."""
+    out = _Streamed()
     stream = await client.completions.create(
         model=model,
         prompt=prompt,
@@ -110,10 +155,29 @@ async def _one(client: Any, model: str, prompt: str, max_tokens: int) -> tuple[l
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
-            times.append(time.perf_counter())
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return times, tokens
+            out.times.append(time.perf_counter())
+            out.text += chunk.choices[0].text
+        out.take_usage(chunk.usage)
+    return out
+
+
+async def _one_chat(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> _Streamed:
+    """One streamed chat completion."""
+    out = _Streamed()
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            out.times.append(time.perf_counter())
+            out.text += chunk.choices[0].delta.content
+        out.take_usage(chunk.usage)
+    return out
 
 
 async def _run(
@@ -125,6 +189,8 @@ async def _run(
     rate: float | None,
     prompts: list[tuple[str, int]] | None,
     progress: Progress,
+    workload: str = "mixed",
+    turns: int = 6,
 ) -> ServeReport:
     import httpx
     from openai import AsyncOpenAI
@@ -140,40 +206,69 @@ async def _run(
     )
     if model is None:
         model = (await client.models.list()).data[0].id
-    work = prompts or mixed_prompts(requests)
+    work = prompts or (shared_prefix_prompts(requests) if workload == "shared-prefix" else mixed_prompts(requests))
     limit = asyncio.Semaphore(clients)
     ttfts: list[float] = []
+    by_turn: list[list[float]] = [[] for _ in range(turns)]
     gaps: list[float] = []
-    tokens, errors, done = 0, 0, 0
+    tokens, prompt_tokens, cached, errors, done = 0, 0, 0, 0, 0
     kinds: Counter[str] = Counter()
     started = time.perf_counter()
 
+    def count(sent: float, streamed: _Streamed) -> None:
+        nonlocal tokens, prompt_tokens, cached, done
+        done += 1
+        tokens, prompt_tokens, cached = (
+            tokens + streamed.tokens,
+            prompt_tokens + streamed.prompt_tokens,
+            cached + streamed.cached_tokens,
+        )
+        if streamed.times:
+            ttfts.append(streamed.times[0] - sent)
+            gaps.extend(b - a for a, b in itertools.pairwise(streamed.times))
+        progress(f"request {done + errors} of {len(work) if workload != 'chat' else clients * turns}")
+
+    def failed(e: Exception) -> None:
+        nonlocal errors
+        errors += 1  # any failed request counts as an error, whatever the server or client raised
+        kinds[f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"] += 1
+
     async def request(k: int, prompt: str, max_tokens: int) -> None:
-        nonlocal tokens, errors, done
         if rate is not None:
             await asyncio.sleep(k / rate)
         async with limit:
             sent = time.perf_counter()
             try:
-                times, count = await _one(client, model, prompt, max_tokens)
-            except Exception as e:  # any failed request counts as an error, whatever the server or client raised
-                errors += 1
-                kinds[f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"] += 1
-                return
-            done += 1
-            tokens += count
-            if times:
-                ttfts.append(times[0] - sent)
-                gaps.extend(b - a for a, b in itertools.pairwise(times))
-            progress(f"request {done + errors} of {len(work)}")
+                streamed = await _one(client, model, prompt, max_tokens)
+            except Exception as e:
+                return failed(e)
+            count(sent, streamed)
 
-    await asyncio.gather(*(request(k, p, n) for k, (p, n) in enumerate(work)))
+    async def conversation(k: int) -> None:
+        """`turns` turns; each sends the conversation so far, the answers included."""
+        messages = [{"role": "system", "content": f"You are assistant {k}. Answer briefly."}]
+        for turn in range(turns):
+            messages.append({"role": "user", "content": f"Tell me about {_words(k * turns + turn, QUESTION_WORDS)}."})
+            sent = time.perf_counter()
+            try:
+                streamed = await _one_chat(client, model, messages, 32)
+            except Exception as e:
+                return failed(e)
+            count(sent, streamed)
+            if streamed.times:
+                by_turn[turn].append(streamed.times[0] - sent)
+            messages.append({"role": "assistant", "content": streamed.text})
+
+    if workload == "chat":
+        await asyncio.gather(*(conversation(k) for k in range(clients)))
+    else:
+        await asyncio.gather(*(request(k, p, n) for k, (p, n) in enumerate(work)))
     wall = time.perf_counter() - started
     await client.close()
     return ServeReport(
         url,
         model,
-        len(work),
+        clients * turns if workload == "chat" else len(work),
         clients,
         rate,
         wall,
@@ -186,6 +281,10 @@ async def _run(
         1000 * statistics.median(gaps) if gaps else 0.0,
         1000 * _percentile(gaps, 99),
         dict(kinds),
+        workload,
+        prompt_tokens,
+        cached,
+        [1000 * statistics.median(t) if t else 0.0 for t in by_turn] if workload == "chat" else [],
     )
 
 
@@ -198,5 +297,8 @@ def bench_serve(
     rate: float | None = None,
     prompts: list[tuple[str, int]] | None = None,
     progress: Progress = no_progress,
+    workload: str = "mixed",
+    turns: int = 6,
 ) -> ServeReport:
-    return asyncio.run(_run(url, model, api_key, requests, clients, rate, prompts, progress))
+    """`workload`: one of WORKLOADS; `turns` the turns of each `chat` conversation (one per client)."""
+    return asyncio.run(_run(url, model, api_key, requests, clients, rate, prompts, progress, workload, turns))

@@ -240,10 +240,11 @@ def _logprobs(
 def _response(
     kind: str, parsed: protocol.Parsed, trackers: list[TextTracker], engine: Engine, metrics: Metrics
 ) -> dict[str, Any]:
-    choices, prompt_tokens, completion_tokens = [], 0, 0
+    choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
     for i, tracker in enumerate(trackers):
         result = tracker.result(parsed.logprobs)
         prompt_tokens += result.prompt_tokens
+        cached_tokens += result.cached_tokens
         completion_tokens += len(result.token_ids)
         logprobs = (
             _logprobs(kind, engine, result.token_ids, result.logprobs or [], result.top_logprobs or [])
@@ -263,7 +264,7 @@ def _response(
         engine.model_name,
         engine.fingerprint,
         choices,
-        usage_=protocol.usage(prompt_tokens, completion_tokens),
+        usage_=protocol.usage(prompt_tokens, completion_tokens, cached_tokens),
     )
 
 
@@ -312,7 +313,7 @@ async def _stream(
                 yield chunk(choice("", result.finish_reason, logprobs))
                 metrics.finished(result.prompt_tokens, len(result.token_ids))
                 if parsed.include_usage:
-                    yield chunk(None, protocol.usage(result.prompt_tokens, len(result.token_ids)))
+                    yield chunk(None, protocol.usage(result.prompt_tokens, len(result.token_ids), result.cached_tokens))
     except LlamatrtError as e:  # after the headers went out: say it in the stream, OpenAI-style
         yield f"data: {json.dumps(protocol.error_body(str(e), 'server_error'))}\n\n"
     yield "data: [DONE]\n\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llamatrt.base.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load
+from llamatrt.runtime.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from llamatrt.runtime.requests import Handle, Request, Step
 from llamatrt.runtime.sampling_params import sampling_params
 from llamatrt.runtime.scheduler import LoopFailed
@@ -51,12 +52,15 @@ class EngineConfig:
     model_name: str | None = None  # default: the artifact folder's name
     max_queue: int = 64
     verify: bool = True
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB
 
 
 class Engine:
     def __init__(self, config: EngineConfig, metrics: Metrics) -> None:
         self.config, self.metrics = config, metrics
-        self.llm: LLM = load(config.artifact, config.backend, verify=config.verify)
+        self.llm: LLM = load(
+            config.artifact, config.backend, verify=config.verify, prefix_cache_mb=config.prefix_cache_mb
+        )
         self.scheduler = self.llm.scheduler
         self.model_name = config.model_name or Path(config.artifact).resolve().name
         self.fingerprint = f"fp_llamatrt_{os.getpid()}"  # tells replicas apart

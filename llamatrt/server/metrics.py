@@ -32,6 +32,15 @@ class Metrics:
         )
         self.queue_depth = Gauge("llamatrt_queue_depth", "Requests waiting for a free row", registry=r)
         self.active_rows = Gauge("llamatrt_active_rows", "Rows of the batch holding a request", registry=r)
+        # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens looked up, and found
+        self.prefix_queries = Counter(
+            "llamatrt_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "llamatrt_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)", registry=r
+        )
+        self.prefix_bytes = Gauge("llamatrt_prefix_cache_bytes", "Memory the prefix cache's blocks hold", registry=r)
+        self._prefix_seen = (0, 0)
 
     def token_time(self, step: Any, since_last: float, first: bool) -> None:
         if step.token_id is None:
@@ -44,6 +53,13 @@ class Metrics:
     def observe_queue(self, scheduler: Any) -> None:
         self.queue_depth.set(scheduler.waiting)
         self.active_rows.set(scheduler.active_rows)
+        if scheduler.prefix is not None:  # the loop's counters, read here: the loop thread stays metrics-free
+            stats = scheduler.prefix.stats
+            queries, hits = self._prefix_seen
+            self.prefix_queries.inc(max(0, stats.queries - queries))
+            self.prefix_hits.inc(max(0, stats.hits - hits))
+            self._prefix_seen = (max(queries, stats.queries), max(hits, stats.hits))
+            self.prefix_bytes.set(scheduler.prefix.bytes)
 
     def finished(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
