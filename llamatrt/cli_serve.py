@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -109,24 +110,14 @@ def serve(
 )
 @click.option("--turns", type=int, default=6, show_default=True, help="With --workload chat: turns per conversation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench_serve(
-    url: str,
-    model: str | None,
-    api_key: str | None,
-    requests: int,
-    clients: int,
-    rate: float | None,
-    workload: str,
-    turns: int,
-    as_json: bool,
-) -> None:
+def bench_serve(url: str, as_json: bool, **options: Any) -> None:
     """Load-test any OpenAI-compatible server at URL: requests/s, output tokens/s, TTFT and
     inter-token latency p50/p99, prompt tokens taken from its cache, errors."""
     from llamatrt.tools.bench_serve import bench_serve as run
 
+    requests, clients, turns, rate = (options[k] for k in ("requests", "clients", "turns", "rate"))
     if requests < 1 or clients < 1 or turns < 1 or (rate is not None and rate <= 0):
         raise InputError("--requests, --clients and --turns must be >= 1 and --rate > 0; fix the one that is not")
-    total = clients * turns if workload == "chat" else requests
-    with StepBar(total, "bench-serve") as bar:
-        report = run(url, model, api_key, requests, clients, rate, progress=bar, workload=workload, turns=turns)
+    with StepBar(clients * turns if options["workload"] == "chat" else requests, "bench-serve") as bar:
+        report = run(url, progress=bar, **options)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))

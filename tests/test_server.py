@@ -237,3 +237,23 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(long_artifact: Path) 
     assert s.proc.wait(timeout=60) == 0
     time.sleep(0.2)
     assert "Traceback" not in "".join(s.lines), "".join(s.lines)
+
+
+@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+def test_bench_serve_runs_each_workload_and_reads_what_the_server_took_from_its_cache(long_artifact: Path) -> None:
+    """`llamatrt bench-serve`'s workloads against the real server (a 2048-slot cache for the
+    ~600-token system prompt): every request completes, and the shared beginning and the
+    conversation so far are reported as cached from the second request or turn on."""
+    from llamatrt.tools.bench_serve import bench_serve
+
+    s = Server(long_artifact)
+    try:
+        shared = bench_serve(s.url, requests=3, clients=1, workload="shared-prefix")
+        chat = bench_serve(s.url, clients=1, workload="chat", turns=3)
+        mixed = bench_serve(s.url, clients=2, prompts=[("w5 w6 w7", 4), ("w8 w9", 4), ("w10", 4)])
+    finally:
+        s.stop()
+    assert (shared.completed, shared.errors, chat.completed, chat.errors, mixed.completed) == (3, 0, 3, 0, 3)
+    assert shared.prompt_tokens > 3 * 600 and shared.cached_prompt_tokens >= 2 * 592  # 37 blocks of 16, twice
+    assert len(chat.ttft_by_turn_ms) == 3 and chat.cached_prompt_tokens > 0
+    assert mixed.workload == "mixed" and mixed.ttft_by_turn_ms == [] and mixed.output_tokens_per_s > 0

@@ -142,40 +142,24 @@ class _Streamed:
         self.cached_tokens = int(getattr(details, "cached_tokens", 0) or 0) if details is not None else 0
 
 
-async def _one(client: Any, model: str, prompt: str, max_tokens: int) -> _Streamed:
-    """One streamed completion."""
-    out = _Streamed()
-    stream = await client.completions.create(
+async def _one(client: Any, model: str, max_tokens: int, prompt: str | list[dict[str, str]]) -> _Streamed:
+    """One streamed completion of a prompt (text), or chat completion of a conversation (messages)."""
+    chat = not isinstance(prompt, str)
+    create = client.chat.completions.create if chat else client.completions.create
+    stream = await create(
         model=model,
-        prompt=prompt,
         max_tokens=max_tokens,
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        **({"messages": prompt} if chat else {"prompt": prompt}),
     )
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            out.times.append(time.perf_counter())
-            out.text += chunk.choices[0].text
-        out.take_usage(chunk.usage)
-    return out
-
-
-async def _one_chat(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> _Streamed:
-    """One streamed chat completion."""
     out = _Streamed()
-    stream = await client.chat.completions.create(
-        model=model,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
     async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
+        text = (chunk.choices[0].delta.content if chat else chunk.choices[0].text) if chunk.choices else None
+        if text:
             out.times.append(time.perf_counter())
-            out.text += chunk.choices[0].delta.content
+            out.text += text
         out.take_usage(chunk.usage)
     return out
 
@@ -239,7 +223,7 @@ async def _run(
         async with limit:
             sent = time.perf_counter()
             try:
-                streamed = await _one(client, model, prompt, max_tokens)
+                streamed = await _one(client, model, max_tokens, prompt)
             except Exception as e:
                 return failed(e)
             count(sent, streamed)
@@ -251,7 +235,7 @@ async def _run(
             messages.append({"role": "user", "content": f"Tell me about {_words(k * turns + turn, QUESTION_WORDS)}."})
             sent = time.perf_counter()
             try:
-                streamed = await _one_chat(client, model, messages, 32)
+                streamed = await _one(client, model, 32, messages)
             except Exception as e:
                 return failed(e)
             count(sent, streamed)
