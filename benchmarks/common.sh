@@ -32,6 +32,7 @@ under_load() {  # $1 label, $2... a server command: start it alone on the machin
     stop_server $server
 }
 
-llama_server() {  # llama.cpp's server on the bundled GGUF: 4 slots of 1024 tokens, 2 threads
-    "$CPP/build/bin/llama-server" -m "$GGUF" --parallel 4 -c 4096 -t 2 --host 127.0.0.1 --port "$PORT"
+llama_server() {  # llama.cpp's server on the bundled GGUF: 4 slots of 1024 tokens, 2 threads (exec: the
+    # background job is the server itself, so stop_server's Ctrl-C reaches it)
+    exec "$CPP/build/bin/llama-server" -m "$GGUF" --parallel 4 -c 4096 -t 2 --host 127.0.0.1 --port "$PORT"
 }
