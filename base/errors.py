@@ -34,6 +34,10 @@ class InputError(LlamatrtError):
     """A bad argument: prompt, sampling parameter, shape."""
 
 
+class ConstraintError(LlamatrtError):
+    """A constrained answer that does not satisfy its schema: never handed out (a bug if it happens)."""
+
+
 class NumericalError(LlamatrtError):
     """A graph produced NaN or infinite logits: a broken artifact, never a token."""
 

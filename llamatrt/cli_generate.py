@@ -84,6 +84,20 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt (with its index).")
 @click.option("--logprobs", is_flag=True, help="Each generated token's log-probability (printed, or in --json).")
 @click.option("--top-logprobs", type=int, default=0, help="Also the N most likely alternatives at each token (0-20).")
+@click.option(
+    "--json-schema",
+    "json_schema_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Hold every answer to this JSON schema (a file) while generated; checked before printed.",
+)
+@click.option(
+    "--grammar",
+    "grammar_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Hold every answer to a Lark grammar (a file).",
+)
 @sampling_options
 def generate(
     artifact: Path,
@@ -95,6 +109,8 @@ def generate(
     as_json: bool,
     logprobs: bool,
     top_logprobs: int,
+    json_schema_file: Path | None,
+    grammar_file: Path | None,
     **kw: Any,
 ) -> None:
     """Generate text for one or more prompts."""
@@ -106,6 +122,10 @@ def generate(
     if system is not None and not chat:
         raise InputError("--system needs --chat (a system message goes through the chat template)")
     args = dict(chat=chat, system=system, logprobs=logprobs, top_logprobs=top_logprobs, **_generation_args(kw))
+    if json_schema_file is not None:
+        args["json_schema"] = _json_file(json_schema_file, "--json-schema")
+    if grammar_file is not None:
+        args["grammar"] = _text_file(grammar_file, "--grammar")
     with llamatrt.load(
         artifact, kw["backend"], verify=not kw["no_verify"], prefix_cache_mb=kw["prefix_cache_mb"]
     ) as llm:
@@ -126,6 +146,20 @@ def generate(
             click.echo(result.text)
             if logprobs or top_logprobs:
                 _print_logprobs(llm, result)
+
+
+def _text_file(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{option} {path} cannot be read ({type(e).__name__}); give a UTF-8 text file") from e
+
+
+def _json_file(path: Path, option: str) -> Any:
+    try:
+        return json.loads(_text_file(path, option))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{option} {path} is not JSON (line {e.lineno}: {e.msg}); give a JSON schema") from e
 
 
 def _event(delta: Any) -> dict[str, Any]:

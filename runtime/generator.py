@@ -16,6 +16,7 @@ from llamatrt.runtime.detokenizer import TextStreamFactory
 from llamatrt.runtime.requests import GREEDY, Fit, Request, Step
 from llamatrt.runtime.sampling import SamplingParams
 from llamatrt.runtime.scheduler import Scheduler
+from llamatrt.runtime.structured import Grammar
 
 __all__ = ["GREEDY", "Generator", "Step"]
 
@@ -53,6 +54,7 @@ class Generator:
         stop_ids: Iterable[int] = (),
         fit: Fit = Request.fit,
         use_eos: bool = True,
+        grammar: Grammar | None = None,
     ) -> Iterator[Step]:
         """Steps of all prompts as they come (`index` says whose). `fit="cap"` ends a prompt whose
         budget does not fit the cache with finish_reason "length" when the cache is full; "refuse"
@@ -69,6 +71,7 @@ class Generator:
                 logprobs=logprobs,
                 top_logprobs=top_logprobs,
                 fit=fit,
+                grammar=grammar,
             )
             for p in prompts
         ]

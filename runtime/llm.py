@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llamatrt.base.artifact.reader import tokenizer_dir
-from llamatrt.base.errors import InputError
+from llamatrt.base.errors import ConstraintError, InputError
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.detokenizer import TextStream, TokenizerPieces
 from llamatrt.runtime.generator import Generator, Step
@@ -22,6 +22,7 @@ from llamatrt.runtime.prefix_cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache
 from llamatrt.runtime.registry import open_backend
 from llamatrt.runtime.sampling_params import sampling_params
 from llamatrt.runtime.scheduler import Scheduler
+from llamatrt.runtime.structured import Grammar, GrammarEngine, check_answer
 from llamatrt.runtime.tokenizer import ArtifactTokenizer, clean_up_tokenization
 
 Prompt = str | Sequence[int]
@@ -41,6 +42,9 @@ class Result:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not prefilled
+    # with a grammar: the answer was checked against its JSON schema (finish_reason "stop"); a
+    # "length" answer is cut short and never presented as valid
+    validated: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "stop"}
@@ -136,6 +140,41 @@ class LLM:
         )
 
     @property
+    def grammars(self) -> GrammarEngine:
+        """The grammar engine of this LLM's loop, made on first use from the artifact's tokenizer."""
+        scheduler = self.generator.scheduler
+        if scheduler.grammars is None:
+            tokenizer = self._need_tokenizer()
+            scheduler.grammars = GrammarEngine(
+                tokenizer.backend.to_str(), self.manifest.config.vocab_size, self.manifest.eos_token_ids
+            )
+        return scheduler.grammars
+
+    def grammar(
+        self, json_schema: Mapping[str, Any] | None = None, grammar: str | None = None, json_object: bool = False
+    ) -> Grammar | None:
+        """The compiled grammar of at most one of: a JSON schema, a Lark grammar, any JSON object."""
+        if sum(x is not None and x is not False for x in (json_schema, grammar, json_object)) > 1:
+            raise InputError("give one of json_schema, grammar and json_object, not several")
+        if json_schema is not None:
+            return self.grammars.json_schema(json_schema)
+        if grammar is not None:
+            return self.grammars.lark(grammar)
+        return self.grammars.json_object() if json_object else None
+
+    def checked(self, result: Result, grammar: Grammar | None) -> Result:
+        """`result` with its answer checked against the grammar's schema; a complete answer that does
+        not satisfy it is an error, never handed out."""
+        if grammar is None:
+            return result
+        problem = check_answer(grammar, result.text, result.finish_reason)
+        if problem is not None:
+            self.grammars.stats.validation_failures += 1
+            raise ConstraintError(f"the answer does not satisfy its schema ({problem}); report this as a bug")
+        result.validated = result.finish_reason == "stop" and grammar.schema is not None
+        return result
+
+    @property
     def prefix_cache(self) -> PrefixCache:
         return self.generator.scheduler.prefix or PrefixCache(0)
 
@@ -188,11 +227,15 @@ class LLM:
         stop_ids: Sequence[int] = (),
         logprobs: bool = False,
         top_logprobs: int = 0,
+        json_schema: Mapping[str, Any] | None = None,
+        grammar: str | None = None,
         **sampling: Any,
     ) -> Iterator[TextDelta]:
-        """Text deltas of every prompt as tokens arrive (interleaved when several run at once)."""
+        """Text deltas of every prompt as tokens arrive (interleaved when several run at once).
+        `json_schema` (a dict) or `grammar` (Lark) holds every answer to it while generated."""
+        compiled = self.grammar(json_schema, grammar)
         for _, delta in self._run(
-            prompts, max_new_tokens, chat, system, stop, stop_ids, logprobs, top_logprobs, sampling
+            prompts, max_new_tokens, chat, system, stop, stop_ids, logprobs, top_logprobs, sampling, compiled
         ):
             if delta is not None:
                 yield delta
@@ -208,14 +251,20 @@ class LLM:
         stop_ids: Sequence[int] = (),
         logprobs: bool = False,
         top_logprobs: int = 0,
+        json_schema: Mapping[str, Any] | None = None,
+        grammar: str | None = None,
         **sampling: Any,
     ) -> list[Result]:
+        """Every prompt's Result. `json_schema` (a dict) or `grammar` (Lark) holds every answer to it
+        while generated; an answer to a schema is checked against it before it is returned
+        (`Result.validated`)."""
+        compiled = self.grammar(json_schema, grammar)
         trackers: list[TextTracker] = []
         for latest, _ in self._run(
-            prompts, max_new_tokens, chat, system, stop, stop_ids, logprobs, top_logprobs, sampling
+            prompts, max_new_tokens, chat, system, stop, stop_ids, logprobs, top_logprobs, sampling, compiled
         ):
             trackers = latest
-        return [t.result(logprobs or bool(top_logprobs)) for t in trackers]
+        return [self.checked(t.result(logprobs or bool(top_logprobs)), compiled) for t in trackers]
 
     def _run(
         self,
@@ -228,12 +277,21 @@ class LLM:
         logprobs: bool,
         top_logprobs: int,
         sampling: Mapping[str, Any],
+        grammar: Grammar | None = None,
     ) -> Iterator[tuple[list[TextTracker], TextDelta | None]]:
         params = sampling_params(sampling)
         ids = [self.encode(p, chat=chat, system=system) for p in _as_prompt_list(prompts)]
         trackers = [TextTracker(i, len(p), self.tokenizer is not None) for i, p in enumerate(ids)]
         steps = self.generator.stream(
-            ids, max_new_tokens, params, tuple(stop), logprobs or bool(top_logprobs), top_logprobs, stop_ids, fit="cap"
+            ids,
+            max_new_tokens,
+            params,
+            tuple(stop),
+            logprobs or bool(top_logprobs),
+            top_logprobs,
+            stop_ids,
+            fit="cap",
+            grammar=grammar,
         )
         for step in steps:
             yield trackers, trackers[step.index].apply(step)

@@ -11,6 +11,7 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Literal
 
 from llamatrt.runtime.sampling import SamplingParams
+from llamatrt.runtime.structured import Grammar
 
 GREEDY = SamplingParams()
 Fit = Literal["refuse", "cap"]
@@ -29,6 +30,7 @@ class Request:
     top_logprobs: int = 0  # the N most likely alternatives' logprobs at each step
     # prompt + max_new_tokens beyond a row: "refuse" it when submitted, or "cap" it (finish_reason "length")
     fit: Fit = "refuse"
+    grammar: Grammar | None = None  # the answer held to it while generated (runtime.structured)
 
 
 @dataclass(frozen=True)

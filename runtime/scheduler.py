@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -43,6 +43,7 @@ from llamatrt.runtime.prefix_cache import PrefixCache, block_keys
 from llamatrt.runtime.requests import GREEDY, Handle, Request, Step
 from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
 from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Budget, Plan, Prefill, RowState, decide, prefill_budget
+from llamatrt.runtime.structured import GrammarEngine
 
 __all__ = ["GREEDY", "Handle", "LoopFailed", "Request", "Scheduler", "Step"]
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     last_token: int = 0
     cached: int = 0  # prompt tokens copied from the prefix cache
+    matcher: Any = None  # the request's grammar's state (runtime.structured), if it has one
     remembered: int = 0  # blocks from slot 0 that the prefix cache has (or had) from this row
 
     @property
@@ -115,9 +117,11 @@ class Scheduler:
         choose: TokenChoice = sample_rows,
         observer: Observer | None = None,
         prefix_cache: PrefixCache | None = None,
+        grammars: GrammarEngine | None = None,
     ) -> None:
         self.backend, self.manifest = backend, backend.manifest
         self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
+        self.grammars = grammars  # constrains the rows whose request has a grammar
         self.eos_ids = frozenset(stop_ids)
         self.pad_id, self.text_stream = pad_id, text
         self.admission, self.choose, self.observer = admission, choose, observer
@@ -155,6 +159,10 @@ class Scheduler:
             raise InputError("a stop string is empty (it would stop every row at once); give non-empty --stop strings")
         if any(not 0 <= t < vocab for t in request.stop_ids):
             raise InputError(f"a stop id is outside the vocabulary [0, {vocab}); give ids of this artifact's tokenizer")
+        if request.grammar is not None and self.grammars is None:
+            raise InputError(
+                "this loop has no grammar engine; load the artifact with llamatrt.load to constrain answers"
+            )
         if request.top_logprobs < 0 or request.top_logprobs > 20:
             raise InputError(f"top logprobs {request.top_logprobs} must be in [0, 20]; ask for at most 20 alternatives")
         steps = request.max_new_tokens
@@ -370,7 +378,18 @@ class Scheduler:
         text = None if self.text_stream is None else self.text_stream(request.stop_strings)
         generator = torch.Generator().manual_seed(seed)
         blocks = cached // self.prefix.block_size if self.prefix is not None else 0
-        return Row(handle, plan, deque(plan.windows), generator, seen, text=text, cached=cached, remembered=blocks)
+        matcher = None if request.grammar is None or self.grammars is None else self.grammars.matcher(request.grammar)
+        return Row(
+            handle,
+            plan,
+            deque(plan.windows),
+            generator,
+            seen,
+            text=text,
+            cached=cached,
+            remembered=blocks,
+            matcher=matcher,
+        )
 
     def _prefill(self, call: Prefill, events: list[Step]) -> None:
         b, start, size = call.row, call.start, call.size
@@ -397,6 +416,7 @@ class Scheduler:
             if self.prefix is not None:
                 self._remember(b, row, self._keys(row.handle))
             logits = _finite(outputs["logits"], graph.name)[:1]
+            self._constrain([row], logits)
             self._advance(b, logits[0], events, self.choose([row], logits)[0])
 
     def _decode_graph(self, rows: int) -> GraphSpec:
@@ -433,9 +453,17 @@ class Scheduler:
         for row in running:
             row.fed += 1  # type: ignore[union-attr]
         every_row = len(decoding) == len(logits)  # (then decoding lists all rows in order)
-        chosen = self.choose(running, logits if every_row else logits[decoding])  # type: ignore[arg-type]
-        for b, token in zip(decoding, chosen, strict=True):
-            self._isolated(functools.partial(self._advance, b, logits[b], events, token), [b], events)
+        if not every_row:
+            logits = logits[decoding]  # (a copy, row k is decoding[k])
+        self._constrain(running, logits)  # type: ignore[arg-type]
+        chosen = self.choose(running, logits)  # type: ignore[arg-type]
+        for k, (b, token) in enumerate(zip(decoding, chosen, strict=True)):
+            self._isolated(functools.partial(self._advance, b, logits[k], events, token), [b], events)
+
+    def _constrain(self, rows: Sequence[Row], logits: torch.Tensor) -> None:
+        """Mask the logits (one per row of `rows`) of the rows held to a grammar, all in one call."""
+        if self.grammars is not None and any(r.matcher is not None for r in rows):
+            self.grammars.constrain([r.matcher for r in rows], logits)
 
     def _advance(self, b: int, logits: torch.Tensor, events: list[Step], token: int) -> None:
         """Row b's next token (chosen from `logits` (vocab,)): emit it, end the request or keep
@@ -448,6 +476,8 @@ class Scheduler:
         logprob = float(token_logprobs(logits, torch.tensor([token]))[0]) if request.logprobs else None
         top = top_logprobs(logits[0], request.top_logprobs) if request.top_logprobs else ()
         stop_ids = request.stop_ids | (self.eos_ids if request.use_eos else frozenset())
+        if row.matcher is not None and token not in stop_ids and not row.matcher.consume_token(token):
+            raise InputError(f"token {token} is not allowed by the request's grammar ({row.matcher.get_error()[:160]})")
         if token in stop_ids:
             self._remember_written(b, row)
             self.rows[b] = None

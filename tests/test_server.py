@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import shared_folder
 from tests.safety_helpers import LLAMATRT
 from tests.server_helpers import Server, metric_of
 
@@ -114,7 +115,7 @@ def test_sixteen_concurrent_streaming_clients_all_complete_with_their_usage(
     [
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"temperature": 3}, "temperature"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
@@ -257,3 +258,78 @@ def test_bench_serve_runs_each_workload_and_reads_what_the_server_took_from_its_
     assert shared.prompt_tokens > 3 * 600 and shared.cached_prompt_tokens >= 2 * 592  # 37 blocks of 16, twice
     assert len(chat.ttft_by_turn_ms) == 3 and chat.cached_prompt_tokens > 0
     assert mixed.workload == "mixed" and mixed.ttft_by_turn_ms == [] and mixed.output_tokens_per_s > 0
+
+
+@pytest.fixture(scope="module")
+def json_server(tmp_path_factory) -> Iterator[Server]:
+    """The server over a tiny model whose byte-level vocabulary spells any JSON."""
+    from tests.runtime.test_structured import make_json_artifact
+
+    s = Server(shared_folder(tmp_path_factory, "json-artifact", make_json_artifact) / "art", "--model-name", "j")
+    yield s
+    s.stop()
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"enum": ["x", "y"]}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_holds_the_answer_to_the_schema_streamed_or_not(json_server: Server) -> None:
+    import jsonschema
+
+    client = json_server.client()
+    messages = [{"role": "user", "content": "give me a and b"}]
+    response_format = {"type": "json_schema", "json_schema": {"name": "ab", "schema": SCHEMA, "strict": True}}
+    reply = client.chat.completions.create(
+        model="j", messages=messages, response_format=response_format, max_tokens=64, temperature=0
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+    chunks = list(
+        client.chat.completions.create(
+            model="j", messages=messages, response_format=response_format, max_tokens=64, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    anything = client.chat.completions.create(
+        model="j", messages=messages, response_format={"type": "json_object"}, max_tokens=128, temperature=0
+    )
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    assert metric_of(json_server.url, "llamatrt_constrained_requests_total") >= 3
+    assert metric_of(json_server.url, "llamatrt_constrained_validation_failures_total") == 0
+
+
+@pytest.mark.parametrize(
+    ("schema", "named"),
+    [({"type": "array", "uniqueItems": True}, "uniqueItems"), ({"type": "string", "format": "nope"}, "nope")],
+)
+def test_a_schema_that_cannot_be_enforced_is_a_400_naming_it(json_server: Server, schema: dict, named: str) -> None:
+    body = {
+        "model": "j",
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    response = httpx.post(json_server.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "response_format" and named in error["message"]
+    ok = json_server.client().chat.completions.create(model="j", messages=body["messages"], max_tokens=2)
+    assert ok.choices[0].finish_reason in ("stop", "length")  # the server goes on
+
+
+def test_a_suite_of_schemas_people_send_each_answer_validates_or_says_it_was_cut(json_server: Server) -> None:
+    """The 30 schemas of tools/bench_structured.py through the official client: no answer that claims
+    to be complete fails its schema; what the engine cannot enforce is refused up front."""
+    from llamatrt.tools.bench_structured import SCHEMAS, run_schemas
+
+    report = run_schemas(json_server.url, max_tokens=96)
+    assert len(SCHEMAS) >= 30 and report.schemas == len(SCHEMAS)
+    assert report.invalid == 0 and report.errors == 0, report
+    assert report.valid + report.cut + report.refused == len(SCHEMAS)
+    assert report.valid >= len(SCHEMAS) // 2, report  # most end within the budget even with random weights
+    assert metric_of(json_server.url, "llamatrt_constrained_validation_failures_total") == 0

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llamatrt.base.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import TextTracker
 from llamatrt.runtime.requests import Request as ScheduledRequest
+from llamatrt.runtime.structured import Grammar
 from llamatrt.server import protocol
 from llamatrt.server.engine import Engine, EngineConfig, GenerationFailed, QueueFull, Submitted, Unavailable
 from llamatrt.server.guard import Guard
@@ -151,6 +152,8 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
             raise protocol.BadRequest("stream with several prompts is not supported; send one prompt", "prompt")
         prompts: list[str | list[int] | None] = [*parsed.prompts] or [None]
 
+        grammar = await asyncio.to_thread(engine.grammar, parsed.response_format)  # a 400 if it cannot be enforced
+
         def prepare() -> list[ScheduledRequest]:  # template and tokenizer: seconds on a huge prompt
             return [
                 engine.request(
@@ -160,6 +163,7 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
                     parsed.stop,
                     parsed.logprobs,
                     parsed.top_logprobs,
+                    grammar,
                 )
                 for p in prompts
             ]
@@ -167,11 +171,13 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
         requests = await asyncio.to_thread(prepare)  # off the event loop, which serves every stream
         runs = engine.submit(requests)  # all prompts of a request, or none
         if parsed.stream:
-            return StreamingResponse(_stream(kind, parsed, runs[0], engine, metrics), media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(kind, parsed, runs[0], engine, metrics, grammar), media_type="text/event-stream"
+            )
         results = await _until_disconnected(request, [_collect(engine, run) for run in runs])
         if results is None:
             return Response(status_code=499)  # nobody reads it; its rows were freed
-        return JSONResponse(_response(kind, parsed, results, engine, metrics))
+        return JSONResponse(_response(kind, parsed, results, engine, metrics, grammar))
     except PayloadTooLarge:
         return protocol.error_response(413, f"the request body is over {max_body} bytes; send a smaller one")
     except ModelNotFound as e:
@@ -238,11 +244,16 @@ def _logprobs(
 
 
 def _response(
-    kind: str, parsed: protocol.Parsed, trackers: list[TextTracker], engine: Engine, metrics: Metrics
+    kind: str,
+    parsed: protocol.Parsed,
+    trackers: list[TextTracker],
+    engine: Engine,
+    metrics: Metrics,
+    grammar: Grammar | None = None,
 ) -> dict[str, Any]:
     choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
     for i, tracker in enumerate(trackers):
-        result = tracker.result(parsed.logprobs)
+        result = engine.llm.checked(tracker.result(parsed.logprobs), grammar)  # never an invalid answer
         prompt_tokens += result.prompt_tokens
         cached_tokens += result.cached_tokens
         completion_tokens += len(result.token_ids)
@@ -269,7 +280,7 @@ def _response(
 
 
 async def _stream(
-    kind: str, parsed: protocol.Parsed, run: Submitted, engine: Engine, metrics: Metrics
+    kind: str, parsed: protocol.Parsed, run: Submitted, engine: Engine, metrics: Metrics, grammar: Grammar | None = None
 ) -> AsyncIterator[str]:
     rid = protocol.response_id(kind)
 
@@ -306,7 +317,7 @@ async def _stream(
                 if delta.finish_reason is None:
                     yield chunk(choice(delta.text, None, logprobs))
                     continue
-                result = tracker.result(parsed.logprobs)
+                result = engine.llm.checked(tracker.result(parsed.logprobs), grammar)  # an error event if invalid
                 if delta.text:
                     yield chunk(choice(delta.text, None, logprobs))
                     logprobs = None

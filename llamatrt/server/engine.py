@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llamatrt.base.errors import InputError, LlamatrtError
 from llamatrt.runtime.llm import LLM, TextDelta, TextTracker, load
@@ -21,7 +22,9 @@ from llamatrt.runtime.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from llamatrt.runtime.requests import Handle, Request, Step
 from llamatrt.runtime.sampling_params import sampling_params
 from llamatrt.runtime.scheduler import LoopFailed
+from llamatrt.runtime.structured import Grammar
 from llamatrt.server.metrics import Metrics
+from llamatrt.server.protocol import BadRequest
 
 
 class QueueFull(InputError):
@@ -97,6 +100,7 @@ class Engine:
         stop: tuple[str, ...],
         logprobs: bool,
         top_logprobs: int,
+        grammar: Grammar | None = None,
     ) -> Request:
         """The scheduler request (checked: a 400 if it cannot run). Without max_tokens, a request
         gets what is left of its row's cache."""
@@ -109,8 +113,21 @@ class Engine:
             logprobs=logprobs or bool(top_logprobs),
             top_logprobs=top_logprobs,
             fit="cap" if capped else "refuse",
+            grammar=grammar,
         )
         return self.scheduler.check(request)
+
+    def grammar(self, response_format: dict[str, Any] | None) -> Grammar | None:
+        """The compiled grammar of a request's response_format (a 400 naming what the engine cannot
+        enforce exactly)."""
+        if response_format is None:
+            return None
+        try:
+            if response_format["type"] == "json_object":
+                return self.llm.grammar(json_object=True)
+            return self.llm.grammar(json_schema=response_format["schema"])
+        except InputError as e:
+            raise BadRequest(f"response_format: {e}", "response_format") from e
 
     def submit(self, requests: list[Request]) -> list[Submitted]:
         """Queue all of `requests` or none (one request's prompts): a 429 if more than --max-queue

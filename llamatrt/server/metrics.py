@@ -40,7 +40,18 @@ class Metrics:
             "llamatrt_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)", registry=r
         )
         self.prefix_bytes = Gauge("llamatrt_prefix_cache_bytes", "Memory the prefix cache's blocks hold", registry=r)
-        self._prefix_seen = (0, 0)
+        self.constrained = Counter(
+            "llamatrt_constrained_requests", "Requests held to a grammar (response_format)", registry=r
+        )
+        self.validation_failures = Counter(
+            "llamatrt_constrained_validation_failures",
+            "Constrained answers that did not satisfy their schema (refused, never sent; must stay 0)",
+            registry=r,
+        )
+        self.mask_seconds = Counter(
+            "llamatrt_grammar_mask_seconds", "Time spent filling and applying grammar token masks", registry=r
+        )
+        self._seen: dict[str, float] = {}  # the loop's counters as last read
 
     def token_time(self, step: Any, since_last: float, first: bool) -> None:
         if step.token_id is None:
@@ -53,13 +64,22 @@ class Metrics:
     def observe_queue(self, scheduler: Any) -> None:
         self.queue_depth.set(scheduler.waiting)
         self.active_rows.set(scheduler.active_rows)
-        if scheduler.prefix is not None:  # the loop's counters, read here: the loop thread stays metrics-free
-            stats = scheduler.prefix.stats
-            queries, hits = self._prefix_seen
-            self.prefix_queries.inc(max(0, stats.queries - queries))
-            self.prefix_hits.inc(max(0, stats.hits - hits))
-            self._prefix_seen = (max(queries, stats.queries), max(hits, stats.hits))
+        # the loop's own counters, read here: the loop thread stays metrics-free
+        if scheduler.prefix is not None:
+            self._follow(self.prefix_queries, scheduler.prefix.stats.queries)
+            self._follow(self.prefix_hits, scheduler.prefix.stats.hits)
             self.prefix_bytes.set(scheduler.prefix.bytes)
+        if scheduler.grammars is not None:
+            self._follow(self.constrained, scheduler.grammars.stats.constrained_requests)
+            self._follow(self.validation_failures, scheduler.grammars.stats.validation_failures)
+            self._follow(self.mask_seconds, scheduler.grammars.stats.mask_seconds)
+
+    def _follow(self, counter: Counter, total: float) -> None:
+        """Advance `counter` to `total`, a running total kept elsewhere."""
+        name = counter._name  # type: ignore[attr-defined]
+        self._seen[name], before = max(total, self._seen.get(name, 0.0)), self._seen.get(name, 0.0)
+        if total > before:
+            counter.inc(total - before)
 
     def finished(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)

@@ -3,8 +3,9 @@ results turned into OpenAI's response and chunk objects.
 
 Parameters follow OpenAI's definitions (defaults included: temperature 1); llamatrt's extras
 (`top_k`, `min_p`, `repetition_penalty`) are accepted too. A parameter this server does not
-implement (`n > 1`, `response_format`, `tools`, ...) is refused with a 400 naming it, never
-ignored silently; ones that change nothing in the output (`user`, `store`, `metadata`) are accepted.
+implement (`n > 1`, `tools`, ...) is refused with a 400 naming it, never ignored silently;
+`response_format` (chat: `json_object`, or `json_schema` with a schema the grammar engine enforces
+exactly) holds the answer to it; ones that change nothing in the output (`user`, `store`, `metadata`) are accepted.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ COMMON = frozenset(
         *SAMPLING_FIELDS,  # every SamplingParams field, by its own name
     }
 )
-CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
 COMPLETIONS = COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 # Keys that are implemented only at their neutral value.
 NEUTRAL = {
@@ -75,6 +76,7 @@ class Parsed:
     logprobs: bool
     top_logprobs: int
     model: str | None
+    response_format: dict[str, Any] | None = None  # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
 
 
 def _number(
@@ -114,6 +116,32 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     except SamplingError as e:
         raise BadRequest(e.api_message, e.field) from e
     return sampling
+
+
+def _response_format(raw: Any) -> dict[str, Any] | None:
+    """OpenAI's response_format: None for text, else the kind and, for json_schema, the schema."""
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise BadRequest(
+            'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+            '"json_schema": {"name": ..., "schema": {...}}}',
+            "response_format",
+        )
+    spec = raw.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise BadRequest("response_format.json_schema needs a name (a string) and a schema", "response_format")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise BadRequest("response_format.json_schema.schema must be a JSON object (a schema)", "response_format")
+    if not isinstance(spec.get("strict", False), bool | None):
+        raise BadRequest("response_format.json_schema.strict must be true or false", "response_format")
+    return {"type": "json_schema", "schema": schema}
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:
@@ -222,6 +250,7 @@ def parse(kind: str, body: Any) -> Parsed:
         logprobs,
         top,
         model,
+        _response_format(body.get("response_format")) if kind == "chat" else None,
     )
 
 
