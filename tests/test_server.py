@@ -333,3 +333,119 @@ def test_a_suite_of_schemas_people_send_each_answer_validates_or_says_it_was_cut
     assert report.valid + report.cut + report.refused == len(SCHEMAS)
     assert report.valid >= len(SCHEMAS) // 2, report  # most end within the budget even with random weights
     assert metric_of(json_server.url, "llamatrt_constrained_validation_failures_total") == 0
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": NO_ARGUMENTS}}
+
+
+def _assert_call(call, names: set[str]) -> None:
+    import jsonschema
+
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+    schema = WEATHER["function"]["parameters"] if call.function.name == "get_weather" else NO_ARGUMENTS
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_tool_call_comes_back_as_tool_calls_streamed_or_not(json_server: Server, choice) -> None:
+    client = json_server.client()
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    names = {"get_weather"} if isinstance(choice, dict) else {"get_weather", "get_time"}
+    reply = client.chat.completions.create(
+        model="j", messages=messages, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=96, temperature=0
+    )
+    assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+    (call,) = reply.choices[0].message.tool_calls
+    _assert_call(call, names)
+    chunks = list(
+        client.chat.completions.create(
+            model="j",
+            messages=messages,
+            tools=[WEATHER, TIME],
+            tool_choice=choice,
+            max_tokens=96,
+            temperature=0,
+            stream=True,
+        )
+    )
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert (deltas[0].function.name, deltas[0].function.arguments) == (call.function.name, call.function.arguments)
+    assert not any(c.choices and c.choices[0].delta.content for c in chunks)  # the call is not sent as text
+
+
+def test_tool_choice_none_and_auto_and_a_conversation_with_tool_results(json_server: Server) -> None:
+    client = json_server.client()
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    none = client.chat.completions.create(
+        model="j", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=8
+    )
+    assert none.choices[0].message.tool_calls is None and isinstance(none.choices[0].message.content, str)
+    auto = client.chat.completions.create(model="j", messages=messages, tools=[WEATHER], max_tokens=48, temperature=0)
+    if auto.choices[0].message.tool_calls:
+        _assert_call(auto.choices[0].message.tool_calls[0], {"get_weather"})
+        assert auto.choices[0].finish_reason == "tool_calls"
+    else:
+        assert isinstance(auto.choices[0].message.content, str)
+    history = [
+        *messages,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
+    ]
+    after = client.chat.completions.create(
+        model="j", messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8
+    )
+    assert after.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "u", "parameters": {"type": "array", "uniqueItems": True}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ],
+)
+def test_bad_tools_are_a_400_naming_them(json_server: Server, extra: dict, param: str) -> None:
+    body = {"model": "j", "messages": [{"role": "user", "content": "hi"}], **extra}
+    response = httpx.post(json_server.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llamatrt.base.errors import InputError, LlamatrtError
+from llamatrt.base.errors import ConstraintError, InputError, LlamatrtError
 from llamatrt.runtime.llm import TextTracker
 from llamatrt.runtime.requests import Request as ScheduledRequest
 from llamatrt.runtime.structured import Grammar
@@ -152,7 +152,7 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
             raise protocol.BadRequest("stream with several prompts is not supported; send one prompt", "prompt")
         prompts: list[str | list[int] | None] = [*parsed.prompts] or [None]
 
-        grammar = await asyncio.to_thread(engine.grammar, parsed.response_format)  # a 400 if it cannot be enforced
+        grammar = await asyncio.to_thread(engine.grammar, parsed.response_format, parsed.tools)  # a 400 if it cannot be
 
         def prepare() -> list[ScheduledRequest]:  # template and tokenizer: seconds on a huge prompt
             return [
@@ -199,6 +199,18 @@ async def _complete(kind: str, request: Request, engine: Engine, metrics: Metric
         return protocol.error_response(400, str(e))
     except LlamatrtError as e:
         return protocol.error_response(500, str(e), "server_error")
+
+
+def _tool_call(parsed: protocol.Parsed, result: Any) -> dict[str, Any] | None:
+    """The tool call a finished chat answer makes, if tools were offered and it is one; an answer held
+    to the call form that is not one would be a broken promise, never sent."""
+    tools = parsed.tools
+    if tools is None or not tools.offered or result.finish_reason != "stop":
+        return None
+    call = tools.call_in(result.text)
+    if call is None and tools.forced:
+        raise ConstraintError("the answer held to the tool-call form is not a call; report this as a bug")
+    return call
 
 
 async def _until_disconnected(request: Request, work: list[Any]) -> list[TextTracker] | None:
@@ -263,7 +275,11 @@ def _response(
             else None
         )
         choice: dict[str, Any] = {"index": i, "logprobs": logprobs, "finish_reason": result.finish_reason}
-        if kind == "chat":
+        call = _tool_call(parsed, result)
+        if call is not None:
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choice["finish_reason"] = "tool_calls"
+        elif kind == "chat":
             choice["message"] = {"role": "assistant", "content": result.text}
         else:
             choice["text"] = result.text
@@ -306,22 +322,37 @@ async def _stream(
         )
     sent = 0  # tokens whose logprobs went out already
     tracker: TextTracker | None = None
+    tools = parsed.tools if parsed.tools is not None and parsed.tools.offered else None
+    deciding, held = tools is not None, ""  # text held back while the answer may be a tool call
     try:
         async with contextlib.aclosing(engine.deltas(run)) as deltas:
             async for delta, tracker in deltas:
+                text = delta.text
+                if deciding:
+                    held, text = held + delta.text, ""
+                    if not tools.forced and held.lstrip() and not held.lstrip().startswith("{"):  # type: ignore[union-attr]
+                        deciding, held, text = False, "", held  # plain text: what was held goes out now
+                    elif delta.finish_reason is None:
+                        continue
                 logprobs = None
                 if parsed.logprobs:
                     ids = tracker.tokens[sent:]
                     logprobs = _logprobs(kind, engine, ids, tracker.logprobs[sent:], tracker.top[sent:])
                     sent = len(tracker.tokens)
                 if delta.finish_reason is None:
-                    yield chunk(choice(delta.text, None, logprobs))
+                    yield chunk(choice(text, None, logprobs))
                     continue
                 result = engine.llm.checked(tracker.result(parsed.logprobs), grammar)  # an error event if invalid
-                if delta.text:
-                    yield chunk(choice(delta.text, None, logprobs))
+                call = _tool_call(parsed, result) if deciding else None
+                finish = result.finish_reason
+                if call is not None:
+                    tool_delta = {"tool_calls": [{"index": 0, **call}]}
+                    yield chunk({"index": 0, "delta": tool_delta, "logprobs": logprobs, "finish_reason": None})
+                    finish, logprobs = "tool_calls", None
+                elif text or held:
+                    yield chunk(choice(text + held, None, logprobs))
                     logprobs = None
-                yield chunk(choice("", result.finish_reason, logprobs))
+                yield chunk(choice("", finish, logprobs))
                 metrics.finished(result.prompt_tokens, len(result.token_ids))
                 if parsed.include_usage:
                     yield chunk(None, protocol.usage(result.prompt_tokens, len(result.token_ids), result.cached_tokens))

@@ -25,6 +25,7 @@ from llamatrt.runtime.scheduler import LoopFailed
 from llamatrt.runtime.structured import Grammar
 from llamatrt.server.metrics import Metrics
 from llamatrt.server.protocol import BadRequest
+from llamatrt.server.tools import Tools
 
 
 class QueueFull(InputError):
@@ -117,9 +118,14 @@ class Engine:
         )
         return self.scheduler.check(request)
 
-    def grammar(self, response_format: dict[str, Any] | None) -> Grammar | None:
-        """The compiled grammar of a request's response_format (a 400 naming what the engine cannot
-        enforce exactly)."""
+    def grammar(self, response_format: dict[str, Any] | None, tools: Tools | None = None) -> Grammar | None:
+        """The compiled grammar of a request's response_format, or of the call form when it must call a
+        tool (a 400 naming what the engine cannot enforce exactly)."""
+        if tools is not None and tools.forced:
+            try:
+                return self.llm.grammar(json_schema=tools.call_schema())
+            except InputError as e:
+                raise BadRequest(f"tools: {e}", "tools") from e
         if response_format is None:
             return None
         try:

@@ -3,7 +3,8 @@ results turned into OpenAI's response and chunk objects.
 
 Parameters follow OpenAI's definitions (defaults included: temperature 1); llamatrt's extras
 (`top_k`, `min_p`, `repetition_penalty`) are accepted too. A parameter this server does not
-implement (`n > 1`, `tools`, ...) is refused with a 400 naming it, never ignored silently;
+implement (`n > 1`, `logit_bias`, ...) is refused with a 400 naming it, never ignored silently;
+`tools` and `tool_choice` (chat) are answered in llamatrt.server.tools' documented form;
 `response_format` (chat: `json_object`, or `json_schema` with a schema the grammar engine enforces
 exactly) holds the answer to it; ones that change nothing in the output (`user`, `store`, `metadata`) are accepted.
 """
@@ -11,6 +12,7 @@ exactly) holds the answer to it; ones that change nothing in the output (`user`,
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,7 +25,7 @@ from llamatrt.base.errors import InputError
 from llamatrt.runtime.sampling_params import SAMPLING_FIELDS, SamplingError, SamplingParams, field_kind
 
 # Accepted and ignored: they do not change what is generated.
-NO_EFFECT = frozenset({"user", "store", "metadata", "service_tier", "stream_options"})
+NO_EFFECT = frozenset({"user", "store", "metadata", "service_tier", "stream_options", "parallel_tool_calls"})
 # The keys each endpoint implements.
 COMMON = frozenset(
     {
@@ -38,7 +40,15 @@ COMMON = frozenset(
         *SAMPLING_FIELDS,  # every SamplingParams field, by its own name
     }
 )
-CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
+CHAT = COMMON | {
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+}
 COMPLETIONS = COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 # Keys that are implemented only at their neutral value.
 NEUTRAL = {
@@ -77,6 +87,7 @@ class Parsed:
     top_logprobs: int
     model: str | None
     response_format: dict[str, Any] | None = None  # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
+    tools: Any = None  # llamatrt.server.tools.Tools: the functions the answer may call, and how
 
 
 def _number(
@@ -167,11 +178,19 @@ def _check_keys(body: dict[str, Any], allowed: frozenset[str]) -> None:
 def _messages(raw: Any) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
         raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
-    out = []
+    out, called = [], False  # called: an assistant message with tool_calls came before
     for i, message in enumerate(raw):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "developer"):
-            raise BadRequest(f"messages[{i}] needs a role of system, user, assistant or developer", "messages")
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}] needs a role of {', '.join(ROLES)}", "messages")
         content = message.get("content")
+        if message["role"] == "assistant" and content is None and message.get("tool_calls"):
+            content, called = _calls_text(message["tool_calls"], i), True
+        if message["role"] == "tool" and not (called and isinstance(message.get("tool_call_id"), str)):
+            raise BadRequest(
+                f"messages[{i}] is a tool result, which needs a tool_call_id answering an earlier assistant "
+                "message's tool_calls",
+                "messages",
+            )
         if isinstance(content, list):  # content parts: text only
             if any(
                 not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
@@ -188,6 +207,22 @@ def _messages(raw: Any) -> list[dict[str, str]]:
         role = "system" if message["role"] == "developer" else message["role"]
         out.append({"role": role, "content": content})
     return out
+
+
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def _calls_text(calls: Any, i: int) -> str:
+    """An earlier assistant turn's tool calls, as the model wrote them (llamatrt.server.tools' form)."""
+    try:
+        return "\n".join(
+            json.dumps({"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])})
+            for c in calls
+        )
+    except (TypeError, KeyError, ValueError) as e:
+        raise BadRequest(
+            f'messages[{i}].tool_calls must be [{{"function": {{"name": ..., "arguments": "<JSON>"}}}}]', "messages"
+        ) from e
 
 
 def _prompts(raw: Any) -> list[str | list[int]]:
@@ -225,8 +260,16 @@ def parse(kind: str, body: Any) -> Parsed:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest(f"model must be a string, got {model!r}", "model")
+    tools = None
     if kind == "chat":
-        messages, prompts = _messages(body.get("messages")), []
+        from llamatrt.server.tools import parse_tools, with_tools
+
+        tools = parse_tools(body)
+        if tools is not None and tools.forced and body.get("response_format") not in (None, {"type": "text"}):
+            raise BadRequest(
+                "a forced tool call and a response_format cannot both hold the answer; send one", "tool_choice"
+            )
+        messages, prompts = with_tools(_messages(body.get("messages")), tools), []
         max_tokens = _number(body, "max_completion_tokens", None, int, 1) or _number(body, "max_tokens", None, int, 1)
         logprobs = _flag(body, "logprobs")
         top = _number(body, "top_logprobs", 0, int, 0, 20)
@@ -251,6 +294,7 @@ def parse(kind: str, body: Any) -> Parsed:
         top,
         model,
         _response_format(body.get("response_format")) if kind == "chat" else None,
+        tools,
     )
 
 

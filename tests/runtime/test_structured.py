@@ -27,7 +27,7 @@ TEXT = (
 
 
 def make_json_artifact(root: Path) -> None:
-    """A tiny random Llama whose vocabulary is a byte-level BPE with ChatML markers, B = 2, C = 256."""
+    """A tiny random Llama whose vocabulary is a byte-level BPE with ChatML markers, B = 2, C = 1024 (room for tools described in a system message)."""
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -42,7 +42,7 @@ def make_json_artifact(root: Path) -> None:
     fast.save_pretrained(folder)
     base = {**TINY_BASE, "vocab_size": 400, "eos_token_id": 0, "bos_token_id": None, "pad_token_id": 0}
     LlamaForCausalLM(LlamaConfig(**base, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(folder)
-    export_artifact(folder, root / "art", ExportOptions(batch_size=2, max_cache_len=256, prefill_chunk=16))
+    export_artifact(folder, root / "art", ExportOptions(batch_size=2, max_cache_len=1024, prefill_chunk=32))
 
 
 @pytest.fixture(scope="session")
