@@ -441,6 +441,10 @@ class Scheduler:
                 continue
             tokens[b], positions[b], slots[b] = row.last_token, row.fed, row.next_slot
         feeds = self.kv.decode_feeds(graph, torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
+        running = [self.rows[b] for b in decoding]
+        masks = None  # the constrained rows' masks, filled while the graph runs
+        if self.grammars is not None and any(r.matcher is not None for r in running):  # type: ignore[union-attr]
+            masks = self.grammars.start_masks([r.matcher for r in running])  # type: ignore[union-attr]
         started = time.perf_counter()
         outputs = self.backend.run(graph.name, feeds)
         self.kv.take(outputs, rows=batch)
@@ -449,13 +453,13 @@ class Scheduler:
         if self.observer is not None:
             self.observer("decode", seconds, len(decoding))
         logits = _finite(outputs["logits"], graph.name)
-        running = [self.rows[b] for b in decoding]
         for row in running:
             row.fed += 1  # type: ignore[union-attr]
         every_row = len(decoding) == len(logits)  # (then decoding lists all rows in order)
         if not every_row:
             logits = logits[decoding]  # (a copy, row k is decoding[k])
-        self._constrain(running, logits)  # type: ignore[arg-type]
+        if masks is not None:
+            masks.apply(logits)
         chosen = self.choose(running, logits)  # type: ignore[arg-type]
         for k, (b, token) in enumerate(zip(decoding, chosen, strict=True)):
             self._isolated(functools.partial(self._advance, b, logits[k], events, token), [b], events)

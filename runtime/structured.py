@@ -6,7 +6,8 @@ it is submitted: one the engine cannot enforce exactly (an unsupported keyword, 
 would loosen the schema) is refused then, in one line that names what it cannot take. A constrained
 row gets a matcher at admission; at each step the masks of all constrained rows are filled in one
 call (llguidance's thread pool) and applied to their logits before sampling, and rows without a
-grammar pay nothing. The chosen token is then consumed by the row's matcher; a finished grammar
+grammar pay nothing. A decode step starts filling them before its graph runs (a row's next mask
+depends only on the tokens it consumed), on a thread of the engine's, and waits for them after. The chosen token is then consumed by the row's matcher; a finished grammar
 allows only the end-of-sequence tokens. An answer is checked against its JSON schema
 (`jsonschema`) before it is handed out (`check_answer`).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,7 @@ class GrammarStats:
     """Since the engine was made (read by the server's metrics)."""
 
     constrained_requests: int = 0
-    mask_seconds: float = 0.0
+    mask_seconds: float = 0.0  # the loop's time on masks: waiting for them and applying them
     validation_failures: int = 0
 
 
@@ -60,6 +62,7 @@ class GrammarEngine:
                 "byte-level BPE or SentencePiece tokenizer"
             ) from e
         self.executor = llguidance.LLExecutor()
+        self._filler: ThreadPoolExecutor | None = None  # fills masks while a graph runs
         self.vocab_size = vocab_size
         self.stats = GrammarStats()
 
@@ -109,20 +112,42 @@ class GrammarEngine:
         self.stats.constrained_requests += 1
         return self._ll.LLMatcher(self.tokenizer, grammar.source)
 
-    def constrain(self, matchers: Sequence[Any], logits: torch.Tensor) -> None:
-        """Mask, in place, the logits (rows, vocab) of the rows whose matcher is not None: every
-        constrained row's mask in one call, then -inf wherever its grammar does not allow the token."""
+    def start_masks(self, matchers: Sequence[Any]) -> PendingMasks | None:
+        """Begin filling the masks of the rows whose matcher is not None (all in one call) on the
+        engine's thread; None when no row is constrained. `PendingMasks.apply` waits and masks."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
-            return
-        started = time.perf_counter()
+            return None
+        if self._filler is None:
+            self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamatrt-masks")
         mask = self._ll.torch.allocate_token_bitmask(len(rows), self.vocab_size)
-        self._ll.torch.fill_next_token_bitmask_par(self.executor, [(matchers[r], k) for k, r in enumerate(rows)], mask)
-        index = torch.tensor(rows)
+        pairs = [(matchers[r], k) for k, r in enumerate(rows)]
+        filled = self._filler.submit(self._ll.torch.fill_next_token_bitmask_par, self.executor, pairs, mask)
+        return PendingMasks(self, rows, mask, filled)
+
+    def constrain(self, matchers: Sequence[Any], logits: torch.Tensor) -> None:
+        """Mask, in place, the logits (rows, vocab) of the rows whose matcher is not None: -inf
+        wherever a row's grammar does not allow the token."""
+        pending = self.start_masks(matchers)
+        if pending is not None:
+            pending.apply(logits)
+
+
+@dataclass
+class PendingMasks:
+    engine: GrammarEngine
+    rows: list[int]  # which rows of the logits the masks are for
+    mask: torch.Tensor
+    filled: Future[None]
+
+    def apply(self, logits: torch.Tensor) -> None:
+        started = time.perf_counter()
+        self.filled.result()
+        index = torch.tensor(self.rows)
         picked = logits[index]
-        self._ll.torch.apply_token_bitmask_inplace(picked, mask)
+        self.engine._ll.torch.apply_token_bitmask_inplace(picked, self.mask)
         logits[index] = picked
-        self.stats.mask_seconds += time.perf_counter() - started
+        self.engine.stats.mask_seconds += time.perf_counter() - started
 
 
 def check_answer(grammar: Grammar | None, text: str, finish_reason: str) -> str | None:
