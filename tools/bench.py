@@ -11,6 +11,7 @@ Medians over the rounds are reported.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import gc
 import resource
@@ -71,14 +72,22 @@ def measure_bandwidth(nbytes: int, repeat: int = 3) -> float:
 
 
 def _rss_mb() -> float:
-    """Resident memory now (Linux /proc), else the peak so far. Garbage is collected first, so memory
-    freed late by what ran before is not counted against what loads next."""
+    """Resident memory now (Linux /proc), else the peak so far. Garbage is collected and the C heap's
+    free pages handed back first (glibc's malloc_trim), so memory freed late by what ran before is
+    neither counted against what loads next nor given back during its window (which made a small
+    artifact's difference come out below zero)."""
     gc.collect()
+    _trim_heap()
     try:
         resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         return resident_pages * resource.getpagesize() / 2**20
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _trim_heap() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _load_libraries(backends: Sequence[str]) -> None:
