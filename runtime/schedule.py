@@ -124,9 +124,10 @@ def decide(
     left = None if not decoding or budget.tokens is None else budget.tokens
     calls: list[Prefill] = []
     completing: list[int] = []
-    prefilling = sorted(
-        (b for b, row in enumerate(after) if row is not None and row.windows), key=lambda b: after[b].submitted
-    )  # type: ignore[union-attr]
+    # oldest first (a tie by row)
+    prefilling = [
+        b for _, b in sorted((row.submitted, b) for b, row in enumerate(after) if row is not None and row.windows)
+    ]
     for b in prefilling:
         windows = after[b].windows  # type: ignore[union-attr]
         for k, (start, size) in enumerate(windows):

@@ -186,7 +186,8 @@ async def _run(
         timeout=600,
         # a fresh connection per request: a server that closes idle keep-alive connections (llama-server
         # does) would otherwise fail a request sent on a pooled one that it just closed
-        http_client=httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=600),
+        # (openai's annotations name its vendored httpx; an httpx client is what it runs on here)
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=600),  # type: ignore[arg-type]
     )
     if model is None:
         model = (await client.models.list()).data[0].id
