@@ -57,7 +57,7 @@ def test_a_long_conversation_drops_its_oldest_turns_and_a_cut_reply_is_marked(
     assert cut == sum(len(r.split()) == 3 for r in replies) and cut > 0
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_the_progress_clock_ticks_through_a_long_step_on_a_terminal(tiny_artifact: Path, tmp_path: Path) -> None:
     export = _spawn(
         "export",

@@ -74,7 +74,7 @@ def test_the_markdown_report_renders_as_tables_with_the_thresholds(report) -> No
     assert payload["thresholds"]["float32"]["max_abs"] == 0.01
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_diff_with_its_built_in_prompts_fits_a_small_cache(tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "c40"
     exported = run_cli(
@@ -100,7 +100,7 @@ def test_diff_with_its_built_in_prompts_fits_a_small_cache(tiny_artifact: Path, 
     assert any("last cache slot" in c["name"] for c in json.loads(result.stdout)["checks"])  # the probe stays
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_bf16_graphs_are_checked_on_cpu_through_fp32_twins(tiny_artifact: Path, tmp_path: Path) -> None:
     result = run_cli(
         [
@@ -154,7 +154,7 @@ def test_a_broken_bf16_graph_fails_its_export_check(tiny_artifact: Path, tmp_pat
     assert calls["n"] > 0 and not (tmp_path / "bad").exists()
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_fp16_on_cpu_is_said_at_load(tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "fp16"
     assert (
@@ -221,6 +221,7 @@ def test_logprobs_show_without_json_and_top_alternatives_with_it(tiny_artifact: 
     assert all(alts[0][1] >= alts[1][1] for alts in row["top_logprobs"])
 
 
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_a_stop_string_cuts_the_text_and_its_tokens_and_says_which_stop(tiny_artifact: Path) -> None:
     _, out, _ = _generate(tiny_artifact, "--input-ids", "3,9,21", "--max-new-tokens", "6", "--json")
     free = json.loads(out)

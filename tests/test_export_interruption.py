@@ -75,7 +75,7 @@ def test_sigterm_during_export_cleans_up_and_keeps_the_old_artifact(existing) ->
     assert not (out.parent / f".{out.name}.lock").exists()
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_sigkill_leaves_a_temp_folder_that_the_next_export_removes(existing) -> None:
     hf, out, before = existing
     proc = _start_export(hf, out, "--force")
@@ -91,7 +91,7 @@ def test_sigkill_leaves_a_temp_folder_that_the_next_export_removes(existing) -> 
     assert _temp_folders(out) == []  # the dead process's folder is gone
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_a_second_export_to_the_same_out_is_refused_while_the_first_runs(existing) -> None:
     hf, out, _ = existing
     first = _start_export(hf, out, "--force")
@@ -104,7 +104,7 @@ def test_a_second_export_to_the_same_out_is_refused_while_the_first_runs(existin
     ]
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
     tiny_artifact: Path, tmp_path: Path, monkeypatch
 ) -> None:

@@ -34,7 +34,7 @@ def hf(tmp_path_factory) -> Path:
     return _hf(tmp_path_factory.mktemp("lw") / "hf")
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_a_perturbed_weight_is_found_in_its_layer(hf: Path, tmp_path: Path) -> None:
     out = tmp_path / "fp32"
     export_artifact(hf, out, ExportOptions(**OPTIONS))
@@ -48,7 +48,7 @@ def test_a_perturbed_weight_is_found_in_its_layer(hf: Path, tmp_path: Path) -> N
     assert all(lo <= hi for _, lo, hi in report.first_failure.inputs) and report.first_failure.inputs
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_a_clean_fp16_graph_passes_at_fp16_tolerance_and_the_scan_finds_nothing(hf: Path, tmp_path: Path) -> None:
     out = tmp_path / "fp16"
     export_artifact(hf, out, ExportOptions(dtype="fp16", **OPTIONS))
@@ -58,7 +58,7 @@ def test_a_clean_fp16_graph_passes_at_fp16_tolerance_and_the_scan_finds_nothing(
     assert fp16_scan(out) == []
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_an_overflowing_activation_is_flagged_by_the_scan_and_at_export(tmp_path: Path) -> None:
     hf = _hf(tmp_path / "hot", scale_layer_up=25000.0)
     result = run_cli(
@@ -87,7 +87,7 @@ def test_an_overflowing_activation_is_flagged_by_the_scan_and_at_export(tmp_path
     assert hot[0].tensor in warnings[0]
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_the_cli_prints_the_table_and_writes_the_plot(hf: Path, tmp_path: Path) -> None:
     out = tmp_path / "art"
     export_artifact(hf, out, ExportOptions(**OPTIONS))

@@ -203,6 +203,7 @@ def _scale_tensor(artifact: Path, initializer: str, factor: float) -> None:
 
 
 @pytest.mark.parametrize(("scheme", "variant", "level"), [("int4", "gqa-tied", 0), ("int8", "mha-untied", 4)])
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_a_float_checkpoint_is_quantized_by_onnxruntime_and_runs_its_dequantized_weights(
     tmp_path: Path, scheme: str, variant: str, level: int
 ) -> None:
@@ -233,7 +234,7 @@ def test_an_8_bit_weight_is_the_sum_of_its_two_4_bit_halves() -> None:
     assert np.allclose(high.dequantize() + low.dequantize(), weight.dequantize(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:
     tiny_hf_model("gqa-tied").save_pretrained(tmp_path / "hf")
     save_tiny_tokenizer(tmp_path / "hf")
@@ -266,6 +267,7 @@ def test_build_with_no_graph_tensorrt_takes_fails_and_leaves_the_artifact(
     assert {p.name: p.read_bytes() for p in gguf_artifact.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_layerwise_compares_int8_with_fp32_activations_in_onnx_runtimes_graph(
     gguf_checkpoint, gguf_artifact, tmp_path: Path
 ) -> None:

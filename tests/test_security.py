@@ -34,6 +34,7 @@ def _plant_remote_code(folder: Path) -> Path:
     return folder / "PWNED"
 
 
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_an_artifact_with_remote_code_in_its_tokenizer_runs_none_of_it(tiny_artifact: Path, tmp_path: Path) -> None:
     art = Path(shutil.copytree(tiny_artifact, tmp_path / "art"))
     marker = _plant_remote_code(art / "tokenizer")

@@ -123,7 +123,7 @@ def _soak_round(url: str, seed: int) -> list[tuple[str, list[str]]]:
     return results
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_a_bounded_soak_ends_every_stream_and_leaks_nothing(faulty: Server) -> None:
     url, pid = faulty.url + "/v1/completions", faulty.proc.pid
     _soak_round(url, 0)  # warm-up: allocators, thread pools and caches reach their size
@@ -160,6 +160,7 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(long_artifac
         assert s.stop() == 0
 
 
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_several_prompts_are_admitted_whole_or_refused_whole(long_artifact: Path, tiny_artifact: Path) -> None:
     s = Server(long_artifact, "--max-queue", "1")
     try:
@@ -221,6 +222,7 @@ def test_huge_prompts_do_not_stall_other_streams(long_artifact: Path) -> None:
         assert s.stop() == 0
 
 
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_the_api_key_from_a_file_or_the_environment_guards_metrics_too(
     tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -202,7 +202,7 @@ def test_fp16_keeps_fp32_norms_softmax_logits_and_finite_constants(tiny_dir: Pat
     assert read_manifest(folder).validation["max_abs_logits_error"] <= 0.25
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_existing_output_needs_force_and_survives_errors(
     artifacts, tiny_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:

@@ -109,7 +109,7 @@ def test_bench_several_artifacts_in_one_run(tiny_artifact: Path) -> None:
     assert "runs" in payload or payload["aggregate_ratio_vs_first"] == 1.0
 
 
-@pytest.mark.slow  # end to end, over 8 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 def test_the_onnxruntime_genai_baseline_builds_its_own_model_of_the_checkpoint(
     tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
