@@ -175,10 +175,6 @@ class LLM:
         return result
 
     @property
-    def prefix_cache(self) -> PrefixCache:
-        return self.generator.scheduler.prefix or PrefixCache(0)
-
-    @property
     def scheduler(self) -> Scheduler:
         """The one loop this LLM runs: a server drives it (`serve_forever`) and submits to it."""
         return self.generator.scheduler

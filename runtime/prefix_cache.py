@@ -101,7 +101,3 @@ class PrefixCache:
             self.stats.evicted_blocks += 1
         self.blocks[key] = block
         self.bytes += size
-
-    def clear(self) -> None:
-        self.blocks.clear()
-        self.bytes = 0

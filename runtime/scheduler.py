@@ -356,7 +356,7 @@ class Scheduler:
 
     def _remember_written(self, b: int, row: Row) -> None:
         """At a request's end: its generated tokens' blocks too (a chat's next turn starts with them)."""
-        if self.prefix is not None and not row.plan.pad and row.fed // self.prefix.block_size > row.remembered:
+        if self.prefix is not None and row.fed // self.prefix.block_size > row.remembered:
             self._remember(b, row, block_keys(row.written, self.prefix.block_size))
 
     # --- rows -------------------------------------------------------------------------------------
@@ -416,7 +416,8 @@ class Scheduler:
             if self.prefix is not None:
                 self._remember(b, row, self._keys(row.handle))
             logits = _finite(outputs["logits"], graph.name)[:1]
-            self._constrain([row], logits)
+            if row.matcher is not None:  # (a row has a matcher only where the loop has grammars)
+                self.grammars.constrain([row.matcher], logits)  # type: ignore[union-attr]
             self._advance(b, logits[0], events, self.choose([row], logits)[0])
 
     def _decode_graph(self, rows: int) -> GraphSpec:
@@ -442,9 +443,8 @@ class Scheduler:
             tokens[b], positions[b], slots[b] = row.last_token, row.fed, row.next_slot
         feeds = self.kv.decode_feeds(graph, torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
         running = [self.rows[b] for b in decoding]
-        masks = None  # the constrained rows' masks, filled while the graph runs
-        if self.grammars is not None and any(r.matcher is not None for r in running):  # type: ignore[union-attr]
-            masks = self.grammars.start_masks([r.matcher for r in running])  # type: ignore[union-attr]
+        # the constrained rows' masks, filled while the graph runs (None when no row is constrained)
+        masks = None if self.grammars is None else self.grammars.start_masks([r.matcher for r in running])  # type: ignore[union-attr]
         started = time.perf_counter()
         outputs = self.backend.run(graph.name, feeds)
         self.kv.take(outputs, rows=batch)
@@ -463,11 +463,6 @@ class Scheduler:
         chosen = self.choose(running, logits)  # type: ignore[arg-type]
         for k, (b, token) in enumerate(zip(decoding, chosen, strict=True)):
             self._isolated(functools.partial(self._advance, b, logits[k], events, token), [b], events)
-
-    def _constrain(self, rows: Sequence[Row], logits: torch.Tensor) -> None:
-        """Mask the logits (one per row of `rows`) of the rows held to a grammar, all in one call."""
-        if self.grammars is not None and any(r.matcher is not None for r in rows):
-            self.grammars.constrain([r.matcher for r in rows], logits)
 
     def _advance(self, b: int, logits: torch.Tensor, events: list[Step], token: int) -> None:
         """Row b's next token (chosen from `logits` (vocab,)): emit it, end the request or keep

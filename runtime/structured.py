@@ -32,7 +32,6 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 class Grammar:
     """A compiled grammar, as a request carries it."""
 
-    kind: str  # "json_schema" | "json_object" | "lark"
     source: str = field(repr=False)  # llguidance's grammar
     schema: Mapping[str, Any] | None = field(default=None, repr=False)  # what answers are validated against
 
@@ -77,18 +76,17 @@ class GrammarEngine:
                 json.dumps(schema), overrides={"whitespace_flexible": False}
             )
         except (ValueError, TypeError) as e:
-            raise InputError(f"{what} is not valid JSON: {_first_line(e)}") from e
+            raise InputError(f"{what} is not valid JSON ({_first_line(e)}); give plain JSON values") from e
         self._check(source, what)
-        return Grammar("json_schema", source, schema)
+        return Grammar(source, schema)
 
     def json_object(self) -> Grammar:
-        grammar = self.json_schema(JSON_OBJECT_SCHEMA, "a JSON object")
-        return Grammar("json_object", grammar.source, JSON_OBJECT_SCHEMA)
+        return self.json_schema(JSON_OBJECT_SCHEMA, "a JSON object")
 
     def lark(self, text: str) -> Grammar:
         source = self._ll.LLMatcher.grammar_from_lark(text)
         self._check(source, "the grammar")
-        return Grammar("lark", source)
+        return Grammar(source)
 
     def _check(self, source: str, what: str) -> None:
         """Fail closed: an error, or a warning (something the engine would not enforce), refuses it."""

@@ -51,7 +51,7 @@ class Metrics:
         self.mask_seconds = Counter(
             "llamatrt_grammar_mask_seconds", "Time spent filling and applying grammar token masks", registry=r
         )
-        self._seen: dict[str, float] = {}  # the loop's counters as last read
+        self._seen: dict[Counter, float] = {}  # the loop's running totals, as last read
 
     def token_time(self, step: Any, since_last: float, first: bool) -> None:
         if step.token_id is None:
@@ -76,10 +76,10 @@ class Metrics:
 
     def _follow(self, counter: Counter, total: float) -> None:
         """Advance `counter` to `total`, a running total kept elsewhere."""
-        name = counter._name  # type: ignore[attr-defined]
-        self._seen[name], before = max(total, self._seen.get(name, 0.0)), self._seen.get(name, 0.0)
+        before = self._seen.get(counter, 0.0)
         if total > before:
             counter.inc(total - before)
+            self._seen[counter] = total
 
     def finished(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
