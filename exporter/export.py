@@ -8,17 +8,22 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llamatrt.base.artifact import names
 from llamatrt.base.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, write_manifest
-from llamatrt.base.artifact.precision import precision
+from llamatrt.base.artifact.precision import dtype_name, precision
 from llamatrt.base.artifact.reader import file_sha256
 from llamatrt.base.artifact.variants import ONNXRUNTIME
+from llamatrt.base.config import LlamaConfig
 from llamatrt.base.errors import CheckpointError, InputError, ValidationError
 from llamatrt.base.progress import Progress, no_progress
 from llamatrt.exporter.artifacts import (
@@ -32,11 +37,32 @@ from llamatrt.exporter.artifacts import (
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
 from llamatrt.exporter.ort_fusions import fuse_skip_rms_norm
-from llamatrt.exporter.quant_plan import QuantPlan, dequantized_model, plan_quantization
-from llamatrt.exporter.quantize import quantize_graph
+from llamatrt.exporter.quant_plan import (
+    ParameterQuantizer,
+    QuantPlan,
+    check_quantize_options,
+    dequantized_model,
+    plan_quantization,
+)
+from llamatrt.exporter.quant_weights import INT4_STORED, STORED, QuantizedWeight
+from llamatrt.exporter.quantize import held_parts, quantize_graph
 from llamatrt.exporter.quantize_portable import TENSORRT_INT4_BLOCKS, dequantize_linear_graph, tensorrt_can_take
+from llamatrt.exporter.replicate import (
+    TWIN_DEPTH,
+    LayerTensor,
+    TensorMaker,
+    at_layer,
+    replicate_layers,
+    template_tensors,
+)
 from llamatrt.exporter.variants import VariantPlan, fused_attention_possible, planned_variants
-from llamatrt.exporter.weights_file import parameter_locations, save_graph, write_shared_weights
+from llamatrt.exporter.weights_file import (
+    WeightsWriter,
+    WrittenWeights,
+    parameter_locations,
+    save_graph,
+    write_shared_weights,
+)
 from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
 from llamatrt.models.llama import StaticLlama
 from llamatrt.models.tokenizer import eos_token_ids, load_tokenizer
@@ -137,11 +163,11 @@ def _export_locked(
     checkpoint = load_checkpoint(model)
     config = checkpoint.config
     tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
-    torch_model = checkpoint.build_model(precision(options.dtype).torch)
+    twin = checkpoint.truncated(TWIN_DEPTH).build_model(precision(options.dtype).torch)
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
     fused = fused_attention_possible(config.head_dim, options.dtype, options.full_logits)
     plans = planned_variants(b, s, fused)
-    quant, no_portable = None, None
+    quant, quantizer, no_portable = None, None, None
     if options.quantize is not None:
         if not fused:
             raise InputError(
@@ -149,8 +175,10 @@ def _export_locked(
                 f"this model has head_dim {config.head_dim}: export it without --quantize"
             )
         progress("quantizing weights")
-        quant = plan_quantization(checkpoint, torch_model, options.quantize, options.block_size, options.accuracy_level)
-        no_portable = tensorrt_can_take(quant.weights)
+        check_quantize_options(options.quantize, options.accuracy_level)
+        quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size)
+        quant = plan_quantization(quantizer, twin, options.quantize, options.block_size, options.accuracy_level)
+        no_portable = tensorrt_can_take({**quantizer.carried, **quant.weights})
         if no_portable is not None:  # MatMulNBits is an ONNX Runtime op: ONNX Runtime's graph only
             log.warning(
                 "no TensorRT graphs: TensorRT takes symmetric int4 blocks of %s, and %s; for them export "
@@ -159,62 +187,198 @@ def _export_locked(
                 no_portable,
             )
             plans = [p for p in plans if p.attention.name == ONNXRUNTIME.name]
-    specs = [graph_spec(plan, torch_model, c, options.full_logits) for plan in plans]
+    specs = [graph_spec(plan, config, options.dtype, c, options.full_logits) for plan in plans]
+    twin_specs = [graph_spec(plan, twin.config, options.dtype, c, options.full_logits) for plan in plans]
     if quant is not None:
         # torch runs them on the dequantized weights (export validation, diff's middle rung); TensorRT
         # the portable ones, whose DequantizeLinear blocks it builds as weight-only quantized GEMMs
         specs = [replace(spec, weights=quant.scheme) for spec in specs]
-    check_disk_space(out, _artifact_bytes(torch_model, len(specs)))
+        twin_specs = [replace(spec, weights=quant.scheme) for spec in twin_specs]
+    check_disk_space(out, _artifact_bytes(config, precision(options.dtype).torch, len(specs)))
     with atomic_output_dir(out) as tmp:
-        graphs = []
-        for spec in specs:
+        twin_dir = tmp / TWIN_DIR
+        twin_dir.mkdir()
+        params = {k: v.detach() for k, v in twin.state_dict().items()}
+        writer = WeightsWriter(twin_dir / names.WEIGHTS, params)
+        graphs, tensors = [], []
+        for spec in twin_specs:
             progress(f"exporting {spec.name} graph")
-            graphs.append(_onnx_graph(torch_model, spec, b))
-            if quant is not None and spec.attention == ONNXRUNTIME.name:
-                quantize_graph(graphs[-1], quant.weights, quant.floats, quant.accuracy_level)
-            elif quant is not None:
-                dequantize_linear_graph(graphs[-1], quant.weights, quant.floats)
-        progress("writing weights")
-        written = write_shared_weights(graphs, tmp / names.WEIGHTS)
-        floats = {k: v for k, v in torch_model.state_dict().items() if quant is None or k not in quant.weights}
-        locations = parameter_locations(floats, written)
-        specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
-        del graphs
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            config=config,
-            source=checkpoint.source,
-            dtype=options.dtype,
-            batch_size=b,
-            max_cache_len=c,
-            prefill_chunk=s,
-            opset=OPSET,
-            kv_write=KV_WRITE,
-            weights_file=names.WEIGHTS,
-            weights_bytes=written.bytes,
-            weights_sha256=written.sha256,
-            weights_map=locations,
-            graphs={g.name: g for g in specs},
-            tokenizer=_save_tokenizer(tokenizer, checkpoint, tmp),
-            validation={"skipped": "--no-validate"},
-            versions=_versions(),
-            quantization={}
-            if quant is None
-            else {
-                "scheme": quant.scheme,
-                "block_size": quant.block_size,
-                "accuracy_level": quant.accuracy_level,
-                "tensors": quant.origins(),
-                "portable": _portable_note(quant, no_portable),
-            },
-        )
-        write_manifest(manifest, tmp)
+            graphs.append(_twin_graph(twin, spec, b, quant))
+            tensors.append(template_tensors(graphs[-1], params))  # what each of layer 1's tensors is
+            writer.add(graphs[-1])  # its own tensors leave memory before the next graph is traced
+        twin_written = writer.written()
+        twin_graphs = [_saved_twin(spec, graph, twin_dir) for spec, graph in zip(twin_specs, graphs, strict=True)]
+        quantization = {} if quant is None else _quantization_entry(quant, quantizer, no_portable)
+        twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization)
+        validation: dict[str, Any] = {"skipped": "--no-validate"}
         if validate is not None and options.validate:
             progress("validating against PyTorch")
-            reference = torch_model if quant is None else dequantized_model(torch_model, quant)
-            manifest = replace(manifest, validation=dict(validate(tmp, manifest, reference)))
-            write_manifest(manifest, tmp)
+            reference = twin if quant is None else dequantized_model(twin, quant)
+            validation = {**validate(twin_dir, twin_manifest, reference), "checked": _checked_note(config)}
+        progress("writing weights")
+        writer.move(tmp / names.WEIGHTS)  # the twin's weights begin the artifact's: layers 2.. are appended
+        shutil.rmtree(twin_dir)
+        make = _layer_tensor_maker(checkpoint, twin, quantizer, options.accuracy_level)
+        streamed: dict[str, tuple[LayerTensor, list[int]]] = {}
+        for spec, graph, template in zip(specs, graphs, tensors, strict=True):
+            replicate_layers(graph, config.num_layers, template, make)
+            streamed.update(
+                {k: (t, list(graph.graph.initializers[k].const_value.shape.numpy())) for k, t in template.items()}
+            )
+            if spec.attention == ONNXRUNTIME.name:
+                fuse_skip_rms_norm(graph)
+            writer.add(graph)
+        written = writer.close()
+        specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
+        del graphs
+        floats = {k: v for k, v in params.items() if quant is None or k not in quant.weights}
+        locations = parameter_locations(floats, written)
+        locations.update(_streamed_locations(streamed.values(), config.num_layers, written))
+        if quant is not None:
+            quantization = _quantization_entry(quant, quantizer, no_portable)  # with every layer's origin now
+        manifest = _manifest(
+            config,
+            checkpoint,
+            options,
+            written,
+            locations,
+            specs,
+            _save_tokenizer(tokenizer, checkpoint, tmp),
+            quantization,
+        )
+        manifest = replace(manifest, validation=validation)
+        write_manifest(manifest, tmp)
     return manifest
+
+
+TWIN_DIR = ".twin"  # inside the export's temp folder: the two-layer artifact that validation runs
+
+
+def _checked_note(config: LlamaConfig) -> str:
+    """What export validation covered, for the manifest (docs/export.md says why)."""
+    if config.num_layers <= TWIN_DEPTH:
+        return "every layer"
+    return (
+        f"layers 0-{TWIN_DEPTH - 1} of {config.num_layers} with the embedding and head (the traced twin); layers "
+        f"{TWIN_DEPTH}-{config.num_layers - 1} are copies of layer {TWIN_DEPTH - 1}'s graph over their own weights"
+    )
+
+
+def _twin_graph(twin: StaticLlama, spec: GraphSpec, max_batch: int, quant: QuantPlan | None) -> Any:
+    """One variant of the twin: exported, optimized, quantized — everything but the ONNX Runtime
+    fusions, which run after the layers are replicated (they merge nodes across layer boundaries)."""
+    graph = optimize_graph(graph_to_onnx(twin, spec, max_batch))
+    if quant is not None and spec.attention == ONNXRUNTIME.name:
+        quantize_graph(graph, quant.weights, quant.floats, quant.accuracy_level)
+    elif quant is not None:
+        dequantize_linear_graph(graph, quant.weights, quant.floats)
+    return graph
+
+
+def _saved_twin(spec: GraphSpec, graph: Any, folder: Path) -> GraphSpec:
+    """The twin's graph as validation runs it (the ONNX Runtime fusions applied to a copy read back
+    from disk, so the graph in memory stays one that replicates)."""
+    import onnx_ir as ir
+
+    saved = _saved(spec, graph, folder)
+    if spec.attention != ONNXRUNTIME.name:
+        return saved
+    copy = ir.load(folder / spec.path)
+    fuse_skip_rms_norm(copy)
+    return _saved(spec, copy, folder)
+
+
+def _layer_tensor_maker(
+    checkpoint: Checkpoint, twin: StaticLlama, quantizer: ParameterQuantizer | None, accuracy_level: int
+) -> TensorMaker:
+    """Layer i's tensor for one of the template's initializers, from the checkpoint: the parameter
+    in the twin's compute dtype and the stored form, or its blocks as the quantizer makes them."""
+    import onnx_ir as ir
+
+    compute = twin.model.embed_tokens.weight.dtype
+
+    @functools.lru_cache(maxsize=4)  # a weight's codes, scales and offsets are written one after another
+    def blocks(param: str) -> QuantizedWeight:
+        assert quantizer is not None
+        return quantizer(param, checkpoint.parameter(param).numpy())
+
+    def make(tensor: LayerTensor, layer: int) -> ir.TensorProtocol:
+        param = at_layer(tensor.param, layer)
+        if tensor.quantized:
+            weight = blocks(param)
+            held = held_parts(weight, accuracy_level)[tensor.part] if tensor.part else weight
+            array = STORED[tensor.suffix](held)
+            return ir.Tensor(array, dtype=ir.DataType.INT4) if tensor.suffix in INT4_STORED else ir.tensor(array)
+        value = checkpoint.parameter(param).to(compute).to(getattr(torch, tensor.dtype))
+        value = (value.t() if tensor.transposed else value).contiguous()
+        if value.dtype == torch.bfloat16:
+            return ir.Tensor(value.view(torch.uint16).numpy(), dtype=ir.DataType.BFLOAT16)
+        return ir.tensor(value.numpy())
+
+    return make
+
+
+def _streamed_locations(
+    streamed: Iterable[tuple[LayerTensor, list[int]]], num_layers: int, written: WrittenWeights
+) -> dict[str, dict[str, Any]]:
+    """weights_map entries of the replicated layers' float parameters, by their streamed keys."""
+    locations: dict[str, dict[str, Any]] = {}
+    for tensor, shape in streamed:
+        if tensor.quantized:
+            continue
+        for layer in range(TWIN_DEPTH, num_layers):
+            param = at_layer(tensor.param, layer)
+            if param not in locations:
+                offset, _ = written.offsets[tensor.name(layer)]
+                locations[param] = {
+                    "offset": offset,
+                    "shape": shape,
+                    "transposed": tensor.transposed,
+                    "dtype": tensor.dtype,
+                }
+    return locations
+
+
+def _quantization_entry(quant: QuantPlan, quantizer: Any, no_portable: str | None) -> dict[str, Any]:
+    return {
+        "scheme": quant.scheme,
+        "block_size": quant.block_size,
+        "accuracy_level": quant.accuracy_level,
+        "tensors": {**quant.origins(), **quantizer.origins},
+        "portable": _portable_note(quant, no_portable),
+    }
+
+
+def _manifest(
+    config: LlamaConfig,
+    checkpoint: Checkpoint,
+    options: ExportOptions,
+    written: WrittenWeights,
+    locations: dict[str, dict[str, Any]],
+    specs: list[GraphSpec],
+    tokenizer: dict[str, Any],
+    quantization: dict[str, Any],
+) -> Manifest:
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        config=config,
+        source=checkpoint.source,
+        dtype=options.dtype,
+        batch_size=options.batch_size,
+        max_cache_len=options.max_cache_len,
+        prefill_chunk=options.prefill_chunk,
+        opset=OPSET,
+        kv_write=KV_WRITE,
+        weights_file=names.WEIGHTS,
+        weights_bytes=written.bytes,
+        weights_sha256=written.sha256,
+        weights_map=locations,
+        graphs={g.name: g for g in specs},
+        tokenizer=tokenizer,
+        validation={"skipped": "--no-validate"},
+        versions=_versions(),
+        quantization=quantization,
+    )
 
 
 def _portable_note(quant: QuantPlan, reason: str | None) -> str:
@@ -226,27 +390,47 @@ def _portable_note(quant: QuantPlan, reason: str | None) -> str:
 
 def export_graph(model: StaticLlama, plan: VariantPlan, max_cache_len: int, folder: Path, max_batch: int) -> GraphSpec:
     """One graph variant of `model` as a standalone file in `folder`, with its own weights file: the
-    reference an artifact's graph is compared with, node by node (`llamatrt diff --layerwise`). The
-    same exporter makes both, so tensors of the same meaning carry the same names."""
-    spec = graph_spec(plan, model, max_cache_len, full_logits=False)
-    graph = _onnx_graph(model, spec, max_batch)
+    reference an artifact's graph is compared with, node by node (`llamatrt diff --layerwise`). Made
+    as exports make graphs (a two-layer twin, layers replicated), so tensors of the same meaning carry
+    the same names."""
+    dtype = dtype_name(model.model.embed_tokens.weight.dtype)
+    spec = graph_spec(plan, model.config, dtype, max_cache_len, full_logits=False)
+    twin = _model_twin(model)
+    graph = _twin_graph(twin, graph_spec(plan, twin.config, dtype, max_cache_len, False), max_batch, None)
+    params = {k: v.detach() for k, v in twin.state_dict().items()}
+    full = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def make(tensor: LayerTensor, layer: int) -> Any:
+        import onnx_ir as ir
+
+        value = full[at_layer(tensor.param, layer)].to(getattr(torch, tensor.dtype))
+        return ir.tensor((value.t() if tensor.transposed else value).contiguous().numpy())
+
+    replicate_layers(graph, model.config.num_layers, template_tensors(graph, params), make)
+    if plan.attention.name == ONNXRUNTIME.name:
+        fuse_skip_rms_norm(graph)
     write_shared_weights([graph], folder / names.WEIGHTS)
     return _saved(spec, graph, folder)
 
 
-def _onnx_graph(model: StaticLlama, spec: GraphSpec, max_batch: int) -> Any:
-    """Exported and optimized; a graph only ONNX Runtime runs gets its contrib-op fusions too."""
-    graph = optimize_graph(graph_to_onnx(model, spec, max_batch))
-    if spec.attention == ONNXRUNTIME.name:
-        fuse_skip_rms_norm(graph)
-    return graph
+def _model_twin(model: StaticLlama) -> StaticLlama:
+    """`model` cut to its first TWIN_DEPTH layers, sharing its tensors."""
+    config = replace(model.config, num_layers=min(TWIN_DEPTH, model.config.num_layers))
+    keep = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < TWIN_DEPTH
+    }
+    return StaticLlama.from_weights(config, keep).to(model.model.embed_tokens.weight.dtype).eval()
 
 
-def _artifact_bytes(model: StaticLlama, graphs: int) -> int:
+def _artifact_bytes(config: LlamaConfig, dtype: torch.dtype, graphs: int) -> int:
     """An upper bound of the artifact's size: the weights once (the tied head counted once), each
     graph's nodes and inlined constants (tens of KB per layer), the tokenizer and the manifest."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(weights * 1.02) + graphs * (64 + 48 * model.config.num_layers) * 1024 + (32 << 20)
+    with torch.device("meta"):
+        shapes = StaticLlama(config)
+    weights = sum(p.numel() for p in shapes.parameters()) * max(4, torch.finfo(dtype).bits // 8)
+    return int(weights * 1.02) + graphs * (64 + 48 * config.num_layers) * 1024 + (32 << 20)
 
 
 def _saved(spec: GraphSpec, graph: Any, folder: Path) -> GraphSpec:

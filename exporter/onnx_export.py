@@ -19,8 +19,8 @@ from torch import nn
 
 from llamatrt.base.artifact.feeds import graph_feeds
 from llamatrt.base.artifact.manifest import GraphSpec, contract_io
-from llamatrt.base.artifact.precision import dtype_name
 from llamatrt.base.artifact.variants import ONNXRUNTIME
+from llamatrt.base.config import LlamaConfig
 from llamatrt.exporter import ort_attention
 from llamatrt.exporter.variants import VariantPlan
 from llamatrt.models.kv_cache import empty_cache
@@ -59,11 +59,10 @@ class GraphModule(nn.Module):
         return self.model(*inputs, full_logits=self.full_logits, rope_tables=self.tables)  # type: ignore[no-any-return]
 
 
-def graph_spec(plan: VariantPlan, model: StaticLlama, max_cache_len: int, full_logits: bool) -> GraphSpec:
+def graph_spec(plan: VariantPlan, config: LlamaConfig, dtype: str, max_cache_len: int, full_logits: bool) -> GraphSpec:
     """The manifest entry of one variant: what it is, and its IO contract (DESIGN.md §1)."""
-    dtype = dtype_name(model.model.embed_tokens.weight.dtype)
     inputs, outputs = contract_io(
-        model.config, dtype, plan.batch, plan.seq, max_cache_len, full_logits and plan.role == "prefill"
+        config, dtype, plan.batch, plan.seq, max_cache_len, full_logits and plan.role == "prefill"
     )
     return GraphSpec(plan.name, plan.role, plan.path, inputs, outputs, plan.attention.name, dtype)
 

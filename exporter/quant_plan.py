@@ -39,7 +39,7 @@ class QuantPlan:
     floats: dict[str, np.ndarray]  # the same parameters as the exporter's model holds them (found by content)
 
     def origins(self) -> dict[str, str]:
-        return {name: f"{w.origin} ({w.bits}-bit, block {w.block})" for name, w in self.weights.items()}
+        return {name: w.describe() for name, w in self.weights.items()}
 
     def summary(self) -> str:
         counts = Counter(w.origin for w in self.weights.values())
@@ -51,19 +51,25 @@ def _quantized_params(model: StaticLlama) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.state_dict().items() if p.dim() == 2}
 
 
-def plan_quantization(
-    checkpoint: Checkpoint, model: StaticLlama, scheme: str, block_size: int, accuracy_level: int
-) -> QuantPlan:
+def check_quantize_options(scheme: str, accuracy_level: int) -> None:
     if scheme not in WEIGHT_FORMATS:
         raise InputError(f"unknown --quantize {scheme!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise InputError(f"--accuracy-level {accuracy_level} is not 0 (fp32, exact) or 4 (int8 activations, fast)")
-    carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config) if checkpoint.gguf is not None else {}
-    weights: dict[str, QuantizedWeight] = {}
-    floats: dict[str, np.ndarray] = {}
-    for name, tensor in _quantized_params(model).items():
-        array = tensor.float().numpy()
-        weight = carried.get(name)
+
+
+class ParameterQuantizer:
+    """One parameter's blocks at a time: the GGUF's own where the file holds them (and they are the
+    weights transformers loaded), else round-to-nearest of the float. The export calls it for the
+    traced twin's parameters and again, tensor by tensor, for every replicated layer's."""
+
+    def __init__(self, checkpoint: Checkpoint, scheme: str, block_size: int) -> None:
+        self.bits, self.block_size = WEIGHT_FORMATS[scheme].bits, block_size
+        self.carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config) if checkpoint.gguf is not None else {}
+        self.origins: dict[str, str] = {}  # parameter -> where its blocks came from, as the manifest says it
+
+    def __call__(self, name: str, array: np.ndarray) -> QuantizedWeight:
+        weight = self.carried.get(name)
         if weight is not None and not np.array_equal(weight.dequantize(), array):
             log.warning(
                 "%s: the GGUF's blocks do not dequantize to the weights transformers loaded; quantizing "
@@ -71,8 +77,20 @@ def plan_quantization(
                 name,
             )
             weight = None
-        weights[name] = weight if weight is not None else rtn_quantize(array, WEIGHT_FORMATS[scheme].bits, block_size)
-        floats[name] = array
+        weight = weight if weight is not None else rtn_quantize(array, self.bits, self.block_size)
+        self.origins[name] = weight.describe()
+        return weight
+
+
+def plan_quantization(
+    quantizer: ParameterQuantizer, model: StaticLlama, scheme: str, block_size: int, accuracy_level: int
+) -> QuantPlan:
+    check_quantize_options(scheme, accuracy_level)
+    weights: dict[str, QuantizedWeight] = {}
+    floats: dict[str, np.ndarray] = {}
+    for name, tensor in _quantized_params(model).items():
+        floats[name] = tensor.float().numpy()
+        weights[name] = quantizer(name, floats[name])
     plan = QuantPlan(scheme, block_size, accuracy_level, weights, floats)
     log.info("quantized weights: %s", plan.summary())
     return plan

@@ -16,6 +16,7 @@ Layout (MatMulNBits, weight W of shape [N, K], blocks of `block` along K): `pack
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,10 @@ class QuantizedWeight:
     zero: int  # the one zero point of every block: DEFAULT_ZERO[bits], or 0 with `offsets`
     offsets: np.ndarray | None  # float32 [N, K/block]: Q4_1's `m`, added after the product
     origin: str  # "gguf Q4_1" (blocks carried over) or "rtn" (quantized here)
+
+    def describe(self) -> str:
+        """Where the blocks came from, as the manifest records it."""
+        return f"{self.origin} ({self.bits}-bit, block {self.block})"
 
     @property
     def blocks(self) -> int:
@@ -92,6 +97,33 @@ class QuantizedWeight:
             None if self.offsets is None else self.offsets[index],
             self.origin,
         )
+
+
+def signed_codes_kn(weight: QuantizedWeight) -> np.ndarray:
+    """int8 [K, N] holding the int4 values code - 8 (what DequantizeLinear's int4 input stores)."""
+    codes = weight.codes().reshape(weight.n, -1)[:, : weight.k].astype(np.int8) - np.int8(DEFAULT_ZERO[4])
+    return np.ascontiguousarray(codes.T)
+
+
+def _offsets(weight: QuantizedWeight) -> np.ndarray:
+    assert weight.offsets is not None, "only Q4_1 blocks have offsets"
+    return weight.offsets
+
+
+# Every graph tensor made of a quantized weight, by the suffix of its initializer's name
+# (`{parameter}{suffix}`): the graph rewrites (exporter.quantize, exporter.quantize_portable) and the
+# layer replication (exporter.replicate) make them from this one table.
+STORED: dict[str, Callable[[QuantizedWeight], np.ndarray]] = {
+    ".q4": lambda w: w.packed,
+    ".q8": lambda w: w.packed,
+    ".scales": lambda w: w.scales,
+    ".offsets": lambda w: np.ascontiguousarray(_offsets(w).T),  # [blocks, N]
+    ".offsets.rows": lambda w: _offsets(w),
+    ".scales.kn": lambda w: np.ascontiguousarray(w.scales.T),
+    ".int4": signed_codes_kn,  # held as ONNX INT4
+    ".dequantized": lambda w: w.dequantize(),
+}
+INT4_STORED = frozenset({".int4"})
 
 
 def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:

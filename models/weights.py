@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,67 @@ def state_dict_from_dir(folder: Path, dtype: torch.dtype = torch.float32) -> dic
             raise CheckpointError(f"cannot read {f} ({e}); the file is corrupt or truncated, re-download it") from e
         state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in shard.items()})
     return state
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorReader:
+    """Tensors of an HF folder's safetensors, read one at a time with plain file reads: an export
+    streams a checkpoint of any size through a layer's worth of memory. (Not through a memory map:
+    every page of a mapping that was read stays counted in the process's resident memory while it
+    is mapped, so reading a whole checkpoint through one would hold it all.)"""
+
+    def __init__(self, folder: Path) -> None:
+        self.where: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        for f in safetensors_files(folder):
+            try:
+                with f.open("rb") as handle:
+                    size = int.from_bytes(handle.read(8), "little")
+                    header = json.loads(handle.read(size))
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"cannot read {f} ({e}); the file is corrupt or truncated, re-download it") from e
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                try:
+                    start, end = entry["data_offsets"]
+                    self.where[name] = (f, entry["dtype"], list(entry["shape"]), 8 + size + start, end - start)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise CheckpointError(f"{f} has a malformed header entry for {name!r}; re-download it") from e
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
+        path, dtype, shape, offset, length = self.where[name]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {path.name} is {dtype}, which llamatrt does not read")
+        data = bytearray(length)
+        with path.open("rb") as f:
+            f.seek(offset)
+            if f.readinto(data) != length:
+                raise CheckpointError(f"{path} is truncated (tensor {name!r}); re-download it")
+        if not length:
+            return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
+        return torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
+
+
+def fused_parameter(get: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
+    """One StaticLlama parameter (`...qkv_proj.weight` is q|k|v, `gate_up_proj` gate|up) from a
+    getter of HF-named tensors: what fuse_projections makes of the whole state dict, for one name."""
+    for target, parts in FUSED_PROJECTIONS.items():
+        if f".{target}." in name:
+            prefix, kind = name.split(f"{target}.")
+            return torch.cat([get(f"{prefix}{part}.{kind}") for part in parts])
+    return get(name)

@@ -60,10 +60,16 @@ class OrtBackend(Backend):
         check_feeds: bool = True,
         threads: int | None = None,
         attention: str | None = None,
+        prepack: bool = True,
     ) -> None:
         """`attention`: run only graphs of that attention form (export validation checks each form);
-        None: the fastest form this device and ONNX Runtime can run."""
+        None: the fastest form this device and ONNX Runtime can run. `prepack=False`: the kernels read
+        the mapped weights as they are instead of each session packing its own copy, the pages a run
+        read are given back after it (each session maps the file on its own, so graphs run in turn
+        would each hold the weights), and no arena keeps a run's peak: slower calls, the weights held
+        about once (export validation)."""
         self.forced_attention = attention
+        self.prepack = prepack
         super().__init__(folder, manifest, device, check_feeds)
         import onnxruntime as ort
 
@@ -83,16 +89,22 @@ class OrtBackend(Backend):
         for name, graph in self.graphs.items():
             path = inside(self.folder, graph.path, f"graph {name!r} path")
             try:
-                self.sessions[name] = ort.InferenceSession(
-                    str(path), self._options(ort, graph, threads, manifest), providers=providers
-                )
+                options = self._options(ort, graph, threads, manifest)
+                if not prepack:
+                    options.add_session_config_entry("session.disable_prepacking", "1")
+                    options.enable_cpu_mem_arena = False
+                # without prepacking, no folded copy of a weight either (the tied head's transpose of the
+                # embedding would be one per session); a call transposes it in passing
+                unfolded = {} if prepack else {"disabled_optimizers": ["ConstantFolding"]}
+                self.sessions[name] = ort.InferenceSession(str(path), options, providers=providers, **unfolded)
             except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidProtobuf, ...)
                 raise ManifestMismatchError(
                     f"ONNX Runtime cannot load {graph.path} ({str(e).splitlines()[0][:200]}); "
                     "re-run `llamatrt export --force`"
                 ) from e
-        if self.device.type == "cpu":  # the kernels hold their own packed copies now
-            release_clean_pages(inside(self.folder, manifest.weights_file, "weights file"))
+        self.weights_path = inside(self.folder, manifest.weights_file, "weights file")
+        if self.device.type == "cpu":  # the kernels hold their own packed copies now (or read the mapping)
+            release_clean_pages(self.weights_path)
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
         # (graph, rows and tokens of the call, cache addresses) -> its binding. A decode step reuses
         # one binding as it is; a prefill on row b of the cache binds that row's addresses.
@@ -178,6 +190,8 @@ class OrtBackend(Backend):
             for name, buffer in bound.small.items():
                 buffer.copy_(feeds[name])
         self.sessions[graph.name].run_with_iobinding(bound.binding)
+        if not self.prepack:  # each session maps the file anew: keep one graph's pages at a time
+            release_clean_pages(self.weights_path)
         return self._aliased_outputs(graph, feeds, bound.logits)
 
     def _new_binding(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor], cache: list[torch.Tensor]) -> _Bound:

@@ -73,7 +73,7 @@ def validate_artifact(folder: Path, manifest: Manifest, model: StaticLlama) -> d
             candidate_folder, candidate_manifest = Path(scratch), exact_twin(folder, manifest, Path(scratch))
         with TorchBackend(candidate_folder, candidate_manifest, model=model) as reference:
             for form in forms:
-                with OrtBackend(candidate_folder, candidate_manifest, attention=form) as candidate:
+                with OrtBackend(candidate_folder, candidate_manifest, attention=form, prepack=False) as candidate:
                     errors[form] = _loop_error(candidate, reference)
     for form, error in errors.items():
         if not error <= tolerance:

@@ -27,9 +27,19 @@ def export_artifact(
 
     options = options or ExportOptions()
     manifest = write_artifact(model, out, options, force, progress, validate_artifact)
-    if manifest.dtype == "float16":
+    if manifest.dtype == "float16" and manifest.weights_bytes <= FP16_SCAN_MAX_BYTES:
         _warn_fp16(out)
+    elif manifest.dtype == "float16":
+        log.info(
+            "fp16 safety scan skipped: it runs the whole model twice (fp16 and an fp32 twin) with every tensor "
+            "kept, which an artifact of %.1f GB of weights does not fit; `llamatrt diff --layerwise` on a GPU does it",
+            manifest.weights_bytes / 1e9,
+        )
     return manifest
+
+
+# The scan holds the fp16 weights, an fp32 twin of them and every activation at once.
+FP16_SCAN_MAX_BYTES = 2 << 30
 
 
 def _warn_fp16(out: Path) -> None:

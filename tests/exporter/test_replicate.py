@@ -1,0 +1,192 @@
+"""Exports deeper than the traced twin: layers 2.. are replicated from layer 1 and streamed.
+
+Export validation runs the two-layer twin; these tests hold the whole replicated artifact to PyTorch
+on the full model (the same check, `tools.export_check.validate_artifact`, at every depth), in every
+graph form and weight format, and check that an export's memory does not grow with the model's depth.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llamatrt.base.artifact.reader import read_manifest
+from llamatrt.exporter.export import ExportOptions
+from llamatrt.exporter.quant_plan import ParameterQuantizer
+from llamatrt.models import load_checkpoint
+from llamatrt.models.llama import StaticLlama
+from llamatrt.tools.export_check import validate_artifact
+from llamatrt.tools.pipeline import export_artifact
+from tests.conftest import TINY_BASE, TINY_VARIANTS, save_tiny_tokenizer
+
+CACHE, CHUNK, DEPTH = 48, 8, 5
+
+
+def _deep_tiny(folder: Path, variant: str, layers: int = DEPTH, equal_first_norms: bool = False) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = {**TINY_BASE, **TINY_VARIANTS[variant], "num_hidden_layers": layers, "intermediate_size": 64}
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else p.add_(0.1 * torch.randn_like(p))  # norms differ by layer
+        if equal_first_norms:  # the exporter then merges the twin's two norms into one tensor
+            model.model.layers[1].input_layernorm.weight.copy_(model.model.layers[0].input_layernorm.weight)
+    model.save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["gqa-llama3", "mha-bias-linear"])
+def deep_dir(request, tmp_path_factory) -> Path:
+    return _deep_tiny(tmp_path_factory.mktemp("deep") / request.param, request.param)
+
+
+def _export(source: Path, out: Path, **options) -> Path:
+    export_artifact(source, out, ExportOptions(max_cache_len=CACHE, prefill_chunk=CHUNK, **options))
+    return out
+
+
+def _full_reference(source: Path, folder: Path) -> StaticLlama:
+    """The whole model in PyTorch, on the artifact's weights as they dequantize."""
+    manifest = read_manifest(folder)
+    checkpoint = load_checkpoint(source)
+    if not manifest.quantization:
+        return checkpoint.build_model(getattr(torch, manifest.dtype))
+    model = checkpoint.build_model()
+    quantizer = ParameterQuantizer(checkpoint, manifest.quantization["scheme"], manifest.quantization["block_size"])
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if p.dim() == 2:
+                p.copy_(torch.from_numpy(quantizer(name, p.numpy().copy()).dequantize()))
+    return model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"batch_size": 2},
+        {"dtype": "bf16"},
+        {"quantize": "int4", "block_size": 16},
+        {"quantize": "int8", "block_size": 16, "accuracy_level": 4},
+    ],
+    ids=["fp32", "fp32-b2", "bf16", "int4", "int8-level4"],
+)
+def test_replicated_layers_equal_pytorch_on_the_whole_model(deep_dir: Path, tmp_path: Path, options) -> None:
+    if options.get("quantize") and "bias" in deep_dir.name:
+        pytest.skip("--quantize needs the fused graph, which head_dim 8 does not allow")
+    folder = _export(deep_dir, tmp_path / "a", **options)
+    manifest = read_manifest(folder)
+    assert manifest.config.num_layers == DEPTH
+    assert f"layers 2-{DEPTH - 1} are copies" in manifest.validation["checked"]
+    checked = validate_artifact(folder, manifest, _full_reference(deep_dir, folder))  # every layer, every form
+    assert checked["max_abs_logits_error"] <= checked["tolerance"]
+    assert set(checked["max_abs_logits_error_by_graphs"]) == {g.attention for g in manifest.graphs.values()}
+
+
+def test_layers_whose_first_norms_are_equal_still_get_their_own(tmp_path: Path) -> None:
+    """Layers 0 and 1 with equal norm weights share one initializer in the twin; the copies of layer 1
+    must read their own layer's norm, not that shared one."""
+    source = _deep_tiny(tmp_path / "hf", "gqa-llama3", equal_first_norms=True)
+    folder = _export(source, tmp_path / "a")
+    manifest = read_manifest(folder)
+    checked = validate_artifact(folder, manifest, _full_reference(source, folder))
+    assert checked["max_abs_logits_error"] <= checked["tolerance"]
+    assert set(manifest.weights_map) == set(load_checkpoint(source).build_model().state_dict())
+
+
+def test_every_parameter_of_every_layer_is_mapped_in_the_weights_file(deep_dir: Path, tmp_path: Path) -> None:
+    """The PyTorch backend runs from the artifact's own weights: the replicated layers' too."""
+    from llamatrt.runtime.torch_backend import state_dict_from_artifact
+
+    folder = _export(deep_dir, tmp_path / "a", dtype="fp16")
+    manifest = read_manifest(folder)
+    expected = load_checkpoint(deep_dir).build_model(torch.float16).state_dict()
+    assert set(manifest.weights_map) == set(expected)
+    loaded = state_dict_from_artifact(folder, manifest)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_quantized_layers_record_their_blocks_and_half_precision_halves_the_file(
+    deep_dir: Path, tmp_path: Path
+) -> None:
+    if "bias" in deep_dir.name:
+        pytest.skip("--quantize needs the fused graph")
+    int4 = read_manifest(_export(deep_dir, tmp_path / "int4", quantize="int4", block_size=16))
+    layers = {name.split(".")[2] for name in int4.quantization["tensors"] if name.startswith("model.layers.")}
+    assert layers == {str(i) for i in range(DEPTH)}
+    assert all(v == "rtn (4-bit, block 16)" for v in int4.quantization["tensors"].values())
+    fp32 = read_manifest(_export(deep_dir, tmp_path / "fp32"))
+    fp16 = read_manifest(_export(deep_dir, tmp_path / "fp16", dtype="fp16"))
+    # the norms stay fp32 (DESIGN.md §3): a little over half
+    assert 0.5 <= fp16.weights_bytes / fp32.weights_bytes < 0.55
+
+
+PEAK_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    from llamatrt.exporter.export import ExportOptions
+    from llamatrt.tools.pipeline import export_artifact
+    export_artifact(sys.argv[1], Path(sys.argv[2]), ExportOptions(max_cache_len=64, prefill_chunk=16))
+    print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    """
+)
+
+
+def _peak_export_bytes(source: Path, out: Path) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(source), str(out)], capture_output=True, text=True, check=True
+    )
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak"])
+
+
+def _mid_size(folder: Path, layers: int) -> Path:
+    """Hidden 1024, FFN 4096, 16 heads / 4 KV heads: 61 MB of fp32 weights a layer."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    h, f, kv, vocab = 1024, 4096, 256, 99
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * shape[-1] ** -0.5).to(torch.bfloat16)
+
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        layer = {p + "self_attn.q_proj.weight": randn(h, h), p + "self_attn.k_proj.weight": randn(kv, h)}
+        layer |= {p + "self_attn.v_proj.weight": randn(kv, h), p + "self_attn.o_proj.weight": randn(h, h)}
+        layer |= {p + "mlp.gate_proj.weight": randn(f, h), p + "mlp.up_proj.weight": randn(f, h)}
+        layer |= {p + "mlp.down_proj.weight": randn(h, f), p + "input_layernorm.weight": randn(h) + 1}
+        layer |= {p + "post_attention_layernorm.weight": randn(h) + 1}
+        save_file(layer, str(folder / f"layer{i}.safetensors"))
+    save_file(
+        {"model.embed_tokens.weight": randn(vocab, h), "model.norm.weight": randn(h) + 1}, str(folder / "x.safetensors")
+    )
+    config = {**TINY_BASE, "hidden_size": h, "intermediate_size": f, "num_hidden_layers": layers}
+    config |= {"num_attention_heads": 16, "num_key_value_heads": 4, "tie_word_embeddings": True, "model_type": "llama"}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_export_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
+    """A 16-layer export holds no more than a 4-layer one of the same width (the twin is the same),
+    within a quarter of the 12 extra layers' fp32 weights; before streaming it held all of them
+    (and their traced copies) at once."""
+    shallow = _peak_export_bytes(_mid_size(tmp_path / "l4", 4), tmp_path / "a4")
+    deep = _peak_export_bytes(_mid_size(tmp_path / "l16", 16), tmp_path / "a16")
+    extra_layers = 12 * 4 * (2 * 1024 * 1024 + 2 * 256 * 1024 + 3 * 1024 * 4096)
+    assert deep - shallow < extra_layers / 4, (shallow, deep, extra_layers)
+    assert np.isclose(read_manifest(tmp_path / "a16").weights_bytes, 4 * extra_layers / 3, rtol=0.02)
