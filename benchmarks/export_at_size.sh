@@ -20,10 +20,10 @@ run() {  # label, output folder, command...: one row of the table
     /usr/bin/time -f "%e %M" -o "$SCRATCH/time.txt" "$@" > "$SCRATCH/log.txt" 2>&1 || { tail -5 "$SCRATCH/log.txt"; echo "| $label | failed | | |"; return; }
     read -r wall kb < "$SCRATCH/time.txt"
     size=$(du -sb "$out" | cut -f1)
-    printf "| %s | %.1f s | %.2f GB | %.2f GB |\n" "$label" "$wall" "$(echo "$kb / 1048576" | bc -l)" "$(echo "$size / 1000000000" | bc -l)"
+    printf "| %s | %.1f s | %.2f | %.2f |\n" "$label" "$wall" "$(echo "$kb / 1048576" | bc -l)" "$(echo "$size / 1000000000" | bc -l)"
 }
 
-echo "| command | wall | peak RSS | output |"
+echo "| command | wall | peak RSS (GiB) | output (GB) |"
 echo "|---|---|---|---|"
 for shape in $SHAPES; do
     ckpt="$SCRATCH/llama-$shape"

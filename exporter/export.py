@@ -41,7 +41,7 @@ from llamatrt.exporter.quant_plan import (
     ParameterQuantizer,
     QuantPlan,
     check_quantize_options,
-    dequantized_model,
+    dequantize_in_place,
     plan_quantization,
 )
 from llamatrt.exporter.quant_weights import INT4_STORED, STORED, QuantizedWeight
@@ -163,7 +163,8 @@ def _export_locked(
     checkpoint = load_checkpoint(model)
     config = checkpoint.config
     tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
-    twin = checkpoint.truncated(TWIN_DEPTH).build_model(precision(options.dtype).torch)
+    checkpoint.check_parameters()  # every layer's tensors, from the headers: before minutes of work
+    twin = checkpoint.build_prefix(TWIN_DEPTH, precision(options.dtype).torch)
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
     fused = fused_attention_possible(config.head_dim, options.dtype, options.full_logits)
     plans = planned_variants(b, s, fused)
@@ -213,7 +214,7 @@ def _export_locked(
         validation: dict[str, Any] = {"skipped": "--no-validate"}
         if validate is not None and options.validate:
             progress("validating against PyTorch")
-            reference = twin if quant is None else dequantized_model(twin, quant)
+            reference = twin if quant is None else dequantize_in_place(twin, quant)
             validation = {**validate(twin_dir, twin_manifest, reference), "checked": _checked_note(config)}
         progress("writing weights")
         writer.move(tmp / names.WEIGHTS)  # the twin's weights begin the artifact's: layers 2.. are appended

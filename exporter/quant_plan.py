@@ -9,7 +9,6 @@ as floats are quantized to the requested bits. From float checkpoints, ONNX Runt
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -96,12 +95,12 @@ def plan_quantization(
     return plan
 
 
-def dequantized_model(model: StaticLlama, plan: QuantPlan) -> StaticLlama:
-    """A copy of `model` on the artifact's weights as they dequantize: the reference that export
+def dequantize_in_place(model: StaticLlama, plan: QuantPlan) -> StaticLlama:
+    """`model` made the artifact's weights as they dequantize, in place (the exporter is done with
+    its floats once the graphs are made; a copy would hold the twin twice): the reference that export
     validation holds the quantized graph to, so only arithmetic is left between them."""
-    reference = copy.deepcopy(model)
-    state = reference.state_dict()
+    state = model.state_dict()
     with torch.no_grad():
         for name, weight in plan.weights.items():
             state[name].copy_(torch.from_numpy(weight.dequantize()))
-    return reference
+    return model

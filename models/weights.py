@@ -120,6 +120,11 @@ class TensorReader:
                 except (KeyError, TypeError, ValueError) as e:
                     raise CheckpointError(f"{f} has a malformed header entry for {name!r}; re-download it") from e
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.where:
+            raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
+        return tuple(self.where[name][2])
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
@@ -134,6 +139,16 @@ class TensorReader:
         if not length:
             return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
         return torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
+
+
+def fused_shape(shape: Callable[[str], tuple[int, ...]], name: str) -> tuple[int, ...]:
+    """The shape `fused_parameter` gives, from the parts' shapes alone."""
+    for target, parts in FUSED_PROJECTIONS.items():
+        if f".{target}." in name:
+            prefix, kind = name.split(f"{target}.")
+            shapes = [shape(f"{prefix}{part}.{kind}") for part in parts]
+            return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return shape(name)
 
 
 def fused_parameter(get: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
