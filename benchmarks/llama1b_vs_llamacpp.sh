@@ -18,8 +18,9 @@ for kind in "int4" "int4-level4 --accuracy-level 4" "int4-b4 --batch 4" "int4-b4
     shift
     [ -f "$OUT/1b-$name/manifest.json" ] || $LLAMATRT export --model "$CKPT" --out "$OUT/1b-$name" --quantize int4 "$@" > /dev/null
 done
-if [ ! -f "$OUT/1b-q4_0.gguf" ]; then  # llama.cpp's own converter (its gguf-py on the path) and quantizer
-    PYTHONPATH="$CPP/src/gguf-py" $PY "$CPP/src/convert_hf_to_gguf.py" "$CKPT" --outtype f16 \
+if [ ! -f "$OUT/1b-q4_0.gguf" ]; then  # llama.cpp's own converter (its gguf-py and sentencepiece on the path only) and quantizer
+    [ -d "$CPP/pydeps/sentencepiece" ] || $PY -m pip install -q --target "$CPP/pydeps" sentencepiece
+    PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$CKPT" --outtype f16 \
         --outfile "$OUT/1b-f16.gguf" > "$OUT/convert.log" 2>&1
     "$CPP/build/bin/llama-quantize" "$OUT/1b-f16.gguf" "$OUT/1b-q4_0.gguf" Q4_0 > "$OUT/quantize.log" 2>&1
     rm -f "$OUT/1b-f16.gguf"

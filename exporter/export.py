@@ -219,7 +219,7 @@ def _export_locked(
         progress("writing weights")
         writer.move(tmp / names.WEIGHTS)  # the twin's weights begin the artifact's: layers 2.. are appended
         shutil.rmtree(twin_dir)
-        make = _layer_tensor_maker(checkpoint, twin, quantizer, options.accuracy_level)
+        make = _layer_tensor_maker(checkpoint, twin, quant, quantizer)
         streamed: dict[str, tuple[LayerTensor, list[int]]] = {}
         for spec, graph, template in zip(specs, graphs, tensors, strict=True):
             replicate_layers(graph, config.num_layers, template, make)
@@ -290,7 +290,7 @@ def _saved_twin(spec: GraphSpec, graph: Any, folder: Path) -> GraphSpec:
 
 
 def _layer_tensor_maker(
-    checkpoint: Checkpoint, twin: StaticLlama, quantizer: ParameterQuantizer | None, accuracy_level: int
+    checkpoint: Checkpoint, twin: StaticLlama, quant: QuantPlan | None, quantizer: ParameterQuantizer | None
 ) -> TensorMaker:
     """Layer i's tensor for one of the template's initializers, from the checkpoint: the parameter
     in the twin's compute dtype and the stored form, or its blocks as the quantizer makes them."""
@@ -299,14 +299,23 @@ def _layer_tensor_maker(
     compute = twin.model.embed_tokens.weight.dtype
 
     @functools.lru_cache(maxsize=4)  # a weight's codes, scales and offsets are written one after another
-    def blocks(param: str) -> QuantizedWeight:
-        assert quantizer is not None
-        return quantizer(param, checkpoint.parameter(param).numpy())
+    def blocks(param: str, template: str) -> QuantizedWeight:
+        assert quant is not None and quantizer is not None
+        weight, like = quantizer(param, checkpoint.parameter(param).numpy()), quant.weights[template]
+        if weight.form() != like.form():
+            raise CheckpointError(
+                f"{param} is {weight.describe()} where layer 1 holds {like.describe()}: llamatrt writes every "
+                "layer as layer 1's graph, so their blocks must be of one kind; export the float checkpoint "
+                "(an HF folder) instead"
+            )
+        return weight
+
+    accuracy_level = 0 if quant is None else quant.accuracy_level
 
     def make(tensor: LayerTensor, layer: int) -> ir.TensorProtocol:
         param = at_layer(tensor.param, layer)
         if tensor.quantized:
-            weight = blocks(param)
+            weight = blocks(param, tensor.param)
             held = held_parts(weight, accuracy_level)[tensor.part] if tensor.part else weight
             array = STORED[tensor.suffix](held)
             return ir.Tensor(array, dtype=ir.DataType.INT4) if tensor.suffix in INT4_STORED else ir.tensor(array)

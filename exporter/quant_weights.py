@@ -40,6 +40,10 @@ class QuantizedWeight:
     offsets: np.ndarray | None  # float32 [N, K/block]: Q4_1's `m`, added after the product
     origin: str  # "gguf Q4_1" (blocks carried over) or "rtn" (quantized here)
 
+    def form(self) -> tuple[int, int, int, int, int, bool]:
+        """What a graph over this weight depends on: a weight of the same form fits the same nodes."""
+        return self.bits, self.block, self.n, self.k, self.zero, self.offsets is None
+
     def describe(self) -> str:
         """Where the blocks came from, as the manifest records it."""
         return f"{self.origin} ({self.bits}-bit, block {self.block})"

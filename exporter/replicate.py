@@ -17,6 +17,7 @@ reads that is not one of its parameters) stops the export with a message, never 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -206,6 +207,17 @@ def _upstream(values: Iterable[ir.Value]) -> set[ir.Node]:
     return seen
 
 
+def _checked(make: TensorMaker, tensor: LayerTensor, layer: int, like: ir.TensorProtocol) -> ir.TensorProtocol:
+    """Layer `layer`'s tensor, which must have the template's shape and type: what its nodes read."""
+    made = make(tensor, layer)
+    if made.dtype != like.dtype or tuple(made.shape.numpy()) != tuple(like.shape.numpy()):
+        raise ValidationError(
+            f"{tensor.name(layer)} is {made.dtype.name}{list(made.shape.numpy())} where layer {TEMPLATE}'s is "
+            f"{like.dtype.name}{list(like.shape.numpy())}; the checkpoint's layers differ in shape or format"
+        )
+    return made
+
+
 def _copy_layer(
     graph: ir.Graph,
     template: _Template,
@@ -231,7 +243,7 @@ def _copy_layer(
         assert source.const_value is not None
         stored = streamed_tensor(
             tensor.name(layer),
-            lambda tensor=tensor: make(tensor, layer),  # type: ignore[misc]
+            functools.partial(_checked, make, tensor, layer, source.const_value),
             source.const_value.dtype,
             source.const_value.shape.numpy(),
         )

@@ -37,7 +37,7 @@ GGUF_NAMES = {
 }
 
 
-def _block_model():
+def _block_model(layers: int = 2):
     """A tiny Llama whose every input dimension is a multiple of 32 (GGUF blocks)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -46,7 +46,7 @@ def _block_model():
         vocab_size=99,
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
@@ -65,9 +65,15 @@ def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _write_gguf(model, path: Path, qtype: gguf.GGMLQuantizationType) -> dict[str, np.ndarray]:
-    """Every 2-D tensor quantized to `qtype` as llama.cpp names and lays them out; returns the HF
-    state dict as transformers would load the file (dequantized, q/k rows un-permuted)."""
+def _write_gguf(
+    model,
+    path: Path,
+    qtype: gguf.GGMLQuantizationType,
+    layer_qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every 2-D tensor quantized to `qtype` (a layer of `layer_qtypes` to its own) as llama.cpp names
+    and lays them out; returns the HF state dict as transformers would load the file (dequantized,
+    q/k rows un-permuted)."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     cfg = model.config
@@ -88,9 +94,10 @@ def _write_gguf(model, path: Path, qtype: gguf.GGMLQuantizationType) -> dict[str
         else:
             loaded[name] = array
             continue
-        blocks = gguf.quants.quantize(array, qtype)
-        writer.add_tensor(target, blocks, raw_dtype=qtype)
-        loaded[name] = processor.process(gguf.quants.dequantize(blocks, qtype), target).weights
+        kind = (layer_qtypes or {}).get(name.split(".")[2], qtype) if name.startswith("model.layers.") else qtype
+        blocks = gguf.quants.quantize(array, kind)
+        writer.add_tensor(target, blocks, raw_dtype=kind)
+        loaded[name] = processor.process(gguf.quants.dequantize(blocks, kind), target).weights
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -132,6 +132,33 @@ def test_quantized_layers_record_their_blocks_and_half_precision_halves_the_file
     assert 0.5 <= fp16.weights_bytes / fp32.weights_bytes < 0.55
 
 
+def test_a_gguf_whose_later_layers_hold_other_blocks_is_refused(tmp_path: Path) -> None:
+    """Layers 2.. are written as layer 1's graph over their own blocks; a layer of another block type
+    (Q4_0 where layer 1 holds Q4_1: the same bytes, no offsets) would fit its tensors' shapes and be
+    wrong, so it stops the export with one line naming the tensor and the way out."""
+    from dataclasses import replace
+
+    import gguf
+
+    from llamatrt.base.errors import CheckpointError
+    from tests.test_quantize import _block_model, _write_gguf
+
+    model = _block_model(layers=4)
+    kinds = gguf.GGMLQuantizationType
+    loaded = _write_gguf(model, tmp_path / "m.gguf", kinds.Q4_1, {"3": kinds.Q4_0})
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in loaded.items()}, strict=False)
+    model.save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    checkpoint = replace(load_checkpoint(tmp_path / "hf"), gguf=tmp_path / "m.gguf")
+    with pytest.raises(
+        CheckpointError, match=r"model.layers.3.self_attn.qkv_proj.weight is gguf Q4_0 .* layer 1 holds gguf Q4_1"
+    ):
+        export_artifact(
+            checkpoint, tmp_path / "a", ExportOptions(max_cache_len=CACHE, prefill_chunk=CHUNK, quantize="int4")
+        )
+    assert not (tmp_path / "a").exists()
+
+
 PEAK_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
