@@ -256,7 +256,7 @@ TWIN_DIR = ".twin"  # inside the export's temp folder: the two-layer artifact th
 
 
 def _checked_note(config: LlamaConfig) -> str:
-    """What export validation covered, for the manifest (docs/export.md says why)."""
+    """What export validation covered, for the manifest (docs/artifact.md says why)."""
     if config.num_layers <= TWIN_DEPTH:
         return "every layer"
     return (

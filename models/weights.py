@@ -108,6 +108,8 @@ class TensorReader:
             try:
                 with f.open("rb") as handle:
                     size = int.from_bytes(handle.read(8), "little")
+                    if size > f.stat().st_size - 8:
+                        raise ValueError(f"a header of {size} bytes in a file of {f.stat().st_size}")
                     header = json.loads(handle.read(size))
             except (OSError, ValueError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"cannot read {f} ({e}); the file is corrupt or truncated, re-download it") from e
@@ -135,7 +137,7 @@ class TensorReader:
         with path.open("rb") as f:
             f.seek(offset)
             if f.readinto(data) != length:
-                raise CheckpointError(f"{path} is truncated (tensor {name!r}); re-download it")
+                raise CheckpointError(f"{path} is corrupt or truncated (tensor {name!r} is cut); re-download it")
         if not length:
             return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
         return torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
