@@ -75,8 +75,9 @@ TensorMaker = Callable[[LayerTensor, int], "ir.TensorProtocol"]
 def template_tensors(model: ir.Model, params: Mapping[str, torch.Tensor]) -> dict[str, LayerTensor]:
     """Template initializer name -> what it is made of. `params`: the twin's state dict as the
     traced model held it. Quantized tensors are named `{parameter}{part}{suffix}` by the rewrites;
-    float ones keep a parameter's name, or (a pre-transposed weight the exporter named `val_N`) are
-    found by content among the template's parameters."""
+    float ones are a parameter or a whole view of one (a pre-transposed weight the exporter named
+    `val_N`), found by address, or else (an fp16 graph's folded fp32 upcast of a norm) by content
+    among the template's parameters' stored forms."""
     template = {name: t for name, t in params.items() if name.startswith(f"model.layers.{TEMPLATE}.")}
     views = ParameterViews(params)
     by_content: dict[str, LayerTensor] | None = None  # made only if a tensor is no view of a parameter
