@@ -439,7 +439,7 @@ def _artifact_bytes(config: LlamaConfig, dtype: torch.dtype, graphs: int) -> int
     graph's nodes and inlined constants (tens of KB per layer), the tokenizer and the manifest."""
     with torch.device("meta"):
         shapes = StaticLlama(config)
-    weights = sum(p.numel() for p in shapes.parameters()) * max(4, torch.finfo(dtype).bits // 8)
+    weights = sum(p.numel() for p in shapes.parameters()) * (torch.finfo(dtype).bits // 8)
     return int(weights * 1.02) + graphs * (64 + 48 * config.num_layers) * 1024 + (32 << 20)
 
 

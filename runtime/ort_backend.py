@@ -93,6 +93,10 @@ class OrtBackend(Backend):
                 if not prepack:
                     options.add_session_config_entry("session.disable_prepacking", "1")
                     options.enable_cpu_mem_arena = False
+                    if manifest.dtype == "float16":
+                        # ONNX Runtime CPU has no fp16 MatMul here: its extended optimizers keep an fp32
+                        # copy of every fp16 weight per session; the basic ones cast in passing
+                        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
                 # without prepacking, no folded copy of a weight either (the tied head's transpose of the
                 # embedding would be one per session); a call transposes it in passing
                 unfolded = {} if prepack else {"disabled_optimizers": ["ConstantFolding"]}
