@@ -265,3 +265,13 @@ def test_reduced_precision_artifact_maps_every_parameter(tiny_dir: Path, tmp_pat
     loaded = state_dict_from_artifact(folder, manifest)
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+def test_the_space_an_export_needs_counts_its_weights_at_their_dtype(tiny_dir: Path) -> None:
+    """The disk check's bound: a half-precision export's weights at two bytes each, not four."""
+    from llamatrt.exporter.export import _artifact_bytes
+
+    config = load_checkpoint(tiny_dir).config
+    params = sum(p.numel() for p in load_checkpoint(tiny_dir).build_model().parameters())
+    fp32, fp16 = _artifact_bytes(config, torch.float32, 3), _artifact_bytes(config, torch.float16, 3)
+    assert abs((fp32 - fp16) - 1.02 * 2 * params) <= 2
