@@ -14,13 +14,13 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llamatrt.base.artifact import names
 from llamatrt.base.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, write_manifest
-from llamatrt.base.artifact.precision import dtype_name, precision
+from llamatrt.base.artifact.precision import dtype_name, precision, torch_dtype
 from llamatrt.base.artifact.reader import file_sha256
 from llamatrt.base.artifact.variants import ONNXRUNTIME
 from llamatrt.base.config import LlamaConfig
@@ -66,6 +66,9 @@ from llamatrt.exporter.weights_file import (
 from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
 from llamatrt.models.llama import StaticLlama
 from llamatrt.models.tokenizer import eos_token_ids, load_tokenizer
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -210,7 +213,7 @@ def _export_locked(
         twin_written = writer.written()
         twin_graphs = [_saved_twin(spec, graph, twin_dir) for spec, graph in zip(twin_specs, graphs, strict=True)]
         quantization = {} if quant is None else _quantization_entry(quant, quantizer, no_portable)
-        twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization)
+        twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization, {})
         validation: dict[str, Any] = {"skipped": "--no-validate"}
         if validate is not None and options.validate:
             progress("validating against PyTorch")
@@ -246,8 +249,8 @@ def _export_locked(
             specs,
             _save_tokenizer(tokenizer, checkpoint, tmp),
             quantization,
+            validation,
         )
-        manifest = replace(manifest, validation=validation)
         write_manifest(manifest, tmp)
     return manifest
 
@@ -319,13 +322,20 @@ def _layer_tensor_maker(
             held = held_parts(weight, accuracy_level)[tensor.part] if tensor.part else weight
             array = STORED[tensor.suffix](held)
             return ir.Tensor(array, dtype=ir.DataType.INT4) if tensor.suffix in INT4_STORED else ir.tensor(array)
-        value = checkpoint.parameter(param).to(compute).to(getattr(torch, tensor.dtype))
-        value = (value.t() if tensor.transposed else value).contiguous()
-        if value.dtype == torch.bfloat16:
-            return ir.Tensor(value.view(torch.uint16).numpy(), dtype=ir.DataType.BFLOAT16)
-        return ir.tensor(value.numpy())
+        return _stored_float(checkpoint.parameter(param).to(compute), tensor)
 
     return make
+
+
+def _stored_float(value: torch.Tensor, tensor: LayerTensor) -> ir.TensorProtocol:
+    """A layer's parameter (in the graph's compute dtype) in the form its template tensor holds it."""
+    import onnx_ir as ir
+
+    value = value.to(torch_dtype(tensor.dtype))
+    value = (value.t() if tensor.transposed else value).contiguous()
+    if value.dtype == torch.bfloat16:  # numpy has no bf16: its bits, typed by onnx_ir
+        return ir.Tensor(value.view(torch.uint16).numpy(), dtype=ir.DataType.BFLOAT16)
+    return ir.tensor(value.numpy())
 
 
 def _streamed_locations(
@@ -368,6 +378,7 @@ def _manifest(
     specs: list[GraphSpec],
     tokenizer: dict[str, Any],
     quantization: dict[str, Any],
+    validation: dict[str, Any],
 ) -> Manifest:
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -385,7 +396,7 @@ def _manifest(
         weights_map=locations,
         graphs={g.name: g for g in specs},
         tokenizer=tokenizer,
-        validation={"skipped": "--no-validate"},
+        validation=validation,
         versions=_versions(),
         quantization=quantization,
     )
@@ -411,10 +422,7 @@ def export_graph(model: StaticLlama, plan: VariantPlan, max_cache_len: int, fold
     full = {k: v.detach() for k, v in model.state_dict().items()}
 
     def make(tensor: LayerTensor, layer: int) -> Any:
-        import onnx_ir as ir
-
-        value = full[at_layer(tensor.param, layer)].to(getattr(torch, tensor.dtype))
-        return ir.tensor((value.t() if tensor.transposed else value).contiguous().numpy())
+        return _stored_float(full[at_layer(tensor.param, layer)], tensor)
 
     replicate_layers(graph, model.config.num_layers, template_tensors(graph, params), make)
     if plan.attention.name == ONNXRUNTIME.name:

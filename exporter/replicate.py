@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llamatrt.base.artifact.precision import dtype_name
 from llamatrt.base.errors import ValidationError
 from llamatrt.exporter.quant_weights import STORED
 from llamatrt.exporter.weights_file import ParameterViews, stored_forms, streamed_tensor
@@ -100,7 +101,7 @@ def template_tensors(model: ir.Model, params: Mapping[str, torch.Tensor]) -> dic
         elif tensor.dtype.is_floating_point() and tensor.nbytes in sizes:  # e.g. an fp16 norm's folded fp32 upcast
             if by_content is None:
                 by_content = {
-                    _digest(form): LayerTensor(param, transposed, str(form.dtype).removeprefix("torch."))
+                    _digest(form): LayerTensor(param, transposed, dtype_name(form.dtype))
                     for param, t in template.items()
                     for form, transposed in stored_forms(t)
                 }

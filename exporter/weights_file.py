@@ -105,10 +105,6 @@ class WeightsWriter:
             self.size += len(pad) + len(data)
         return self.offsets[key]
 
-    def flush(self) -> None:
-        """Make what is written readable by others (validation opens the file)."""
-        self.file.flush()
-
     def move(self, path: Path) -> None:
         """Rename the file (same file system) and go on writing it there."""
         self.file.flush()

@@ -69,16 +69,11 @@ def fuse_projections(state_dict: dict[str, torch.Tensor], num_layers: int) -> di
 
 
 def state_dict_from_dir(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    reader = TensorReader(folder)
     state: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(folder):
-        try:
-            shard = load_file(str(f))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read {f} ({e}); the file is corrupt or truncated, re-download it") from e
-        state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in shard.items()})
+    for name in reader.where:
+        tensor = reader.get(name)
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return state
 
 
