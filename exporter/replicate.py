@@ -215,7 +215,8 @@ def _checked(make: TensorMaker, tensor: LayerTensor, layer: int, like: ir.Tensor
     if made.dtype != like.dtype or tuple(made.shape.numpy()) != tuple(like.shape.numpy()):
         raise ValidationError(
             f"{tensor.name(layer)} is {made.dtype.name}{list(made.shape.numpy())} where layer {TEMPLATE}'s is "
-            f"{like.dtype.name}{list(like.shape.numpy())}; the checkpoint's layers differ in shape or format"
+            f"{like.dtype.name}{list(like.shape.numpy())}: the checkpoint's layers differ in shape or format; "
+            "export the float checkpoint (an HF folder) instead"
         )
     return made
 

@@ -127,7 +127,10 @@ class TensorReader:
             raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
         path, dtype, shape, offset, length = self.where[name]
         if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"tensor {name!r} in {path.name} is {dtype}, which llamatrt does not read")
+            raise CheckpointError(
+                f"tensor {name!r} in {path.name} is {dtype}, which llamatrt does not read; save the checkpoint "
+                "in bf16, fp16 or fp32"
+            )
         data = bytearray(length)
         with path.open("rb") as f:
             f.seek(offset)
