@@ -167,6 +167,8 @@ def _export_locked(
     config = checkpoint.config
     tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
     checkpoint.check_parameters()  # every layer's tensors, from the headers: before minutes of work
+    if options.quantize is not None:
+        check_quantize_options(options.quantize, options.accuracy_level, options.block_size)
     twin = checkpoint.build_prefix(TWIN_DEPTH, precision(options.dtype).torch)
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
     fused = fused_attention_possible(config.head_dim, options.dtype, options.full_logits)
@@ -179,7 +181,6 @@ def _export_locked(
                 f"this model has head_dim {config.head_dim}: export it without --quantize"
             )
         progress("quantizing weights")
-        check_quantize_options(options.quantize, options.accuracy_level)
         quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size)
         quant = plan_quantization(quantizer, twin, options.quantize, options.block_size, options.accuracy_level)
         no_portable = tensorrt_can_take({**quantizer.carried, **quant.weights})

@@ -50,11 +50,19 @@ def _quantized_params(model: StaticLlama) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.state_dict().items() if p.dim() == 2}
 
 
-def check_quantize_options(scheme: str, accuracy_level: int) -> None:
+def check_quantize_options(scheme: str, accuracy_level: int, block_size: int | None = None) -> None:
+    """Before any work (a width that is no multiple of the block size is fine: its last block is padded,
+    as MatMulNBits lays it out)."""
     if scheme not in WEIGHT_FORMATS:
         raise InputError(f"unknown --quantize {scheme!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise InputError(f"--accuracy-level {accuracy_level} is not 0 (fp32, exact) or 4 (int8 activations, fast)")
+    if block_size is None:
+        return
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InputError(
+            f"block size {block_size} is not supported; pass --block-size a power of two >= 16 (32 is the usual)"
+        )
 
 
 class ParameterQuantizer:

@@ -160,7 +160,7 @@ def rtn_quantize(weight: np.ndarray, bits: int, block: int) -> QuantizedWeight:
     """Symmetric round-to-nearest blocks of W [N, K] by ONNX Runtime's quantizer."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    if block < 16 or block & (block - 1):
+    if block < 16 or block & (block - 1):  # (the export checks this first: exporter.quant_plan)
         raise InputError(f"block size {block} is not supported; use a power of two >= 16 (32 is the usual)")
     n, k = weight.shape
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits)

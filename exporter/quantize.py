@@ -124,8 +124,6 @@ def quantize_graph(
         _replace_matmul(model.graph, node, name, held_parts(weights[name], accuracy_level), inits, accuracy_level)
 
     def lookup(node: ir.Node, name: str, inits: Initializers) -> bool:
-        if weights[name].k % weights[name].block:  # it unpacks whole rows: keep the float table
-            return False
         _replace_lookup(model.graph, node, name, held_parts(weights[name], accuracy_level), inits)
         return True
 
@@ -353,4 +351,15 @@ def _lookup(build: _Builder, ids: ir.Value | None, name: str, weight: QuantizedW
     else:
         zero = inits.get(f"f32.{weight.zero}", np.array(weight.zero, dtype=np.float32))
         rows = build.op("Mul", scale, build.op("Sub", values, zero))
-    return build.op("Reshape", rows, inits.get(f"shape.rows{weight.k}", np.array([0, 0, weight.k], dtype=np.int64)))
+    padded = weight.blocks * weight.block  # a last partial block is padded to whole (MatMulNBits' layout)
+    rows = build.op("Reshape", rows, inits.get(f"shape.rows{padded}", np.array([0, 0, padded], dtype=np.int64)))
+    if padded == weight.k:
+        return rows
+    ends = inits.get(f"slice.end{weight.k}", np.array([weight.k], dtype=np.int64))
+    return build.op(
+        "Slice",
+        rows,
+        inits.get("slice.start0", np.array([0], dtype=np.int64)),
+        ends,
+        inits.get("axes.last", np.array([-1], dtype=np.int64)),
+    )

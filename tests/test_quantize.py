@@ -232,6 +232,22 @@ def test_a_float_checkpoint_is_quantized_by_onnxruntime_and_runs_its_dequantized
     assert on_torch.returncode == 1 and "--backend onnxruntime" in on_torch.stderr
 
 
+@pytest.mark.parametrize("variant", ["gqa-tied", "mha-untied"])
+def test_blocks_wider_than_a_row_are_padded_and_the_lookup_reads_them(tmp_path: Path, variant: str) -> None:
+    """Blocks of 128 over rows of 64 (and 37): MatMulNBits pads the last block; the embedding lookup
+    reads the same padded blocks (it once kept the float table instead, while the reference it was
+    validated against read the quantized rows: 0.2 apart)."""
+    tiny_hf_model(variant).save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    manifest = export_artifact(
+        tmp_path / "hf", tmp_path / "q", ExportOptions(quantize="int4", block_size=128, **OPTIONS)
+    )
+    assert manifest.validation["max_abs_logits_error"] < 1e-4
+    graph = onnx.load(str(tmp_path / "q" / "model.ort.onnx"), load_external_data=False)
+    tables = [i.name for i in graph.graph.initializer if list(i.dims) == [99, 64]]  # [vocab, hidden]
+    assert not tables, tables  # no float embedding table is kept
+
+
 def test_an_8_bit_weight_is_the_sum_of_its_two_4_bit_halves() -> None:
     rng = np.random.default_rng(0)
     weight = rtn_quantize(rng.standard_normal((48, 96)).astype(np.float32), 8, 32)
