@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Which int4 block size to export from a float checkpoint for ONNX Runtime CPU, beside llama.cpp's
+# Q4_0 at the same storage (4.5 bits a weight: blocks of 32 with an fp16 scale, against MatMulNBits'
+# blocks of 64 with an fp32 scale). Accuracy on real weights: SmolLM2's (the bundled GGUF's, as the
+# float checkpoint `llamatrt export --model smollm2` reads), KL against the fp32 model on the GPL-3
+# text, context 256, second halves (llamatrt: benchmarks/kl_on_text.py against its fp32 artifact;
+# llama.cpp: llama-perplexity --kl-divergence of its Q4_0 against an f32 GGUF of the same floats,
+# made by its own converter and quantizer). Speed on the Llama-3.2-1B shape (random weights:
+# speed depends on shapes, not values): `llamatrt bench` decode beside llama-bench tg128 on the
+# same folder converted and quantized to Q4_0, 2 threads, interleaved rounds. Benchmarks only,
+# never CI.   Usage: bash benchmarks/int4_block_sizes.sh [OUT_DIR] [ROUNDS]   (after `make install`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-artifacts/int4-block-sizes}
+ROUNDS=${2:-3}
+source benchmarks/common.sh
+FLOATS=$($PY -c "from llamatrt.models.checkpoint import load_checkpoint; print(load_checkpoint('smollm2').hf_dir)")
+TEXT=/usr/share/common-licenses/GPL-3
+VARIANTS="32:0 32:4 64:4 128:0 128:4"  # block:accuracy level
+
+[ -f "$OUT/fp32/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/fp32" > /dev/null
+for v in $VARIANTS; do
+    block=${v%:*} level=${v#*:}
+    [ -f "$OUT/smollm2-b$block-l$level/manifest.json" ] || $LLAMATRT export --model "$FLOATS" \
+        --out "$OUT/smollm2-b$block-l$level" --quantize int4 --block-size "$block" --accuracy-level "$level" > /dev/null
+done
+if [ ! -f "$OUT/smollm2-q4_0.gguf" ]; then  # llama.cpp's own converter (its gguf-py, sentencepiece on the path only)
+    [ -d "$CPP/pydeps/sentencepiece" ] || $PY -m pip install -q --target "$CPP/pydeps" sentencepiece
+    PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$FLOATS" --outtype f32 \
+        --outfile "$OUT/smollm2-f32.gguf" > "$OUT/convert.log" 2>&1
+    "$CPP/build/bin/llama-quantize" "$OUT/smollm2-f32.gguf" "$OUT/smollm2-q4_0.gguf" Q4_0 > "$OUT/quantize.log" 2>&1
+fi
+
+echo "== accuracy: SmolLM2, KL against fp32 on $TEXT, context 256"
+"$CPP/build/bin/llama-perplexity" -m "$OUT/smollm2-f32.gguf" -f "$TEXT" -c 256 -t 2 \
+    --kl-divergence-base "$OUT/base.kld" > "$OUT/ppl-f32.log" 2>&1
+"$CPP/build/bin/llama-perplexity" -m "$OUT/smollm2-q4_0.gguf" -f "$TEXT" -c 256 -t 2 \
+    --kl-divergence-base "$OUT/base.kld" --kl-divergence > "$OUT/kl-q4_0.log" 2>&1
+echo "llama.cpp Q4_0 ($(grep -oE 'type +q6_K: +[0-9]+ tensors' "$OUT/quantize.log" | head -1 || true)):"
+grep -E "Mean +KLD|99.0%|Maximum KLD|Same top p" "$OUT/kl-q4_0.log" || tail -20 "$OUT/kl-q4_0.log"
+for v in $VARIANTS; do
+    block=${v%:*} level=${v#*:}
+    echo "llamatrt int4 block $block, accuracy level $level: $($PY benchmarks/kl_on_text.py "$OUT/fp32" \
+        "$OUT/smollm2-b$block-l$level" "$TEXT" 256)"
+done
+
+echo "== speed: the 1B shape, 128 new tokens, 2 threads"
+CKPT="$OUT/llama-1b"
+[ -f "$CKPT/config.json" ] || $PY benchmarks/llama_shapes.py 1b "$CKPT" > /dev/null
+ARTIFACTS=()
+for v in $VARIANTS; do
+    block=${v%:*} level=${v#*:}
+    [ -f "$OUT/1b-b$block-l$level/manifest.json" ] || $LLAMATRT export --model "$CKPT" --out "$OUT/1b-b$block-l$level" \
+        --quantize int4 --block-size "$block" --accuracy-level "$level" > /dev/null
+    ARTIFACTS+=("$OUT/1b-b$block-l$level")
+done
+if [ ! -f "$OUT/1b-q4_0.gguf" ]; then
+    PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$CKPT" --outtype f16 \
+        --outfile "$OUT/1b-f16.gguf" > "$OUT/convert-1b.log" 2>&1
+    "$CPP/build/bin/llama-quantize" "$OUT/1b-f16.gguf" "$OUT/1b-q4_0.gguf" Q4_0 > "$OUT/quantize-1b.log" 2>&1
+    rm -f "$OUT/1b-f16.gguf"
+fi
+for round in $(seq 1 "$ROUNDS"); do
+    echo "-- round $round"
+    "$CPP/build/bin/llama-bench" -m "$OUT/1b-q4_0.gguf" -t 2 -p 0 -n 128 -r 1 -o json 2>/dev/null | \
+        $PY -c "import json,sys; r=json.load(sys.stdin)[0]; print('llama.cpp Q4_0 tg128', round(r['avg_ts'], 1), 'tok/s')"
+    $LLAMATRT bench "${ARTIFACTS[@]}" --repeat 1 --new-tokens 128 --no-verify --json 2>/dev/null | \
+        $PY -c "import json,sys; d=json.load(sys.stdin); [print('llamatrt', r['artifact'], round(r['decode_tokens_per_s'], 1), 'tok/s,', round(r['weights_bytes'] / 1e6), 'MB') for r in d.get('runs', [d])]"
+done
