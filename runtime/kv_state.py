@@ -90,6 +90,11 @@ class KVState:
         self.present_names = names.cache_names(manifest.config.num_layers, "present")
         self.buffers = backend.allocate_cache()  # once for the scheduler's life
         self.attention_mask = torch.ones(self.batch, self.max_cache_len, dtype=torch.long)
+        # the views each call binds, made once: a backend that writes them in place hands the very
+        # same objects back, so `take` checks identity instead of slicing 2 x layers tensors a step
+        self._row_views = [[t[row : row + 1] for t in self.buffers] for row in range(self.batch)]
+        self._prefix_views = {rows: [t[:rows] for t in self.buffers] for rows in range(1, self.batch)}
+        self._prefix_views[self.batch] = self.buffers
 
     def reset_row(self, row: int, pad: int) -> None:
         """Row `row` starts a new sequence whose first `pad` slots are padding."""
@@ -100,7 +105,7 @@ class KVState:
         self, graph: GraphSpec, row: int, ids: torch.Tensor, positions: torch.Tensor, start: int
     ) -> dict[str, torch.Tensor]:
         """One batch-1 prefill call on row `row`'s views of the cache, writing slots start .. + len(ids) - 1."""
-        views = [t[row : row + 1] for t in self.buffers]  # (1, kv_heads, max_cache_len, head_dim): contiguous
+        views = self._row_views[row]  # (1, kv_heads, max_cache_len, head_dim): contiguous
         return graph_feeds(
             graph, ids[None], positions[None], start, self.attention_mask[row : row + 1], views, self.device
         )
@@ -111,7 +116,7 @@ class KVState:
         """One decode call of the first len(tokens) rows (all B, or a prefix of them on a graph with an
         open batch): row b feeds tokens[b] at RoPE position positions[b], written to slots[b]."""
         rows = len(tokens)
-        views = self.buffers if rows == self.batch else [t[:rows] for t in self.buffers]  # contiguous prefix
+        views = self._prefix_views[rows]  # the first `rows` rows: a contiguous prefix
         return graph_feeds(
             graph, tokens[:, None], positions[:, None], slots, self.attention_mask[:rows], views, self.device
         )
@@ -132,8 +137,8 @@ class KVState:
         """Present becomes past. Every backend here aliases present to the past buffer it was fed, so
         this copies nothing; a backend that returned new tensors would have them copied into the
         cache (row `row` of it, for a prefill on one row; its first `rows` rows, for a decode of them)."""
-        for buffer, name in zip(self.buffers, self.present_names, strict=True):
-            target = buffer[row : row + 1] if row is not None else buffer[:rows]  # (rows None: every row)
+        targets = self._row_views[row] if row is not None else self._prefix_views[rows or self.batch]
+        for target, name in zip(targets, self.present_names, strict=True):
             present = outputs[name]
             if present is not target and present.data_ptr() != target.data_ptr():
                 target.copy_(present)
