@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Which int4 block size to export from a float checkpoint for ONNX Runtime CPU, beside llama.cpp's
-# Q4_0 at the same storage (4.5 bits a weight: blocks of 32 with an fp16 scale, against MatMulNBits'
-# blocks of 64 with an fp32 scale). Accuracy on real weights: SmolLM2's (the bundled GGUF's, as the
+# Which int4 block size (and head format) to export from a float checkpoint for ONNX Runtime CPU,
+# beside llama.cpp's Q4_0 at the same storage (4.5 bits a weight: blocks of 32 with an fp16 scale,
+# against MatMulNBits' blocks of 64 with an fp32 scale; its default mix keeps the head at 8 bits). Accuracy on real weights: SmolLM2's (the bundled GGUF's, as the
 # float checkpoint `llamatrt export --model smollm2` reads), KL against the fp32 model on the GPL-3
 # text, context 256, second halves (llamatrt: benchmarks/kl_on_text.py against its fp32 artifact;
 # llama.cpp: llama-perplexity --kl-divergence of its Q4_0 against an f32 GGUF of the same floats,
 # made by its own converter and quantizer). Speed on the Llama-3.2-1B shape (random weights:
 # speed depends on shapes, not values): `llamatrt bench` decode beside llama-bench tg128 on the
 # same folder converted and quantized to Q4_0, 2 threads, interleaved rounds. Benchmarks only,
-# never CI.   Usage: bash benchmarks/int4_block_sizes.sh [OUT_DIR] [ROUNDS]   (after `make install`)
+# never CI.   Usage: [VARIANTS="32:0:int4 ..."] bash benchmarks/int4_block_sizes.sh [OUT_DIR] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-artifacts/int4-block-sizes}
@@ -16,13 +16,15 @@ ROUNDS=${2:-3}
 source benchmarks/common.sh
 FLOATS=$($PY -c "from llamatrt.models.checkpoint import load_checkpoint; print(load_checkpoint('smollm2').hf_dir)")
 TEXT=/usr/share/common-licenses/GPL-3
-VARIANTS="32:0 32:4 64:4 128:0 128:4"  # block:accuracy level
+# block:accuracy level:head format
+VARIANTS=${VARIANTS:-"32:0:int4 32:4:int4 64:4:int4 128:0:int4 128:4:int4 32:0:int8 32:4:int8"}
 
 [ -f "$OUT/fp32/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/fp32" > /dev/null
 for v in $VARIANTS; do
-    block=${v%:*} level=${v#*:}
-    [ -f "$OUT/smollm2-b$block-l$level/manifest.json" ] || $LLAMATRT export --model "$FLOATS" \
-        --out "$OUT/smollm2-b$block-l$level" --quantize int4 --block-size "$block" --accuracy-level "$level" > /dev/null
+    IFS=: read -r block level head <<< "$v"
+    [ -f "$OUT/smollm2-b$block-l$level-$head/manifest.json" ] || $LLAMATRT export --model "$FLOATS" \
+        --out "$OUT/smollm2-b$block-l$level-$head" --quantize int4 --block-size "$block" --accuracy-level "$level" \
+        --head-quantize "$head" > /dev/null
 done
 if [ ! -f "$OUT/smollm2-q4_0.gguf" ]; then  # llama.cpp's own converter (its gguf-py, sentencepiece on the path only)
     [ -d "$CPP/pydeps/sentencepiece" ] || $PY -m pip install -q --target "$CPP/pydeps" sentencepiece
@@ -39,9 +41,9 @@ echo "== accuracy: SmolLM2, KL against fp32 on $TEXT, context 256"
 echo "llama.cpp Q4_0 ($(grep -oE 'type +q6_K: +[0-9]+ tensors' "$OUT/quantize.log" | head -1 || true)):"
 grep -E "Mean +KLD|99.0%|Maximum KLD|Same top p" "$OUT/kl-q4_0.log" || tail -20 "$OUT/kl-q4_0.log"
 for v in $VARIANTS; do
-    block=${v%:*} level=${v#*:}
-    echo "llamatrt int4 block $block, accuracy level $level: $($PY benchmarks/kl_on_text.py "$OUT/fp32" \
-        "$OUT/smollm2-b$block-l$level" "$TEXT" 256)"
+    IFS=: read -r block level head <<< "$v"
+    echo "llamatrt int4 block $block, accuracy level $level, head $head: $($PY benchmarks/kl_on_text.py "$OUT/fp32" \
+        "$OUT/smollm2-b$block-l$level-$head" "$TEXT" 256)"
 done
 
 echo "== speed: the 1B shape, 128 new tokens, 2 threads"
@@ -49,10 +51,11 @@ CKPT="$OUT/llama-1b"
 [ -f "$CKPT/config.json" ] || $PY benchmarks/llama_shapes.py 1b "$CKPT" > /dev/null
 ARTIFACTS=()
 for v in $VARIANTS; do
-    block=${v%:*} level=${v#*:}
-    [ -f "$OUT/1b-b$block-l$level/manifest.json" ] || $LLAMATRT export --model "$CKPT" --out "$OUT/1b-b$block-l$level" \
-        --quantize int4 --block-size "$block" --accuracy-level "$level" > /dev/null
-    ARTIFACTS+=("$OUT/1b-b$block-l$level")
+    IFS=: read -r block level head <<< "$v"
+    [ -f "$OUT/1b-b$block-l$level-$head/manifest.json" ] || $LLAMATRT export --model "$CKPT" \
+        --out "$OUT/1b-b$block-l$level-$head" --quantize int4 --block-size "$block" --accuracy-level "$level" \
+        --head-quantize "$head" > /dev/null
+    ARTIFACTS+=("$OUT/1b-b$block-l$level-$head")
 done
 if [ ! -f "$OUT/1b-q4_0.gguf" ]; then
     PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$CKPT" --outtype f16 \

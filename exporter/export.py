@@ -96,6 +96,7 @@ class ExportOptions:
     quantize: str | None = None  # "int4" | "int8": weight-only, block-wise (exporter.quant_plan)
     block_size: int = 32
     accuracy_level: int = 0  # MatMulNBits' activation arithmetic (0: fp32, exact; 4: int8, may change answers)
+    head_quantize: str | None = None  # the output head's (and a tied embedding's) format; None: `quantize`'s
 
     def checked(self) -> ExportOptions:
         """Validate at the edge; returns a copy with the dtype spelled canonically."""
@@ -111,6 +112,8 @@ class ExportOptions:
             )
         if self.quantize is not None and dtype != "float32":
             raise InputError(f"--quantize runs on ONNX Runtime CPU with fp32 activations; drop --dtype {self.dtype}")
+        if self.head_quantize is not None and self.quantize is None:
+            raise InputError(f"--head-quantize {self.head_quantize} goes with --quantize; add --quantize int4")
         if self.quantize is not None and self.full_logits:
             raise InputError(
                 "--quantize makes the ONNX Runtime graph only, which returns last-token logits; drop --full-logits"
@@ -168,7 +171,7 @@ def _export_locked(
     tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
     checkpoint.check_parameters()  # every layer's tensors, from the headers: before minutes of work
     if options.quantize is not None:
-        check_quantize_options(options.quantize, options.accuracy_level, options.block_size)
+        check_quantize_options(options.quantize, options.accuracy_level, options.block_size, options.head_quantize)
     twin = checkpoint.build_prefix(TWIN_DEPTH, precision(options.dtype).torch)
     b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
     fused = fused_attention_possible(config.head_dim, options.dtype, options.full_logits)
@@ -181,7 +184,7 @@ def _export_locked(
                 f"this model has head_dim {config.head_dim}: export it without --quantize"
             )
         progress("quantizing weights")
-        quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size)
+        quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size, options.head_quantize)
         quant = plan_quantization(quantizer, twin, options.quantize, options.block_size, options.accuracy_level)
         no_portable = tensorrt_can_take({**quantizer.carried, **quant.weights})
         if no_portable is not None:  # MatMulNBits is an ONNX Runtime op: ONNX Runtime's graph only

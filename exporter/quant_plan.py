@@ -50,11 +50,15 @@ def _quantized_params(model: StaticLlama) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.state_dict().items() if p.dim() == 2}
 
 
-def check_quantize_options(scheme: str, accuracy_level: int, block_size: int | None = None) -> None:
+def check_quantize_options(
+    scheme: str, accuracy_level: int, block_size: int | None = None, head: str | None = None
+) -> None:
     """Before any work (a width that is no multiple of the block size is fine: its last block is padded,
     as MatMulNBits lays it out)."""
     if scheme not in WEIGHT_FORMATS:
         raise InputError(f"unknown --quantize {scheme!r}; use one of {', '.join(WEIGHT_FORMATS)}")
+    if head is not None and head not in WEIGHT_FORMATS:
+        raise InputError(f"unknown --head-quantize {head!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise InputError(f"--accuracy-level {accuracy_level} is not 0 (fp32, exact) or 4 (int8 activations, fast)")
     if block_size is None:
@@ -70,8 +74,12 @@ class ParameterQuantizer:
     weights transformers loaded), else round-to-nearest of the float. The export calls it for the
     traced twin's parameters and again, tensor by tensor, for every replicated layer's."""
 
-    def __init__(self, checkpoint: Checkpoint, scheme: str, block_size: int) -> None:
+    def __init__(self, checkpoint: Checkpoint, scheme: str, block_size: int, head: str | None = None) -> None:
+        """`head`: the output head's format (and the tied embedding's, which is the same matrix), where
+        it differs from `scheme`: llama.cpp's Q4_0 keeps it at 8 bits, and so does `--head-quantize int8`."""
         self.bits, self.block_size = WEIGHT_FORMATS[scheme].bits, block_size
+        self.head_bits = WEIGHT_FORMATS[head or scheme].bits
+        self.head_name = "model.embed_tokens.weight" if checkpoint.config.tie_word_embeddings else "lm_head.weight"
         self.carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config) if checkpoint.gguf is not None else {}
         self.origins: dict[str, str] = {}  # parameter -> where its blocks came from, as the manifest says it
 
@@ -84,7 +92,9 @@ class ParameterQuantizer:
                 name,
             )
             weight = None
-        weight = weight if weight is not None else rtn_quantize(array, self.bits, self.block_size)
+        if weight is None:
+            bits = self.head_bits if name == self.head_name else self.bits
+            weight = rtn_quantize(array, bits, self.block_size)
         self.origins[name] = weight.describe()
         return weight
 

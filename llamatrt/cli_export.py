@@ -37,6 +37,13 @@ DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECIS
     help="MatMulNBits activation arithmetic: 0 = fp32 (exact: the answers of the float weights), "
     "4 = int8 (faster, may change answers; `llamatrt diff` says whether it did).",
 )
+@click.option(
+    "--head-quantize",
+    type=click.Choice(list(WEIGHT_FORMATS)),
+    default=None,
+    help="Blocks for the output head (and a tied embedding) of a float checkpoint, where they should differ "
+    "from --quantize: int8 keeps it as llama.cpp's Q4_0 does (docs/quantization.md).  [default: as --quantize]",
+)
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only an artifact, or an empty folder).")
 def export(
     model_spec: str,
@@ -50,6 +57,7 @@ def export(
     quantize: str | None,
     block_size: int,
     accuracy_level: int,
+    head_quantize: str | None,
     force: bool,
 ) -> None:
     """Export prefill and decode ONNX graphs, one weights file and a manifest."""
@@ -66,6 +74,7 @@ def export(
         quantize,
         block_size,
         accuracy_level,
+        head_quantize,
     ).checked()
     started = time.perf_counter()
     with StepBar(export_steps(options), "export") as bar:

@@ -248,6 +248,22 @@ def test_blocks_wider_than_a_row_are_padded_and_the_lookup_reads_them(tmp_path: 
     assert not tables, tables  # no float embedding table is kept
 
 
+@pytest.mark.parametrize(
+    ("variant", "head"), [("gqa-tied", "model.embed_tokens.weight"), ("mha-untied", "lm_head.weight")]
+)
+def test_the_head_keeps_8_bits_where_asked(tmp_path: Path, variant: str, head: str) -> None:
+    """`--head-quantize int8`: the head (the tied embedding, which is the same matrix) in 8-bit blocks,
+    every other matrix in 4-bit ones, validated like any other artifact."""
+    tiny_hf_model(variant).save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    options = ExportOptions(quantize="int4", head_quantize="int8", **OPTIONS)
+    manifest = export_artifact(tmp_path / "hf", tmp_path / "q", options)
+    tensors = manifest.quantization["tensors"]
+    assert tensors.pop(head) == "rtn (8-bit, block 32)"
+    assert set(tensors.values()) == {"rtn (4-bit, block 32)"}, tensors
+    assert manifest.validation["max_abs_logits_error"] < 1e-4
+
+
 def test_an_8_bit_weight_is_the_sum_of_its_two_4_bit_halves() -> None:
     rng = np.random.default_rng(0)
     weight = rtn_quantize(rng.standard_normal((48, 96)).astype(np.float32), 8, 32)
@@ -266,6 +282,7 @@ def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:
         (["--quantize", "int4", "--block-size", "24"], "block size 24"),
         (["--quantize", "int2"], "int2"),
         (["--quantize", "int4", "--accuracy-level", "2"], "--accuracy-level 2"),
+        (["--head-quantize", "int8"], "--head-quantize int8 goes with --quantize"),
     ]:
         result = run_cli(["export", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "x"), *args], tmp_path)
         assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
