@@ -14,17 +14,20 @@ URL=http://127.0.0.1:$PORT
 [ -f "$OUT/int4-b4-level4/manifest.json" ] || $LLAMATRT export --model smollm2 --out "$OUT/int4-b4-level4" \
     --quantize int4 --accuracy-level 4 --batch 4
 
-load() {  # $1 label: bench-serve at 1 and 8 clients
-    for clients in 1 8; do
-        echo "== $1, $clients clients"
-        $LLAMATRT bench-serve "$URL" --requests "$REQUESTS" --clients "$clients" --json > "$OUT/$1-c$clients.json"
-        $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"output {r['output_tokens_per_s']:.1f} tok/s, \"
-            f\"TTFT p50/p99 {r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms, inter-token p50/p99 \"
-            f\"{r['inter_token_p50_ms']:.1f}/{r['inter_token_p99_ms']:.1f} ms, errors {r['errors']}\")" "$OUT/$1-c$clients.json"
-    done
+load() {  # $1 label: bench-serve at $CLIENTS clients
+    local clients=$CLIENTS
+    echo "== $1, $clients clients"
+    $LLAMATRT bench-serve "$URL" --requests "$REQUESTS" --clients "$clients" --json > "$OUT/$1-c$clients.json"
+    $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"output {r['output_tokens_per_s']:.1f} tok/s, \"
+        f\"TTFT p50/p99 {r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms, inter-token p50/p99 \"
+        f\"{r['inter_token_p50_ms']:.1f}/{r['inter_token_p99_ms']:.1f} ms, errors {r['errors']}\")" "$OUT/$1-c$clients.json"
 }
 
-for artifact in int4-b4 int4-b4-level4; do
-    under_load "llamatrt-$artifact" $LLAMATRT serve "$OUT/$artifact" --port "$PORT" --no-access-log
+# A fresh server for each load: the same requests run again would find their prompts in llamatrt's
+# prefix cache (any row's blocks) and in llama-server's slots (each its own last prompt) unequally.
+for CLIENTS in 1 8; do
+    for artifact in int4-b4 int4-b4-level4; do
+        under_load "llamatrt-$artifact" $LLAMATRT serve "$OUT/$artifact" --port "$PORT" --no-access-log
+    done
+    under_load llama-server llama_server
 done
-under_load llama-server llama_server
