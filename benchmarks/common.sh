@@ -36,3 +36,21 @@ llama_server() {  # llama.cpp's server on the bundled GGUF: 4 slots of 1024 toke
     # background job is the server itself, so stop_server's Ctrl-C reaches it)
     exec "$CPP/build/bin/llama-server" -m "$GGUF" --parallel 4 -c 4096 -t 2 --host 127.0.0.1 --port "$PORT"
 }
+
+llamacpp_convert() {  # $1 HF folder, $2 .gguf to write, $3 its type (f16, f32): llama.cpp's own converter
+    # (its gguf-py, and sentencepiece on the path only: the venv keeps its own packages)
+    [ -d "$CPP/pydeps/sentencepiece" ] || $PY -m pip install -q --target "$CPP/pydeps" sentencepiece
+    PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$1" --outtype "$3" \
+        --outfile "$2" > "$2.convert.log" 2>&1
+}
+
+llamacpp_q4_0() {  # $1 HF folder, $2 .gguf to write: converted at f16, then Q4_0 by llama-quantize (its default mix)
+    llamacpp_convert "$1" "$2.f16" f16
+    "$CPP/build/bin/llama-quantize" "$2.f16" "$2" Q4_0 > "$2.quantize.log" 2>&1
+    rm -f "$2.f16"
+}
+
+llama_bench_tg128() {  # $1 .gguf: prints llama-bench's tg128 decode tok/s, 2 threads, one repetition
+    "$CPP/build/bin/llama-bench" -m "$1" -t 2 -p 0 -n 128 -r 1 -o json 2>/dev/null | \
+        $PY -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'], 1))"
+}

@@ -26,10 +26,8 @@ for v in $VARIANTS; do
         --out "$OUT/smollm2-b$block-l$level-$head" --quantize int4 --block-size "$block" --accuracy-level "$level" \
         --head-quantize "$head" > /dev/null
 done
-if [ ! -f "$OUT/smollm2-q4_0.gguf" ]; then  # llama.cpp's own converter (its gguf-py, sentencepiece on the path only)
-    [ -d "$CPP/pydeps/sentencepiece" ] || $PY -m pip install -q --target "$CPP/pydeps" sentencepiece
-    PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$FLOATS" --outtype f32 \
-        --outfile "$OUT/smollm2-f32.gguf" > "$OUT/convert.log" 2>&1
+if [ ! -f "$OUT/smollm2-q4_0.gguf" ]; then  # the f32 GGUF is also KL's reference
+    llamacpp_convert "$FLOATS" "$OUT/smollm2-f32.gguf" f32
     "$CPP/build/bin/llama-quantize" "$OUT/smollm2-f32.gguf" "$OUT/smollm2-q4_0.gguf" Q4_0 > "$OUT/quantize.log" 2>&1
 fi
 
@@ -57,16 +55,10 @@ for v in $VARIANTS; do
         --head-quantize "$head" > /dev/null
     ARTIFACTS+=("$OUT/1b-b$block-l$level-$head")
 done
-if [ ! -f "$OUT/1b-q4_0.gguf" ]; then
-    PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$CKPT" --outtype f16 \
-        --outfile "$OUT/1b-f16.gguf" > "$OUT/convert-1b.log" 2>&1
-    "$CPP/build/bin/llama-quantize" "$OUT/1b-f16.gguf" "$OUT/1b-q4_0.gguf" Q4_0 > "$OUT/quantize-1b.log" 2>&1
-    rm -f "$OUT/1b-f16.gguf"
-fi
+[ -f "$OUT/1b-q4_0.gguf" ] || llamacpp_q4_0 "$CKPT" "$OUT/1b-q4_0.gguf"
 for round in $(seq 1 "$ROUNDS"); do
     echo "-- round $round"
-    "$CPP/build/bin/llama-bench" -m "$OUT/1b-q4_0.gguf" -t 2 -p 0 -n 128 -r 1 -o json 2>/dev/null | \
-        $PY -c "import json,sys; r=json.load(sys.stdin)[0]; print('llama.cpp Q4_0 tg128', round(r['avg_ts'], 1), 'tok/s')"
+    echo "llama.cpp Q4_0 tg128 $(llama_bench_tg128 "$OUT/1b-q4_0.gguf") tok/s"
     $LLAMATRT bench "${ARTIFACTS[@]}" --repeat 1 --new-tokens 128 --no-verify --json 2>/dev/null | \
         $PY -c "import json,sys; d=json.load(sys.stdin); [print('llamatrt', r['artifact'], round(r['decode_tokens_per_s'], 1), 'tok/s,', round(r['weights_bytes'] / 1e6), 'MB') for r in d.get('runs', [d])]"
 done

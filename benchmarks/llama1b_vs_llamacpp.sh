@@ -18,17 +18,10 @@ for kind in "int4" "int4-level4 --accuracy-level 4" "int4-b4 --batch 4" "int4-b4
     shift
     [ -f "$OUT/1b-$name/manifest.json" ] || $LLAMATRT export --model "$CKPT" --out "$OUT/1b-$name" --quantize int4 "$@" > /dev/null
 done
-if [ ! -f "$OUT/1b-q4_0.gguf" ]; then  # llama.cpp's own converter (its gguf-py and sentencepiece on the path only) and quantizer
-    [ -d "$CPP/pydeps/sentencepiece" ] || $PY -m pip install -q --target "$CPP/pydeps" sentencepiece
-    PYTHONPATH="$CPP/src/gguf-py:$CPP/pydeps" $PY "$CPP/src/convert_hf_to_gguf.py" "$CKPT" --outtype f16 \
-        --outfile "$OUT/1b-f16.gguf" > "$OUT/convert.log" 2>&1
-    "$CPP/build/bin/llama-quantize" "$OUT/1b-f16.gguf" "$OUT/1b-q4_0.gguf" Q4_0 > "$OUT/quantize.log" 2>&1
-    rm -f "$OUT/1b-f16.gguf"
-fi
+[ -f "$OUT/1b-q4_0.gguf" ] || llamacpp_q4_0 "$CKPT" "$OUT/1b-q4_0.gguf"
 for round in $(seq 1 "$ROUNDS"); do
     echo "== round $round"
-    "$CPP/build/bin/llama-bench" -m "$OUT/1b-q4_0.gguf" -t 2 -p 0 -n 128 -r 1 -o json 2>/dev/null | \
-        $PY -c "import json,sys; r=json.load(sys.stdin)[0]; print('llama.cpp Q4_0 tg128', round(r['avg_ts'], 1), 'tok/s')"
+    echo "llama.cpp Q4_0 tg128 $(llama_bench_tg128 "$OUT/1b-q4_0.gguf") tok/s"
     $LLAMATRT bench "$OUT/1b-int4" "$OUT/1b-int4-level4" --repeat 1 --new-tokens 128 --baseline onnxruntime-genai \
         --no-verify --json 2>/dev/null > "$OUT/bench-b1.json"
     $LLAMATRT bench "$OUT/1b-int4-b4" "$OUT/1b-int4-b4-level4" --batch 4 --repeat 1 --new-tokens 128 \
