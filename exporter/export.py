@@ -96,7 +96,7 @@ class ExportOptions:
     quantize: str | None = None  # "int4" | "int8": weight-only, block-wise (exporter.quant_plan)
     block_size: int = 32
     accuracy_level: int = 0  # MatMulNBits' activation arithmetic (0: fp32, exact; 4: int8, may change answers)
-    head_quantize: str | None = None  # the output head's (and a tied embedding's) format; None: `quantize`'s
+    head_quantize: str | None = None  # the output head's (and a tied embedding's) format; None: quant_plan.default_head
 
     def checked(self) -> ExportOptions:
         """Validate at the edge; returns a copy with the dtype spelled canonically."""

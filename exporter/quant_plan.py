@@ -69,16 +69,27 @@ def check_quantize_options(
         )
 
 
+def default_head(scheme: str, block_size: int) -> str:
+    """The head's format where --head-quantize is not given: 8 bits beside 4-bit projections, as
+    llama.cpp's Q4_0 keeps its output (on SmolLM2's weights KL 0.33 against 0.43 for a 4-bit head,
+    docs/benchmarks.md; with fp32 activations no slower, since an 8-bit head runs the int8 kernel in
+    two exact passes), except where the blocks are TensorRT's int4 form, whose graphs take no 8-bit
+    head; else the scheme's own."""
+    if scheme == "int4" and block_size not in WEIGHT_FORMATS["int4"].tensorrt_blocks:
+        return "int8"
+    return scheme
+
+
 class ParameterQuantizer:
     """One parameter's blocks at a time: the GGUF's own where the file holds them (and they are the
     weights transformers loaded), else round-to-nearest of the float. The export calls it for the
     traced twin's parameters and again, tensor by tensor, for every replicated layer's."""
 
     def __init__(self, checkpoint: Checkpoint, scheme: str, block_size: int, head: str | None = None) -> None:
-        """`head`: the output head's format (and the tied embedding's, which is the same matrix), where
-        it differs from `scheme`: llama.cpp's Q4_0 keeps it at 8 bits, and so does `--head-quantize int8`."""
+        """`head`: the output head's format (and the tied embedding's, which is the same matrix); None:
+        `default_head`."""
         self.bits, self.block_size = WEIGHT_FORMATS[scheme].bits, block_size
-        self.head_bits = WEIGHT_FORMATS[head or scheme].bits
+        self.head_bits = WEIGHT_FORMATS[head or default_head(scheme, block_size)].bits
         self.head_name = "model.embed_tokens.weight" if checkpoint.config.tie_word_embeddings else "lm_head.weight"
         self.carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config) if checkpoint.gguf is not None else {}
         self.origins: dict[str, str] = {}  # parameter -> where its blocks came from, as the manifest says it

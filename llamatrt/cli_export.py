@@ -41,8 +41,8 @@ DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECIS
     "--head-quantize",
     type=click.Choice(list(WEIGHT_FORMATS)),
     default=None,
-    help="Blocks for the output head (and a tied embedding) of a float checkpoint, where they should differ "
-    "from --quantize: int8 keeps it as llama.cpp's Q4_0 does (docs/quantization.md).  [default: as --quantize]",
+    help="Blocks for the output head (and a tied embedding) of a float checkpoint.  [default: int8 beside "
+    "int4 projections, as llama.cpp's Q4_0 keeps it; int4 with --block-size 64 or 128, TensorRT's form]",
 )
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only an artifact, or an empty folder).")
 def export(

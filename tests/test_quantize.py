@@ -249,18 +249,27 @@ def test_blocks_wider_than_a_row_are_padded_and_the_lookup_reads_them(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    ("variant", "head"), [("gqa-tied", "model.embed_tokens.weight"), ("mha-untied", "lm_head.weight")]
+    ("variant", "head", "asked", "block", "bits"),
+    [
+        ("gqa-tied", "model.embed_tokens.weight", None, 32, 8),  # the default beside 4-bit projections
+        ("mha-untied", "lm_head.weight", None, 32, 8),
+        ("mha-untied", "lm_head.weight", "int4", 32, 4),  # --head-quantize int4
+        ("gqa-tied", "model.embed_tokens.weight", None, 64, 4),  # TensorRT's block form: its graphs take int4 only
+    ],
 )
-def test_the_head_keeps_8_bits_where_asked(tmp_path: Path, variant: str, head: str) -> None:
-    """`--head-quantize int8`: the head (the tied embedding, which is the same matrix) in 8-bit blocks,
-    every other matrix in 4-bit ones, validated like any other artifact."""
+def test_the_head_keeps_8_bits_beside_4_bit_projections(
+    tmp_path: Path, variant: str, head: str, asked: str | None, block: int, bits: int
+) -> None:
+    """The head (the tied embedding, which is the same matrix) in 8-bit blocks as llama.cpp's Q4_0 keeps
+    it, every other matrix in 4-bit ones, validated like any other artifact; int4 where asked, or
+    where the blocks are TensorRT's form."""
     tiny_hf_model(variant).save_pretrained(tmp_path / "hf")
     save_tiny_tokenizer(tmp_path / "hf")
-    options = ExportOptions(quantize="int4", head_quantize="int8", **OPTIONS)
+    options = ExportOptions(quantize="int4", head_quantize=asked, block_size=block, **OPTIONS)
     manifest = export_artifact(tmp_path / "hf", tmp_path / "q", options)
     tensors = manifest.quantization["tensors"]
-    assert tensors.pop(head) == "rtn (8-bit, block 32)"
-    assert set(tensors.values()) == {"rtn (4-bit, block 32)"}, tensors
+    assert tensors.pop(head) == f"rtn ({bits}-bit, block {block})"
+    assert set(tensors.values()) == {f"rtn (4-bit, block {block})"}, tensors
     assert manifest.validation["max_abs_logits_error"] < 1e-4
 
 
