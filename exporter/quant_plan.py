@@ -19,7 +19,7 @@ import torch
 from llamatrt.base.artifact.precision import WEIGHT_FORMATS
 from llamatrt.base.errors import InputError
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
-from llamatrt.exporter.quant_weights import QuantizedWeight, rtn_quantize
+from llamatrt.exporter.quant_weights import QuantizedWeight, check_block_size, rtn_quantize
 from llamatrt.models.checkpoint import Checkpoint
 from llamatrt.models.llama import StaticLlama
 
@@ -61,20 +61,16 @@ def check_quantize_options(
         raise InputError(f"unknown --head-quantize {head!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise InputError(f"--accuracy-level {accuracy_level} is not 0 (fp32, exact) or 4 (int8 activations, fast)")
-    if block_size is None:
-        return
-    if block_size < 16 or block_size & (block_size - 1):
-        raise InputError(
-            f"block size {block_size} is not supported; pass --block-size a power of two >= 16 (32 is the usual)"
-        )
+    if block_size is not None:
+        check_block_size(block_size)
 
 
 def default_head(scheme: str, block_size: int) -> str:
     """The head's format where --head-quantize is not given: 8 bits beside 4-bit projections, as
-    llama.cpp's Q4_0 keeps its output (on SmolLM2's weights KL 0.33 against 0.43 for a 4-bit head,
-    docs/benchmarks.md; with fp32 activations no slower, since an 8-bit head runs the int8 kernel in
-    two exact passes), except where the blocks are TensorRT's int4 form, whose graphs take no 8-bit
-    head; else the scheme's own."""
+    llama.cpp's Q4_0 keeps its output (a 4-bit head's error is a sizeable share of the model's, and
+    with fp32 activations an 8-bit head is no slower: it runs the int8 kernel in two exact passes;
+    measured in docs/benchmarks.md), except where the blocks are TensorRT's int4 form, whose graphs
+    take no 8-bit head; else the scheme's own."""
     if scheme == "int4" and block_size not in WEIGHT_FORMATS["int4"].tensorrt_blocks:
         return "int8"
     return scheme

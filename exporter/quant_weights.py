@@ -156,12 +156,19 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     )
 
 
+def check_block_size(block: int) -> None:
+    """The block sizes ONNX Runtime's quantizer and MatMulNBits take (the export checks before any work)."""
+    if block < 16 or block & (block - 1):
+        raise InputError(
+            f"block size {block} is not supported; pass --block-size a power of two >= 16 (32 is the usual)"
+        )
+
+
 def rtn_quantize(weight: np.ndarray, bits: int, block: int) -> QuantizedWeight:
     """Symmetric round-to-nearest blocks of W [N, K] by ONNX Runtime's quantizer."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    if block < 16 or block & (block - 1):  # (the export checks this first: exporter.quant_plan)
-        raise InputError(f"block size {block} is not supported; use a power of two >= 16 (32 is the usual)")
+    check_block_size(block)
     n, k = weight.shape
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits)
     packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(

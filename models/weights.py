@@ -117,15 +117,16 @@ class TensorReader:
                 except (KeyError, TypeError, ValueError) as e:
                     raise CheckpointError(f"{f} has a malformed header entry for {name!r}; re-download it") from e
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _entry(self, name: str) -> tuple[Path, str, list[int], int, int]:
         if name not in self.where:
             raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
-        return tuple(self.where[name][2])
+        return self.where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)[2])
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise CheckpointError(f"checkpoint lacks tensor {name!r}; is it a complete Llama checkpoint?")
-        path, dtype, shape, offset, length = self.where[name]
+        path, dtype, shape, offset, length = self._entry(name)
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"tensor {name!r} in {path.name} is {dtype}, which llamatrt does not read; save the checkpoint "
