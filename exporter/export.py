@@ -41,6 +41,7 @@ from llamatrt.exporter.quant_plan import (
     ParameterQuantizer,
     QuantPlan,
     check_quantize_options,
+    default_head,
     dequantize_in_place,
     plan_quantization,
 )
@@ -65,6 +66,7 @@ from llamatrt.exporter.weights_file import (
 )
 from llamatrt.models.checkpoint import Checkpoint, load_checkpoint
 from llamatrt.models.llama import StaticLlama
+from llamatrt.models.mapped_parameters import MappedParameters
 from llamatrt.models.tokenizer import eos_token_ids, load_tokenizer
 
 if TYPE_CHECKING:
@@ -81,8 +83,9 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 log = logging.getLogger(__name__)
-# The runtime's check of a freshly written artifact folder; returns what goes into manifest.validation.
-Validator = Callable[[Path, Manifest, StaticLlama], Mapping[str, Any]]
+# The runtime's check of a freshly written artifact folder: (folder, its manifest, the PyTorch reference,
+# what gives back the reference's mapped pages after each of its runs) -> what manifest.validation records.
+Validator = Callable[[Path, Manifest, StaticLlama, Callable[[], object]], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -172,20 +175,48 @@ def _export_locked(
     checkpoint.check_parameters()  # every layer's tensors, from the headers: before minutes of work
     if options.quantize is not None:
         check_quantize_options(options.quantize, options.accuracy_level, options.block_size, options.head_quantize)
-    twin = checkpoint.build_prefix(TWIN_DEPTH, precision(options.dtype).torch)
-    b, s, c = options.batch_size, options.prefill_chunk, options.max_cache_len
+    dtype = precision(options.dtype).torch
     fused = fused_attention_possible(config.head_dim, options.dtype, options.full_logits)
-    plans = planned_variants(b, s, fused)
+    if options.quantize is not None and not fused:
+        raise InputError(
+            f"--quantize needs ONNX Runtime's fused graph (head_dim % 16 == 0, onnxruntime >= 1.32); "
+            f"this model has head_dim {config.head_dim}: export it without --quantize"
+        )
+    plans = planned_variants(options.batch_size, options.prefill_chunk, fused)
+    twin_config = replace(config, num_layers=min(TWIN_DEPTH, config.num_layers))
+    # the artifact, and beside it the twin's mapped parameters and weights until the twin is validated
+    check_disk_space(out, _artifact_bytes(config, options, len(plans)) + 2 * _float_bytes(twin_config, dtype))
+    with atomic_output_dir(out) as tmp:
+        twin_dir = tmp / TWIN_DIR
+        twin_dir.mkdir()
+        # the twin's parameters are pages of a file: read where a phase reads them, given back between
+        twin, mapped = checkpoint.build_prefix(TWIN_DEPTH, dtype, twin_dir / TWIN_PARAMETERS)
+        manifest = _export_twin_and_layers(checkpoint, tokenizer, twin, mapped, plans, options, tmp, progress, validate)
+    return manifest
+
+
+def _export_twin_and_layers(
+    checkpoint: Checkpoint,
+    tokenizer: Any,
+    twin: StaticLlama,
+    mapped: MappedParameters,
+    plans: list[VariantPlan],
+    options: ExportOptions,
+    tmp: Path,
+    progress: Progress,
+    validate: Validator | None,
+) -> Manifest:
+    """Trace, quantize and validate the twin, then replicate its layer 1 into every layer: the
+    artifact, written into `tmp`. The twin's mapped pages are given back after each phase that read
+    them, so no phase holds them beside its own."""
+    config = checkpoint.config
+    twin_dir = tmp / TWIN_DIR
     quant, quantizer, no_portable = None, None, None
     if options.quantize is not None:
-        if not fused:
-            raise InputError(
-                f"--quantize needs ONNX Runtime's fused graph (head_dim % 16 == 0, onnxruntime >= 1.32); "
-                f"this model has head_dim {config.head_dim}: export it without --quantize"
-            )
         progress("quantizing weights")
         quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size, options.head_quantize)
         quant = plan_quantization(quantizer, twin, options.quantize, options.block_size, options.accuracy_level)
+        mapped.release()
         no_portable = tensorrt_can_take({**quantizer.carried, **quant.weights})
         if no_portable is not None:  # MatMulNBits is an ONNX Runtime op: ONNX Runtime's graph only
             log.warning(
@@ -195,6 +226,7 @@ def _export_locked(
                 no_portable,
             )
             plans = [p for p in plans if p.attention.name == ONNXRUNTIME.name]
+    c = options.max_cache_len
     specs = [graph_spec(plan, config, options.dtype, c, options.full_logits) for plan in plans]
     twin_specs = [graph_spec(plan, twin.config, options.dtype, c, options.full_logits) for plan in plans]
     if quant is not None:
@@ -202,64 +234,63 @@ def _export_locked(
         # the portable ones, whose DequantizeLinear blocks it builds as weight-only quantized GEMMs
         specs = [replace(spec, weights=quant.scheme) for spec in specs]
         twin_specs = [replace(spec, weights=quant.scheme) for spec in twin_specs]
-    check_disk_space(out, _artifact_bytes(config, precision(options.dtype).torch, len(specs)))
-    with atomic_output_dir(out) as tmp:
-        twin_dir = tmp / TWIN_DIR
-        twin_dir.mkdir()
-        params = {k: v.detach() for k, v in twin.state_dict().items()}
-        writer = WeightsWriter(twin_dir / names.WEIGHTS, params)
-        graphs, tensors = [], []
-        for spec in twin_specs:
-            progress(f"exporting {spec.name} graph")
-            graphs.append(_twin_graph(twin, spec, b, quant))
-            tensors.append(template_tensors(graphs[-1], params))  # what each of layer 1's tensors is
-            writer.add(graphs[-1])  # its own tensors leave memory before the next graph is traced
-        twin_written = writer.written()
-        twin_graphs = [_saved_twin(spec, graph, twin_dir) for spec, graph in zip(twin_specs, graphs, strict=True)]
-        quantization = {} if quant is None else _quantization_entry(quant, quantizer, no_portable)
-        twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization, {})
-        validation: dict[str, Any] = {"skipped": "--no-validate"}
-        if validate is not None and options.validate:
-            progress("validating against PyTorch")
-            reference = twin if quant is None else dequantize_in_place(twin, quant)
-            validation = {**validate(twin_dir, twin_manifest, reference), "checked": _checked_note(config)}
-        progress("writing weights")
-        writer.move(tmp / names.WEIGHTS)  # the twin's weights begin the artifact's: layers 2.. are appended
-        shutil.rmtree(twin_dir)
-        make = _layer_tensor_maker(checkpoint, twin, quant, quantizer)
-        streamed: dict[str, tuple[LayerTensor, list[int]]] = {}
-        for spec, graph, template in zip(specs, graphs, tensors, strict=True):
-            replicate_layers(graph, config.num_layers, template, make)
-            streamed.update(
-                {k: (t, list(graph.graph.initializers[k].const_value.shape.numpy())) for k, t in template.items()}
-            )
-            if spec.attention == ONNXRUNTIME.name:
-                fuse_skip_rms_norm(graph)
-            writer.add(graph)
-        written = writer.close()
-        specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
-        del graphs
-        floats = {k: v for k, v in params.items() if quant is None or k not in quant.weights}
-        locations = parameter_locations(floats, written)
-        locations.update(_streamed_locations(streamed.values(), config.num_layers, written))
-        if quant is not None:
-            quantization = _quantization_entry(quant, quantizer, no_portable)  # with every layer's origin now
-        manifest = _manifest(
-            config,
-            checkpoint,
-            options,
-            written,
-            locations,
-            specs,
-            _save_tokenizer(tokenizer, checkpoint, tmp),
-            quantization,
-            validation,
+    params = {k: v.detach() for k, v in twin.state_dict().items()}
+    writer = WeightsWriter(twin_dir / names.WEIGHTS, params)
+    graphs, tensors = [], []
+    for spec in twin_specs:
+        progress(f"exporting {spec.name} graph")
+        graphs.append(_twin_graph(twin, spec, options.batch_size, quant))
+        tensors.append(template_tensors(graphs[-1], params))  # what each of layer 1's tensors is
+        writer.add(graphs[-1], after_write=mapped.release)  # its tensors leave memory before the next trace
+    twin_written = writer.written()
+    twin_graphs = [_saved_twin(spec, graph, twin_dir) for spec, graph in zip(twin_specs, graphs, strict=True)]
+    quantization = {} if quant is None else _quantization_entry(quant, quantizer, no_portable)
+    twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization, {})
+    validation: dict[str, Any] = {"skipped": "--no-validate"}
+    if validate is not None and options.validate:
+        progress("validating against PyTorch")
+        reference = twin if quant is None else dequantize_in_place(twin, quant)
+        checked = validate(twin_dir, twin_manifest, reference, mapped.release)
+        validation = {**checked, "checked": _checked_note(config)}
+        mapped.release()
+    progress("writing weights")
+    writer.move(tmp / names.WEIGHTS)  # the twin's weights begin the artifact's: layers 2.. are appended
+    make = _layer_tensor_maker(checkpoint, twin, quant, quantizer)
+    streamed: dict[str, tuple[LayerTensor, list[int]]] = {}
+    for spec, graph, template in zip(specs, graphs, tensors, strict=True):
+        replicate_layers(graph, config.num_layers, template, make)
+        streamed.update(
+            {k: (t, list(graph.graph.initializers[k].const_value.shape.numpy())) for k, t in template.items()}
         )
-        write_manifest(manifest, tmp)
+        if spec.attention == ONNXRUNTIME.name:
+            fuse_skip_rms_norm(graph)
+        writer.add(graph)
+    written = writer.close()
+    specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
+    del graphs
+    floats = {k: v for k, v in params.items() if quant is None or k not in quant.weights}
+    locations = parameter_locations(floats, written)
+    locations.update(_streamed_locations(streamed.values(), config.num_layers, written))
+    shutil.rmtree(twin_dir)  # the mapped parameters stay readable until the last view of them goes
+    if quant is not None:
+        quantization = _quantization_entry(quant, quantizer, no_portable)  # with every layer's origin now
+    manifest = _manifest(
+        config,
+        checkpoint,
+        options,
+        written,
+        locations,
+        specs,
+        _save_tokenizer(tokenizer, checkpoint, tmp),
+        quantization,
+        validation,
+    )
+    write_manifest(manifest, tmp)
     return manifest
 
 
 TWIN_DIR = ".twin"  # inside the export's temp folder: the two-layer artifact that validation runs
+TWIN_PARAMETERS = "parameters.bin"  # in TWIN_DIR: the twin's parameters, mapped (models.mapped_parameters)
 
 
 def _checked_note(config: LlamaConfig) -> str:
@@ -446,13 +477,41 @@ def _model_twin(model: StaticLlama) -> StaticLlama:
     return StaticLlama.from_weights(config, keep).to(model.model.embed_tokens.weight.dtype).eval()
 
 
-def _artifact_bytes(config: LlamaConfig, dtype: torch.dtype, graphs: int) -> int:
+def _artifact_bytes(config: LlamaConfig, options: ExportOptions, graphs: int) -> int:
     """An upper bound of the artifact's size: the weights once (the tied head counted once), each
     graph's nodes and inlined constants (tens of KB per layer), the tokenizer and the manifest."""
+    if options.quantize is None:
+        weights = _float_bytes(config, precision(options.dtype).torch)
+    else:
+        weights = _quantized_bytes(config, options)
+    return int(weights * 1.02) + graphs * (64 + 48 * config.num_layers) * 1024 + (32 << 20)
+
+
+def _float_bytes(config: LlamaConfig, dtype: torch.dtype) -> int:
     with torch.device("meta"):
         shapes = StaticLlama(config)
-    weights = sum(p.numel() for p in shapes.parameters()) * (torch.finfo(dtype).bits // 8)
-    return int(weights * 1.02) + graphs * (64 + 48 * config.num_layers) * 1024 + (32 << 20)
+    return sum(p.numel() for p in shapes.parameters()) * (torch.finfo(dtype).bits // 8)
+
+
+def _quantized_bytes(config: LlamaConfig, options: ExportOptions) -> int:
+    """Blocks of the scheme's bits with an fp32 scale and an offset or zero point each (8 bits for
+    the head and a tied embedding where they keep them), fp32 norms; twice where TensorRT's int4
+    graphs hold their own copy of the blocks."""
+    assert options.quantize is not None
+    with torch.device("meta"):
+        shapes = StaticLlama(config)
+    head = options.head_quantize or default_head(options.quantize, options.block_size)
+    bits = {"int4": 4, "int8": 8}
+    block, total = options.block_size, 0
+    for name, p in shapes.named_parameters():
+        if p.dim() != 2:
+            total += p.numel() * 4
+            continue
+        scheme = head if name in ("lm_head.weight", "model.embed_tokens.weight") else options.quantize
+        blocks = p.shape[0] * -(-p.shape[1] // block)  # a row's last block padded whole
+        total += blocks * (block * bits[scheme] // 8 + 8)
+    copies = 2 if options.quantize == "int4" and block in TENSORRT_INT4_BLOCKS else 1
+    return total * copies
 
 
 def _saved(spec: GraphSpec, graph: Any, folder: Path) -> GraphSpec:

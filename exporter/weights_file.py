@@ -65,8 +65,10 @@ class WeightsWriter:
         self.digest = hashlib.sha256()
         self.size = 0
 
-    def add(self, model: ir.Model) -> None:
-        """Move every large initializer of `model` into the file, each distinct tensor once."""
+    def add(self, model: ir.Model, after_write: Callable[[], object] = lambda: None) -> None:
+        """Move every large initializer of `model` into the file, each distinct tensor once.
+        `after_write` runs after each tensor written (the exporter gives back the pages of the mapped
+        parameters a tensor read, so writing the twin holds one tensor's at a time)."""
         import onnx_ir as ir
 
         for value in model.graph.initializers.values():
@@ -76,7 +78,7 @@ class WeightsWriter:
             if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path) in self.earlier | {self.path}:
                 offset, length = tensor.offset or 0, tensor.length or tensor.nbytes  # written here before a move
             else:
-                offset, length = self._write(tensor)
+                offset, length = self._write(tensor, after_write)
             value.const_value = ir.ExternalTensor(
                 self.path.name,
                 offset,
@@ -87,7 +89,7 @@ class WeightsWriter:
                 base_dir=self.path.parent,
             )
 
-    def _write(self, tensor: ir.TensorProtocol) -> tuple[int, int]:
+    def _write(self, tensor: ir.TensorProtocol, after_write: Callable[[], object]) -> tuple[int, int]:
         import onnx_ir as ir
 
         key = tensor.meta.get(STREAMED_KEY) if isinstance(tensor, ir.LazyTensor) else self.owners.key(tensor)
@@ -103,6 +105,8 @@ class WeightsWriter:
             self.file.write(data)
             self.digest.update(data)
             self.size += len(pad) + len(data)
+            del data
+            after_write()
         return self.offsets[key]
 
     def move(self, path: Path) -> None:

@@ -15,6 +15,7 @@ from llamatrt.base.config import LlamaConfig
 from llamatrt.base.errors import CheckpointError
 from llamatrt.models.gguf import hf_dir_from_gguf
 from llamatrt.models.llama import StaticLlama
+from llamatrt.models.mapped_parameters import MappedParameters
 from llamatrt.models.weights import (
     TensorReader,
     fused_parameter,
@@ -86,15 +87,16 @@ class Checkpoint:
                     "and config.json disagree"
                 )
 
-    def build_prefix(self, depth: int, dtype: torch.dtype = torch.float32) -> StaticLlama:
+    def build_prefix(self, depth: int, dtype: torch.dtype, backing: Path) -> tuple[StaticLlama, MappedParameters]:
         """StaticLlama of this checkpoint's first `depth` decoder layers (embedding, final norm and head
-        kept), each parameter read and converted alone: the twin an export traces and validates, in
-        the memory of those layers."""
+        kept): the twin an export traces and validates. Each parameter is read, converted and written
+        to `backing` alone, and the model runs on them mapped (returned beside it), so their pages can
+        be given back between the export's phases."""
         config = replace(self.config, num_layers=min(depth, self.config.num_layers))
         with torch.device("meta"):
             names = list(StaticLlama(config).state_dict())
-        state = {name: self.parameter(name).to(dtype) for name in names}
-        return StaticLlama.from_weights(config, state).to(dtype).eval()
+        mapped = MappedParameters(backing, ((name, self.parameter(name).to(dtype)) for name in names))
+        return StaticLlama.from_weights(config, mapped.tensors).to(dtype).eval(), mapped
 
 
 def bundled_gguf(name: str) -> Path:

@@ -26,8 +26,8 @@ from llamatrt.base.artifact.precision import NUMPY_DTYPES
 from llamatrt.base.artifact.reader import inside
 from llamatrt.base.artifact.variants import ATTENTION_FORMS, ONNXRUNTIME, onnxruntime_loads
 from llamatrt.base.errors import BackendUnavailable, InputError, ManifestMismatchError
+from llamatrt.base.mapped_pages import release_clean_pages
 from llamatrt.runtime.backend import Backend
-from llamatrt.runtime.mapped_pages import release_clean_pages
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,11 @@ DECODE_STEPS = 4  # teacher-forced decode calls after the prefill
 QUANTIZED_TOLERANCE = 1e-2
 
 
-def _loop_error(candidate: Backend, reference: Backend) -> float:
+def _loop_error(candidate: Backend, reference: Backend, release: Callable[[], object]) -> float:
     """Max |logits| difference over prompts that use every prefill size the candidate has (and a
     chunked one), then DECODE_STEPS teacher-forced decode steps, all prompts in flight at once so
-    decode calls hold rows at different positions."""
+    decode calls hold rows at different positions. `release` runs after the reference's turn (the
+    candidate gives back its own pages after each call)."""
     m = candidate.manifest
     sizes = candidate.seq_sizes("prefill", batch=1) or [1, 5]
     chunk = max(sizes) if candidate.seq_sizes("prefill", batch=1) else m.prefill_chunk
@@ -45,12 +47,18 @@ def _loop_error(candidate: Backend, reference: Backend) -> float:
         for i, n in enumerate(lengths)
     ]
     forced = fixed_prompt(len(prompts), DECODE_STEPS + 5, m.config.vocab_size)[:, 5:].tolist()
-    got, want = score(Generator(candidate), prompts, forced), score(Generator(reference), prompts, forced)
+    want = score(Generator(reference), prompts, forced)
+    release()
+    got = score(Generator(candidate), prompts, forced)
     return max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
 
 
-def validate_artifact(folder: Path, manifest: Manifest, model: StaticLlama) -> dict[str, Any]:
+def validate_artifact(
+    folder: Path, manifest: Manifest, model: StaticLlama, release: Callable[[], object] = lambda: None
+) -> dict[str, Any]:
     """Raise ValidationError above the precision's tolerance; return what the manifest records.
+    `release` gives back the pages of `model`'s mapped weights (the export's twin): called after each
+    PyTorch run, so the weights are held once, by PyTorch or by ONNX Runtime, not by both.
 
     A bf16 artifact (ONNX Runtime CPU has no bf16 kernels) is checked through fp32 twins of its
     graphs (runtime.fp32_twin) against PyTorch in fp32 on the same bf16-rounded weights: the same
@@ -74,7 +82,7 @@ def validate_artifact(folder: Path, manifest: Manifest, model: StaticLlama) -> d
         with TorchBackend(candidate_folder, candidate_manifest, model=model) as reference:
             for form in forms:
                 with OrtBackend(candidate_folder, candidate_manifest, attention=form, prepack=False) as candidate:
-                    errors[form] = _loop_error(candidate, reference)
+                    errors[form] = _loop_error(candidate, reference, release)
     for form, error in errors.items():
         if not error <= tolerance:
             raise ValidationError(

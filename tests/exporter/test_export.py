@@ -267,11 +267,23 @@ def test_reduced_precision_artifact_maps_every_parameter(tiny_dir: Path, tmp_pat
         assert torch.equal(loaded[name], tensor), name
 
 
-def test_the_space_an_export_needs_counts_its_weights_at_their_dtype(tiny_dir: Path) -> None:
-    """The disk check's bound: a half-precision export's weights at two bytes each, not four."""
-    from llamatrt.exporter.export import _artifact_bytes
+def test_the_space_an_export_needs_counts_its_weights_as_stored(tiny_dir: Path, tmp_path: Path) -> None:
+    """The disk check's bound: a half-precision export's weights at two bytes each, not four; a
+    quantized export's at its blocks' size (an int4 export needs a fraction of fp32's space), and
+    never less than what the export writes (TensorRT's graphs' own copy of int4 blocks of 64 too)."""
+    from llamatrt.exporter.export import _artifact_bytes, _float_bytes, _quantized_bytes
 
     config = load_checkpoint(tiny_dir).config
     params = sum(p.numel() for p in load_checkpoint(tiny_dir).build_model().parameters())
-    fp32, fp16 = _artifact_bytes(config, torch.float32, 3), _artifact_bytes(config, torch.float16, 3)
+    fp32, fp16 = _artifact_bytes(config, ExportOptions(), 3), _artifact_bytes(config, ExportOptions(dtype="fp16"), 3)
     assert abs((fp32 - fp16) - 1.02 * 2 * params) <= 2
+    int4 = ExportOptions(quantize="int4")
+    assert _quantized_bytes(config, int4) < _float_bytes(config, torch.float32) / 3
+    for block in (32, 64):
+        options = replace(int4, block_size=block, max_cache_len=CACHE, prefill_chunk=CHUNK)
+        folder = tmp_path / f"int4-{block}"
+        export_artifact(tiny_dir, folder, options)
+        written = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        manifest = read_manifest(folder)
+        assert manifest.weights_bytes <= _quantized_bytes(config, options), block
+        assert written <= _artifact_bytes(config, options, len(manifest.graphs)), block

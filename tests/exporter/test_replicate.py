@@ -2,12 +2,13 @@
 
 Export validation runs the two-layer twin; these tests hold the whole replicated artifact to PyTorch
 on the full model (the same check, `tools.export_check.validate_artifact`, at every depth), in every
-graph form and weight format, and check that an export's memory does not grow with the model's depth.
+graph form and weight format, and hold an export's memory to one layer and the embedding at any depth.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -160,31 +161,50 @@ def test_a_gguf_whose_later_layers_hold_other_blocks_is_refused(tmp_path: Path) 
     assert not (tmp_path / "a").exists()
 
 
-PEAK_SCRIPT = textwrap.dedent(
+# An export's growth in resident memory, in-process: after a tiny export has loaded every library and
+# code path (what the process holds before it reads a weight), the kernel's peak-RSS counter is reset
+# (/proc/self/clear_refs, "5") and the real export runs; growth = peak - resident before it.
+GROWTH_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from pathlib import Path
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.tools.pipeline import export_artifact
-    export_artifact(sys.argv[1], Path(sys.argv[2]), ExportOptions(max_cache_len=64, prefill_chunk=16))
-    print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+    def kib(field):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+    options = ExportOptions(max_cache_len=64, prefill_chunk=16)
+    warm, source, out = sys.argv[1:4]
+    export_artifact(warm, Path(out + "-warm"), options)
+    open("/proc/self/clear_refs", "w").write("5")
+    before = kib("VmRSS")
+    export_artifact(source, Path(out), options)
+    print(json.dumps({"growth": (kib("VmHWM") - before) * 1024}))
     """
 )
 
 
-def _peak_export_bytes(source: Path, out: Path) -> int:
+def _export_growth(source: Path, warm: Path, out: Path) -> int:
     done = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT, str(source), str(out)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", GROWTH_SCRIPT, str(warm), str(source), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak"])
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["growth"])
+
+
+MID = {"hidden": 1024, "ffn": 4096, "kv": 256, "vocab": 49152}  # SmolLM2's vocabulary
 
 
 def _mid_size(folder: Path, layers: int) -> Path:
-    """Hidden 1024, FFN 4096, 16 heads / 4 KV heads: 61 MB of fp32 weights a layer."""
+    """Hidden 1024, FFN 4096, 16 heads / 4 KV heads: 61 MB of fp32 weights a layer; a tied
+    embedding of SmolLM2's 49,152 rows, 201 MB in fp32."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    h, f, kv, vocab = 1024, 4096, 256, 99
+    h, f, kv, vocab = MID["hidden"], MID["ffn"], MID["kv"], MID["vocab"]
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -203,18 +223,29 @@ def _mid_size(folder: Path, layers: int) -> Path:
     )
     config = {**TINY_BASE, "hidden_size": h, "intermediate_size": f, "num_hidden_layers": layers}
     config |= {"num_attention_heads": 16, "num_key_value_heads": 4, "tie_word_embeddings": True, "model_type": "llama"}
+    config |= {"vocab_size": vocab}
     (folder / "config.json").write_text(json.dumps(config))
     save_tiny_tokenizer(folder)
     return folder
 
 
+def _can_reset_peak() -> bool:
+    return sys.platform == "linux" and os.access("/proc/self/clear_refs", os.W_OK)
+
+
 @pytest.mark.slow
-def test_export_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
-    """A 16-layer export holds no more than a 4-layer one of the same width (the twin is the same),
-    within a quarter of the 12 extra layers' fp32 weights; before streaming it held all of them
-    (and their traced copies) at once."""
-    shallow = _peak_export_bytes(_mid_size(tmp_path / "l4", 4), tmp_path / "a4")
-    deep = _peak_export_bytes(_mid_size(tmp_path / "l16", 16), tmp_path / "a16")
-    extra_layers = 12 * 4 * (2 * 1024 * 1024 + 2 * 256 * 1024 + 3 * 1024 * 4096)
-    assert deep - shallow < extra_layers / 4, (shallow, deep, extra_layers)
-    assert np.isclose(read_manifest(tmp_path / "a16").weights_bytes, 4 * extra_layers / 3, rtol=0.02)
+@pytest.mark.skipif(not _can_reset_peak(), reason="measures the peak through Linux's /proc/self/clear_refs")
+def test_export_memory_is_bounded_by_one_layer_and_the_embedding(tmp_path: Path, tiny_hf_dir: Path) -> None:
+    """An fp32 export grows the process by at most 1.5x one layer's fp32 weights plus the embedding
+    (issue 27's bound), at 4 layers and at 16: the twin's parameters are mapped pages given back
+    between phases, so tracing, validation (PyTorch, then ONNX Runtime) and writing each hold one copy
+    of them; the other layers are streamed a tensor at a time (docs/benchmarks.md has the phases)."""
+    h, f, kv = MID["hidden"], MID["ffn"], MID["kv"]
+    layer = 4 * (2 * h * h + 2 * kv * h + 3 * f * h + 2 * h)
+    embedding = 4 * MID["vocab"] * h
+    bound = 1.5 * (layer + embedding)
+    for depth in (4, 16):
+        growth = _export_growth(_mid_size(tmp_path / f"l{depth}", depth), tiny_hf_dir, tmp_path / f"a{depth}")
+        print("GROWTH", depth, growth / 2**20, bound / 2**20)
+        assert growth <= bound, (depth, growth / 2**20, bound / 2**20)
+    assert np.isclose(read_manifest(tmp_path / "a16").weights_bytes, 16 * layer + embedding, rtol=0.01)

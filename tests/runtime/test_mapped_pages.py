@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamatrt.runtime.mapped_pages import _clean_mappings, release_clean_pages
+from llamatrt.base.mapped_pages import _clean_mappings, release_clean_pages
 
 SMAPS = """\
 7f0000000000-7f0000004000 rw-p 00000000 08:01 12 /art/weights.data

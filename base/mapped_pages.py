@@ -1,4 +1,4 @@
-"""Give back the pages of weights.data that ONNX Runtime mapped, read once, and holds no more.
+"""Give back the pages of a mapped file (weights.data, a twin's parameters) read once and held no more.
 
 ONNX Runtime maps an external-data file into memory and builds its kernels' own packed copies of
 the weights from it (MatMulNBits and fp32 GEMM prepacking) when a session is made. The mapped pages
