@@ -197,3 +197,15 @@ def save_byte_level_bpe(folder: Path, text: str, special_tokens: list[str], voca
     tok.train_from_iterator([text] * 50, trainer)
     tok.save(str(folder / "tokenizer.json"))
     return folder / "tokenizer.json"
+
+
+def resident_kb(path: Path) -> int:
+    """KiB of `path` this process's mappings hold resident (Linux /proc/self/smaps)."""
+    total, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            current = len(head) == 6 and head[5].strip() == str(path.resolve())
+        elif current and head and head[0] == "Rss:":
+            total += int(head[1])
+    return total

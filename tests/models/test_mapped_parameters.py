@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from llamatrt.models.mapped_parameters import ALIGNMENT, MappedParameters
-
-
-def _resident_kb(path: Path) -> int:
-    total, current = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=5)
-        if head and "-" in head[0] and not head[0].endswith(":"):
-            current = len(head) == 6 and head[5].strip() == str(path.resolve())
-        elif current and head and head[0] == "Rss:":
-            total += int(head[1])
-    return total
+from tests.conftest import resident_kb
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -47,9 +37,9 @@ def test_read_pages_are_given_back_and_written_ones_kept(tmp_path: Path) -> None
     tensors = {"big": torch.randn(4 << 20, generator=torch.Generator().manual_seed(1))}  # 16 MiB
     mapped = MappedParameters(path, iter(tensors.items()))
     assert float(mapped.tensors["big"].sum()) == pytest.approx(float(tensors["big"].sum()), rel=1e-4)
-    before = _resident_kb(path)
+    before = resident_kb(path)
     assert before > 12 << 10 and mapped.release() > 0
-    assert _resident_kb(path) < before // 4
+    assert resident_kb(path) < before // 4
     assert torch.equal(mapped.tensors["big"], tensors["big"])  # read back from the file
     # a quantized export's reference dequantizes in place: those pages are the process's own now,
     # and the map that holds them is left alone, so the write is never undone

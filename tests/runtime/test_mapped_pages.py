@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from llamatrt.base.mapped_pages import _clean_mappings, release_clean_pages
+from tests.conftest import resident_kb
 
 SMAPS = """\
 7f0000000000-7f0000004000 rw-p 00000000 08:01 12 /art/weights.data
@@ -31,17 +32,6 @@ def test_only_clean_mappings_of_the_file_are_chosen() -> None:
     assert _clean_mappings("/art/weights.data", SMAPS) == [(0x7F0000000000, 0x4000)]
 
 
-def _resident_kb(path: Path) -> int:
-    total, current = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=5)
-        if head and "-" in head[0] and not head[0].endswith(":"):
-            current = len(head) == 6 and head[5].strip() == str(path.resolve())
-        elif current and head and head[0] == "Rss:":
-            total += int(head[1])
-    return total
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and madvise")
 def test_read_pages_are_released_and_read_back_unchanged(tmp_path: Path) -> None:
     data = np.random.default_rng(0).integers(0, 255, size=8 << 20, dtype=np.uint8)
@@ -51,9 +41,9 @@ def test_read_pages_are_released_and_read_back_unchanged(tmp_path: Path) -> None
         mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     view = np.frombuffer(mapped, dtype=np.uint8)
     assert int(view.sum()) == int(data.sum())  # every page read, so resident
-    before = _resident_kb(path)
+    before = resident_kb(path)
     assert release_clean_pages(path) == len(data)
-    assert _resident_kb(path) < before // 4
+    assert resident_kb(path) < before // 4
     assert np.array_equal(view, data)  # read back from the file
     del view
     mapped.close()
