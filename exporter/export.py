@@ -249,7 +249,7 @@ def _export_twin_and_layers(
     validation: dict[str, Any] = {"skipped": "--no-validate"}
     if validate is not None and options.validate:
         progress("validating against PyTorch")
-        reference = twin if quant is None else dequantize_in_place(twin, quant)
+        reference = twin if quant is None else dequantize_in_place(twin, quant, mapped)
         checked = validate(twin_dir, twin_manifest, reference, mapped.release)
         validation = {**checked, "checked": _checked_note(config)}
         mapped.release()

@@ -22,6 +22,7 @@ from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
 from llamatrt.exporter.quant_weights import QuantizedWeight, check_block_size, rtn_quantize
 from llamatrt.models.checkpoint import Checkpoint
 from llamatrt.models.llama import StaticLlama
+from llamatrt.models.mapped_parameters import MappedParameters
 
 log = logging.getLogger(__name__)
 # MatMulNBits' CPU kernels: 0 (fp32 activations, exact: SmolLM2 decodes 0.2x fp32's speed) and
@@ -120,12 +121,12 @@ def plan_quantization(
     return plan
 
 
-def dequantize_in_place(model: StaticLlama, plan: QuantPlan) -> StaticLlama:
+def dequantize_in_place(model: StaticLlama, plan: QuantPlan, mapped: MappedParameters) -> StaticLlama:
     """`model` made the artifact's weights as they dequantize, in place (the exporter is done with
     its floats once the graphs are made; a copy would hold the twin twice): the reference that export
-    validation holds the quantized graph to, so only arithmetic is left between them."""
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, weight in plan.weights.items():
-            state[name].copy_(torch.from_numpy(weight.dequantize()))
+    validation holds the quantized graph to, so only arithmetic is left between them. Written
+    through `mapped`, the file the model's parameters are mapped from, so their pages can still be
+    given back while ONNX Runtime runs."""
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    mapped.overwrite((name, torch.from_numpy(w.dequantize()).to(dtypes[name])) for name, w in plan.weights.items())
     return model

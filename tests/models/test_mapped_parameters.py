@@ -47,3 +47,24 @@ def test_read_pages_are_given_back_and_written_ones_kept(tmp_path: Path) -> None
     mapped.release()
     assert bool((mapped.tensors["big"][:1000] == 7.0).all())
     assert torch.equal(mapped.tensors["big"][1000:], tensors["big"][1000:])
+
+
+@pytest.mark.parametrize("given_back", [True, False], ids=["pages-dropped", "in-place"])
+def test_values_overwritten_through_the_file_are_read(tmp_path: Path, given_back: bool) -> None:
+    """A quantized export's reference: dequantized weights written through the file stay pages that
+    can be given back; where the map has pages of its own, the values are written in place too."""
+    path = tmp_path / "p.bin"
+    tensors = _tensors()
+    mapped = MappedParameters(path, iter(tensors.items()))
+    if not given_back:
+        mapped.tensors["norm"][0] = 3.0  # a page of the process's own: the map is never dropped now
+    new = {"embed": torch.full((1000, 96), 0.5), "proj": torch.ones(33, 17, dtype=torch.float16)}
+    mapped.overwrite(iter(new.items()))
+    for name, value in new.items():
+        assert torch.equal(mapped.tensors[name], value), name
+    assert torch.equal(mapped.tensors["head"], tensors["head"])
+    if given_back and sys.platform.startswith("linux"):
+        assert mapped.release() > 0
+        assert torch.equal(mapped.tensors["embed"], new["embed"])  # faulted in from the file again
+    with pytest.raises(ValueError, match="is not the mapped"):
+        mapped.overwrite(iter([("proj", torch.ones(33, 17))]))
