@@ -215,8 +215,9 @@ def _export_twin_and_layers(
     if options.quantize is not None:
         progress("quantizing weights")
         quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size, options.head_quantize)
-        quant = plan_quantization(quantizer, twin, options.quantize, options.block_size, options.accuracy_level)
-        mapped.release()
+        quant = plan_quantization(
+            quantizer, twin, options.quantize, options.block_size, options.accuracy_level, after_each=mapped.release
+        )
         no_portable = tensorrt_can_take({**quantizer.carried, **quant.weights})
         if no_portable is not None:  # MatMulNBits is an ONNX Runtime op: ONNX Runtime's graph only
             log.warning(

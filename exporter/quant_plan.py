@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,14 +109,22 @@ class ParameterQuantizer:
 
 
 def plan_quantization(
-    quantizer: ParameterQuantizer, model: StaticLlama, scheme: str, block_size: int, accuracy_level: int
+    quantizer: ParameterQuantizer,
+    model: StaticLlama,
+    scheme: str,
+    block_size: int,
+    accuracy_level: int,
+    after_each: Callable[[], object] = lambda: None,
 ) -> QuantPlan:
+    """The twin's quantized weights. `after_each` runs after each weight is quantized (the exporter
+    gives back the pages of the mapped parameter it read)."""
     check_quantize_options(scheme, accuracy_level)
     weights: dict[str, QuantizedWeight] = {}
     floats: dict[str, np.ndarray] = {}
     for name, tensor in _quantized_params(model).items():
         floats[name] = tensor.float().numpy()
         weights[name] = quantizer(name, floats[name])
+        after_each()
     plan = QuantPlan(scheme, block_size, accuracy_level, weights, floats)
     log.info("quantized weights: %s", plan.summary())
     return plan

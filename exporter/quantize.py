@@ -73,8 +73,16 @@ class Initializers:
         return self.made[name]
 
 
-def content_key(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array).view(np.uint8).tobytes()).hexdigest()
+def content_key(array: np.ndarray, rows: int = 256) -> str:
+    """A hash of the array's values in C order, a few rows at a time: a transposed view of a large
+    weight (the embedding) is never copied whole."""
+    digest = hashlib.sha1()
+    if array.flags.c_contiguous:
+        digest.update(array.reshape(-1).view(np.uint8).data)
+    else:
+        for start in range(0, array.shape[0], rows):
+            digest.update(np.ascontiguousarray(array[start : start + rows]).reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
 
 
 MatMulRewrite = Callable[["ir.Node", str, Initializers], None]
