@@ -214,18 +214,8 @@ def _export_twin_and_layers(
     quant, quantizer, no_portable = None, None, None
     if options.quantize is not None:
         progress("quantizing weights")
-        quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size, options.head_quantize)
-        quant = plan_quantization(
-            quantizer, twin, options.quantize, options.block_size, options.accuracy_level, after_each=mapped.release
-        )
-        no_portable = tensorrt_can_take({**quantizer.carried, **quant.weights})
+        quant, quantizer, no_portable = _quantize_twin(checkpoint, twin, mapped, options)
         if no_portable is not None:  # MatMulNBits is an ONNX Runtime op: ONNX Runtime's graph only
-            log.warning(
-                "no TensorRT graphs: TensorRT takes symmetric int4 blocks of %s, and %s; for them export "
-                "a float checkpoint with --quantize int4 --block-size 64",
-                " or ".join(map(str, TENSORRT_INT4_BLOCKS)),
-                no_portable,
-            )
             plans = [p for p in plans if p.attention.name == ONNXRUNTIME.name]
     c = options.max_cache_len
     specs = [graph_spec(plan, config, options.dtype, c, options.full_logits) for plan in plans]
@@ -288,6 +278,27 @@ def _export_twin_and_layers(
     )
     write_manifest(manifest, tmp)
     return manifest
+
+
+def _quantize_twin(
+    checkpoint: Checkpoint, twin: StaticLlama, mapped: MappedParameters, options: ExportOptions
+) -> tuple[QuantPlan, ParameterQuantizer, str | None]:
+    """The twin's quantized weights, their quantizer (which every other layer's go through), and
+    why TensorRT's graphs cannot take them (None where they can)."""
+    assert options.quantize is not None
+    quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size, options.head_quantize)
+    quant = plan_quantization(
+        quantizer, twin, options.quantize, options.block_size, options.accuracy_level, after_each=mapped.release
+    )
+    no_portable = tensorrt_can_take({**quantizer.carried, **quant.weights})
+    if no_portable is not None:
+        log.warning(
+            "no TensorRT graphs: TensorRT takes symmetric int4 blocks of %s, and %s; for them export "
+            "a float checkpoint with --quantize int4 --block-size 64",
+            " or ".join(map(str, TENSORRT_INT4_BLOCKS)),
+            no_portable,
+        )
+    return quant, quantizer, no_portable
 
 
 TWIN_DIR = ".twin"  # inside the export's temp folder: the two-layer artifact that validation runs
