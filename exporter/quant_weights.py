@@ -62,10 +62,13 @@ class QuantizedWeight:
     def dequantize(self) -> np.ndarray:
         """W [N, K] in float32, computed as the format defines it (`d·(q - z)` and Q4_1's `d·q + m`,
         the very expressions of the `gguf` package), so a carried-over tensor compares bitwise."""
-        q = self.codes().astype(np.float32)
-        scale = self.scales[..., None]
-        offsets = self.offsets
-        w = scale * (q - np.float32(self.zero)) if offsets is None else scale * q + offsets[..., None]
+        w = self.codes().astype(np.float32)  # one float array, computed in place: the same values
+        if self.offsets is None:
+            w -= np.float32(self.zero)
+            w *= self.scales[..., None]
+        else:
+            w *= self.scales[..., None]
+            w += self.offsets[..., None]
         return w.reshape(self.n, self.blocks * self.block)[:, : self.k]
 
     def nibble_halves(self) -> tuple[QuantizedWeight, QuantizedWeight]:
