@@ -20,7 +20,7 @@ import torch
 
 from llamatrt.base.artifact import names
 from llamatrt.base.artifact.manifest import FORMAT_VERSION, GraphSpec, Manifest, write_manifest
-from llamatrt.base.artifact.precision import dtype_name, precision, torch_dtype
+from llamatrt.base.artifact.precision import WEIGHT_FORMATS, dtype_name, precision, torch_dtype
 from llamatrt.base.artifact.reader import file_sha256
 from llamatrt.base.artifact.variants import ONNXRUNTIME
 from llamatrt.base.config import LlamaConfig
@@ -513,7 +513,6 @@ def _quantized_bytes(config: LlamaConfig, options: ExportOptions) -> int:
     with torch.device("meta"):
         shapes = StaticLlama(config)
     head = options.head_quantize or default_head(options.quantize, options.block_size)
-    bits = {"int4": 4, "int8": 8}
     block, total = options.block_size, 0
     for name, p in shapes.named_parameters():
         if p.dim() != 2:
@@ -521,7 +520,7 @@ def _quantized_bytes(config: LlamaConfig, options: ExportOptions) -> int:
             continue
         scheme = head if name in ("lm_head.weight", "model.embed_tokens.weight") else options.quantize
         blocks = p.shape[0] * -(-p.shape[1] // block)  # a row's last block padded whole
-        total += blocks * (block * bits[scheme] // 8 + 8)
+        total += blocks * (block * WEIGHT_FORMATS[scheme].bits // 8 + 8)
     copies = 2 if options.quantize == "int4" and block in TENSORRT_INT4_BLOCKS else 1
     return total * copies
 
