@@ -54,6 +54,7 @@ from llamatrt.exporter.replicate import (
     TensorMaker,
     at_layer,
     replicate_layers,
+    streamed_layer_tensors,
     template_tensors,
 )
 from llamatrt.exporter.variants import VariantPlan, fused_attention_possible, planned_variants
@@ -226,37 +227,39 @@ def _export_twin_and_layers(
         specs = [replace(spec, weights=quant.scheme) for spec in specs]
         twin_specs = [replace(spec, weights=quant.scheme) for spec in twin_specs]
     params = {k: v.detach() for k, v in twin.state_dict().items()}
-    writer = WeightsWriter(twin_dir / names.WEIGHTS, params)
-    graphs, tensors = [], []
-    for spec in twin_specs:
-        progress(f"exporting {spec.name} graph")
-        graphs.append(_twin_graph(twin, spec, options.batch_size, quant))
-        tensors.append(template_tensors(graphs[-1], params))  # what each of layer 1's tensors is
-        writer.add(graphs[-1], after_write=mapped.release)  # its tensors leave memory before the next trace
-    twin_written = writer.written()
-    twin_graphs = [_saved_twin(spec, graph, twin_dir) for spec, graph in zip(twin_specs, graphs, strict=True)]
-    quantization = {} if quant is None else _quantization_entry(quant, quantizer, no_portable)
-    twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization, {})
-    validation: dict[str, Any] = {"skipped": "--no-validate"}
-    if validate is not None and options.validate:
-        progress("validating against PyTorch")
-        reference = twin if quant is None else dequantize_in_place(twin, quant, mapped)
-        checked = validate(twin_dir, twin_manifest, reference, mapped.release)
-        validation = {**checked, "checked": _checked_note(config)}
-        mapped.release()
-    progress("writing weights")
-    writer.move(tmp / names.WEIGHTS)  # the twin's weights begin the artifact's: layers 2.. are appended
     make = _layer_tensor_maker(checkpoint, twin, quant, quantizer)
-    streamed: dict[str, tuple[LayerTensor, list[int]]] = {}
-    for spec, graph, template in zip(specs, graphs, tensors, strict=True):
-        replicate_layers(graph, config.num_layers, template, make)
-        streamed.update(
-            {k: (t, list(graph.graph.initializers[k].const_value.shape.numpy())) for k, t in template.items()}
-        )
-        if spec.attention == ONNXRUNTIME.name:
-            fuse_skip_rms_norm(graph)
-        writer.add(graph)
-    written = writer.close()
+    with WeightsWriter(twin_dir / names.WEIGHTS, params) as writer:
+        graphs, tensors = [], []
+        for spec in twin_specs:
+            progress(f"exporting {spec.name} graph")
+            graphs.append(_twin_graph(twin, spec, options.batch_size, quant))
+            tensors.append(template_tensors(graphs[-1], params))  # what each of layer 1's tensors is
+            writer.add(graphs[-1], after_write=mapped.release)  # its tensors leave memory before the next trace
+            if len(graphs) == 1:  # layers 2.. are written in the background while the other variants trace
+                writer.stream(streamed_layer_tensors(graphs[0], config.num_layers, tensors[0], make))
+        twin_graphs = [_saved_twin(spec, graph, twin_dir) for spec, graph in zip(twin_specs, graphs, strict=True)]
+        twin_written = writer.written()
+        quantization = {} if quant is None else _quantization_entry(quant, quantizer, no_portable)
+        twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization, {})
+        validation: dict[str, Any] = {"skipped": "--no-validate"}
+        if validate is not None and options.validate:
+            progress("validating against PyTorch")
+            reference = twin if quant is None else dequantize_in_place(twin, quant, mapped)
+            checked = validate(twin_dir, twin_manifest, reference, mapped.release)
+            validation = {**checked, "checked": _checked_note(config)}
+            mapped.release()
+        progress("writing weights")
+        writer.move(tmp / names.WEIGHTS)  # the twin's weights begin the artifact's: layers 2.. follow
+        streamed: dict[str, tuple[LayerTensor, list[int]]] = {}
+        for spec, graph, template in zip(specs, graphs, tensors, strict=True):
+            replicate_layers(graph, config.num_layers, template, make)
+            streamed.update(
+                {k: (t, list(graph.graph.initializers[k].const_value.shape.numpy())) for k, t in template.items()}
+            )
+            if spec.attention == ONNXRUNTIME.name:
+                fuse_skip_rms_norm(graph)
+            writer.add(graph)
+        written = writer.close()
     specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
     del graphs
     floats = {k: v for k, v in params.items() if quant is None or k not in quant.weights}
@@ -369,17 +372,18 @@ def _layer_tensor_maker(
             held = held_parts(weight, accuracy_level)[tensor.part] if tensor.part else weight
             array = STORED[tensor.suffix](held)
             return ir.Tensor(array, dtype=ir.DataType.INT4) if tensor.suffix in INT4_STORED else ir.tensor(array)
-        return _stored_float(checkpoint.parameter(param).to(compute), tensor)
+        return _stored_float(checkpoint.parameter(param), tensor, compute)
 
     return make
 
 
-def _stored_float(value: torch.Tensor, tensor: LayerTensor) -> ir.TensorProtocol:
-    """A layer's parameter (in the graph's compute dtype) in the form its template tensor holds it."""
+def _stored_float(value: torch.Tensor, tensor: LayerTensor, compute: torch.dtype) -> ir.TensorProtocol:
+    """A layer's parameter, rounded to the graph's compute dtype, in the form its template tensor
+    holds it."""
     import onnx_ir as ir
 
-    value = value.to(torch_dtype(tensor.dtype))
-    value = (value.t() if tensor.transposed else value).contiguous()
+    value = (value.t() if tensor.transposed else value).contiguous()  # before the upcast: fewer bytes moved
+    value = value.to(compute).to(torch_dtype(tensor.dtype))
     if value.dtype == torch.bfloat16:  # numpy has no bf16: its bits, typed by onnx_ir
         return ir.Tensor(value.view(torch.uint16).numpy(), dtype=ir.DataType.BFLOAT16)
     return ir.tensor(value.numpy())
@@ -469,7 +473,8 @@ def export_graph(model: StaticLlama, plan: VariantPlan, max_cache_len: int, fold
     full = {k: v.detach() for k, v in model.state_dict().items()}
 
     def make(tensor: LayerTensor, layer: int) -> Any:
-        return _stored_float(full[at_layer(tensor.param, layer)], tensor)
+        value = full[at_layer(tensor.param, layer)]
+        return _stored_float(value, tensor, value.dtype)
 
     replicate_layers(graph, model.config.num_layers, template_tensors(graph, params), make)
     if plan.attention.name == ONNXRUNTIME.name:

@@ -154,6 +154,34 @@ def replicate_layers(model: ir.Model, num_layers: int, tensors: Mapping[str, Lay
         node.replace_input_with(i, hidden)
 
 
+def streamed_layer_tensors(
+    model: ir.Model, num_layers: int, tensors: Mapping[str, LayerTensor], make: TensorMaker
+) -> list[tuple[str, int, Callable[[], ir.TensorProtocol]]]:
+    """(streamed key, bytes, maker) of each weight that `replicate_layers` will give layers 2..L-1
+    of `model`, in the order it registers them: what the weights writer can write in the background
+    while other graphs are traced, so the replicated graphs find them written. Each is the size of
+    its template tensor, which `_checked` holds it to."""
+    if num_layers <= TWIN_DEPTH:
+        return []
+    template = _find_template(model.graph, tensors)
+    weights = [(t, v.const_value) for t, v in _layer_weights(model.graph, template, tensors)]
+    return [
+        (tensor.name(layer), like.nbytes, functools.partial(_checked, make, tensor, layer, like))
+        for layer in range(TWIN_DEPTH, num_layers)
+        for tensor, like in weights
+        if like is not None
+    ]
+
+
+def _layer_weights(
+    graph: ir.Graph, template: _Template, tensors: Mapping[str, LayerTensor]
+) -> list[tuple[LayerTensor, ir.Value]]:
+    """The template's weights that its nodes read, with their initializers: layer 0's own weights,
+    which `template_tensors` also finds as layer 1's stand-ins, are read by layer 0 alone."""
+    read = {v for node in template.nodes for v in node.inputs if v is not None}
+    return [(tensor, graph.initializers[name]) for name, tensor in tensors.items() if graph.initializers[name] in read]
+
+
 def _find_template(graph: ir.Graph, tensors: Mapping[str, LayerTensor]) -> _Template:
     outputs_of: dict[int, ir.Value] = {}  # layer -> its last residual Add's output (tools.layerwise does alike)
     for node in graph:
@@ -238,11 +266,7 @@ def _copy_layer(
         copy = ir.Value(name=f"past_key_values.{layer}.{which}", shape=value.shape, type=value.type)
         graph.inputs.append(copy)
         mapping[value] = copy
-    read = {v for node in template.nodes for v in node.inputs if v is not None}
-    for name, tensor in tensors.items():
-        source = graph.initializers[name]
-        if source not in read:  # layer 0's own weights (found as layer 1's stand-ins)
-            continue
+    for tensor, source in _layer_weights(graph, template, tensors):
         assert source.const_value is not None
         stored = streamed_tensor(
             tensor.name(layer),

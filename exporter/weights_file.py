@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ import torch
 
 from llamatrt.base.artifact.precision import dtype_name
 from llamatrt.base.errors import ValidationError
+from llamatrt.base.heap import trim_heap
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -52,7 +55,14 @@ class WeightsWriter:
     """The artifact's one weights file, filled graph by graph: each graph's large initializers move
     into it as the graph is made, so only one graph's own tensors are in memory at a time. The file
     can be moved while it is written (`move`): the export writes the traced twin's weights first,
-    validates the twin over them, then moves the file into the artifact and appends the other layers."""
+    validates the twin over them, then moves the file into the artifact and appends the other layers.
+
+    Tensors whose sizes are known before any graph holds them (the replicated layers' streamed
+    weights) can be written by a background thread (`stream`) into a region reserved for them, while
+    the caller goes on tracing and appending after it: making those tensors (reading, upcasting,
+    quantizing) and the kernel's page-cache writes release the GIL, so on two cores they overlap the
+    tracer's Python. The layout is fixed when the region is reserved and the digest is taken in file
+    order, so neither depends on thread timing."""
 
     def __init__(self, path: Path, params: Mapping[str, torch.Tensor] | None = None) -> None:
         """`params`: the traced model's parameters, whose graph tensors (the parameters, or views of
@@ -60,10 +70,25 @@ class WeightsWriter:
         self.path = path
         self.owners = ParameterViews(params or {})
         self.earlier: set[Path] = set()  # where the file was before a move: tensors there are ours
-        self.file = path.open("wb")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read: `wait` hashes appends back
         self.offsets: dict[str, tuple[int, int]] = {}
+        self.size = 0  # the file's length: every byte below it is written or reserved
         self.digest = hashlib.sha256()
-        self.size = 0
+        self.hashed = 0  # the digest covers the file up to here; the rest waits for the stream's region
+        self.lock = threading.Lock()  # over digest and hashed, which the stream advances too
+        self.stream_thread: threading.Thread | None = None
+        self.stream_error: BaseException | None = None
+        self.stopping = threading.Event()
+
+    def __enter__(self) -> WeightsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop a stream still running (the export failed) and close the file."""
+        self.stopping.set()
+        if self.stream_thread is not None:
+            self.stream_thread.join()
+        self._close_fd()
 
     def add(self, model: ir.Model, after_write: Callable[[], object] = lambda: None) -> None:
         """Move every large initializer of `model` into the file, each distinct tensor once.
@@ -89,6 +114,81 @@ class WeightsWriter:
                 base_dir=self.path.parent,
             )
 
+    def stream(self, tensors: Iterable[tuple[str, int, Callable[[], ir.TensorProtocol]]]) -> None:
+        """Reserve the file's next bytes for `tensors` ((streamed key, bytes, maker), in order) and
+        write them from a background thread; a graph holding streamed tensors of those keys finds
+        them at once. The stream's error, if any, is raised by `wait` (and so by `written`)."""
+        self.wait()
+        region = []
+        for key, length, make in tensors:
+            if key not in self.offsets:
+                offset = self.size + (-self.size % ALIGNMENT)
+                self.offsets[key] = (offset, length)
+                self.size = offset + length
+                region.append((key, make))
+        os.ftruncate(self.fd, self.size)  # a hole until the stream fills it; appends go after it
+        self.stopping.clear()
+        self.stream_thread = threading.Thread(target=self._stream, args=(region,), name="weights-stream")
+        self.stream_thread.start()
+
+    def _stream(self, region: list[tuple[str, Callable[[], ir.TensorProtocol]]]) -> None:
+        """Make and hash each tensor while a second thread writes the one before it: a buffered
+        write holds the file's lock, so the writes cannot be split, but the making can run beside
+        them. Two tensors are in memory at most: one being written, one being made."""
+        made: queue.SimpleQueue[tuple[memoryview | bytes, int] | None] = queue.SimpleQueue()
+        room = threading.Semaphore(2)
+        writer = threading.Thread(target=self._write_made, args=(made, room), name="weights-stream-writer")
+        writer.start()
+        try:
+            for key, make in region:
+                room.acquire()
+                if self.stopping.is_set() or self.stream_error is not None:
+                    break
+                offset, length = self.offsets[key]
+                data = _buffer(make())
+                if len(data) != length:
+                    raise ValidationError(f"{key} is {len(data)} bytes where {length} were reserved; please report")
+                with self.lock:  # the region starts where the digest stood and nothing else writes in it
+                    self.digest.update(bytes(offset - self.hashed))
+                    self.digest.update(data)
+                    self.hashed = offset + length
+                made.put((data, offset))
+                del data
+        except BaseException as e:  # handed to the exporting thread by `wait`
+            self.stream_error = e
+        finally:
+            made.put(None)
+            writer.join()
+
+    def _write_made(
+        self, made: queue.SimpleQueue[tuple[memoryview | bytes, int] | None], room: threading.Semaphore
+    ) -> None:
+        while (item := made.get()) is not None:
+            if self.stream_error is None and not self.stopping.is_set():
+                try:
+                    _write_at(self.fd, *item)
+                except BaseException as e:
+                    self.stream_error = e
+            del item
+            room.release()
+
+    def wait(self) -> None:
+        """Wait for the background stream to finish, raise its error, and bring the digest up to the
+        file's end (what was appended after the region, read back)."""
+        if self.stream_thread is None:
+            return
+        self.stream_thread.join()
+        self.stream_thread = None
+        trim_heap()  # what the stream's threads freed stays in their arenas, beside the next phase
+        if self.stream_error is not None:
+            error, self.stream_error = self.stream_error, None
+            raise error
+        with self.lock:
+            while self.hashed < self.size:
+                chunk = os.pread(self.fd, min(self.size - self.hashed, 64 << 20), self.hashed)
+                self.digest.update(chunk)
+                self.hashed += len(chunk)
+
     def _write(self, tensor: ir.TensorProtocol, after_write: Callable[[], object]) -> tuple[int, int]:
         import onnx_ir as ir
 
@@ -98,33 +198,48 @@ class WeightsWriter:
         data = _buffer(tensor)
         key = key or hashlib.sha1(data).hexdigest()
         if key not in self.offsets:
-            pad = b"\0" * (-self.size % ALIGNMENT)
-            self.file.write(pad)
-            self.digest.update(pad)
-            self.offsets[key] = (self.size + len(pad), len(data))
-            self.file.write(data)
-            self.digest.update(data)
-            self.size += len(pad) + len(data)
+            start = self.size
+            offset = start + (-start % ALIGNMENT)
+            _write_at(self.fd, data, offset)
+            self.offsets[key] = (offset, len(data))
+            self.size = offset + len(data)
+            with self.lock:
+                if self.hashed == start:  # else after the stream's region: `wait` reads it back
+                    self.digest.update(bytes(offset - start))
+                    self.digest.update(data)
+                    self.hashed = self.size
             del data
             after_write()
         return self.offsets[key]
 
     def move(self, path: Path) -> None:
         """Rename the file (same file system) and go on writing it there."""
-        self.file.flush()
         os.replace(self.path, path)
         self.earlier.add(self.path)
         self.path = path
 
     def written(self) -> WrittenWeights:
-        """What the file holds so far."""
-        self.file.flush()
+        """What the file holds so far (the stream finished first)."""
+        self.wait()
         return WrittenWeights(self.size, self.digest.copy().hexdigest(), dict(self.offsets))
 
     def close(self) -> WrittenWeights:
         written = self.written()
-        self.file.close()
+        self._close_fd()
         return written
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """All of `data` at `offset` (positional, so the stream and the caller never share a file position)."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 class ParameterViews:
@@ -177,13 +292,10 @@ def _buffer(tensor: ir.TensorProtocol) -> memoryview | bytes:
 
 def write_shared_weights(models: Sequence[ir.Model], path: Path) -> WrittenWeights:
     """Move every large initializer of `models` into `path`, each distinct tensor once."""
-    writer = WeightsWriter(path)
-    try:
+    with WeightsWriter(path) as writer:
         for model in models:
             writer.add(model)
-    finally:
-        written = writer.close()
-    return written
+        return writer.close()
 
 
 def parameter_locations(state_dict: Mapping[str, torch.Tensor], written: WrittenWeights) -> dict[str, dict[str, Any]]:

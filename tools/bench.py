@@ -11,7 +11,6 @@ Medians over the rounds are reported.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import gc
 import resource
@@ -26,6 +25,7 @@ import torch
 from llamatrt.base.artifact.feeds import fixed_prompt
 from llamatrt.base.artifact.manifest import Manifest
 from llamatrt.base.errors import InputError
+from llamatrt.base.heap import trim_heap
 from llamatrt.base.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator
@@ -77,17 +77,12 @@ def _rss_mb() -> float:
     neither counted against what loads next nor given back during its window (which made a small
     artifact's difference come out below zero)."""
     gc.collect()
-    _trim_heap()
+    trim_heap()
     try:
         resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         return resident_pages * resource.getpagesize() / 2**20
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _trim_heap() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _load_libraries(backends: Sequence[str]) -> None:
