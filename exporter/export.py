@@ -372,7 +372,7 @@ def _layer_tensor_maker(
             held = held_parts(weight, accuracy_level)[tensor.part] if tensor.part else weight
             array = STORED[tensor.suffix](held)
             return ir.Tensor(array, dtype=ir.DataType.INT4) if tensor.suffix in INT4_STORED else ir.tensor(array)
-        return _stored_float(checkpoint.parameter(param), tensor, compute)
+        return _stored_float(checkpoint.stored_parameter(param), tensor, compute)
 
     return make
 

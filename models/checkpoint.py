@@ -67,7 +67,12 @@ class Checkpoint:
     def parameter(self, name: str) -> torch.Tensor:
         """One StaticLlama parameter (fused names; a tied head is the embedding) in fp32, read alone:
         what `build_model(...).state_dict()[name]` holds, without the rest of the model."""
-        return fused_parameter(self._tensor, self._source_name(name)).to(torch.float32)
+        return self.stored_parameter(name).to(torch.float32)
+
+    def stored_parameter(self, name: str) -> torch.Tensor:
+        """`parameter(name)` in the dtype the checkpoint stores it in: what a caller that transposes
+        or converts it anyway reads, moving half the bytes of fp32 for a bf16 checkpoint."""
+        return fused_parameter(self._tensor, self._source_name(name))
 
     def _source_name(self, name: str) -> str:
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
