@@ -7,7 +7,7 @@ reset again at each of its progress steps. Each row is the peak growth over the 
 the export, during the phase that step names (the export's own phases: reading the twin, each
 graph, validation, writing).
 
-    .venv/bin/python benchmarks/export_memory_phases.py HF_FOLDER SCRATCH [--quantize int4]
+    .venv/bin/python benchmarks/export_memory_phases.py HF_FOLDER SCRATCH [--quantize int4] [--dtype fp16]
         [--max-seq-len 1024] [--prefill-chunk 128]
 """
 
@@ -63,10 +63,13 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="a Hugging Face folder")
     parser.add_argument("scratch", type=Path)
     parser.add_argument("--quantize", choices=["int4", "int8"])
+    parser.add_argument("--dtype", default=ExportOptions.dtype, choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--max-seq-len", type=int, default=ExportOptions.max_cache_len)
     parser.add_argument("--prefill-chunk", type=int, default=ExportOptions.prefill_chunk)
     args = parser.parse_args()
-    options = ExportOptions(quantize=args.quantize, max_cache_len=args.max_seq_len, prefill_chunk=args.prefill_chunk)
+    options = ExportOptions(
+        dtype=args.dtype, quantize=args.quantize, max_cache_len=args.max_seq_len, prefill_chunk=args.prefill_chunk
+    )
     args.scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.scratch) as work:
         export_artifact(tiny_copy(args.model, Path(work) / "tiny"), Path(work) / "tiny-out", options)
@@ -83,7 +86,7 @@ def main() -> None:
     out = args.scratch / "export-memory-phases"
     export_artifact(args.model, out, options, force=True, progress=step)
     step("")
-    flags = f"{' --quantize ' + args.quantize if args.quantize else ''} --max-seq-len {args.max_seq_len}"
+    flags = f"{' --quantize ' + args.quantize if args.quantize else ''} --dtype {args.dtype} --max-seq-len {args.max_seq_len}"
     print(f"| phase of `export {args.model.name}{flags} --prefill-chunk {args.prefill_chunk}` | peak growth |")
     print("|---|---|")
     for name, grown in phases[:-1]:

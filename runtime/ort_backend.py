@@ -93,6 +93,10 @@ class OrtBackend(Backend):
                 if not prepack:
                     options.add_session_config_entry("session.disable_prepacking", "1")
                     options.enable_cpu_mem_arena = False
+                    # what a call makes of a weight in passing (a cast, a transpose) is made where it is
+                    # read and freed before the next: the default order runs such nodes, which read
+                    # only initializers, at the start, all alive at once (docs/benchmarks.md)
+                    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
                     if manifest.dtype == "float16":
                         # ONNX Runtime CPU has no fp16 MatMul here: its extended optimizers keep an fp32
                         # copy of every fp16 weight per session; the basic ones cast in passing

@@ -253,3 +253,54 @@ def test_export_memory_is_bounded_by_one_layer_and_the_embedding(tmp_path: Path,
     # and it does not grow with depth: within a quarter of the 12 extra layers' fp32 weights
     assert growth[16] - growth[4] < 12 * layer / 4, growth
     assert np.isclose(read_manifest(tmp_path / "a16").weights_bytes, 16 * layer + embedding, rtol=0.01)
+
+
+# Growth in resident memory over one validation call of an fp16 artifact's S=128 prefill graph on
+# ONNX Runtime CPU (a session as export validation makes it), after a first call has set it up.
+FP16_CALL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from llamatrt.base.artifact.feeds import fixed_prompt
+    from llamatrt.base.artifact.reader import read_manifest
+    from llamatrt.runtime.generator import Generator
+    from llamatrt.runtime.ort_backend import OrtBackend
+    from llamatrt.tools.teacher_forcing import score
+
+    def kib(field):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+    folder = Path(sys.argv[1])
+    manifest = read_manifest(folder)
+    vocab = manifest.config.vocab_size
+    with OrtBackend(folder, manifest, attention="portable", prepack=False) as backend:
+        prompt, forced = fixed_prompt(1, 128, vocab)[0].tolist(), fixed_prompt(1, 6, vocab)[:, 5:].tolist()
+        score(Generator(backend), [prompt[:8]], forced)
+        open("/proc/self/clear_refs", "w").write("5")
+        before = kib("VmRSS")
+        score(Generator(backend), [prompt], forced)
+        print(json.dumps({"growth": (kib("VmHWM") - before) * 1024}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_reset_peak(), reason="measures the peak through Linux's /proc/self/clear_refs")
+def test_an_fp16_validation_call_casts_each_weight_where_it_is_read(tmp_path: Path) -> None:
+    """ONNX Runtime CPU has no fp16 MatMul: a validation session (no prepacking, no folding) casts
+    each fp16 weight to fp32 during a call. It must cast each where it is read and free it before
+    the next, not run every cast first: then a call holds the mapped fp16 weights, which grow with
+    depth, and one weight's fp32 cast at a time, which does not — not an fp32 copy of every layer.
+    (The 8B fp16 export's validation peaked at 4.36 GiB with every cast alive, 2.86 GiB one at a time.)"""
+    h, f, kv = MID["hidden"], MID["ffn"], MID["kv"]
+    layer_fp16 = 2 * (2 * h * h + 2 * kv * h + 3 * f * h + 2 * h)
+    growth = {}
+    for depth in (2, 6):
+        out = tmp_path / f"fp16-{depth}"
+        export_artifact(_mid_size(tmp_path / f"m{depth}", depth), out, ExportOptions(dtype="fp16", validate=False))
+        done = subprocess.run(
+            [sys.executable, "-c", FP16_CALL_SCRIPT, str(out)], capture_output=True, text=True, check=True
+        )
+        growth[depth] = int(json.loads(done.stdout.strip().splitlines()[-1])["growth"])
+    # 4 more layers: their fp16 pages, and at most a quarter of their fp32 casts' worth besides
+    assert growth[6] - growth[2] <= 4 * layer_fp16 + 4 * (2 * layer_fp16) / 4, {d: g / 2**20 for d, g in growth.items()}
