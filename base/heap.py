@@ -17,3 +17,16 @@ def trim_heap() -> None:
     """malloc_trim(0); nothing where the C library is not glibc."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def one_arena() -> None:
+    """Make threads started from now on allocate from the arenas that exist (glibc's M_ARENA_MAX),
+    not each from a new one of its own. What a short-lived worker thread frees stays in its arena,
+    which the threads after it inherit (ONNX Runtime's and PyTorch's pools), and an export's peak
+    then varied from run to run by a sixth (docs/benchmarks.md). Nothing where the C library is not
+    glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 1)

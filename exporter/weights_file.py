@@ -20,7 +20,7 @@ import torch
 
 from llamatrt.base.artifact.precision import dtype_name
 from llamatrt.base.errors import ValidationError
-from llamatrt.base.heap import trim_heap
+from llamatrt.base.heap import one_arena, trim_heap
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -128,6 +128,7 @@ class WeightsWriter:
                 region.append((key, make))
         os.ftruncate(self.fd, self.size)  # a hole until the stream fills it; appends go after it
         self.stopping.clear()
+        one_arena()  # the stream's threads allocate from the process's arena, not arenas of their own
         self.stream_thread = threading.Thread(target=self._stream, args=(region,), name="weights-stream")
         self.stream_thread.start()
 
