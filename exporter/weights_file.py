@@ -140,6 +140,7 @@ class WeightsWriter:
         room = threading.Semaphore(2)
         writer = threading.Thread(target=self._write_made, args=(made, room), name="weights-stream-writer")
         writer.start()
+        start = self.hashed  # the region begins where the digest stands (`stream` waited first)
         try:
             for key, make in region:
                 room.acquire()
@@ -149,10 +150,8 @@ class WeightsWriter:
                 data = _buffer(make())
                 if len(data) != length:
                     raise ValidationError(f"{key} is {len(data)} bytes where {length} were reserved; please report")
-                with self.lock:  # the region starts where the digest stood and nothing else writes in it
-                    self.digest.update(bytes(offset - self.hashed))
-                    self.digest.update(data)
-                    self.hashed = offset + length
+                self._hash_in_order(start, offset, data)  # nothing else writes in the region
+                start = offset + length
                 made.put((data, offset))
                 del data
         except BaseException as e:  # handed to the exporting thread by `wait`
@@ -204,14 +203,19 @@ class WeightsWriter:
             _write_at(self.fd, data, offset)
             self.offsets[key] = (offset, len(data))
             self.size = offset + len(data)
-            with self.lock:
-                if self.hashed == start:  # else after the stream's region: `wait` reads it back
-                    self.digest.update(bytes(offset - start))
-                    self.digest.update(data)
-                    self.hashed = self.size
+            self._hash_in_order(start, offset, data)  # after a running stream's region: `wait` reads it back
             del data
             after_write()
         return self.offsets[key]
+
+    def _hash_in_order(self, start: int, offset: int, data: memoryview | bytes) -> None:
+        """Add the bytes from `start` (zeros up to `offset`, then `data`) to the digest if it stands at
+        `start`; otherwise leave them to `wait`, which reads what lies past the digest back."""
+        with self.lock:
+            if self.hashed == start:
+                self.digest.update(bytes(offset - start))
+                self.digest.update(data)
+                self.hashed = offset + len(data)
 
     def move(self, path: Path) -> None:
         """Rename the file (same file system) and go on writing it there."""

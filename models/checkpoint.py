@@ -100,7 +100,7 @@ class Checkpoint:
         config = replace(self.config, num_layers=min(depth, self.config.num_layers))
         with torch.device("meta"):
             names = list(StaticLlama(config).state_dict())
-        mapped = MappedParameters(backing, ((name, self.parameter(name).to(dtype)) for name in names))
+        mapped = MappedParameters(backing, ((name, self.stored_parameter(name).to(dtype)) for name in names))
         return StaticLlama.from_weights(config, mapped.tensors).to(dtype).eval(), mapped
 
 

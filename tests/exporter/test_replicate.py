@@ -164,15 +164,18 @@ def test_a_gguf_whose_later_layers_hold_other_blocks_is_refused(tmp_path: Path) 
 # An export's growth in resident memory, in-process: after a tiny export has loaded every library and
 # code path (what the process holds before it reads a weight), the kernel's peak-RSS counter is reset
 # (/proc/self/clear_refs, "5") and the real export runs; growth = peak - resident before it.
-GROWTH_SCRIPT = textwrap.dedent(
+KIB = textwrap.dedent(
+    """
+    def kib(field):  # a /proc/self/status field, in KiB
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+    """
+)
+GROWTH_SCRIPT = KIB + textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
     from llamatrt.exporter.export import ExportOptions
     from llamatrt.tools.pipeline import export_artifact
-
-    def kib(field):
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
 
     options = ExportOptions(max_cache_len=64, prefill_chunk=16)
     warm, source, out = sys.argv[1:4]
@@ -257,7 +260,7 @@ def test_export_memory_is_bounded_by_one_layer_and_the_embedding(tmp_path: Path,
 
 # Growth in resident memory over one validation call of an fp16 artifact's S=128 prefill graph on
 # ONNX Runtime CPU (a session as export validation makes it), after a first call has set it up.
-FP16_CALL_SCRIPT = textwrap.dedent(
+FP16_CALL_SCRIPT = KIB + textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
@@ -266,9 +269,6 @@ FP16_CALL_SCRIPT = textwrap.dedent(
     from llamatrt.runtime.generator import Generator
     from llamatrt.runtime.ort_backend import OrtBackend
     from llamatrt.tools.teacher_forcing import score
-
-    def kib(field):
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
 
     folder = Path(sys.argv[1])
     manifest = read_manifest(folder)
