@@ -93,6 +93,8 @@ class OrtBackend(Backend):
                 if not prepack:
                     options.add_session_config_entry("session.disable_prepacking", "1")
                     options.enable_cpu_mem_arena = False
+                    # nor a block planned for all of a run's intermediates: each is freed when dead
+                    options.enable_mem_pattern = False
                     # what a call makes of a weight in passing (a cast, a transpose) is made where it is
                     # read and freed before the next: the default order runs such nodes, which read
                     # only initializers, at the start, all alive at once (docs/benchmarks.md)

@@ -18,6 +18,7 @@ from llamatrt.base.artifact.feeds import fixed_prompt
 from llamatrt.base.artifact.manifest import Manifest
 from llamatrt.base.artifact.precision import PRECISIONS
 from llamatrt.base.errors import ValidationError
+from llamatrt.base.heap import map_large_blocks
 from llamatrt.models.llama import StaticLlama
 from llamatrt.runtime.backend import Backend
 from llamatrt.runtime.generator import Generator
@@ -65,6 +66,7 @@ def validate_artifact(
     arithmetic on both sides, so the fp32 tolerance applies and a wrong wire in the graph cannot hide
     in bf16 rounding. A quantized artifact is checked against PyTorch on its dequantized weights, its
     graph run at accuracy_level 0 (runtime.quant_twin) so that the fp32 tolerance applies too."""
+    map_large_blocks()  # the runs' large buffers leave memory when freed (the export's memory bound)
     twin = PRECISIONS[manifest.dtype].numpy is None
     tolerance = PRECISIONS["float32" if twin else manifest.dtype].export_tolerance
     inexact = bool(manifest.quantization) and manifest.quantization["accuracy_level"] != 0

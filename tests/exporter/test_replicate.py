@@ -258,18 +258,20 @@ def test_export_memory_is_bounded_by_one_layer_and_the_embedding(tmp_path: Path,
     assert np.isclose(read_manifest(tmp_path / "a16").weights_bytes, 16 * layer + embedding, rtol=0.01)
 
 
-# Growth in resident memory over one validation call of an fp16 artifact's S=128 prefill graph on
-# ONNX Runtime CPU (a session as export validation makes it), after a first call has set it up.
-FP16_CALL_SCRIPT = KIB + textwrap.dedent(
+# Growth in resident memory over one validation call of an artifact's S=128 prefill graph on ONNX
+# Runtime CPU (a session and heap as export validation sets them up), after a first call has set it up.
+VALIDATION_CALL_SCRIPT = KIB + textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
+    from llamatrt.base.heap import map_large_blocks
     from llamatrt.base.artifact.feeds import fixed_prompt
     from llamatrt.base.artifact.reader import read_manifest
     from llamatrt.runtime.generator import Generator
     from llamatrt.runtime.ort_backend import OrtBackend
     from llamatrt.tools.teacher_forcing import score
 
+    map_large_blocks()
     folder = Path(sys.argv[1])
     manifest = read_manifest(folder)
     vocab = manifest.config.vocab_size
@@ -279,7 +281,7 @@ FP16_CALL_SCRIPT = KIB + textwrap.dedent(
         open("/proc/self/clear_refs", "w").write("5")
         before = kib("VmRSS")
         score(Generator(backend), [prompt], forced)
-        print(json.dumps({"growth": (kib("VmHWM") - before) * 1024}))
+        print(json.dumps({"growth": (kib("VmHWM") - before) * 1024, "kept": (kib("VmRSS") - before) * 1024}))
     """
 )
 
@@ -298,9 +300,33 @@ def test_an_fp16_validation_call_casts_each_weight_where_it_is_read(tmp_path: Pa
     for depth in (2, 6):
         out = tmp_path / f"fp16-{depth}"
         export_artifact(_mid_size(tmp_path / f"m{depth}", depth), out, ExportOptions(dtype="fp16", validate=False))
-        done = subprocess.run(
-            [sys.executable, "-c", FP16_CALL_SCRIPT, str(out)], capture_output=True, text=True, check=True
-        )
-        growth[depth] = int(json.loads(done.stdout.strip().splitlines()[-1])["growth"])
+        growth[depth] = _call_growth(out)["growth"]
     # 4 more layers: their fp16 pages, and at most a quarter of their fp32 casts' worth besides
     assert growth[6] - growth[2] <= 4 * layer_fp16 + 4 * (2 * layer_fp16) / 4, {d: g / 2**20 for d, g in growth.items()}
+
+
+def _call_growth(artifact: Path) -> dict[str, int]:
+    """The call's peak growth ("growth") and what it left resident once its weights' pages were given back ("kept")."""
+    done = subprocess.run(
+        [sys.executable, "-c", VALIDATION_CALL_SCRIPT, str(artifact)], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_reset_peak(), reason="measures the peak through Linux's /proc/self/clear_refs")
+def test_a_validation_call_gives_back_what_it_freed(tmp_path: Path) -> None:
+    """At the default cache and chunk, a validation call of the portable S=128 prefill graph scores
+    all 1,024 slots for 128 queries of 16 heads (8 MiB a tensor in fp32). What it frees must leave
+    memory, not stay in glibc's heap (whose dynamic threshold rises to the largest block freed) beside
+    everything after it: once the call's weights are given back, less than one such tensor is left,
+    and its peak is its weights and at most two. (Kept in the heap, 17.6 MiB stayed here, and the mid
+    shape's 4-layer export validated at 409 MiB against the issue's bound of 375; given back, 369:
+    docs/benchmarks.md.)"""
+    out = tmp_path / "fp32-2"
+    export_artifact(_mid_size(tmp_path / "m2", 2), out, ExportOptions(validate=False))
+    scores = 4 * 16 * 128 * ExportOptions().max_cache_len  # heads x chunk x slots, fp32
+    call = _call_growth(out)
+    weights = read_manifest(out).weights_bytes
+    assert call["kept"] < scores, {k: v / 2**20 for k, v in call.items()}
+    assert call["growth"] <= weights + 2 * scores, (call["growth"] / 2**20, weights / 2**20)
