@@ -232,7 +232,7 @@ def _export_twin_and_layers(
         graphs, tensors = [], []
         for spec in twin_specs:
             progress(f"exporting {spec.name} graph")
-            graphs.append(_twin_graph(twin, spec, options.batch_size, quant))
+            graphs.append(_twin_graph(twin, spec, options.batch_size, quant, mapped.release))
             tensors.append(template_tensors(graphs[-1], params))  # what each of layer 1's tensors is
             writer.add(graphs[-1], after_write=mapped.release)  # its tensors leave memory before the next trace
             if len(graphs) == 1:  # layers 2.. are written in the background while the other variants trace
@@ -245,6 +245,8 @@ def _export_twin_and_layers(
         if validate is not None and options.validate:
             progress("validating against PyTorch")
             reference = twin if quant is None else dequantize_in_place(twin, quant, mapped)
+            if quant is not None:
+                quant.drop_blocks()  # the twin's graphs read them from its file, the reference is dequantized
             checked = validate(twin_dir, twin_manifest, reference, mapped.release)
             validation = {**checked, "checked": _checked_note(config)}
             mapped.release()
@@ -318,14 +320,21 @@ def _checked_note(config: LlamaConfig) -> str:
     )
 
 
-def _twin_graph(twin: StaticLlama, spec: GraphSpec, max_batch: int, quant: QuantPlan | None) -> Any:
+def _twin_graph(
+    twin: StaticLlama,
+    spec: GraphSpec,
+    max_batch: int,
+    quant: QuantPlan | None,
+    release: Callable[[], object] = lambda: None,
+) -> Any:
     """One variant of the twin: exported, optimized, quantized — everything but the ONNX Runtime
-    fusions, which run after the layers are replicated (they merge nodes across layer boundaries)."""
+    fusions, which run after the layers are replicated (they merge nodes across layer boundaries).
+    `release` gives back the twin's mapped pages after each parameter the quantizing rewrite reads."""
     graph = optimize_graph(graph_to_onnx(twin, spec, max_batch))
     if quant is not None and spec.attention == ONNXRUNTIME.name:
-        quantize_graph(graph, quant.weights, quant.floats, quant.accuracy_level)
+        quantize_graph(graph, quant.weights, quant.floats, quant.accuracy_level, release)
     elif quant is not None:
-        dequantize_linear_graph(graph, quant.weights, quant.floats)
+        dequantize_linear_graph(graph, quant.weights, quant.floats, release)
     return graph
 
 

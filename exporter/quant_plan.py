@@ -42,6 +42,13 @@ class QuantPlan:
     def origins(self) -> dict[str, str]:
         return {name: w.describe() for name, w in self.weights.items()}
 
+    def drop_blocks(self) -> None:
+        """Keep the weights' forms only (QuantizedWeight.hollow), and no floats: once the twin's graphs
+        read their blocks from the weights file and the reference is dequantized, nothing needs the
+        arrays, which would otherwise sit beside validation's runs (0.2 GiB for the 1B shape's twin)."""
+        self.weights.update({name: w.hollow() for name, w in self.weights.items()})
+        self.floats.clear()
+
     def summary(self) -> str:
         counts = Counter(w.origin for w in self.weights.values())
         return ", ".join(f"{n} {origin}" for origin, n in counts.most_common())

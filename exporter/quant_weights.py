@@ -17,7 +17,7 @@ Layout (MatMulNBits, weight W of shape [N, K], blocks of `block` along K): `pack
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +47,13 @@ class QuantizedWeight:
     def describe(self) -> str:
         """Where the blocks came from, as the manifest records it."""
         return f"{self.origin} ({self.bits}-bit, block {self.block})"
+
+    def hollow(self) -> QuantizedWeight:
+        """Its form and origin without its blocks (empty arrays of no bytes): what replication checks
+        every other layer's blocks against once the twin's are in the weights file."""
+        empty = np.empty((self.n, 0), np.float32)
+        packed = np.empty((self.n, self.blocks, 0), np.uint8)
+        return replace(self, packed=packed, scales=empty, offsets=None if self.offsets is None else empty)
 
     @property
     def blocks(self) -> int:
@@ -167,18 +174,27 @@ def check_block_size(block: int) -> None:
         )
 
 
+RTN_CHUNK_BYTES = 16 << 20  # the transposed fp32 copy ONNX Runtime's quantizer takes, a slice of rows at a time
+
+
 def rtn_quantize(weight: np.ndarray, bits: int, block: int) -> QuantizedWeight:
-    """Symmetric round-to-nearest blocks of W [N, K] by ONNX Runtime's quantizer."""
+    """Symmetric round-to-nearest blocks of W [N, K] by ONNX Runtime's quantizer. It takes W
+    transposed and contiguous in fp32, and each row's blocks are its own, so it is given
+    RTN_CHUNK_BYTES of rows at a time: a large weight (a 49,152-row head) is never copied whole."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
     check_block_size(block)
     n, k = weight.shape
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits)
-    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
-        np.ascontiguousarray(weight.T, dtype=np.float32)
-    )
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits))
+    rows = max(1, RTN_CHUNK_BYTES // (4 * k))
+    packed, scales = [], []
+    for start in range(0, n, rows):
+        part = np.ascontiguousarray(weight[start : start + rows].T, dtype=np.float32)
+        codes, part_scales, _ = quantizer.qbits_block_quant(part)
+        packed.append(codes)
+        scales.append(part_scales.astype(np.float32).reshape(part.shape[1], -1))
     return QuantizedWeight(
-        bits, block, n, k, packed, scales.astype(np.float32).reshape(n, -1), DEFAULT_ZERO[bits], None, "rtn"
+        bits, block, n, k, np.concatenate(packed), np.concatenate(scales), DEFAULT_ZERO[bits], None, "rtn"
     )
 
 

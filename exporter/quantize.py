@@ -95,25 +95,34 @@ def rewrite_weight_uses(
     floats: Mapping[str, np.ndarray],
     on_matmul: MatMulRewrite,
     on_gather: GatherRewrite,
+    after_read: Callable[[], object] = lambda: None,
 ) -> list[str]:
     """Call `on_matmul` for every MatMul whose B is a quantized parameter (pre-transposed, or a
     Transpose of it) and `on_gather` for every lookup of one (it returns whether it rewrote it), then
     drop the float copies nothing reads any more. `floats` are the parameters ([N, K] float32) as the
-    exporter's model holds them (found by content). Returns the parameters rewritten, in graph order."""
+    exporter's model holds them (found by content). Returns the parameters rewritten, in graph order.
+    `after_read` runs after each parameter's values are read to find it (the exporter gives back the
+    pages of its mapped parameters, so matching them does not hold the whole twin)."""
     graph = model.graph
-    plain = {content_key(w): name for name, w in floats.items() if name in weights}
-    transposed = {content_key(w.T): name for name, w in floats.items() if name in weights}
+
+    def key(array: np.ndarray) -> str:
+        found = content_key(array)
+        after_read()
+        return found
+
+    plain = {key(w): name for name, w in floats.items() if name in weights}
+    transposed = {key(w.T): name for name, w in floats.items() if name in weights}
     inits = Initializers(graph)
     done: list[str] = []
     for node in list(graph):
         if node.op_type == "MatMul" and node.domain == "":
-            name = weight_name(node.inputs[1], plain, transposed)
+            name = weight_name(node.inputs[1], plain, transposed, key)
             if name is not None:
                 on_matmul(node, name, inits)
                 done.append(name)
         elif node.op_type == "Gather" and node.domain == "" and node.inputs[0] is not None:
             source = node.inputs[0].const_value
-            name = None if source is None else plain.get(content_key(source.numpy()))
+            name = None if source is None else plain.get(key(source.numpy()))
             if name is not None and node.attributes.get_int("axis", 0) == 0 and on_gather(node, name, inits):
                 done.append(name)
     remove_dead_nodes(graph)
@@ -124,9 +133,14 @@ def rewrite_weight_uses(
 
 
 def quantize_graph(
-    model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray], accuracy_level: int
+    model: ir.Model,
+    weights: Mapping[str, QuantizedWeight],
+    floats: Mapping[str, np.ndarray],
+    accuracy_level: int,
+    after_read: Callable[[], object] = lambda: None,
 ) -> list[str]:
-    """Rewrite `model` in place: MatMulNBits for every projection, a dequantizing lookup."""
+    """Rewrite `model` in place: MatMulNBits for every projection, a dequantizing lookup
+    (`after_read`: as rewrite_weight_uses)."""
 
     def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
         _replace_matmul(model.graph, node, name, held_parts(weights[name], accuracy_level), inits, accuracy_level)
@@ -136,7 +150,7 @@ def quantize_graph(
         return True
 
     model.opset_imports.setdefault(MS_DOMAIN, 1)
-    return rewrite_weight_uses(model, weights, floats, matmul, lookup)
+    return rewrite_weight_uses(model, weights, floats, matmul, lookup, after_read)
 
 
 def held_parts(weight: QuantizedWeight, accuracy_level: int) -> dict[str, QuantizedWeight]:
@@ -164,17 +178,22 @@ def remove_dead_nodes(graph: ir.Graph) -> None:
         changed = bool(dead)
 
 
-def weight_name(value: ir.Value | None, plain: Mapping[str, str], transposed: Mapping[str, str]) -> str | None:
+def weight_name(
+    value: ir.Value | None,
+    plain: Mapping[str, str],
+    transposed: Mapping[str, str],
+    key: Callable[[np.ndarray], str] = content_key,
+) -> str | None:
     """The parameter a MatMul's B input is: a pre-transposed initializer, or Transpose(parameter)."""
     if value is None:
         return None
     if value.const_value is not None and len(value.const_value.shape) == 2:
-        return transposed.get(content_key(value.const_value.numpy()))
+        return transposed.get(key(value.const_value.numpy()))
     producer = value.producer()
     if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is not None:
         source = producer.inputs[0].const_value
         if source is not None and len(source.shape) == 2:
-            return plain.get(content_key(source.numpy()))
+            return plain.get(key(source.numpy()))
     return None
 
 

@@ -11,7 +11,7 @@ dequantized rows: TensorRT gathers no int4 tensor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,9 +39,13 @@ def tensorrt_can_take(weights: Mapping[str, QuantizedWeight]) -> str | None:
 
 
 def dequantize_linear_graph(
-    model: ir.Model, weights: Mapping[str, QuantizedWeight], floats: Mapping[str, np.ndarray]
+    model: ir.Model,
+    weights: Mapping[str, QuantizedWeight],
+    floats: Mapping[str, np.ndarray],
+    after_read: Callable[[], object] = lambda: None,
 ) -> list[str]:
-    """Rewrite `model` in place (see the module docstring); returns the parameters it rewrote."""
+    """Rewrite `model` in place (see the module docstring); returns the parameters it rewrote
+    (`after_read`: as quantize.rewrite_weight_uses)."""
     import onnx_ir as ir
 
     def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
@@ -62,4 +66,4 @@ def dequantize_linear_graph(
         node.replace_input_with(0, inits.get(f"{name}.dequantized", STORED[".dequantized"](weights[name])))
         return True
 
-    return rewrite_weight_uses(model, weights, floats, matmul, lookup)
+    return rewrite_weight_uses(model, weights, floats, matmul, lookup, after_read)

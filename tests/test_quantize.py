@@ -16,6 +16,7 @@ import torch
 
 from llamatrt.base.artifact.precision import PRECISIONS
 from llamatrt.base.artifact.reader import read_manifest
+from llamatrt.exporter import quant_weights
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
 from llamatrt.exporter.quant_weights import from_gguf_blocks, rtn_quantize
@@ -283,6 +284,18 @@ def test_an_8_bit_weight_is_the_sum_of_its_two_4_bit_halves() -> None:
 
 
 @pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_weight_quantized_a_slice_of_rows_at_a_time_equals_it_quantized_whole(monkeypatch, bits: int) -> None:
+    """rtn_quantize hands ONNX Runtime's quantizer a few rows at a time (no whole transposed copy of
+    a large head): each row's blocks are its own, so the result is the same bytes, whatever the slice."""
+    weight = np.random.default_rng(1).standard_normal((300, 96)).astype(np.float32)
+    whole = rtn_quantize(weight, bits, 32)
+    monkeypatch.setattr(quant_weights, "RTN_CHUNK_BYTES", 7 * 96 * 4)  # 7 rows a slice, the last of 6
+    sliced = rtn_quantize(weight, bits, 32)
+    assert np.array_equal(sliced.packed, whole.packed) and np.array_equal(sliced.scales, whole.scales)
+    assert sliced.packed.shape[0] == sliced.scales.shape[0] == 300
+
+
 def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:
     tiny_hf_model("gqa-tied").save_pretrained(tmp_path / "hf")
     save_tiny_tokenizer(tmp_path / "hf")
