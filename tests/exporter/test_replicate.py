@@ -240,11 +240,11 @@ def _can_reset_peak() -> bool:
 @pytest.mark.skipif(not _can_reset_peak(), reason="measures the peak through Linux's /proc/self/clear_refs")
 def test_export_memory_is_bounded_by_one_layer_and_the_embedding(tmp_path: Path, tiny_hf_dir: Path) -> None:
     """An fp32 export grows the process by at most 1.5x one layer's fp32 weights plus the embedding
-    (issue 27's bound), at 4 layers and at 16, and an int4 one at 4: the twin's parameters are mapped pages given back
-    between phases, so tracing, validation (PyTorch, then ONNX Runtime) and writing each hold one copy
-    of them; the other layers are streamed a tensor at a time. Measured at a small cache and chunk,
-    so the weights' part of the export is what is held to the bound (docs/benchmarks.md has the
-    phases, and the defaults' larger validation transients)."""
+    (issue 27's bound), at 4 layers and at 16, and an int4 one at 4: the twin's parameters are mapped
+    pages given back between phases, so tracing, validation (PyTorch, then ONNX Runtime) and writing
+    each hold one copy of them; the other layers are streamed a tensor at a time. Measured at a small
+    cache and chunk, so the weights' part of the export is what is held to the bound
+    (docs/benchmarks.md has the phases, and the defaults' validation transients)."""
     h, f, kv = MID["hidden"], MID["ffn"], MID["kv"]
     layer = 4 * (2 * h * h + 2 * kv * h + 3 * f * h + 2 * h)
     embedding = 4 * MID["vocab"] * h
@@ -310,7 +310,8 @@ def test_an_fp16_validation_call_casts_each_weight_where_it_is_read(tmp_path: Pa
 
 
 def _call_growth(artifact: Path) -> dict[str, int]:
-    """The call's peak growth ("growth") and what it left resident once its weights' pages were given back ("kept")."""
+    """The call's peak growth ("growth") and what it left resident once its weights' pages were given
+    back ("kept")."""
     done = subprocess.run(
         [sys.executable, "-c", VALIDATION_CALL_SCRIPT, str(artifact)], capture_output=True, text=True, check=True
     )
