@@ -53,17 +53,27 @@ class Step:
 class Handle:
     """A submitted request. Its steps arrive on `steps()` (from any thread) or through `on_step`."""
 
-    def __init__(self, request: Request, index: int, on_step: Callable[[Step], None] | None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        index: int,
+        on_step: Callable[[Step], None] | None,
+        cancelled: threading.Event | None = None,
+    ) -> None:
+        """`cancelled`: set when this request is cancelled (the loop's cue to look through its queue)."""
         self.request, self.index, self.on_step = request, index, on_step
         self.submitted = time.perf_counter()
         self.events: queue.SimpleQueue[Step] = queue.SimpleQueue()
         self.done = threading.Event()
         self.cancel_requested = False
+        self.cancelled = cancelled
         self.prefix_keys: list[bytes] | None = None  # its prompt's block keys (runtime.prefix_cache), once
 
     def cancel(self) -> None:
         """Free the request's row at the next step (or drop it from the queue); others are unaffected."""
         self.cancel_requested = True
+        if self.cancelled is not None:  # after the flag: a loop that sees the cue finds the flag set
+            self.cancelled.set()
 
     def steps(self, timeout: float | None = None) -> Iterator[Step]:
         """Steps as they come, ending with the final one (blocks; the loop runs in another thread)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import random
 import threading
@@ -128,6 +129,7 @@ class Scheduler:
         self.kv = KVState(backend)
         self.rows: list[Row | None] = [None] * self.manifest.batch_size
         self.queue: deque[Handle] = deque()
+        self.queue_cancelled = threading.Event()  # some handle was cancelled: look through the queue once
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.driving = threading.Lock()  # one driver at a time: `run` or `serve_forever`
@@ -185,7 +187,7 @@ class Scheduler:
 
     def submit(self, request: Request, index: int = 0, on_step: Callable[[Step], None] | None = None) -> Handle:
         """Queue a request (FIFO). Raises InputError if it can never run."""
-        handle = Handle(self.check(request, index), index, on_step)
+        handle = Handle(self.check(request, index), index, on_step, self.queue_cancelled)
         with self.wake:
             if self.failed is not None:
                 raise LoopFailed(f"{self.failed}; restart the server")
@@ -264,7 +266,7 @@ class Scheduler:
         """This step's decision (runtime.schedule) from the rows and the queue's head."""
         rows = [None if r is None else RowState(r.handle.submitted, tuple(r.windows)) for r in self.rows]
         with self.lock:
-            head = list(self.queue)[: rows.count(None)]
+            head = list(itertools.islice(self.queue, rows.count(None)))
         waiting = [RowState(h.submitted, tuple(self._prefill_plan(h.request, self._cached(h)).windows)) for h in head]
         return decide(rows, waiting, self.admission, self.budget())
 
@@ -316,10 +318,14 @@ class Scheduler:
                     self._finish(row.handle, None, "error", events, error=error)
 
     def _drop_cancelled(self, events: list[Step]) -> None:
-        with self.lock:
-            for handle in [h for h in self.queue if h.cancel_requested]:
-                self.queue.remove(handle)
-                self._finish(handle, None, "cancelled", events)
+        """Cancelled requests leave their rows, and the queue, which is looked through only after a
+        cancel: a step's own work never grows with the number of requests waiting."""
+        if self.queue_cancelled.is_set():
+            self.queue_cancelled.clear()  # before looking: a cancel after this sets it again
+            with self.lock:
+                for handle in [h for h in self.queue if h.cancel_requested]:
+                    self.queue.remove(handle)
+                    self._finish(handle, None, "cancelled", events)
         for b, row in enumerate(self.rows):
             if row is not None and row.handle.cancel_requested:
                 self.rows[b] = None

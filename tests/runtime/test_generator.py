@@ -4,6 +4,7 @@ writes, admission order, freeing and refilling rows, prefill plans, stop rules, 
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import pytest
 import torch
@@ -157,6 +158,36 @@ def test_cancelling_frees_the_row_and_leaves_the_others_unchanged() -> None:
     assert [s.finish_reason for s in steps if s.index == 1][-1] == "cancelled"
     assert [s.token_id for s in steps if s.index == 2 and s.token_id] == [21, 22]  # admitted into the freed row
     assert [c["row"] for c in calls(backend, "prefill")] == [0, 1, 1]
+
+
+class _CountingQueue(deque):
+    """A queue that counts the entries read out of it."""
+
+    read = 0
+
+    def __iter__(self):
+        for handle in super().__iter__():
+            self.read += 1
+            yield handle
+
+
+def test_a_step_reads_no_more_of_the_queue_than_it_admits_until_a_waiting_request_is_cancelled() -> None:
+    """A step's own work does not grow with the requests waiting: the plan reads as many as there
+    are free rows, and the queue is looked through for cancelled requests only after a cancel."""
+    scheduler = Scheduler(ScriptedBackend(fake_manifest(batch=2, chunk=4, cache=32)))
+    scheduler.queue = queue = _CountingQueue()
+    handles = [scheduler.submit(Request([5 + i % 20], max_new_tokens=4), i) for i in range(200)]
+    for _ in range(3):
+        scheduler.step()
+    assert queue.read <= 2  # the two admitted, not the 198 behind them
+    handles[150].cancel()
+    steps = scheduler.step()
+    assert [s.finish_reason for s in steps if s.index == 150] == ["cancelled"]
+    read = queue.read
+    assert read >= 197  # the one look through the queue the cancel asked for
+    for _ in range(3):
+        scheduler.step()
+    assert queue.read - read <= 2
 
 
 def test_requests_stream_to_another_thread() -> None:
