@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import mmap
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -61,9 +61,13 @@ class TorchBackend(Backend):
         device: str = "cpu",
         check_feeds: bool = True,
         model: StaticLlama | None = None,
+        after_run: Callable[[], object] = lambda: None,
     ) -> None:
         """Runs the artifact's own weights, or `model` (a StaticLlama from the checkpoint: `diff`'s
-        middle rung, and export validation's reference) at the artifact's shapes."""
+        middle rung, and export validation's reference) at the artifact's shapes. `after_run` runs
+        after each call (export validation gives back the pages of its reference's mapped weights,
+        so a call holds what it reads, not every page the calls before it read)."""
+        self.after_run = after_run
         if model is None and manifest.quantization:
             raise InputError(
                 f"the torch backend runs float weights; this artifact's are {manifest.quantization['scheme']} "
@@ -86,4 +90,5 @@ class TorchBackend(Backend):
                 *(feeds[n] for n in self.past_names),
                 full_logits=graph.full_logits,
             )
+        self.after_run()
         return {names.LOGITS: out[0], **dict(zip(self.present_names, out[1:], strict=True))}

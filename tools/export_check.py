@@ -34,11 +34,10 @@ DECODE_STEPS = 4  # teacher-forced decode calls after the prefill
 QUANTIZED_TOLERANCE = 1e-2
 
 
-def _loop_error(candidate: Backend, reference: Backend, release: Callable[[], object]) -> float:
+def _loop_error(candidate: Backend, reference: Backend) -> float:
     """Max |logits| difference over prompts that use every prefill size the candidate has (and a
     chunked one), then DECODE_STEPS teacher-forced decode steps, all prompts in flight at once so
-    decode calls hold rows at different positions. `release` runs after the reference's turn (the
-    candidate gives back its own pages after each call)."""
+    decode calls hold rows at different positions."""
     m = candidate.manifest
     sizes = candidate.seq_sizes("prefill", batch=1) or [1, 5]
     chunk = max(sizes) if candidate.seq_sizes("prefill", batch=1) else m.prefill_chunk
@@ -49,7 +48,6 @@ def _loop_error(candidate: Backend, reference: Backend, release: Callable[[], ob
     ]
     forced = fixed_prompt(len(prompts), DECODE_STEPS + 5, m.config.vocab_size)[:, 5:].tolist()
     want = score(Generator(reference), prompts, forced)
-    release()
     got = score(Generator(candidate), prompts, forced)
     return max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
 
@@ -59,7 +57,8 @@ def validate_artifact(
 ) -> dict[str, Any]:
     """Raise ValidationError above the precision's tolerance; return what the manifest records.
     `release` gives back the pages of `model`'s mapped weights (the export's twin): called after each
-    PyTorch run, so the weights are held once, by PyTorch or by ONNX Runtime, not by both.
+    PyTorch call, so the weights are held once, by PyTorch or by ONNX Runtime, not by both, and a call
+    holds only the pages it reads beside its own buffers.
 
     A bf16 artifact (ONNX Runtime CPU has no bf16 kernels) is checked through fp32 twins of its
     graphs (runtime.fp32_twin) against PyTorch in fp32 on the same bf16-rounded weights: the same
@@ -81,10 +80,12 @@ def validate_artifact(
             model, forms = copy.deepcopy(model).float(), ["portable"]
         elif inexact:
             candidate_folder, candidate_manifest = Path(scratch), exact_twin(folder, manifest, Path(scratch))
-        with TorchBackend(candidate_folder, candidate_manifest, model=model) as reference:
+        # each side gives back the pages of its mapped weights after each call: PyTorch's through
+        # `release`, ONNX Runtime's sessions (without prepacking) their own
+        with TorchBackend(candidate_folder, candidate_manifest, model=model, after_run=release) as reference:
             for form in forms:
                 with OrtBackend(candidate_folder, candidate_manifest, attention=form, prepack=False) as candidate:
-                    errors[form] = _loop_error(candidate, reference, release)
+                    errors[form] = _loop_error(candidate, reference)
     for form, error in errors.items():
         if not error <= tolerance:
             raise ValidationError(
