@@ -89,6 +89,6 @@ class Handle:
             try:
                 self.on_step(step)
             except RuntimeError:  # its event loop is closed: nobody reads this request any more
-                self.cancel_requested = True
+                self.cancel()
         if step.finish_reason is not None:
             self.done.set()
