@@ -182,9 +182,10 @@ def weight_name(
     value: ir.Value | None,
     plain: Mapping[str, str],
     transposed: Mapping[str, str],
-    key: Callable[[np.ndarray], str] = content_key,
+    key: Callable[[np.ndarray], str],
 ) -> str | None:
-    """The parameter a MatMul's B input is: a pre-transposed initializer, or Transpose(parameter)."""
+    """The parameter a MatMul's B input is: a pre-transposed initializer, or Transpose(parameter);
+    `key` is the content key of the arrays it reads (rewrite_weight_uses's)."""
     if value is None:
         return None
     if value.const_value is not None and len(value.const_value.shape) == 2:
