@@ -8,6 +8,8 @@ decode rows' costs, attention aside; this times, on an artifact's graph with ope
 tokens, and a decode call of all 4 rows (the step without prefill). Medians of 15 calls, rows at
 context 300, the rounds interleaved.
 
+On an artifact whose graph packs tokens (exporter.ort_packing) the packed call itself is timed too.
+
 Usage: .venv/bin/python benchmarks/mixed_call_cost.py ARTIFACT [ROUNDS]   (a B >= 4 artifact)
 """
 
@@ -51,6 +53,14 @@ def main() -> None:
         at = torch.full((rows,), CONTEXT)
         kv.take(backend.run(graph.name, kv.decode_feeds(graph, tokens, at, at)), rows=rows)
 
+    def packed(tokens: int) -> None:
+        """The packed call itself (a graph that packs tokens): 3 decode rows and row 3's slice."""
+        at = torch.tensor([CONTEXT])
+        ids = [torch.randint(0, manifest.config.vocab_size, (1,)) for _ in range(3)]
+        ids.append(torch.randint(0, manifest.config.vocab_size, (tokens,)))
+        slots = [at] * 3 + [torch.arange(CONTEXT, CONTEXT + tokens)]
+        kv.take(backend.run(graph.name, kv.packed_feeds(graph, ids, slots, slots)), rows=4)
+
     def median_ms(call: Callable[[int], None], size: int) -> float:
         call(size)
         times = []
@@ -60,13 +70,20 @@ def main() -> None:
             times.append(time.perf_counter() - started)
         return 1000 * statistics.median(times)
 
-    print("| round | S | decode(3) + prefill(S), ms | one call of S + 3 tokens, ms | saved | decode(4) alone, ms |")
-    print("|---|---|---|---|---|---|")
+    packs = graph.packs_tokens
+    print(
+        "| round | S | decode(3) + prefill(S), ms | one call of S + 3 tokens, ms | saved | decode(4) alone, ms |"
+        + (" the packed call, ms |" if packs else "")
+    )
+    print("|---|---|---|---|---|---|" + ("---|" if packs else ""))
     for r in range(rounds):
         decode3, decode4 = median_ms(decode, 3), median_ms(decode, 4)
         for size in SLICES:
             apart, together = decode3 + median_ms(prefill, size), median_ms(prefill, size + 3)
-            print(f"| {r + 1} | {size} | {apart:.1f} | {together:.1f} | {apart / together:.2f}x | {decode4:.1f} |")
+            joint = f" {median_ms(packed, size):.1f} |" if packs else ""
+            print(
+                f"| {r + 1} | {size} | {apart:.1f} | {together:.1f} | {apart / together:.2f}x | {decode4:.1f} |{joint}"
+            )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from llamatrt.exporter.artifacts import (
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
 from llamatrt.exporter.ort_fusions import fuse_skip_rms_norm
+from llamatrt.exporter.ort_packing import pack_tokens
 from llamatrt.exporter.quant_plan import (
     ParameterQuantizer,
     QuantPlan,
@@ -259,7 +260,7 @@ def _export_twin_and_layers(
                 {k: (t, list(graph.graph.initializers[k].const_value.shape.numpy())) for k, t in template.items()}
             )
             if spec.attention == ONNXRUNTIME.name:
-                fuse_skip_rms_norm(graph)
+                _ort_form(graph)
             writer.add(graph)
         written = writer.close()
     specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
@@ -347,8 +348,15 @@ def _saved_twin(spec: GraphSpec, graph: Any, folder: Path) -> GraphSpec:
     if spec.attention != ONNXRUNTIME.name:
         return saved
     copy = ir.load(folder / spec.path)
-    fuse_skip_rms_norm(copy)
+    _ort_form(copy)
     return _saved(spec, copy, folder)
+
+
+def _ort_form(graph: Any) -> None:
+    """What only ONNX Runtime's graph gets, once its layers are all there: the fused residual norms
+    (exporter.ort_fusions) and packed tokens (exporter.ort_packing)."""
+    fuse_skip_rms_norm(graph)
+    pack_tokens(graph)
 
 
 def _layer_tensor_maker(
@@ -487,7 +495,7 @@ def export_graph(model: StaticLlama, plan: VariantPlan, max_cache_len: int, fold
 
     replicate_layers(graph, model.config.num_layers, template_tensors(graph, params), make)
     if plan.attention.name == ONNXRUNTIME.name:
-        fuse_skip_rms_norm(graph)
+        _ort_form(graph)
     write_shared_weights([graph], folder / names.WEIGHTS)
     return _saved(spec, graph, folder)
 

@@ -12,11 +12,13 @@ import contextlib
 import io
 import logging
 import warnings
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from llamatrt.base.artifact import names
 from llamatrt.base.artifact.feeds import graph_feeds
 from llamatrt.base.artifact.manifest import GraphSpec, contract_io
 from llamatrt.base.artifact.variants import ONNXRUNTIME
@@ -62,7 +64,13 @@ class GraphModule(nn.Module):
 def graph_spec(plan: VariantPlan, config: LlamaConfig, dtype: str, max_cache_len: int, full_logits: bool) -> GraphSpec:
     """The manifest entry of one variant: what it is, and its IO contract (DESIGN.md §1)."""
     inputs, outputs = contract_io(
-        config, dtype, plan.batch, plan.seq, max_cache_len, full_logits and plan.role == "prefill"
+        config,
+        dtype,
+        plan.batch,
+        plan.seq,
+        max_cache_len,
+        full_logits and plan.role == "prefill",
+        packs_tokens=plan.attention.name == ONNXRUNTIME.name,  # exporter.ort_packing makes it so
     )
     return GraphSpec(plan.name, plan.role, plan.path, inputs, outputs, plan.attention.name, dtype)
 
@@ -97,6 +105,8 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec, max_batch: int) -> ir.Mod
     in-memory onnx_ir model (weights still in memory)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     ort_attention.register_schema()
+    # the model's own inputs: the packing ones are added to the traced graph (exporter.ort_packing)
+    spec = replace(spec, inputs=tuple(t for t in spec.inputs if t.name not in names.PACKING_INPUTS))
     fused = spec.attention == ONNXRUNTIME.name
     module = GraphModule(model, spec.full_logits, int(spec.input("attention_mask").shape[1]) if fused else None)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -125,7 +125,7 @@ class Backend(abc.ABC):
             name: {
                 t.name: torch.zeros(_fixed(t.shape), dtype=torch_dtype(t.dtype), device=self.device)
                 for t in g.inputs
-                if t.name in names.SMALL_INPUTS
+                if not names.is_cache(t.name)
             }
             for name, g in self.graphs.items()
         }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llamatrt.base.artifact import names
-from llamatrt.base.artifact.feeds import graph_feeds
+from llamatrt.base.artifact.feeds import graph_feeds, packed_feeds
 from llamatrt.base.artifact.manifest import GraphSpec
 from llamatrt.runtime.backend import Backend
 
@@ -119,6 +119,20 @@ class KVState:
         views = self._prefix_views[rows]  # the first `rows` rows: a contiguous prefix
         return graph_feeds(
             graph, tokens[:, None], positions[:, None], slots, self.attention_mask[:rows], views, self.device
+        )
+
+    def packed_feeds(
+        self,
+        graph: GraphSpec,
+        tokens: Sequence[torch.Tensor],
+        positions: Sequence[torch.Tensor],
+        slots: Sequence[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """One call of the first len(tokens) rows, row b bringing its own number of tokens (a graph
+        that packs tokens): row b feeds tokens[b] at RoPE positions positions[b], written to slots[b]."""
+        rows = len(tokens)
+        return packed_feeds(
+            graph, tokens, positions, slots, self.attention_mask[:rows], self._prefix_views[rows], self.device
         )
 
     def read_slots(self, row: int, start: int, size: int) -> torch.Tensor:

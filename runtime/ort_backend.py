@@ -43,7 +43,7 @@ def physical_cores() -> int:
 @dataclass
 class _Bound:
     binding: Any
-    small: dict[str, torch.Tensor]  # the bound copies of input_ids, position_ids, cache_position, attention_mask
+    small: dict[str, torch.Tensor]  # the bound copies of the inputs other than the cache (names.CALL_INPUTS)
     logits: torch.Tensor
     cache: list[torch.Tensor]  # keeps the bound cache tensors alive while their addresses are bound
 
@@ -188,8 +188,10 @@ class OrtBackend(Backend):
         bind(name, self._ort_device, self.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr())
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        cache = [feeds[t.name] for t in graph.inputs if t.name not in names.SMALL_INPUTS]
-        key = (graph.name, tuple(feeds[names.INPUT_IDS].shape), *map(torch.Tensor.data_ptr, cache))
+        cache = [feeds[t.name] for t in graph.inputs if names.is_cache(t.name)]
+        # the call's shape: its rows and tokens, and the real tokens where the graph packs them
+        packed = feeds[names.PACKED_TOKENS].shape[0] if graph.packs_tokens else 0
+        key = (graph.name, tuple(feeds[names.INPUT_IDS].shape), packed, *map(torch.Tensor.data_ptr, cache))
         bound = self._bindings.get(key)
         if bound is None:
             bound = self._bindings[key] = self._new_binding(graph, feeds, cache)
@@ -207,7 +209,7 @@ class OrtBackend(Backend):
     def _new_binding(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor], cache: list[torch.Tensor]) -> _Bound:
         """Bind every input and output by address: the small inputs to buffers of the binding's own
         (later calls copy into them), each present to the past buffer it updates in place."""
-        small = {name: feeds[name].clone().contiguous() for name in names.SMALL_INPUTS}
+        small = {name: feeds[name].clone().contiguous() for name in names.CALL_INPUTS if name in graph.input_names}
         batch, seq = feeds[names.INPUT_IDS].shape
         sizes = {"batch": batch, "tokens": seq}
         shape = [sizes[d] if isinstance(d, str) else d for d in graph.outputs[0].shape]

@@ -77,14 +77,16 @@ FIXED_SHARE = 1 / 5
 PREFILL_SHARE = 1.0
 
 
-def prefill_budget(cost: CallCost | None, decode_step_s: float | None, cut: bool) -> Budget:
+def prefill_budget(cost: CallCost | None, decode_step_s: float | None, cut: bool, packed: bool = False) -> Budget:
     """The step's prefill tokens while rows decode, from what calls cost (runtime.prefill_cost): the
     larger of the tokens that pay a call's fixed cost back (it is then at most FIXED_SHARE of the
     call) and those that fit in PREFILL_SHARE x a decode step. A decoding row so waits at most one
-    such call between two of its tokens, and prefill keeps pace with the rows it refills."""
+    such call between two of its tokens, and prefill keeps pace with the rows it refills. `packed`:
+    the prefill tokens ride in the decode call (a graph that packs tokens), which pays the fixed cost
+    anyway: only the pace counts, so a step costs at most (1 + PREFILL_SHARE) decode steps."""
     if cost is None or decode_step_s is None:
         return Budget(START_PREFILL_TOKENS, cut, MIN_PREFILL_TOKENS)
-    amortized = cost.fixed_s * (1 - FIXED_SHARE) / (FIXED_SHARE * cost.token_s)
+    amortized = 0.0 if packed else cost.fixed_s * (1 - FIXED_SHARE) / (FIXED_SHARE * cost.token_s)
     paced = PREFILL_SHARE * decode_step_s / cost.token_s
     return Budget(int(max(MIN_PREFILL_TOKENS, amortized, paced)), cut, MIN_PREFILL_TOKENS)
 

@@ -97,7 +97,8 @@ def sample_rows(rows: Sequence[Row], logits: torch.Tensor) -> list[int]:
 
 
 class Observer(Protocol):
-    """Told how long each graph call took (role "prefill" or "decode", rows in the call)."""
+    """Told how long each graph call took (role "prefill", "decode", or "mixed" for a packed call of
+    both) and how many rows it ran (a mixed or prefill call: the rows it gave a next token)."""
 
     def __call__(self, role: str, seconds: float, rows: int) -> None: ...
 
@@ -134,6 +135,9 @@ class Scheduler:
         self.wake = threading.Condition(self.lock)
         self.driving = threading.Lock()  # one driver at a time: `run` or `serve_forever`
         self.decode_graph = backend.graph("decode")
+        # a graph that takes rows of different token counts (exporter.ort_packing): the step's decode
+        # rows and prefill slices then run as one call, which reads the weights once for both
+        self.packed_graph = self.decode_graph if self.decode_graph.packs_tokens else None
         self._decode_graphs: dict[int, GraphSpec] = {}  # rows in the call -> the graph that runs them
         self.prefill_sizes = backend.seq_sizes("prefill", batch=1)
         self.prefill_chunk = max(self.prefill_sizes) if self.prefill_sizes else self.manifest.prefill_chunk
@@ -272,7 +276,12 @@ class Scheduler:
 
     def budget(self) -> Budget:
         """The step's prefill tokens while rows decode, from what this loop's calls cost."""
-        return prefill_budget(self.prefill_cost.fit(), self._decode_step_s, cut=self.prefill_sizes is None)
+        return prefill_budget(
+            self.prefill_cost.fit(),
+            self._decode_step_s,
+            cut=self.prefill_sizes is None,
+            packed=self.packed_graph is not None,
+        )
 
     def step(self) -> list[Step]:
         """One iteration: drop cancelled requests, then apply the plan: admit, its prefill calls in
@@ -283,6 +292,9 @@ class Scheduler:
         with self.lock:
             for b in plan.admit:
                 self.rows[b] = self._new_row(b, self.queue.popleft())
+        if self._packs(plan):
+            self._packed_step(plan, events)
+            return events
         for prefill in plan.prefill:
             if self.rows[prefill.row] is not None:  # (an earlier call of this step may have failed it)
                 self._isolated(functools.partial(self._prefill, prefill, events), [prefill.row], events)
@@ -290,6 +302,14 @@ class Scheduler:
         if decoding:
             self._isolated(lambda: self._decode(decoding, events), decoding, events)
         return events
+
+    def _packs(self, plan: Plan) -> bool:
+        """Whether the step runs as one packed call: a graph that packs tokens, and prefill beside
+        decode rows or on several rows (a step of one kind on one row is its plain call)."""
+        if self.packed_graph is None or not plan.prefill:
+            return False
+        decoding = any(not row.windows for b in plan.decode if (row := self.rows[b]) is not None)
+        return decoding or len({call.row for call in plan.prefill}) > 1
 
     def _isolated(self, call: Callable[[], None], rows: list[int], events: list[Step]) -> None:
         """Run one graph call (and what follows it); if it raises, end the requests of `rows` with the
@@ -397,18 +417,29 @@ class Scheduler:
             matcher=matcher,
         )
 
+    def _take_window(self, row: Row, call: Prefill) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The row's next window leaves its plan (the rest of it stays, where the call cuts it);
+        its tokens, their positions and their slots, each (call.size,)."""
+        first, whole = row.windows.popleft()
+        assert first == call.start, "the plan prefills the row's next window"
+        if call.size < whole:  # the rest of this window, next time
+            row.windows.appendleft((first + call.size, whole - call.size))
+        slots = torch.arange(call.start, call.start + call.size)
+        tokens = [self.pad_id] * row.plan.pad + list(row.request.prompt)
+        ids = torch.tensor(tokens[call.start : call.start + call.size], dtype=torch.long)
+        return ids, (slots - row.plan.pad).clamp(min=0), slots  # padding slots at position 0
+
+    def _prompt_done(self, b: int, row: Row) -> None:
+        """Row b's prompt is all in the cache: the prefix cache keeps its blocks."""
+        row.fed = len(row.request.prompt)
+        if self.prefix is not None:
+            self._remember(b, row, self._keys(row.handle))
+
     def _prefill(self, call: Prefill, events: list[Step]) -> None:
         b, start, size = call.row, call.start, call.size
         row = self.rows[b]
         assert row is not None
-        first, whole = row.windows.popleft()
-        assert first == start, "the plan prefills the row's next window"
-        if size < whole:  # the rest of this window, next time
-            row.windows.appendleft((first + size, whole - size))
-        slots = torch.arange(start, start + size)  # (size,)
-        tokens = [self.pad_id] * row.plan.pad + list(row.request.prompt)
-        ids = torch.tensor(tokens[start : start + size], dtype=torch.long)
-        positions = (slots - row.plan.pad).clamp(min=0)  # padding slots at position 0, masked anyway
+        ids, positions, _ = self._take_window(row, call)
         graph = self.backend.graph("prefill", 1, None if self.prefill_sizes is None else size)
         started = time.perf_counter()
         outputs = self.backend.run(graph.name, self.kv.prefill_feeds(graph, b, ids, positions, start))
@@ -418,9 +449,7 @@ class Scheduler:
         if self.observer is not None:
             self.observer("prefill", seconds, 1)
         if not row.windows:  # the prompt is in the cache: its last position's logits give the first token
-            row.fed = len(row.request.prompt)
-            if self.prefix is not None:
-                self._remember(b, row, self._keys(row.handle))
+            self._prompt_done(b, row)
             logits = _finite(outputs["logits"], graph.name)[:1]
             if row.matcher is not None:  # (a row has a matcher only where the loop has grammars)
                 self.grammars.constrain([row.matcher], logits)  # type: ignore[union-attr]
@@ -468,6 +497,66 @@ class Scheduler:
             masks.apply(logits)
         chosen = self.choose(running, logits)  # type: ignore[arg-type]
         for k, (b, token) in enumerate(zip(decoding, chosen, strict=True)):
+            self._isolated(functools.partial(self._advance, b, logits[k], events, token), [b], events)
+
+    def _packed_step(self, plan: Plan, events: list[Step]) -> None:
+        """The step as one call of the packed graph: each decoding row's token and each prefilling
+        row's slice (its first call in the plan; a row's later windows wait for the next step)."""
+        decoding = [b for b in plan.decode if (row := self.rows[b]) is not None and not row.windows]
+        slices: dict[int, Prefill] = {}
+        for call in plan.prefill:
+            slices.setdefault(call.row, call)
+        involved = sorted({*decoding, *slices})
+        self._isolated(lambda: self._packed_call(decoding, slices, events), involved, events)
+
+    def _packed_call(self, decoding: list[int], slices: dict[int, Prefill], events: list[Step]) -> None:
+        assert self.packed_graph is not None
+        taken: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for b, call in slices.items():  # a request whose own part fails ends alone, before the call
+
+            def take(b: int = b, call: Prefill = call) -> None:
+                taken[b] = self._take_window(self.rows[b], call)  # type: ignore[arg-type]
+
+            self._isolated(take, [b], events)
+        slices = {b: call for b, call in slices.items() if b in taken}
+        if not decoding and not slices:
+            return
+        graph, count = self.packed_graph, max([*decoding, *slices]) + 1
+        tokens, positions, slots = [], [], []
+        for b, row in enumerate(self.rows[:count]):
+            if b in taken:
+                ids, at, where = taken[b]
+            elif b in decoding:
+                assert row is not None
+                ids, at, where = torch.tensor([row.last_token]), torch.tensor([row.fed]), torch.tensor([row.next_slot])
+            else:  # a free row writes slot 0, a prefilling one where its next call writes anyway
+                slot = row.windows[0][0] if row is not None and row.windows else 0
+                ids, at, where = torch.tensor([self.pad_id]), torch.tensor([0]), torch.tensor([slot])
+            tokens.append(ids)
+            positions.append(at)
+            slots.append(where)
+        done = [b for b in slices if slices[b].last]  # their prompts complete in this call
+        advancing = sorted([*decoding, *done])
+        running = [self.rows[b] for b in advancing]
+        masks = None if self.grammars is None else self.grammars.start_masks([r.matcher for r in running])  # type: ignore[union-attr]
+        started = time.perf_counter()
+        outputs = self.backend.run(graph.name, self.kv.packed_feeds(graph, tokens, positions, slots))
+        self.kv.take(outputs, rows=count)
+        seconds = time.perf_counter() - started
+        self.prefill_cost.observe(sum(len(ids) for ids in tokens), seconds)
+        if self.observer is not None:
+            self.observer("mixed" if decoding else "prefill", seconds, len(advancing))
+        logits = _finite(outputs["logits"], graph.name)[advancing]  # (a copy, row k is advancing[k])
+        for b in decoding:
+            self.rows[b].fed += 1  # type: ignore[union-attr]
+        for b in done:
+            self._prompt_done(b, self.rows[b])  # type: ignore[arg-type]
+        if not advancing:
+            return
+        if masks is not None:
+            masks.apply(logits)
+        chosen = self.choose(running, logits)  # type: ignore[arg-type]
+        for k, (b, token) in enumerate(zip(advancing, chosen, strict=True)):
             self._isolated(functools.partial(self._advance, b, logits[k], events, token), [b], events)
 
     def _advance(self, b: int, logits: torch.Tensor, events: list[Step], token: int) -> None:

@@ -18,19 +18,20 @@ class LoopBreaker(BaseException):
 
 
 def inject_faults(scheduler: Any) -> None:
-    """Wraps the scheduler's prefill call (a decode of one row feeds a [1, 1] batch like a one-token
+    """Wraps where the scheduler takes a prompt's next window into a call (its own prefill call, or
+    a packed call beside the decode rows; a decode of one row feeds a [1, 1] batch like a one-token
     prefill, so the backend alone cannot tell which tokens are the prompt's)."""
-    prefill = scheduler._prefill
+    take = scheduler._take_window
 
-    def faulty(call: Any, events: Any) -> Any:
-        prompt = scheduler.rows[call.row].request.prompt
+    def faulty(row: Any, call: Any) -> Any:
+        prompt = row.request.prompt
         if FAILS_ITS_PREFILL in prompt:
             raise RuntimeError("injected fault")
         if BREAKS_THE_LOOP in prompt:
             raise LoopBreaker("injected loop failure")
-        return prefill(call, events)
+        return take(row, call)
 
-    scheduler._prefill = faulty
+    scheduler._take_window = faulty
 
 
 def main(artifact: str) -> None:

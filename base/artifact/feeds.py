@@ -38,11 +38,64 @@ def graph_feeds(
         names.CACHE_POSITION: (first[:, None] + torch.arange(seq)).to(device),  # (batch, seq)
         names.ATTENTION_MASK: attention_mask.to(device),
     }
-    past = [t.name for t in graph.inputs[len(names.SMALL_INPUTS) :]]
+    _add_cache(graph, feeds, cache)
+    if graph.packs_tokens:  # every row's tokens are real
+        feeds.update(packing_feeds([seq] * batch, seq, device))
+    return feeds
+
+
+def packed_feeds(
+    graph: GraphSpec,
+    input_ids: Sequence[torch.Tensor],  # row b's new tokens (n_b,) int64, n_b >= 1
+    position_ids: Sequence[torch.Tensor],  # (n_b,) int64: their RoPE positions
+    slots: Sequence[torch.Tensor],  # (n_b,) int64: the consecutive slots they are written to
+    attention_mask: torch.Tensor,  # (rows, max_cache_len) int64
+    cache: Cache,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Feeds of one call whose rows bring different numbers of tokens (a graph that packs tokens):
+    decode rows of one token beside a prompt's slice. Each row is right-padded to the widest with
+    its own last token, position and slot, so its last column says where its row ends (the attention
+    writes row b's n_b tokens just before it) and the logits are its last real token's."""
+    if not graph.packs_tokens:
+        raise InputError(f"{graph.name} takes rows of one token count; re-export to run rows of different counts")
+    lengths = [len(ids) for ids in input_ids]
+    width = max(lengths)
+
+    def padded(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.cat([p, p[-1:].expand(width - len(p))]) for p in parts]).to(device)
+
+    feeds = {
+        names.INPUT_IDS: padded(input_ids),
+        names.POSITION_IDS: padded(position_ids),
+        names.CACHE_POSITION: padded(slots),
+        names.ATTENTION_MASK: attention_mask.to(device),
+    }
+    _add_cache(graph, feeds, cache)
+    feeds.update(packing_feeds(lengths, width, device))
+    return feeds
+
+
+def packing_feeds(lengths: Sequence[int], width: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The packing inputs of rows whose first lengths[b] of `width` tokens are real (names.PACKING_INPUTS)."""
+    counts = torch.as_tensor(lengths, dtype=torch.long)  # (rows,)
+    columns = torch.arange(width)
+    real = columns[None, :] < counts[:, None]  # (rows, width)
+    flat = (torch.arange(len(counts))[:, None] * width + columns).masked_select(real)
+    firsts = counts.cumsum(0) - counts  # each row's first packed index
+    padded = firsts[:, None] + torch.minimum(columns[None, :], counts[:, None] - 1)
+    return {
+        names.PACKED_TOKENS: flat.to(device),
+        names.PADDED_TOKENS: padded.to(device),
+        names.QUERY_LENGTHS: counts.to(device),
+    }
+
+
+def _add_cache(graph: GraphSpec, feeds: dict[str, torch.Tensor], cache: Cache) -> None:
+    past = [t.name for t in graph.inputs if names.is_cache(t.name)]
     if len(past) != len(cache):
         raise InputError(f"{graph.name} takes {len(past)} cache tensors, {len(cache)} were given")
     feeds.update(zip(past, cache, strict=True))
-    return feeds
 
 
 def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
@@ -71,6 +124,8 @@ def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
                 f"{graph.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
                 f"{t.shape} {t.dtype}{bound}"
             )
+    if graph.packs_tokens:
+        _check_packing(graph, feeds)
     capacity = feeds[names.ATTENTION_MASK].shape[1]
     position = feeds[names.CACHE_POSITION]
     low, high = int(position[:, 0].min()), int(position[:, -1].max())
@@ -78,6 +133,29 @@ def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
         raise InputError(
             f"cache_position {low}..{high} is outside the cache of {capacity} slots; the cache is full — "
             "re-export with a larger --max-seq-len"
+        )
+
+
+def _check_packing(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
+    """The packing inputs agree with each other (what packing_feeds makes): a bad index would read
+    another row's token."""
+    lengths, packed = feeds[names.QUERY_LENGTHS], feeds[names.PACKED_TOKENS]
+    rows, width = feeds[names.INPUT_IDS].shape
+    total = int(lengths.sum())
+    if int(lengths.min()) < 1 or int(lengths.max()) > width or len(packed) != total:
+        raise InputError(
+            f"{graph.name}: query_lengths {lengths.tolist()[:8]} and {len(packed)} packed tokens do not fit "
+            f"{rows} rows of {width}; build the feeds with base.artifact.feeds.packed_feeds"
+        )
+    padded = feeds[names.PADDED_TOKENS]
+    if (
+        int(packed.min()) < 0
+        or int(packed.max()) >= rows * width
+        or int(padded.min()) < 0
+        or int(padded.max()) >= total
+    ):
+        raise InputError(
+            f"{graph.name}: a packing index is out of range; build the feeds with base.artifact.feeds.packed_feeds"
         )
 
 

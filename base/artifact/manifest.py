@@ -83,6 +83,12 @@ class GraphSpec:
             self.role in (role, "any") and self.batch in (batch, None) and (seq is None or self.seq_len in (seq, None))
         )
 
+    @functools.cached_property
+    def packs_tokens(self) -> bool:
+        """Rows of different token counts share one call (names.PACKING_INPUTS): decode rows beside a
+        prompt's slice, each computing only its real tokens."""
+        return names.PACKED_TOKENS in self.input_names
+
     @property
     def full_logits(self) -> bool:
         """Logits for every position ([B, S, V]) rather than each row's last ([B, V])."""
@@ -220,10 +226,17 @@ class Manifest:
 
 
 def contract_io(
-    config: LlamaConfig, dtype: str, batch: int | str, seq: int | str, max_cache_len: int, full_logits: bool = False
+    config: LlamaConfig,
+    dtype: str,
+    batch: int | str,
+    seq: int | str,
+    max_cache_len: int,
+    full_logits: bool = False,
+    packs_tokens: bool = False,
 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(inputs, outputs) of a graph of `batch` rows and `seq` tokens per call (either may be a name
-    the graph leaves open): DESIGN.md §1."""
+    the graph leaves open): DESIGN.md §1. `packs_tokens`: with the inputs that let rows of different
+    token counts share a call (names.PACKING_INPUTS)."""
     kv = (batch, config.num_kv_heads, max_cache_len, config.head_dim)
     logits = (batch, seq, config.vocab_size) if full_logits else (batch, config.vocab_size)
     inputs = (
@@ -233,6 +246,12 @@ def contract_io(
         TensorSpec(names.ATTENTION_MASK, (batch, max_cache_len), "int64"),
         *(TensorSpec(n, kv, dtype) for n in names.cache_names(config.num_layers, "past")),
     )
+    if packs_tokens:
+        inputs += (
+            TensorSpec(names.PACKED_TOKENS, ("packed",), "int64"),
+            TensorSpec(names.PADDED_TOKENS, (batch, seq), "int64"),
+            TensorSpec(names.QUERY_LENGTHS, (batch,), "int64"),
+        )
     outputs = (
         TensorSpec(names.LOGITS, logits, "float32"),
         *(TensorSpec(n, kv, dtype) for n in names.cache_names(config.num_layers, "present")),

@@ -18,6 +18,14 @@ ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
 # The inputs that are not the cache, in graph order; the cache inputs follow them.
 SMALL_INPUTS = (INPUT_IDS, POSITION_IDS, CACHE_POSITION, ATTENTION_MASK)
+# A graph that packs tokens (DESIGN.md §1) takes three more, after the cache: the rows' tokens laid
+# out (rows, width) and right-padded, it computes only the real ones, packed one after another.
+PACKED_TOKENS = "packed_tokens"  # (packed,): the flat index b * width + j of each real token, in order
+PADDED_TOKENS = "padded_tokens"  # (rows, width): the packed index of each (b, j); a pad: its row's last
+QUERY_LENGTHS = "query_lengths"  # (rows,): the real tokens of each row (its first ones)
+PACKING_INPUTS = (PACKED_TOKENS, PADDED_TOKENS, QUERY_LENGTHS)
+# what a backend copies into its bound buffers each call (everything but the cache)
+CALL_INPUTS = SMALL_INPUTS + PACKING_INPUTS
 
 
 def past_key_name(layer: int) -> str:
@@ -34,6 +42,10 @@ def present_key_name(layer: int) -> str:
 
 def present_value_name(layer: int) -> str:
     return f"present.{layer}.value"
+
+
+def is_cache(name: str) -> bool:
+    return name.startswith(("past_key_values.", "present."))
 
 
 def past_name_for(present_name: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from llamatrt.base.artifact import names
 from llamatrt.base.artifact.manifest import GraphSpec, Manifest, contract_io, load_manifest_json
 from llamatrt.base.artifact.schema import REEXPORT
+from llamatrt.base.artifact.variants import ONNXRUNTIME
 from llamatrt.base.errors import ManifestMismatchError
 
 
@@ -71,7 +72,11 @@ def check_contract(manifest: Manifest) -> None:
         if first.name != names.INPUT_IDS or len(first.shape) != 2:
             raise ManifestMismatchError(f"graph {graph.name!r}: its first input must be input_ids [B, S]; {REEXPORT}")
         batch, seq = first.shape
-        want = contract_io(manifest.config, manifest.dtype, batch, seq, manifest.max_cache_len, graph.full_logits)
+        if graph.packs_tokens and graph.attention != ONNXRUNTIME.name:
+            raise ManifestMismatchError(f"graph {graph.name!r}: only ONNX Runtime's graph packs tokens; {REEXPORT}")
+        want = contract_io(
+            manifest.config, manifest.dtype, batch, seq, manifest.max_cache_len, graph.full_logits, graph.packs_tokens
+        )
         for side, got, expected in (("input", graph.inputs, want[0]), ("output", graph.outputs, want[1])):
             if tuple(got) != expected:
                 bad = next((a, b) for a, b in zip([*got, None], [*expected, None], strict=False) if a != b)

@@ -1,10 +1,12 @@
 """In-flight batching on SmolLM2: ten requests of different lengths join and leave a B = 4 batch at
 different moments, one is cancelled half-way, and every request's greedy tokens equal what the same
-request gets alone on the B = 1 artifact (ONNX Runtime; every backend runs the same scenario on the
+request gets alone on the B = 1 artifact (the B = 4 steps run decode rows and prompt slices in one
+packed call) (ONNX Runtime; every backend runs the same scenario on the
 tiny model in tests/runtime/test_backend_conformance.py)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,10 @@ def test_requests_joining_and_leaving_a_batch_get_their_tokens_alone(
     with open_backend(smollm2_artifact, verify=False) as backend:
         each_alone = alone(Scheduler(backend), prompts, budgets)
     with open_backend(smollm2_b4_artifact, verify=False) as backend:
-        scheduler = Scheduler(backend)
+        roles: Counter[str] = Counter()
+        scheduler = Scheduler(backend, observer=lambda role, seconds, rows: roles.update([role]))
         assert scheduler.prefill_sizes is None  # ONNX Runtime's graph: open tokens
+        assert scheduler.packed_graph is not None  # ... which packs them
         together = joining_and_leaving(scheduler, prompts, budgets, every=6, cancelled=CANCELLED)
     assert_each_as_alone(together, each_alone, budgets, CANCELLED)
+    assert roles["mixed"] > 10  # decode rows and prompt slices shared calls

@@ -98,8 +98,12 @@ def test_requests_joining_and_leaving_the_batch_get_their_tokens_alone(backend) 
     prompts = [[5 + i, *words][:n] for i, n in enumerate([2, 11, 5, 19, 3, 14, 8])]  # 1 to 3 prefill windows
     budgets = [12, 4, 20, 8, 16, 6, 10]
     cancelled = 2
-    together = joining_and_leaving(Scheduler(backend), prompts, budgets, every=4, cancelled=cancelled)
+    roles: list[str] = []
+    scheduler = Scheduler(backend, observer=lambda role, seconds, rows: roles.append(role))
+    together = joining_and_leaving(scheduler, prompts, budgets, every=4, cancelled=cancelled)
     assert_each_as_alone(together, alone(Scheduler(backend), prompts, budgets), budgets, cancelled)
+    if scheduler.packed_graph is not None:  # ONNX Runtime's graph: decode rows and prompts shared calls
+        assert roles.count("mixed") >= 3
 
 
 def test_last_slot_works_and_one_more_is_refused(backend) -> None:

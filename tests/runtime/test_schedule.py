@@ -118,3 +118,11 @@ def test_the_budget_pays_a_calls_fixed_cost_back_and_keeps_pace_with_decode() ->
     # a GPU-like call, nearly all per-token cost: the decode step's time sets it
     assert prefill_budget(CallCost(0.0, 0.0001), 0.015, cut=False) == Budget(150, False, MIN_PREFILL_TOKENS)
     assert prefill_budget(CallCost(0.0, 1.0), 0.015, cut=True).tokens == MIN_PREFILL_TOKENS
+
+
+def test_a_packed_call_spends_its_budget_at_the_decode_steps_pace_alone() -> None:
+    """Prefill tokens that ride in the decode call pay no call's fixed cost of their own: the step
+    costs at most one more decode step (15 ms at 1 ms a token), not the 40 tokens that a call of
+    their own would take to pay its fixed cost back."""
+    assert prefill_budget(CallCost(0.010, 0.001), 0.015, cut=True, packed=True).tokens == 15
+    assert prefill_budget(CallCost(0.010, 0.01), 0.015, cut=True, packed=True).tokens == MIN_PREFILL_TOKENS
