@@ -1,7 +1,8 @@
 """Where a served loop's time goes: `llamatrt serve` in this process with an observer on its
 scheduler. On Ctrl-C (or SIGTERM) it prints the steps, the prefill and decode graph calls (count,
-seconds, rows a call, ms a call), the Python time of a step outside its graph calls, and the
-prefill budget and call cost the scheduler has learnt. Drive it with `llamatrt bench-serve`. A
+seconds, rows a call, ms a call), the Python time of a step outside its graph calls, the
+prefill budget and call cost the scheduler has learnt, and the steps' p50 and p99 with the calls of
+the slowest 1%. Drive it with `llamatrt bench-serve`. A
 BUDGET (tokens) replaces the learnt budget by a fixed one, to measure what the budget's size does.
 
 Usage: .venv/bin/python benchmarks/serve_step_profile.py ARTIFACT [PORT] [BUDGET]
@@ -29,19 +30,27 @@ def main(artifact: str, port: int, budget: int | None) -> None:
     calls: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])  # role -> calls, seconds, rows
     steps = {"count": 0, "seconds": 0.0, "first": 0.0}
 
+    each: list[tuple[float, str]] = []  # (seconds, its calls) of every step
+    this_step: list[str] = []
+
     def observe(role: str, seconds: float, rows: int) -> None:
         calls[role][0] += 1
         calls[role][1] += seconds
         calls[role][2] += rows
+        this_step.append(f"{role} {1e3 * seconds:.1f}")
 
     step = scheduler.step
 
     def timed_step() -> object:
         started = time.perf_counter()
         steps["first"] = steps["first"] or started
+        this_step.clear()
         events = step()
+        seconds = time.perf_counter() - started
         steps["count"] += 1
-        steps["seconds"] += time.perf_counter() - started
+        steps["seconds"] += seconds
+        if this_step:
+            each.append((seconds, ", ".join(this_step)))
         return events
 
     def report() -> None:
@@ -55,7 +64,15 @@ def main(artifact: str, port: int, budget: int | None) -> None:
             )
         outside = steps["seconds"] - sum(seconds for _, seconds, _ in calls.values())
         print(f"  a step outside its graph calls: {1e3 * outside / steps['count']:.2f} ms")
-        print(f"  budget {scheduler.budget()}, call cost {scheduler.prefill_cost.fit()}")
+        print(
+            f"  budget {scheduler.budget()}, call cost {scheduler.prefill_cost.fit()}, "
+            f"a packed call's added cost {scheduler.added_cost.fit()}"
+        )
+        ordered = sorted(each)
+        p50, p99 = ordered[len(ordered) // 2][0], ordered[int(0.99 * (len(ordered) - 1))][0]
+        print(f"  a step with graph calls: p50 {1e3 * p50:.1f} ms, p99 {1e3 * p99:.1f} ms ({p99 / p50:.2f}x)")
+        slowest = ordered[int(0.99 * (len(ordered) - 1)) :][::-1][:12]
+        print("  its slowest 1%: " + "; ".join(f"{1e3 * s:.1f} ms ({what})" for s, what in slowest))
 
     scheduler.observer = observe
     if budget is not None:

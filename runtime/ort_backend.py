@@ -116,8 +116,9 @@ class OrtBackend(Backend):
         if self.device.type == "cpu":  # the kernels hold their own packed copies now (or read the mapping)
             release_clean_pages(self.weights_path)
         self._ort_device = "cuda" if self.device.type == "cuda" else "cpu"
-        # (graph, rows and tokens of the call, cache addresses) -> its binding. A decode step reuses
-        # one binding as it is; a prefill on row b of the cache binds that row's addresses.
+        # (graph, rows of the call, cache addresses) -> its binding. A decode step reuses one binding as
+        # it is; a prefill on row b of the cache binds that row's addresses; a call of other tokens
+        # on the same rows binds its small inputs anew (the cache's 2L stay bound).
         self._bindings: OrderedDict[tuple[object, ...], _Bound] = OrderedDict()
         self._max_bindings = 2 * manifest.batch_size + 2
 
@@ -189,9 +190,9 @@ class OrtBackend(Backend):
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cache = [feeds[t.name] for t in graph.inputs if names.is_cache(t.name)]
-        # the call's shape: its rows and tokens, and the real tokens where the graph packs them
-        packed = feeds[names.PACKED_TOKENS].shape[0] if graph.packs_tokens else 0
-        key = (graph.name, tuple(feeds[names.INPUT_IDS].shape), packed, *map(torch.Tensor.data_ptr, cache))
+        # the outputs' shapes: the call's rows (and its tokens, where the graph returns every position's logits)
+        rows, tokens = feeds[names.INPUT_IDS].shape
+        key = (graph.name, rows, tokens if graph.full_logits else 0, *map(torch.Tensor.data_ptr, cache))
         bound = self._bindings.get(key)
         if bound is None:
             bound = self._bindings[key] = self._new_binding(graph, feeds, cache)
@@ -200,7 +201,11 @@ class OrtBackend(Backend):
         else:
             self._bindings.move_to_end(key)
             for name, buffer in bound.small.items():
-                buffer.copy_(feeds[name])
+                if buffer.shape == feeds[name].shape:
+                    buffer.copy_(feeds[name])
+                else:  # a call of other tokens on the same rows: only the small inputs are bound anew
+                    bound.small[name] = feeds[name].clone().contiguous()
+                    self._bind(bound.binding, name, bound.small[name], output=False)
         self.sessions[graph.name].run_with_iobinding(bound.binding)
         if not self.prepack:  # each session maps the file anew: keep one graph's pages at a time
             release_clean_pages(self.weights_path)

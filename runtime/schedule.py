@@ -14,6 +14,8 @@ oldest first, window after window; where the graph takes any number of tokens th
 cut to what is left, where its sizes are fixed a window runs whole or waits. The step's first prefill call
 always runs (at least `min_prefill` tokens of it, where windows can be cut), so prefill never
 starves. When no row decodes there is nobody to keep waiting: every prefilling row's prompt runs.
+Where the graph packs tokens, the scheduler runs the plan's decode rows and each prefilling row's
+first call as one call, and the budget is what those prompt tokens may add to it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Plan:
 
 
 MIN_PREFILL_TOKENS = 8
+# ... and where they ride in the decode call, which pays the fixed cost: a few tokens are worth it
+MIN_PACKED_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ START_PREFILL_TOKENS = 32  # before the loop has measured what its calls cost
 FIXED_SHARE = 1 / 5
 # ... and takes at least the tokens that fit in this share of a decode step beyond it
 PREFILL_SHARE = 1.0
+# ... where they ride in the decode call: what they add to it, as a share of a decode step (below one,
+# so a running row's slowest gap, host noise included, stays within twice its usual one)
+PACKED_SHARE = 0.6
 
 
 def prefill_budget(cost: CallCost | None, decode_step_s: float | None, cut: bool, packed: bool = False) -> Budget:
@@ -83,12 +90,14 @@ def prefill_budget(cost: CallCost | None, decode_step_s: float | None, cut: bool
     call) and those that fit in PREFILL_SHARE x a decode step. A decoding row so waits at most one
     such call between two of its tokens, and prefill keeps pace with the rows it refills. `packed`:
     the prefill tokens ride in the decode call (a graph that packs tokens), which pays the fixed cost
-    anyway: only the pace counts, so a step costs at most (1 + PREFILL_SHARE) decode steps."""
+    anyway: only the pace counts, so a step costs at most (1 + PREFILL_SHARE) decode steps, and
+    before the costs are known it takes the least (a small slice costs no call of its own)."""
+    least = MIN_PACKED_TOKENS if packed else MIN_PREFILL_TOKENS
     if cost is None or decode_step_s is None:
-        return Budget(START_PREFILL_TOKENS, cut, MIN_PREFILL_TOKENS)
+        return Budget(MIN_PREFILL_TOKENS if packed else START_PREFILL_TOKENS, cut, least)
     amortized = 0.0 if packed else cost.fixed_s * (1 - FIXED_SHARE) / (FIXED_SHARE * cost.token_s)
-    paced = PREFILL_SHARE * decode_step_s / cost.token_s
-    return Budget(int(max(MIN_PREFILL_TOKENS, amortized, paced)), cut, MIN_PREFILL_TOKENS)
+    paced = (PACKED_SHARE if packed else PREFILL_SHARE) * decode_step_s / cost.token_s
+    return Budget(int(max(least, amortized, paced)), cut, least)
 
 
 class Admission(Protocol):

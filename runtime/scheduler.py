@@ -3,8 +3,8 @@
 Each step asks runtime.schedule for a plan (which waiting requests take which free rows, which rows
 prefill how many tokens within the step's budget, which rows decode) and applies it: its prefill
 calls, each bound onto its row's slice of the B-row cache, then one decode call of the rows up to
-the last decoding one, each at its own slot and position (what calls cost is learnt as they run:
-runtime.prefill_cost);
+the last decoding one, each at its own slot and position — or, on a graph that packs tokens, all of
+it as one call (`_packed_call`; what calls cost is learnt as they run: runtime.prefill_cost);
 a row admitted with a prompt whose beginning was computed before gets it from the prefix cache
 (runtime.prefix_cache) by a copy and prefills only the rest, and the full blocks of what its row
 computed are kept there;
@@ -39,7 +39,7 @@ from llamatrt.base.errors import InputError, LlamatrtError, NumericalError
 from llamatrt.runtime.backend import Backend, torch_threads
 from llamatrt.runtime.detokenizer import TextStream, TextStreamFactory
 from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill, usable_cached
-from llamatrt.runtime.prefill_cost import PrefillCost
+from llamatrt.runtime.prefill_cost import AddedCost, PrefillCost
 from llamatrt.runtime.prefix_cache import PrefixCache, block_keys
 from llamatrt.runtime.requests import GREEDY, Handle, Request, Step
 from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
@@ -143,6 +143,7 @@ class Scheduler:
         self.prefill_chunk = max(self.prefill_sizes) if self.prefill_sizes else self.manifest.prefill_chunk
         self._decode_step_s: float | None = None  # a running average, for sizing interleaved prefill calls
         self.prefill_cost = PrefillCost()
+        self.added_cost = AddedCost(window=8)  # what prompt tokens add to a packed decode call
         self.failed: str | None = None  # why the loop stopped for good; submit refuses from then on
         # a server ends only the requests a failure belongs to; a caller driving `run` gets the exception
         self.isolate_failures = False
@@ -276,12 +277,9 @@ class Scheduler:
 
     def budget(self) -> Budget:
         """The step's prefill tokens while rows decode, from what this loop's calls cost."""
-        return prefill_budget(
-            self.prefill_cost.fit(),
-            self._decode_step_s,
-            cut=self.prefill_sizes is None,
-            packed=self.packed_graph is not None,
-        )
+        packed = self.packed_graph is not None
+        cost = self.added_cost.fit() if packed else self.prefill_cost.fit()
+        return prefill_budget(cost, self._decode_step_s, cut=self.prefill_sizes is None, packed=packed)
 
     def step(self) -> list[Step]:
         """One iteration: drop cancelled requests, then apply the plan: admit, its prefill calls in
@@ -543,7 +541,11 @@ class Scheduler:
         outputs = self.backend.run(graph.name, self.kv.packed_feeds(graph, tokens, positions, slots))
         self.kv.take(outputs, rows=count)
         seconds = time.perf_counter() - started
-        self.prefill_cost.observe(sum(len(ids) for ids in tokens), seconds)
+        prompt_tokens = sum(len(taken[b][0]) for b in slices)
+        if decoding and self._decode_step_s is not None:
+            self.added_cost.observe(prompt_tokens, seconds - self._decode_step_s)
+        elif not decoding:
+            self.prefill_cost.observe(prompt_tokens, seconds)
         if self.observer is not None:
             self.observer("mixed" if decoding else "prefill", seconds, len(advancing))
         logits = _finite(outputs["logits"], graph.name)[advancing]  # (a copy, row k is advancing[k])

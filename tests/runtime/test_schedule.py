@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from llamatrt.base.errors import InputError
-from llamatrt.runtime.prefill_cost import CallCost, PrefillCost
+from llamatrt.runtime.prefill_cost import AddedCost, CallCost, PrefillCost
 from llamatrt.runtime.requests import Request
 from llamatrt.runtime.schedule import (
+    MIN_PACKED_TOKENS,
     MIN_PREFILL_TOKENS,
     START_PREFILL_TOKENS,
     Budget,
@@ -121,8 +122,18 @@ def test_the_budget_pays_a_calls_fixed_cost_back_and_keeps_pace_with_decode() ->
 
 
 def test_a_packed_call_spends_its_budget_at_the_decode_steps_pace_alone() -> None:
-    """Prefill tokens that ride in the decode call pay no call's fixed cost of their own: the step
-    costs at most one more decode step (15 ms at 1 ms a token), not the 40 tokens that a call of
-    their own would take to pay its fixed cost back."""
-    assert prefill_budget(CallCost(0.010, 0.001), 0.015, cut=True, packed=True).tokens == 15
-    assert prefill_budget(CallCost(0.010, 0.01), 0.015, cut=True, packed=True).tokens == MIN_PREFILL_TOKENS
+    """Prefill tokens that ride in the decode call pay no call's fixed cost of their own: they add
+    at most PACKED_SHARE of a decode step (0.6 x 15 ms at 1 ms a token), not the 40 tokens that a
+    call of their own would take to pay its fixed cost back; a few tokens where each is dear."""
+    assert prefill_budget(CallCost(0.010, 0.001), 0.015, cut=True, packed=True) == Budget(9, True, MIN_PACKED_TOKENS)
+    assert prefill_budget(None, None, cut=True, packed=True).tokens == MIN_PREFILL_TOKENS  # costs not known yet
+    assert prefill_budget(CallCost(0.0, 0.01), 0.015, cut=True, packed=True).tokens == MIN_PACKED_TOKENS
+
+
+def test_what_prompt_tokens_add_to_a_packed_call_is_their_recent_average() -> None:
+    cost = AddedCost(window=2)
+    assert cost.fit() is None
+    cost.observe(8, 0.016)  # an early call: short contexts, 2 ms a token
+    for _ in range(2):  # the recent ones: 3 ms a token, the older call out of the window
+        cost.observe(10, 0.030)
+    assert cost.fit() == CallCost(0.0, pytest.approx(0.003))
