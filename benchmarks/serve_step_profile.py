@@ -3,9 +3,10 @@ scheduler. On Ctrl-C (or SIGTERM) it prints the steps, the prefill and decode gr
 seconds, rows a call, ms a call), the Python time of a step outside its graph calls, the
 prefill budget and call cost the scheduler has learnt, and the steps' p50 and p99 with the calls of
 the slowest 1%. Drive it with `llamatrt bench-serve`. A
-BUDGET (tokens) replaces the learnt budget by a fixed one, to measure what the budget's size does.
+BUDGET (tokens) replaces the learnt budget by a fixed one, to measure what the budget's size does;
+SHARE sets the share of a decode step a packed call's prompt tokens may add (schedule.PACKED_SHARE).
 
-Usage: .venv/bin/python benchmarks/serve_step_profile.py ARTIFACT [PORT] [BUDGET]
+Usage: .venv/bin/python benchmarks/serve_step_profile.py ARTIFACT [PORT] [BUDGET|-] [SHARE]
        .venv/bin/llamatrt bench-serve http://127.0.0.1:PORT --clients 8 --requests 32   (another shell)
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
+from llamatrt.runtime import schedule
 from llamatrt.runtime.schedule import MIN_PREFILL_TOKENS, Budget
 from llamatrt.server.app import create_app
 from llamatrt.server.engine import EngineConfig
@@ -83,4 +85,7 @@ def main(artifact: str, port: int, budget: int | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8472, int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    if len(sys.argv) > 4:
+        schedule.PACKED_SHARE = float(sys.argv[4])
+    fixed = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8472, int(fixed) if fixed else None)
