@@ -1,11 +1,12 @@
 """ONNX Runtime's graph computes only a call's real tokens: rows of different token counts share a call.
 
-Why: on a CPU every call reads every weight once (about a decode step's time on SmolLM2 int4), so a
-server that runs its decode rows and a waiting prompt's slice as two calls pays that twice per step,
-and a step that carries prefill costs a decode step plus a prefill call. vLLM and llama-server put
-both in one batch. GroupQueryAttention already takes rows of different lengths (`query_seqlens`:
-row b's first n_b queries are its own; it writes only those slots and its padded queries write
-nothing), so only the rest of the graph needs the tokens packed:
+Why: on a CPU every call reads every weight once (a fixed part near a whole decode step on small
+models: docs/serving.md), so a server that runs its decode rows and a waiting prompt's slice as two
+calls pays it twice per step, and a step that carries prefill costs a decode step plus a prefill
+call. vLLM and llama-server put both in one batch. GroupQueryAttention already takes rows of
+different lengths (`query_seqlens`: row b's first n_b queries are its own; it writes only those
+slots and its padded queries write nothing, though it still scores them over the row's context,
+which the scheduler's budget accounts for), so only the rest of the graph needs the tokens packed:
 
 - input_ids (rows, width), right-padded, become the packed (1, T) real tokens (`packed_tokens`)
   before anything reads them, so embedding, norms, projections and the MLP run on T tokens;
