@@ -44,7 +44,7 @@ from llamatrt.runtime.prefix_cache import PrefixCache, block_keys
 from llamatrt.runtime.requests import GREEDY, Handle, Request, Step
 from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
 from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Budget, Plan, Prefill, RowState, decide, prefill_budget
-from llamatrt.runtime.structured import GrammarEngine
+from llamatrt.runtime.structured import GrammarEngine, PendingMasks
 
 __all__ = ["GREEDY", "Handle", "LoopFailed", "Request", "Scheduler", "Step"]
 log = logging.getLogger(__name__)
@@ -465,19 +465,10 @@ class Scheduler:
     def _decode(self, decoding: list[int], events: list[Step]) -> None:
         graph = self._decode_graph(max(decoding) + 1)
         batch = graph.batch or max(decoding) + 1
-        tokens, positions = [self.pad_id] * batch, [0] * batch
-        slots = [0] * batch  # free rows write slot 0, rewritten by their next prefill
-        for b, row in enumerate(self.rows[:batch]):
-            if row is None:
-                continue
-            if row.windows:  # still prefilling: write where its next prefill call will write anyway
-                slots[b] = row.windows[0][0]
-                continue
-            tokens[b], positions[b], slots[b] = row.last_token, row.fed, row.next_slot
+        tokens, positions, slots = zip(*map(self._decode_input, self.rows[:batch]), strict=True)
         feeds = self.kv.decode_feeds(graph, torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
         running = [self.rows[b] for b in decoding]
-        # the constrained rows' masks, filled while the graph runs (None when no row is constrained)
-        masks = None if self.grammars is None else self.grammars.start_masks([r.matcher for r in running])  # type: ignore[union-attr]
+        masks = self._start_masks(decoding)
         started = time.perf_counter()
         outputs = self.backend.run(graph.name, feeds)
         self.kv.take(outputs, rows=batch)
@@ -491,10 +482,33 @@ class Scheduler:
         every_row = len(decoding) == len(logits)  # (then decoding lists all rows in order)
         if not every_row:
             logits = logits[decoding]  # (a copy, row k is decoding[k])
+        self._choose_and_advance(decoding, logits, masks, events)
+
+    def _decode_input(self, row: Row | None) -> tuple[int, int, int]:
+        """A row's (token, position, slot) in a call where it brings one token: a decoding row its
+        last token; a free row writes slot 0 and a prefilling one where its next call writes anyway,
+        both rewritten before they are read."""
+        if row is None:
+            return self.pad_id, 0, 0
+        if row.windows:
+            return self.pad_id, 0, row.windows[0][0]
+        return row.last_token, row.fed, row.next_slot
+
+    def _start_masks(self, rows: list[int]) -> PendingMasks | None:
+        """The constrained rows' masks, filled while the graph runs (None when no row is constrained)."""
+        if self.grammars is None:
+            return None
+        return self.grammars.start_masks([self.rows[b].matcher for b in rows])  # type: ignore[union-attr]
+
+    def _choose_and_advance(
+        self, advancing: list[int], logits: torch.Tensor, masks: PendingMasks | None, events: list[Step]
+    ) -> None:
+        """The next token of each row in `advancing` (logits row k is advancing[k]'s), in one batched
+        choice after the grammar masks, then each row's own step, its failure its own."""
         if masks is not None:
             masks.apply(logits)
-        chosen = self.choose(running, logits)  # type: ignore[arg-type]
-        for k, (b, token) in enumerate(zip(decoding, chosen, strict=True)):
+        chosen = self.choose([self.rows[b] for b in advancing], logits)  # type: ignore[misc]
+        for k, (b, token) in enumerate(zip(advancing, chosen, strict=True)):
             self._isolated(functools.partial(self._advance, b, logits[k], events, token), [b], events)
 
     def _packed_step(self, plan: Plan, events: list[Step]) -> None:
@@ -524,19 +538,14 @@ class Scheduler:
         for b, row in enumerate(self.rows[:count]):
             if b in taken:
                 ids, at, where = taken[b]
-            elif b in decoding:
-                assert row is not None
-                ids, at, where = torch.tensor([row.last_token]), torch.tensor([row.fed]), torch.tensor([row.next_slot])
-            else:  # a free row writes slot 0, a prefilling one where its next call writes anyway
-                slot = row.windows[0][0] if row is not None and row.windows else 0
-                ids, at, where = torch.tensor([self.pad_id]), torch.tensor([0]), torch.tensor([slot])
+            else:  # one token: a decoding row's, or an idle row's harmless write
+                ids, at, where = (torch.tensor([value]) for value in self._decode_input(row))
             tokens.append(ids)
             positions.append(at)
             slots.append(where)
         done = [b for b in slices if slices[b].last]  # their prompts complete in this call
         advancing = sorted([*decoding, *done])
-        running = [self.rows[b] for b in advancing]
-        masks = None if self.grammars is None else self.grammars.start_masks([r.matcher for r in running])  # type: ignore[union-attr]
+        masks = self._start_masks(advancing)
         started = time.perf_counter()
         outputs = self.backend.run(graph.name, self.kv.packed_feeds(graph, tokens, positions, slots))
         self.kv.take(outputs, rows=count)
@@ -553,13 +562,8 @@ class Scheduler:
             self.rows[b].fed += 1  # type: ignore[union-attr]
         for b in done:
             self._prompt_done(b, self.rows[b])  # type: ignore[arg-type]
-        if not advancing:
-            return
-        if masks is not None:
-            masks.apply(logits)
-        chosen = self.choose(running, logits)  # type: ignore[arg-type]
-        for k, (b, token) in enumerate(zip(advancing, chosen, strict=True)):
-            self._isolated(functools.partial(self._advance, b, logits[k], events, token), [b], events)
+        if advancing:
+            self._choose_and_advance(advancing, logits, masks, events)
 
     def _advance(self, b: int, logits: torch.Tensor, events: list[Step], token: int) -> None:
         """Row b's next token (chosen from `logits` (vocab,)): emit it, end the request or keep
