@@ -50,7 +50,8 @@ class AddedCost:
     would be mostly noise, and what a token adds there includes the attention of the decode rows'
     padded slots, which grows with their context."""
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, window: int = 8) -> None:
+        # few calls: consecutive ones see the decode rows at nearly the same contexts
         self.calls: deque[tuple[int, float]] = deque(maxlen=window)  # (prompt tokens, seconds added)
 
     def observe(self, tokens: int, added_s: float) -> None:

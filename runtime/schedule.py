@@ -90,7 +90,7 @@ def prefill_budget(cost: CallCost | None, decode_step_s: float | None, cut: bool
     call) and those that fit in PREFILL_SHARE x a decode step. A decoding row so waits at most one
     such call between two of its tokens, and prefill keeps pace with the rows it refills. `packed`:
     the prefill tokens ride in the decode call (a graph that packs tokens), which pays the fixed cost
-    anyway: only the pace counts, so a step costs at most (1 + PREFILL_SHARE) decode steps, and
+    anyway: only the pace counts, so a step costs at most (1 + PACKED_SHARE) decode steps, and
     before the costs are known it takes the least (a small slice costs no call of its own)."""
     least = MIN_PACKED_TOKENS if packed else MIN_PREFILL_TOKENS
     if cost is None or decode_step_s is None:

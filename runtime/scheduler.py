@@ -143,7 +143,7 @@ class Scheduler:
         self.prefill_chunk = max(self.prefill_sizes) if self.prefill_sizes else self.manifest.prefill_chunk
         self._decode_step_s: float | None = None  # a running average, for sizing interleaved prefill calls
         self.prefill_cost = PrefillCost()
-        self.added_cost = AddedCost(window=8)  # what prompt tokens add to a packed decode call
+        self.added_cost = AddedCost()  # what prompt tokens add to a packed decode call
         self.failed: str | None = None  # why the loop stopped for good; submit refuses from then on
         # a server ends only the requests a failure belongs to; a caller driving `run` gets the exception
         self.isolate_failures = False

@@ -70,7 +70,8 @@ def test_packing_inputs_that_disagree_are_refused_with_one_line(tiny_artifact) -
         graph = backend.graph("decode")
         cache = [t[:2] for t in backend.allocate_cache()]
         ids = [torch.tensor([5]), torch.tensor([6, 7, 8])]
-        feeds = packed_feeds(graph, ids, ids, [torch.tensor([0]), torch.arange(3)], torch.ones(2, 48).long(), cache)
+        mask = torch.ones(2, manifest.max_cache_len, dtype=torch.long)
+        feeds = packed_feeds(graph, ids, ids, [torch.tensor([0]), torch.arange(3)], mask, cache)
         feeds[names.QUERY_LENGTHS] = torch.tensor([3, 3])  # says 6 real tokens, 4 are packed
         with pytest.raises(InputError, match="query_lengths"):
             backend.run(graph.name, feeds)
