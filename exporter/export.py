@@ -24,6 +24,7 @@ from llamatrt.base.artifact.precision import WEIGHT_FORMATS, dtype_name, precisi
 from llamatrt.base.artifact.reader import file_sha256
 from llamatrt.base.artifact.variants import ONNXRUNTIME
 from llamatrt.base.config import LlamaConfig
+from llamatrt.base.custom_ops import MISSING_LIBRARY, library_path
 from llamatrt.base.errors import CheckpointError, InputError, ValidationError
 from llamatrt.base.progress import Progress, no_progress
 from llamatrt.exporter.artifacts import (
@@ -102,6 +103,7 @@ class ExportOptions:
     block_size: int = 32
     accuracy_level: int = 0  # MatMulNBits' activation arithmetic (0: fp32, exact; 4: int8, may change answers)
     head_quantize: str | None = None  # the output head's (and a tied embedding's) format; None: quant_plan.default_head
+    int4_kernel: str = "llamatrt"  # what runs 4-bit products at accuracy level 0 (quant_plan.INT4_KERNELS)
 
     def checked(self) -> ExportOptions:
         """Validate at the edge; returns a copy with the dtype spelled canonically."""
@@ -176,7 +178,9 @@ def _export_locked(
     tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
     checkpoint.check_parameters()  # every layer's tensors, from the headers: before minutes of work
     if options.quantize is not None:
-        check_quantize_options(options.quantize, options.accuracy_level, options.block_size, options.head_quantize)
+        check_quantize_options(
+            options.quantize, options.accuracy_level, options.block_size, options.head_quantize, options.int4_kernel
+        )
     dtype = precision(options.dtype).torch
     fused = fused_attention_possible(config.head_dim, options.dtype, options.full_logits)
     if options.quantize is not None and not fused:
@@ -286,6 +290,17 @@ def _export_twin_and_layers(
     return manifest
 
 
+def _runs_matmul_int4(options: ExportOptions) -> bool:
+    """Whether 4-bit products run llamatrt's MatMulInt4: at accuracy level 0 unless asked not to, and
+    only where the library was built (else MatMulNBits' fp32 kernel, slower, with a warning)."""
+    if options.int4_kernel != "llamatrt" or options.accuracy_level != 0:
+        return False
+    if library_path() is None:
+        log.warning("%s; exporting 4-bit products on MatMulNBits' fp32-activation kernel instead", MISSING_LIBRARY)
+        return False
+    return True
+
+
 def _quantize_twin(
     checkpoint: Checkpoint, twin: StaticLlama, mapped: MappedParameters, options: ExportOptions
 ) -> tuple[QuantPlan, ParameterQuantizer, str | None]:
@@ -294,7 +309,13 @@ def _quantize_twin(
     assert options.quantize is not None
     quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size, options.head_quantize)
     quant = plan_quantization(
-        quantizer, twin, options.quantize, options.block_size, options.accuracy_level, after_each=mapped.release
+        quantizer,
+        twin,
+        options.quantize,
+        options.block_size,
+        options.accuracy_level,
+        after_each=mapped.release,
+        own_int4=_runs_matmul_int4(options),
     )
     no_portable = tensorrt_can_take({**quantizer.carried, **quant.weights})
     if no_portable is not None:
@@ -333,7 +354,7 @@ def _twin_graph(
     `release` gives back the twin's mapped pages after each parameter the quantizing rewrite reads."""
     graph = optimize_graph(graph_to_onnx(twin, spec, max_batch))
     if quant is not None and spec.attention == ONNXRUNTIME.name:
-        quantize_graph(graph, quant.weights, quant.floats, quant.accuracy_level, release)
+        quantize_graph(graph, quant.weights, quant.floats, quant.accuracy_level, release, quant.own_int4)
     elif quant is not None:
         dequantize_linear_graph(graph, quant.weights, quant.floats, release)
     return graph
@@ -432,6 +453,7 @@ def _quantization_entry(quant: QuantPlan, quantizer: Any, no_portable: str | Non
         "scheme": quant.scheme,
         "block_size": quant.block_size,
         "accuracy_level": quant.accuracy_level,
+        "int4_kernel": quant.int4_kernel,
         "tensors": {**quant.origins(), **quantizer.origins},
         "portable": _portable_note(quant, no_portable),
     }

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # MatMulNBits' CPU kernels: 0 (fp32 activations, exact: SmolLM2 decodes 0.2x fp32's speed) and
 # 4 (int8 activations per block: 2.6x fp32's speed), README "Quantized weights"
 ACCURACY_LEVELS = (0, 4)
+# What runs the 4-bit products at accuracy level 0: llamatrt's MatMulInt4 (fp32-grade activations,
+# base.custom_ops) or MatMulNBits' fp32-activation kernel
+INT4_KERNELS = ("llamatrt", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,12 @@ class QuantPlan:
     accuracy_level: int
     weights: dict[str, QuantizedWeight]  # StaticLlama parameter -> its blocks
     floats: dict[str, np.ndarray]  # the same parameters as the exporter's model holds them (found by content)
+    own_int4: bool = False  # 4-bit products run llamatrt's MatMulInt4, not MatMulNBits
+
+    @property
+    def int4_kernel(self) -> str:
+        """The manifest's name for what runs the 4-bit products."""
+        return "llamatrt" if self.own_int4 else "onnxruntime"
 
     def origins(self) -> dict[str, str]:
         return {name: w.describe() for name, w in self.weights.items()}
@@ -60,7 +69,11 @@ def _quantized_params(model: StaticLlama) -> dict[str, torch.Tensor]:
 
 
 def check_quantize_options(
-    scheme: str, accuracy_level: int, block_size: int | None = None, head: str | None = None
+    scheme: str,
+    accuracy_level: int,
+    block_size: int | None = None,
+    head: str | None = None,
+    int4_kernel: str = "llamatrt",
 ) -> None:
     """Before any work (a width that is no multiple of the block size is fine: its last block is padded,
     as MatMulNBits lays it out)."""
@@ -70,6 +83,8 @@ def check_quantize_options(
         raise InputError(f"unknown --head-quantize {head!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise InputError(f"--accuracy-level {accuracy_level} is not 0 (fp32, exact) or 4 (int8 activations, fast)")
+    if int4_kernel not in INT4_KERNELS:
+        raise InputError(f"unknown --int4-kernel {int4_kernel!r}; use one of {', '.join(INT4_KERNELS)}")
     if block_size is not None:
         check_block_size(block_size)
 
@@ -122,6 +137,7 @@ def plan_quantization(
     block_size: int,
     accuracy_level: int,
     after_each: Callable[[], object] = lambda: None,
+    own_int4: bool = False,
 ) -> QuantPlan:
     """The twin's quantized weights. `after_each` runs after each weight is quantized (the exporter
     gives back the pages of the mapped parameter it read)."""
@@ -132,7 +148,7 @@ def plan_quantization(
         floats[name] = tensor.float().numpy()
         weights[name] = quantizer(name, floats[name])
         after_each()
-    plan = QuantPlan(scheme, block_size, accuracy_level, weights, floats)
+    plan = QuantPlan(scheme, block_size, accuracy_level, weights, floats, own_int4)
     log.info("quantized weights: %s", plan.summary())
     return plan
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llamatrt.base.artifact.variants import MS_DOMAIN
+from llamatrt.base.custom_ops import DOMAIN, INT4_ACTIVATION_BLOCK, MATMUL_INT4
 from llamatrt.exporter.quant_weights import DEFAULT_ZERO, STORED, QuantizedWeight
 
 if TYPE_CHECKING:
@@ -138,18 +139,22 @@ def quantize_graph(
     floats: Mapping[str, np.ndarray],
     accuracy_level: int,
     after_read: Callable[[], object] = lambda: None,
+    own_int4: bool = False,
 ) -> list[str]:
-    """Rewrite `model` in place: MatMulNBits for every projection, a dequantizing lookup
-    (`after_read`: as rewrite_weight_uses)."""
+    """Rewrite `model` in place: MatMulNBits for every projection (`own_int4`: MatMulInt4 for the 4-bit
+    ones), a dequantizing lookup (`after_read`: as rewrite_weight_uses)."""
 
     def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
-        _replace_matmul(model.graph, node, name, held_parts(weights[name], accuracy_level), inits, accuracy_level)
+        parts = held_parts(weights[name], accuracy_level)
+        _replace_matmul(model.graph, node, name, parts, inits, accuracy_level, own_int4)
 
     def lookup(node: ir.Node, name: str, inits: Initializers) -> bool:
         _replace_lookup(model.graph, node, name, held_parts(weights[name], accuracy_level), inits)
         return True
 
     model.opset_imports.setdefault(MS_DOMAIN, 1)
+    if own_int4:
+        model.opset_imports.setdefault(DOMAIN, 1)
     return rewrite_weight_uses(model, weights, floats, matmul, lookup, after_read)
 
 
@@ -214,12 +219,13 @@ def _replace_matmul(
     parts: Mapping[str, QuantizedWeight],
     inits: Initializers,
     accuracy_level: int,
+    own_int4: bool = False,
 ) -> None:
     import onnx_ir as ir
 
     build = _Builder(graph, node, [])
     products = [
-        _product(build, node.inputs[0], name + suffix, weight, inits, accuracy_level)
+        _product(build, node.inputs[0], name + suffix, weight, inits, accuracy_level, own_int4)
         for suffix, weight in parts.items()
     ]
     out = products[0] if len(products) == 1 else build.op("Add", *products)
@@ -229,10 +235,22 @@ def _replace_matmul(
 
 
 def _product(
-    build: _Builder, x: ir.Value | None, name: str, weight: QuantizedWeight, inits: Initializers, accuracy_level: int
+    build: _Builder,
+    x: ir.Value | None,
+    name: str,
+    weight: QuantizedWeight,
+    inits: Initializers,
+    accuracy_level: int,
+    own_int4: bool = False,
 ) -> ir.Value:
     """x @ W^T for one held weight."""
     packed, scales = _quantized_inputs(name, weight, inits)
+    if own_int4 and accuracy_level == 0 and weight.bits == 4 and weight.block % INT4_ACTIVATION_BLOCK == 0:
+        # the same codes, scales and (Q4_1) offsets as MatMulNBits reads: the weights file is the same
+        offsets = [] if weight.offsets is None else [inits.get(f"{name}.offsets", STORED[".offsets"](weight))]
+        return build.op(
+            MATMUL_INT4, x, packed, scales, *offsets, domain=DOMAIN, K=weight.k, N=weight.n, block_size=weight.block
+        )
     if weight.bits == 8 and accuracy_level == 0 and _splits_into_blocks(weight):
         return _two_pass(build, x, packed, scales, weight, inits)
     out = build.op(

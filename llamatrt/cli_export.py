@@ -44,6 +44,14 @@ DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECIS
     help="Blocks for the output head (and a tied embedding) of a float checkpoint.  [default: int8 beside "
     "int4 projections, as llama.cpp's Q4_0 keeps it; int4 with --block-size 64 or 128, TensorRT's form]",
 )
+@click.option(
+    "--int4-kernel",
+    type=click.Choice(["llamatrt", "onnxruntime"]),
+    default="llamatrt",
+    show_default=True,
+    help="What runs 4-bit products at accuracy level 0: llamatrt's MatMulInt4 (fp32 activations "
+    "to within fp32 rounding, near level 4's speed) or MatMulNBits' fp32-activation kernel (slower).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only an artifact, or an empty folder).")
 def export(
     model_spec: str,
@@ -58,6 +66,7 @@ def export(
     block_size: int,
     accuracy_level: int,
     head_quantize: str | None,
+    int4_kernel: str,
     force: bool,
 ) -> None:
     """Export prefill and decode ONNX graphs, one weights file and a manifest."""
@@ -75,6 +84,7 @@ def export(
         block_size,
         accuracy_level,
         head_quantize,
+        int4_kernel,
     ).checked()
     started = time.perf_counter()
     with StepBar(export_steps(options), "export") as bar:

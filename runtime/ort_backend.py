@@ -25,6 +25,7 @@ from llamatrt.base.artifact.manifest import GraphSpec, Manifest
 from llamatrt.base.artifact.precision import NUMPY_DTYPES
 from llamatrt.base.artifact.reader import inside
 from llamatrt.base.artifact.variants import ATTENTION_FORMS, ONNXRUNTIME, onnxruntime_loads
+from llamatrt.base.custom_ops import MISSING_LIBRARY, library_path
 from llamatrt.base.errors import BackendUnavailable, InputError, ManifestMismatchError
 from llamatrt.base.mapped_pages import release_clean_pages
 from llamatrt.runtime.backend import Backend
@@ -126,6 +127,11 @@ class OrtBackend(Backend):
     def _options(ort: Any, graph: GraphSpec, threads: int | None, manifest: Manifest) -> Any:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        library = library_path()  # the installed package's own, never a path the artifact names
+        if library is not None:
+            opts.register_custom_ops_library(str(library))
+        elif manifest.quantization.get("int4_kernel") == "llamatrt":
+            raise BackendUnavailable(MISSING_LIBRARY)
         opts.intra_op_num_threads = threads or physical_cores()
         opts.log_severity_level = 3
         if manifest.quantization:

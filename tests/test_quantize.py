@@ -16,6 +16,7 @@ import torch
 
 from llamatrt.base.artifact.precision import PRECISIONS
 from llamatrt.base.artifact.reader import read_manifest
+from llamatrt.base.custom_ops import MATMUL_INT4
 from llamatrt.exporter import quant_weights
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
@@ -159,10 +160,15 @@ def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_ch
     tolerance = PRECISIONS["float32"].export_tolerance if qtype == "Q8_0" else 1e-4
     assert manifest.validation["max_abs_logits_error"] < tolerance
     graph = onnx.load(out / "model.ort.onnx", load_external_data=False)
-    products = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    products = [n for n in graph.graph.node if n.op_type in ("MatMulNBits", MATMUL_INT4)]
     levels = {a.i for n in products for a in n.attribute if a.name == "accuracy_level"}
-    # one product per projection and the tied head: fp32's kernel for 4 bits, two int8 passes for 8
-    assert len(products) == 1 + 4 * 2 and levels == ({4} if qtype == "Q8_0" else {0})
+    # one product per projection and the tied head: llamatrt's MatMulInt4 (fp32 activations as int8
+    # digits) for 4 bits, two int8 passes of MatMulNBits for 8
+    assert len(products) == 1 + 4 * 2
+    if qtype == "Q8_0":
+        assert {n.op_type for n in products} == {"MatMulNBits"} and levels == {4}
+    else:
+        assert {n.op_type for n in products} == {MATMUL_INT4} and manifest.quantization["int4_kernel"] == "llamatrt"
     # the head reads the quantized rows, not a transposed float table (Q4_1 transposes its scales)
     assert all(n.input[0].endswith(".scales") for n in graph.graph.node if n.op_type == "Transpose")
     assert not [

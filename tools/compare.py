@@ -122,6 +122,12 @@ def kernel_note(backend: Backend, with_level: bool = True) -> str:
         if level is None
         else f", MatMulNBits accuracy level {level} ({'fp32' if level in (0, 1) else 'int8'} activations)"
     )
+    if level is not None and quantization.get("int4_kernel") == "llamatrt":
+        path = "AVX2" if {"avx2"} <= set(cpu_features()) else "portable C"
+        arithmetic += (
+            f"; 4-bit products on llamatrt's MatMulInt4, {path} path (fp32 activations as three int8 digits per "
+            "block of 32)"
+        )
     return (
         f"kernel path of {backend.name}: onnxruntime {onnxruntime.__version__} on a CPU with "
         f"{', '.join(cpu_features()) or 'no listed features'}{arithmetic}"

@@ -31,7 +31,7 @@ from llamatrt.base.artifact.variants import MS_DOMAIN
 from llamatrt.base.errors import InputError
 from llamatrt.base.progress import Progress, no_progress
 from llamatrt.tools.layerwise import NodeDiff, compare_runs, plot_layers
-from llamatrt.tools.quant_twin import set_accuracy_level
+from llamatrt.tools.quant_twin import as_matmulnbits, set_accuracy_level
 
 INT8_ACTIVATIONS, FP32_ACTIVATIONS = 4, 0
 KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the rest is the head
@@ -278,6 +278,10 @@ def run_quant_layerwise(
     path = inside(folder, graph.path, f"graph {graph.name!r} path")
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    # llamatrt's MatMulInt4 runs no int8 arithmetic: its products are compared as MatMulNBits would run them
+    own_kernel = as_matmulnbits(model, inits)
+    if own_kernel:
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     with tempfile.TemporaryDirectory() as scratch:
         levels = {}
         for level in (INT8_ACTIVATIONS, FP32_ACTIVATIONS):
@@ -309,6 +313,12 @@ def run_quant_layerwise(
         "the Q4_1 offset term (block sums of x times m + 8d) is fp32 arithmetic on the exact input at every "
         "level: int8 activations touch only the MatMulNBits products",
     ]
+    if own_kernel:
+        notes.append(
+            f"this artifact runs its {own_kernel} 4-bit products on llamatrt's MatMulInt4 (fp32 activations as "
+            "int8 digits, no int8 rounding); they are compared here as MatMulNBits would run them, at level 4 "
+            "and level 0: what `--accuracy-level 4` would cost"
+        )
     return QuantLayerwiseReport(
         str(artifact),
         int(manifest.quantization["accuracy_level"]),

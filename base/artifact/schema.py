@@ -148,6 +148,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "scheme": {"enum": list(WEIGHT_FORMATS)},
                 "block_size": {"type": "integer", "minimum": 16},
                 "accuracy_level": {"type": "integer", "minimum": 0, "maximum": 4},
+                # what runs the 4-bit products: MatMulNBits, or llamatrt's MatMulInt4 (base.custom_ops)
+                "int4_kernel": {"enum": ["onnxruntime", "llamatrt"]},
                 "tensors": {"type": "object", "additionalProperties": {"type": "string"}},
                 # how the portable graphs (TensorRT's) hold the weights, or why there are none
                 "portable": {"type": "string"},

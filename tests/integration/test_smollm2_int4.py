@@ -37,16 +37,17 @@ def test_the_gguf_blocks_are_carried_and_the_artifact_passes_diff(int4_artifact:
     # 30 layers x (q|k|v, o, gate|up, down) from Q4_1 blocks; the tied head/embedding is the file's Q8_0
     assert origins == {"gguf Q4_1": 30 * 4, "gguf Q8_0": 1}
     assert manifest.quantization["portable"].startswith("none:")  # Q4_1 is not a form TensorRT takes
-    # vs PyTorch on the same weights: the 4-bit products are fp32 arithmetic, the Q8_0 head two int8
-    # passes (1/254 of one pass's error, tests/exporter/test_two_pass.py); the verdict below is fp32's
+    # vs PyTorch on the same weights: the 4-bit products are fp32 arithmetic (llamatrt's MatMulInt4,
+    # tests/runtime/test_matmul_int4.py), the Q8_0 head two int8 passes (1/254 of one pass's error,
+    # tests/exporter/test_two_pass.py); the verdict below is fp32's
     assert manifest.validation["max_abs_logits_error"] < manifest.validation["tolerance"]
-    assert manifest.quantization["accuracy_level"] == 0
+    assert manifest.quantization["accuracy_level"] == 0 and manifest.quantization["int4_kernel"] == "llamatrt"
     report = run_diff(int4_artifact, ["onnxruntime"], prompts=DEFAULT_PROMPTS[:2], steps=8, verify=False)
     assert report, str(report)
     artifact = report.stages[-1]
     assert artifact.dtype == "gguf-blocks"  # the float reference's very weights: fp32's thresholds apply
     assert artifact.first_divergence is None and artifact.top1 == 1.0
-    assert any("accuracy level 0 (fp32 activations)" in note for note in report.notes)
+    assert any("accuracy level 0 (fp32 activations)" in note and "MatMulInt4" in note for note in report.notes)
 
 
 def test_the_int4_artifact_answers_the_readme_question_as_fp32_does(int4_artifact: Path) -> None:

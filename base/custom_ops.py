@@ -1,0 +1,35 @@
+"""llamatrt's own ONNX Runtime op and the library that holds it (runtime/kernels/matmul_int4.c).
+
+`ai.llamatrt.MatMulInt4`: 4-bit weights times fp32 activations, written per block of 32 as three
+int8 digits (24 bits: fp32's rounding) so that int8 dot products compute them; the exporter's form
+for 4-bit products at accuracy level 0 (docs/quantization.md). The library is built
+by `pip install` (setup.py); an artifact that holds the op needs it to load, and the backend
+registers it from the installed package only, never from a path an artifact names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+DOMAIN = "ai.llamatrt"
+MATMUL_INT4 = "MatMulInt4"
+INT4_ACTIVATION_BLOCK = 32  # its blocks of activations; weight blocks must be a multiple of this
+LIBRARY_MODULE = "llamatrt.runtime._matmul_int4"
+
+
+def library_path() -> Path | None:
+    """The built library, or None where the install had no C compiler."""
+    spec = importlib.util.find_spec(LIBRARY_MODULE)
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def uses_custom_ops(opset_domains: set[str]) -> bool:
+    return DOMAIN in opset_domains
+
+
+MISSING_LIBRARY = (
+    "this artifact's int4 products run llamatrt's MatMulInt4 kernel, which this install lacks (it was "
+    "installed without a C compiler); reinstall with gcc present (`pip install -e .`), or re-export with "
+    "`--int4-kernel onnxruntime`"
+)

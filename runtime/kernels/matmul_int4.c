@@ -1,0 +1,595 @@
+/* MatMulInt4: 4-bit weights times fp32 activations, an ONNX Runtime custom op (domain ai.llamatrt)
+ * for the CPU.
+ *
+ * Why it exists: ONNX Runtime's MatMulNBits either keeps fp32 activations (accuracy level 0: exact,
+ * but its kernel dequantizes every weight to fp32, several times slower than its int8 kernel) or
+ * rounds them to int8 per block (level 4: fast, but the rounding alone changes a model's answers,
+ * docs/quantization.md). Here each block of 32 activations is written exactly enough in integers:
+ * x = s * (65536 a + 256 b + c) with a, b, c int8 and s = max|x| / (127 * 65536), 24 bits, an
+ * error of at most max|x| / 2^24 per element, which is fp32's own rounding. The weight codes (0..15)
+ * meet the three digits in int8 dot products (the same instructions as MatMulNBits' int8 kernel,
+ * three times), whose sums are exact in int32, so the product is fp32's to within its rounding at
+ * close to the int8 kernel's speed:
+ *
+ *   y[m, n] = sum_b ( d[n, b] * s[m, b] * sum_k q[n, k] * (65536 a + 256 b + c)[m, k]  +  o[n, b] * X[m, b] )
+ *
+ * where a weight is d * q + o (Q4_1's form; MatMulNBits' symmetric blocks are o = -8 d) and X is the
+ * fp32 sum of a block's activations.
+ *
+ * Inputs: A [..., K] float; B uint8 [N, K / block, block / 2] (MatMulNBits' layout: element 2i in
+ * the low nibble of byte i); scales float [N * K / block] (row n's blocks together); offsets
+ * float [K / block, N] (optional: absent means -8 * scales; the layout llamatrt's artifacts store). block_size a multiple of 32. B, scales and offsets must be constant
+ * initializers: they are repacked once, when the session is made, into tiles of 16 output rows.
+ * Output: Y [..., N] float.
+ *
+ * Only the few ONNX Runtime C API entries this uses are declared below, at their indices in
+ * OrtApi (a table that only ever grows); RegisterCustomOps asks for API version 20 (ONNX Runtime
+ * 1.20), which has every one of them.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <pthread.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MATMUL_INT4_X86 1
+#endif
+
+/* ---- the kernel ------------------------------------------------------------------------------ */
+
+#define GROUP 32                                   /* activations per scale */
+#define TILE 16                                    /* output rows per tile */
+#define TILE_CODES (TILE * GROUP / 2)              /* bytes of one tile-group's codes: 256 */
+#define TILE_STRIDE (TILE_CODES + 2 * TILE * 4)    /* codes, then d[16] and o[16] floats: 384 */
+#define PARTS 3                                    /* int8 digits of an activation */
+#define LIMIT 8323072                              /* 127 * 65536: the top digit stays within int8 */
+
+/* A block of 32 activations as s * (65536 * a + 256 * b + c), a, b, c int8 (part[0..2]), and the
+ * block's exact sum for the offsets. */
+typedef struct {
+  int8_t part[PARTS][GROUP];
+  float scale;
+  float sum;
+} Group;
+
+typedef struct {
+  int64_t n, k, groups, tiles;
+  uint8_t* packed; /* tiles * groups * TILE_STRIDE bytes */
+} Weights;
+
+/* A tile-group's codes are four 64-byte rows j = 0..3; byte r*4 + i of row j holds code k = 4j + i
+ * of output row r in its low nibble and k = 4(j + 4) + i in its high one, so one 32-byte load and a
+ * mask give eight rows' codes for four consecutive k, which a broadcast of four activations meets. */
+static void pack_weights(Weights* w, const uint8_t* b, const float* scales, const float* offsets,
+                         int64_t block) {
+  int64_t per_block = block / GROUP, blocks = w->k / block;
+  for (int64_t t = 0; t < w->tiles; t++)
+    for (int64_t g = 0; g < w->groups; g++) {
+      uint8_t* p = w->packed + (t * w->groups + g) * TILE_STRIDE;
+      float* d = (float*)(p + TILE_CODES);
+      float* o = d + TILE;
+      for (int r = 0; r < TILE; r++) {
+        int64_t row = t * TILE + r;
+        for (int j = 0; j < 4; j++)
+          for (int i = 0; i < 4; i++) {
+            uint8_t low = 0, high = 0;
+            if (row < w->n) {
+              int64_t k0 = g * GROUP + 4 * j + i, k1 = g * GROUP + 4 * (j + 4) + i;
+              const uint8_t* codes = b + row * (w->k / 2);
+              low = (codes[k0 / 2] >> (4 * (k0 % 2))) & 15;
+              high = (codes[k1 / 2] >> (4 * (k1 % 2))) & 15;
+            }
+            p[j * 64 + r * 4 + i] = (uint8_t)(low | (high << 4));
+          }
+        float scale = 0.0f, offset = 0.0f;
+        if (row < w->n) {
+          scale = scales[row * blocks + g / per_block];
+          offset = offsets ? offsets[(g / per_block) * w->n + row] : -8.0f * scale;
+        }
+        d[r] = scale;
+        o[r] = offset;
+      }
+    }
+}
+
+/* One row of activations into groups (a last partial group is padded with zeros). */
+static void quantize_row(const float* x, int64_t k, int64_t groups, Group* out) {
+  for (int64_t g = 0; g < groups; g++) {
+    float values[GROUP] = {0};
+    int64_t count = k - g * GROUP < GROUP ? k - g * GROUP : GROUP;
+    if (count > 0) memcpy(values, x + g * GROUP, (size_t)count * sizeof(float)); /* blocks past K: padding */
+    float amax = 0.0f, sum = 0.0f;
+    for (int i = 0; i < GROUP; i++) {
+      float a = fabsf(values[i]);
+      amax = a > amax ? a : amax;
+      sum += values[i];
+    }
+    Group* o = out + g;
+    o->sum = sum;
+    if (!(amax > 0.0f) || !isfinite(amax)) { /* all zero, or a NaN/inf, which the sum carries on */
+      memset(o->part, 0, sizeof o->part);
+      o->scale = amax > 0.0f ? NAN : 0.0f;
+      continue;
+    }
+    double inverse = (double)LIMIT / amax;
+    o->scale = (float)(amax / (double)LIMIT);
+    for (int i = 0; i < GROUP; i++) {
+      long v = lrint(values[i] * inverse);
+      v = v > LIMIT ? LIMIT : (v < -LIMIT ? -LIMIT : v);
+      long a = (v + 32768) >> 16; /* nearest: the rest in [-32768, 32767] */
+      long rest = v - 65536 * a;
+      long b = (rest + 128) >> 8; /* nearest: c in [-128, 127] */
+      if (b > 127) { /* rest near +32768: carry into a (a < 127 here, since |v| <= LIMIT) */
+        a += 1;
+        b -= 256;
+      }
+      o->part[0][i] = (int8_t)a;
+      o->part[1][i] = (int8_t)b;
+      o->part[2][i] = (int8_t)(rest - 256 * b);
+    }
+  }
+}
+
+/* sum_k q * (65536 a + 256 b + c) from the three int8 dot products: a's is at most 15 * 127 * 32,
+ * so b's and c's together are exact in int32 and the total in a float. */
+static float combine(int32_t a, int32_t b, int32_t c) { return (float)a * 65536.0f + (float)(b * 256 + c); }
+
+static void tile_scalar(const uint8_t* w, const Group* const* x, int rows, int64_t groups, float* const* y) {
+  for (int m = 0; m < rows; m++) {
+    float acc[TILE] = {0};
+    for (int64_t g = 0; g < groups; g++) {
+      const uint8_t* p = w + g * TILE_STRIDE;
+      const float* d = (const float*)(p + TILE_CODES);
+      const float* o = d + TILE;
+      const Group* xg = x[m] + g;
+      for (int r = 0; r < TILE; r++) {
+        int32_t dot[PARTS] = {0};
+        for (int part = 0; part < PARTS; part++)
+          for (int j = 0; j < 4; j++)
+            for (int i = 0; i < 4; i++) {
+              uint8_t v = p[j * 64 + r * 4 + i];
+              dot[part] += (v & 15) * xg->part[part][4 * j + i] + (v >> 4) * xg->part[part][4 * (j + 4) + i];
+            }
+        acc[r] += combine(dot[0], dot[1], dot[2]) * (d[r] * xg->scale) + o[r] * xg->sum;
+      }
+    }
+    memcpy(y[m], acc, sizeof acc);
+  }
+}
+
+#ifdef MATMUL_INT4_X86
+/* maddubs (codes u8 x digits s8 -> pairs in int16) cannot saturate: 2 * 15 * 128 = 3840, and the
+ * eight pair-sums a lane adds per group stay below 32767. ROWS rows of activations share each load
+ * and unpacking of the codes. */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+static inline AVX2 __m256i digits(const Group* g, int part, int at) {
+  int32_t four;
+  memcpy(&four, g->part[part] + at, 4);
+  return _mm256_set1_epi32(four);
+}
+
+/* one part's int16 sums over a half-tile's 8 rows: codes (low, high nibbles) times its digits */
+#define ADD_PART(sum, x, part)                                                                   \
+  sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(low, digits(x, part, 4 * j)));             \
+  sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(high, digits(x, part, 4 * j + 16)))
+
+static inline AVX2 __m256 group_dot(__m256i a, __m256i b, __m256i c) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i bc = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(b, ones), 8), _mm256_madd_epi16(c, ones));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), _mm256_set1_ps(65536.0f),
+                         _mm256_cvtepi32_ps(bc));
+}
+
+/* Half a tile (8 output rows) at a time, so that few registers are live: a row's three sums, the
+ * unpacked codes, its float accumulator. With two rows the codes are unpacked once for both. */
+static AVX2 void tile_avx2(const uint8_t* w, const Group* const* x, int rows, int64_t groups, float* const* y) {
+  const __m256i mask = _mm256_set1_epi8(15);
+  for (int half = 0; half < 2; half++) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+      const uint8_t* p = w + g * TILE_STRIDE + 32 * half;
+      const Group* x0 = x[0] + g;
+      const Group* x1 = x[rows - 1] + g;
+      __m256i a0 = _mm256_setzero_si256(), b0 = _mm256_setzero_si256(), c0 = _mm256_setzero_si256();
+      __m256i a1 = _mm256_setzero_si256(), b1 = _mm256_setzero_si256(), c1 = _mm256_setzero_si256();
+      for (int j = 0; j < 4; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
+        __m256i low = _mm256_and_si256(v, mask), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        ADD_PART(a0, x0, 0);
+        ADD_PART(b0, x0, 1);
+        ADD_PART(c0, x0, 2);
+        if (rows == 2) {
+          ADD_PART(a1, x1, 0);
+          ADD_PART(b1, x1, 1);
+          ADD_PART(c1, x1, 2);
+        }
+      }
+      const float* d = (const float*)(w + g * TILE_STRIDE + TILE_CODES) + 8 * half;
+      __m256 scale = _mm256_loadu_ps(d), offset = _mm256_loadu_ps(d + TILE);
+      acc0 = _mm256_fmadd_ps(offset, _mm256_set1_ps(x0->sum), acc0);
+      acc0 = _mm256_fmadd_ps(group_dot(a0, b0, c0), _mm256_mul_ps(scale, _mm256_set1_ps(x0->scale)), acc0);
+      if (rows == 2) {
+        acc1 = _mm256_fmadd_ps(offset, _mm256_set1_ps(x1->sum), acc1);
+        acc1 = _mm256_fmadd_ps(group_dot(a1, b1, c1), _mm256_mul_ps(scale, _mm256_set1_ps(x1->scale)), acc1);
+      }
+    }
+    _mm256_storeu_ps(y[0] + 8 * half, acc0);
+    if (rows == 2) _mm256_storeu_ps(y[1] + 8 * half, acc1);
+  }
+}
+#endif
+
+/* rows (1 or 2) rows of activations against one tile: 16 outputs each */
+typedef void (*TileFn)(const uint8_t*, const Group* const*, int, int64_t, float* const*);
+
+static TileFn choose_tile(int force_scalar) {
+#ifdef MATMUL_INT4_X86
+  if (!force_scalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_avx2;
+#endif
+  (void)force_scalar;
+  return tile_scalar;
+}
+
+typedef struct {
+  const Weights* w;
+  const Group* x;
+  float* y;
+  int64_t rows;
+  TileFn tile;
+} Job;
+
+static void run_tile(void* data, size_t t) {
+  const Job* job = (const Job*)data;
+  const Weights* w = job->w;
+  const uint8_t* tile = w->packed + (int64_t)t * w->groups * TILE_STRIDE;
+  int64_t count = w->n - (int64_t)t * TILE < TILE ? w->n - (int64_t)t * TILE : TILE;
+  float out[2][TILE];
+  for (int64_t r = 0; r < job->rows; r += 2) {
+    int rows = job->rows - r >= 2 ? 2 : 1;
+    const Group* x[2] = {job->x + r * w->groups, job->x + (r + rows - 1) * w->groups};
+    float* y[2] = {out[0], out[1]};
+    job->tile(tile, x, rows, w->groups, y);
+    for (int m = 0; m < rows; m++)
+      memcpy(job->y + (r + m) * w->n + (int64_t)t * TILE, out[m], (size_t)count * sizeof(float));
+  }
+}
+
+/* ---- the few ONNX Runtime C API entries used, at their OrtApi indices ------------------------ */
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtTensorTypeAndShapeInfo OrtShapeInfo;
+typedef struct OrtApi OrtApi;
+typedef struct OrtCustomOp OrtCustomOp;
+typedef struct OrtShapeInferContext OrtShapeInferContext;
+
+typedef struct {
+  const OrtApi* (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
+enum { REQUIRED = 0, OPTIONAL = 1 };
+
+#define API_SLOT(api, index) (((void* const*)(api))[index])
+#define ORT_CALL(type, index) ((type)API_SLOT(g_api, index))
+
+typedef OrtStatus* (*CreateStatusFn)(int code, const char* msg);
+typedef OrtStatus* (*CreateCustomOpDomainFn)(const char* domain, OrtCustomOpDomain** out);
+typedef OrtStatus* (*CustomOpDomainAddFn)(OrtCustomOpDomain* domain, const OrtCustomOp* op);
+typedef OrtStatus* (*AddCustomOpDomainFn)(OrtSessionOptions* options, OrtCustomOpDomain* domain);
+typedef OrtStatus* (*GetTensorMutableDataFn)(OrtValue* value, void** out);
+typedef OrtStatus* (*GetDimensionsCountFn)(const OrtShapeInfo* info, size_t* out);
+typedef OrtStatus* (*GetDimensionsFn)(const OrtShapeInfo* info, int64_t* dims, size_t count);
+typedef OrtStatus* (*GetTensorTypeAndShapeFn)(const OrtValue* value, OrtShapeInfo** out);
+typedef OrtStatus* (*KernelInfoGetAttributeInt64Fn)(const OrtKernelInfo* info, const char* name, int64_t* out);
+typedef OrtStatus* (*GetInputFn)(const OrtKernelContext* context, size_t index, const OrtValue** out);
+typedef OrtStatus* (*GetOutputFn)(OrtKernelContext* context, size_t index, const int64_t* dims, size_t count,
+                                  OrtValue** out);
+typedef void (*ReleaseShapeInfoFn)(OrtShapeInfo* info);
+typedef OrtStatus* (*GetConstantInputFn)(const OrtKernelInfo* info, size_t index, int* is_constant,
+                                         const OrtValue** out);
+typedef OrtStatus* (*ParallelForFn)(const OrtKernelContext* context, void (*fn)(void*, size_t), size_t total,
+                                    size_t num_batch, void* data);
+typedef OrtStatus* (*GetInputCountFn)(const OrtKernelContext* context, size_t* out);
+
+enum {
+  CREATE_STATUS = 0,
+  CREATE_CUSTOM_OP_DOMAIN = 26,
+  CUSTOM_OP_DOMAIN_ADD = 27,
+  ADD_CUSTOM_OP_DOMAIN = 28,
+  GET_TENSOR_MUTABLE_DATA = 51,
+  GET_DIMENSIONS_COUNT = 61,
+  GET_DIMENSIONS = 62,
+  GET_TENSOR_TYPE_AND_SHAPE = 65,
+  KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
+  KERNEL_CONTEXT_GET_INPUT_COUNT = 88,
+  KERNEL_CONTEXT_GET_INPUT = 90,
+  KERNEL_CONTEXT_GET_OUTPUT = 91,
+  RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR = 249,
+  KERNEL_CONTEXT_PARALLEL_FOR = 274,
+};
+#define API_VERSION 20
+
+/* OrtCustomOp's layout (version 16: the status-returning V2 kernel entries are read). */
+struct OrtCustomOp {
+  uint32_t version;
+  void* (*CreateKernel)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*);
+  const char* (*GetName)(const OrtCustomOp*);
+  const char* (*GetExecutionProviderType)(const OrtCustomOp*);
+  int (*GetInputType)(const OrtCustomOp*, size_t);
+  size_t (*GetInputTypeCount)(const OrtCustomOp*);
+  int (*GetOutputType)(const OrtCustomOp*, size_t);
+  size_t (*GetOutputTypeCount)(const OrtCustomOp*);
+  void (*KernelCompute)(void*, OrtKernelContext*);
+  void (*KernelDestroy)(void*);
+  int (*GetInputCharacteristic)(const OrtCustomOp*, size_t);
+  int (*GetOutputCharacteristic)(const OrtCustomOp*, size_t);
+  int (*GetInputMemoryType)(const OrtCustomOp*, size_t);
+  int (*GetVariadicInputMinArity)(const OrtCustomOp*);
+  int (*GetVariadicInputHomogeneity)(const OrtCustomOp*);
+  int (*GetVariadicOutputMinArity)(const OrtCustomOp*);
+  int (*GetVariadicOutputHomogeneity)(const OrtCustomOp*);
+  OrtStatus* (*CreateKernelV2)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**);
+  OrtStatus* (*KernelComputeV2)(void*, OrtKernelContext*);
+  OrtStatus* (*InferOutputShapeFn)(const OrtCustomOp*, OrtShapeInferContext*);
+  int (*GetStartVersion)(const OrtCustomOp*);
+  int (*GetEndVersion)(const OrtCustomOp*);
+  size_t (*GetMayInplace)(int**, int**);
+  void (*ReleaseMayInplace)(int*, int*);
+  size_t (*GetAliasMap)(int**, int**);
+  void (*ReleaseAliasMap)(int*, int*);
+};
+
+static const OrtApi* g_api;
+
+#define RETURN_IF_ERROR(expr)       \
+  do {                              \
+    OrtStatus* status_ = (expr);    \
+    if (status_) return status_;    \
+  } while (0)
+
+static OrtStatus* fail(const char* message) {
+  return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_INVALID_ARGUMENT, message);
+}
+
+/* dims (at most 8) and the data of a tensor */
+static OrtStatus* tensor_of(const OrtValue* value, int64_t* dims, size_t* rank, void** data) {
+  OrtShapeInfo* info = NULL;
+  RETURN_IF_ERROR(ORT_CALL(GetTensorTypeAndShapeFn, GET_TENSOR_TYPE_AND_SHAPE)(value, &info));
+  OrtStatus* status = ORT_CALL(GetDimensionsCountFn, GET_DIMENSIONS_COUNT)(info, rank);
+  if (!status && *rank > 8) status = fail("MatMulInt4: a tensor of more than 8 dimensions");
+  if (!status) status = ORT_CALL(GetDimensionsFn, GET_DIMENSIONS)(info, dims, *rank);
+  ORT_CALL(ReleaseShapeInfoFn, RELEASE_TENSOR_TYPE_AND_SHAPE_INFO)(info);
+  if (!status && data) status = ORT_CALL(GetTensorMutableDataFn, GET_TENSOR_MUTABLE_DATA)((OrtValue*)value, data);
+  return status;
+}
+
+static OrtStatus* constant_input(const OrtKernelInfo* info, size_t index, const OrtValue** value) {
+  int is_constant = 0;
+  *value = NULL;
+  RETURN_IF_ERROR(
+      ORT_CALL(GetConstantInputFn, KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR)(info, index, &is_constant, value));
+  if (!is_constant || !*value) return fail("MatMulInt4: B, scales and offsets must be constant initializers");
+  return NULL;
+}
+
+static int64_t product(const int64_t* dims, size_t rank) {
+  int64_t count = 1;
+  for (size_t i = 0; i < rank; i++) count *= dims[i];
+  return count;
+}
+
+static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                                void** kernel) {
+  (void)op;
+  (void)api;
+  int64_t k = 0, n = 0, block = 0;
+  KernelInfoGetAttributeInt64Fn attribute = ORT_CALL(KernelInfoGetAttributeInt64Fn, KERNEL_INFO_GET_ATTRIBUTE_INT64);
+  RETURN_IF_ERROR(attribute(info, "K", &k));
+  RETURN_IF_ERROR(attribute(info, "N", &n));
+  RETURN_IF_ERROR(attribute(info, "block_size", &block));
+  if (k <= 0 || n <= 0 || block <= 0 || block % GROUP != 0)
+    return fail("MatMulInt4: K and N must be positive and block_size a multiple of 32");
+  int64_t blocks = (k + block - 1) / block;
+  const OrtValue *b_value, *scales_value, *offsets_value = NULL;
+  RETURN_IF_ERROR(constant_input(info, 1, &b_value));
+  RETURN_IF_ERROR(constant_input(info, 2, &scales_value));
+  int is_constant = 0;
+  OrtStatus* status = ORT_CALL(GetConstantInputFn, KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR)(info, 3, &is_constant,
+                                                                                          &offsets_value);
+  if (status || !is_constant) offsets_value = NULL; /* absent: symmetric blocks */
+  int64_t dims[8];
+  size_t rank;
+  void *b, *scales, *offsets = NULL;
+  RETURN_IF_ERROR(tensor_of(b_value, dims, &rank, &b));
+  if (rank != 3 || dims[0] != n || dims[1] != blocks || dims[2] != block / 2)
+    return fail("MatMulInt4: B must be [N, K / block_size, block_size / 2]");
+  RETURN_IF_ERROR(tensor_of(scales_value, dims, &rank, &scales));
+  if (product(dims, rank) != n * blocks) return fail("MatMulInt4: scales must hold N * K / block_size values");
+  if (offsets_value) {
+    RETURN_IF_ERROR(tensor_of(offsets_value, dims, &rank, &offsets));
+    if (product(dims, rank) != n * blocks) return fail("MatMulInt4: offsets must hold N * K / block_size values");
+  }
+  Weights* w = (Weights*)calloc(1, sizeof(Weights));
+  if (!w) return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
+  w->n = n;
+  w->k = blocks * block; /* MatMulNBits pads a last partial block; so does the packed layout */
+  w->groups = w->k / GROUP;
+  w->tiles = (n + TILE - 1) / TILE;
+  size_t bytes = (size_t)(w->tiles * w->groups * TILE_STRIDE);
+  w->packed = (uint8_t*)aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!w->packed) {
+    free(w);
+    return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
+  }
+  pack_weights(w, (const uint8_t*)b, (const float*)scales, (const float*)offsets, block);
+  w->k = k; /* the activations' own width */
+  *kernel = w;
+  return NULL;
+}
+
+static void destroy_kernel(void* kernel) {
+  Weights* w = (Weights*)kernel;
+  if (w) free(w->packed);
+  free(w);
+}
+
+static int force_scalar(void) {
+  const char* value = getenv("LLAMATRT_MATMUL_INT4_SCALAR");
+  return value && value[0] == '1';
+}
+
+static OrtStatus* compute(void* kernel, OrtKernelContext* context) {
+  const Weights* w = (const Weights*)kernel;
+  const OrtValue* a_value = NULL;
+  RETURN_IF_ERROR(ORT_CALL(GetInputFn, KERNEL_CONTEXT_GET_INPUT)(context, 0, &a_value));
+  int64_t dims[8];
+  size_t rank;
+  void* a;
+  RETURN_IF_ERROR(tensor_of(a_value, dims, &rank, &a));
+  if (rank < 1 || dims[rank - 1] != w->k) return fail("MatMulInt4: A's last dimension must be K");
+  int64_t rows = product(dims, rank - 1);
+  dims[rank - 1] = w->n;
+  OrtValue* y_value = NULL;
+  RETURN_IF_ERROR(ORT_CALL(GetOutputFn, KERNEL_CONTEXT_GET_OUTPUT)(context, 0, dims, rank, &y_value));
+  void* y;
+  RETURN_IF_ERROR(ORT_CALL(GetTensorMutableDataFn, GET_TENSOR_MUTABLE_DATA)(y_value, &y));
+  if (rows == 0) return NULL;
+  Group* groups = (Group*)malloc((size_t)(rows * w->groups) * sizeof(Group));
+  if (!groups) return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
+  for (int64_t r = 0; r < rows; r++) quantize_row((const float*)a + r * w->k, w->k, w->groups, groups + r * w->groups);
+  Job job = {w, groups, (float*)y, rows, choose_tile(force_scalar())};
+  OrtStatus* status = ORT_CALL(ParallelForFn, KERNEL_CONTEXT_PARALLEL_FOR)(context, run_tile, (size_t)w->tiles, 0, &job);
+  free(groups);
+  return status;
+}
+
+static const char* op_name(const OrtCustomOp* op) {
+  (void)op;
+  return "MatMulInt4";
+}
+static const char* op_provider(const OrtCustomOp* op) {
+  (void)op;
+  return "CPUExecutionProvider";
+}
+static int input_type(const OrtCustomOp* op, size_t index) {
+  (void)op;
+  return index == 1 ? TYPE_UINT8 : TYPE_FLOAT;
+}
+static size_t input_count(const OrtCustomOp* op) {
+  (void)op;
+  return 4;
+}
+static int output_type(const OrtCustomOp* op, size_t index) {
+  (void)op;
+  (void)index;
+  return TYPE_FLOAT;
+}
+static size_t output_count(const OrtCustomOp* op) {
+  (void)op;
+  return 1;
+}
+static int input_characteristic(const OrtCustomOp* op, size_t index) {
+  (void)op;
+  return index == 3 ? OPTIONAL : REQUIRED;
+}
+static int output_characteristic(const OrtCustomOp* op, size_t index) {
+  (void)op;
+  (void)index;
+  return REQUIRED;
+}
+static int default_memory(const OrtCustomOp* op, size_t index) {
+  (void)op;
+  (void)index;
+  return 0;
+}
+static int one(const OrtCustomOp* op) {
+  (void)op;
+  return 1;
+}
+
+static OrtCustomOp g_op;
+static OrtCustomOpDomain* g_domain;
+static OrtStatus* g_domain_status;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void make_domain(void) {
+  g_op.version = 16;
+  g_op.GetName = op_name;
+  g_op.GetExecutionProviderType = op_provider;
+  g_op.GetInputType = input_type;
+  g_op.GetInputTypeCount = input_count;
+  g_op.GetOutputType = output_type;
+  g_op.GetOutputTypeCount = output_count;
+  g_op.KernelDestroy = destroy_kernel;
+  g_op.GetInputCharacteristic = input_characteristic;
+  g_op.GetOutputCharacteristic = output_characteristic;
+  g_op.GetInputMemoryType = default_memory;
+  g_op.GetVariadicInputMinArity = one;
+  g_op.GetVariadicInputHomogeneity = one;
+  g_op.GetVariadicOutputMinArity = one;
+  g_op.GetVariadicOutputHomogeneity = one;
+  g_op.CreateKernelV2 = create_kernel;
+  g_op.KernelComputeV2 = compute;
+  g_domain_status = ORT_CALL(CreateCustomOpDomainFn, CREATE_CUSTOM_OP_DOMAIN)("ai.llamatrt", &g_domain);
+  if (!g_domain_status) g_domain_status = ORT_CALL(CustomOpDomainAddFn, CUSTOM_OP_DOMAIN_ADD)(g_domain, &g_op);
+}
+
+/* ONNX Runtime's entry point for a custom-op library (SessionOptions.register_custom_ops_library). */
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                    const OrtApiBase* base) {
+  const OrtApi* api = base->GetApi(API_VERSION);
+  if (!api) return NULL; /* an ONNX Runtime older than 1.20: nothing registered, the graph fails to load */
+  g_api = api;
+  pthread_once(&g_once, make_domain);
+  if (g_domain_status) return g_domain_status;
+  return ORT_CALL(AddCustomOpDomainFn, ADD_CUSTOM_OP_DOMAIN)(options, g_domain);
+}
+
+/* For the tests and benchmarks (ctypes): the kernel without ONNX Runtime, one thread. */
+__attribute__((visibility("default"))) int matmul_int4(const float* a, const uint8_t* b, const float* scales,
+                                                        const float* offsets, int64_t rows, int64_t n, int64_t k,
+                                                        int64_t block, float* y, int scalar) {
+  if (block % GROUP != 0) return 1;
+  int64_t blocks = (k + block - 1) / block;
+  Weights w = {n, blocks * block, blocks * block / GROUP, (n + TILE - 1) / TILE, NULL};
+  w.packed = (uint8_t*)malloc((size_t)(w.tiles * w.groups * TILE_STRIDE));
+  Group* groups = (Group*)malloc((size_t)(rows * w.groups) * sizeof(Group));
+  if (!w.packed || !groups) {
+    free(w.packed);
+    free(groups);
+    return 2;
+  }
+  pack_weights(&w, b, scales, offsets, block);
+  w.k = k;
+  for (int64_t r = 0; r < rows; r++) quantize_row(a + r * k, k, w.groups, groups + r * w.groups);
+  Job job = {&w, groups, y, rows, choose_tile(scalar)};
+  for (int64_t t = 0; t < w.tiles; t++) run_tile(&job, (size_t)t);
+  free(w.packed);
+  free(groups);
+  return 0;
+}
+
+#ifdef MATMUL_INT4_PYTHON_MODULE
+/* Built by setup.py as an extension module so that pip compiles and installs it: importing it gives
+ * an empty module (base.custom_ops finds the file; ONNX Runtime loads it by path). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_matmul_int4",
+                                    "llamatrt's MatMulInt4 ONNX Runtime custom-op library (base.custom_ops).", -1,
+                                    NULL, NULL, NULL, NULL, NULL};
+
+__attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__matmul_int4(void) { return PyModule_Create(&module); }
+#endif

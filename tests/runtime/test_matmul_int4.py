@@ -1,0 +1,155 @@
+"""llamatrt's MatMulInt4 (runtime/kernels/matmul_int4.c) through ONNX Runtime: 4-bit weights times
+fp32 activations, each block of 32 written as three int8 digits (24 bits), so the product equals
+float64's to within fp32 rounding, on every layout the exporter writes; and bad graphs get a clear
+error rather than a wrong answer."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from llamatrt.base.custom_ops import DOMAIN, MATMUL_INT4, library_path
+
+pytestmark = pytest.mark.skipif(library_path() is None, reason="llamatrt was installed without a C compiler")
+
+
+def _weights(rng: np.random.Generator, n: int, k: int, block: int, offsets: bool):
+    """Codes, scales and offsets as the artifact stores them, the float W [N, K] they mean, and the
+    magnitude of W's two terms (d * q and the offset), which a product sums before they cancel."""
+    blocks = -(-k // block)
+    codes = rng.integers(0, 16, (n, blocks, block), dtype=np.uint8)
+    scales = (rng.random((n, blocks), dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
+    m = (rng.standard_normal((n, blocks)) * 0.05).astype(np.float32) if offsets else -8 * scales
+    terms = codes.astype(np.float64) * scales[..., None], np.broadcast_to(m[..., None], codes.shape)
+    w = (terms[0] + terms[1]).reshape(n, blocks * block)[:, :k]
+    magnitude = (np.abs(terms[0]) + np.abs(terms[1])).reshape(n, blocks * block)[:, :k]
+    packed = (codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)).astype(np.uint8)  # MatMulNBits: 2i low, 2i+1 high
+    return packed, scales, (np.ascontiguousarray(m.T) if offsets else None), w, magnitude
+
+
+def _session(
+    packed, scales, offsets, n: int, k: int, block: int, b_input: bool = False, lead: int = 1, open_k: bool = False
+):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(scales.reshape(-1), "scales")]
+    leading = [f"d{i}" for i in range(lead)]
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [*leading, "K" if open_k else k])]
+    if b_input:
+        inputs.append(helper.make_tensor_value_info("b", TensorProto.UINT8, list(packed.shape)))
+    else:
+        inits.append(numpy_helper.from_array(packed, "b"))
+    names = ["a", "b", "scales"]
+    if offsets is not None:
+        inits.append(numpy_helper.from_array(offsets, "offsets"))
+        names.append("offsets")
+    node = helper.make_node(MATMUL_INT4, names, ["y"], domain=DOMAIN, K=k, N=n, block_size=block)
+    graph = helper.make_graph(
+        [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*leading, n])], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library_path()))
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options)
+
+
+def _activations(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    """Normal activations with what real ones have: an outlier channel (200x), a block of zeros."""
+    a = rng.standard_normal((rows, k)).astype(np.float32)
+    a[:, 3] *= 200
+    a[:, 32:64] = 0
+    return a
+
+
+UNIT_ROUNDOFF = 2.0**-24  # fp32's
+
+
+def _fp32_error_bound(a: np.ndarray, w_magnitude: np.ndarray) -> np.ndarray:
+    """What fp32 arithmetic may be off by: each activation rounded to 24 bits of its block of 32's
+    largest (the kernel's digits: max|x| / 2^24 per element), and a K-term sum in fp32 (Higham's
+    K * u of the sum of magnitudes). 16-bit digits would miss this by 256x, int8 activations by 65536x."""
+    k = a.shape[1]
+    padded = np.zeros((a.shape[0], -(-k // 32) * 32))
+    padded[:, :k] = np.abs(a)
+    block_max = np.repeat(padded.reshape(a.shape[0], -1, 32).max(axis=2), 32, axis=1)[:, :k]
+    digits = (block_max * UNIT_ROUNDOFF) @ w_magnitude.T
+    summation = (k + 2) * UNIT_ROUNDOFF * (np.abs(a.astype(np.float64)) @ w_magnitude.T)
+    return digits + summation
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "block", "offsets"),
+    [
+        (100, 96, 32, True),  # Q4_1 (a GGUF's), N not a multiple of the 16-row tile
+        (96, 576, 32, False),  # Q4_0 / round-to-nearest: symmetric, offsets -8 d
+        (48, 256, 64, False),  # wider blocks, as --block-size 64 writes them
+        (17, 128, 128, True),
+        (40, 80, 32, True),  # K not a multiple of the block: the last block padded (MatMulNBits' layout)
+        (24, 37, 128, False),  # a block wider than the row: whole groups of 32 past K are padding
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+def test_the_product_is_fp32_to_within_rounding(n: int, k: int, block: int, offsets: bool, rows: int) -> None:
+    rng = np.random.default_rng(n * 1000 + k + rows)
+    packed, scales, stored_offsets, w, w_magnitude = _weights(rng, n, k, block, offsets)
+    a = _activations(rng, rows, k)
+    y = _session(packed, scales, stored_offsets, n, k, block).run(None, {"a": a})[0]
+    exact = a.astype(np.float64) @ w.T
+    bound = _fp32_error_bound(a, w_magnitude)
+    assert y.shape == (rows, n)
+    assert np.all(np.abs(y - exact) <= bound), np.max(np.abs(y - exact) / bound)
+
+
+def test_leading_dimensions_and_an_empty_batch_pass_through() -> None:
+    rng = np.random.default_rng(1)
+    packed, scales, offsets, w, _ = _weights(rng, 32, 64, 32, True)
+    session = _session(packed, scales, offsets, 32, 64, 32, lead=2)  # [B, S, K], as the graphs call it
+    a = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    y = session.run(None, {"a": a})[0]
+    assert y.shape == (2, 3, 32)
+    assert np.allclose(y, a.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+    assert session.run(None, {"a": np.zeros((0, 3, 64), np.float32)})[0].shape == (0, 3, 32)
+
+
+def test_the_vector_path_equals_the_portable_one() -> None:
+    """The AVX2 kernel and the plain C one (any CPU) compute the same sums; only float order differs."""
+    lib = ctypes.CDLL(str(library_path()))
+    lib.matmul_int4.restype = ctypes.c_int
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, ctypes.c_int]
+    rng = np.random.default_rng(2)
+    n, k, rows = 50, 160, 5
+    packed, scales, offsets, *_ = _weights(rng, n, k, 32, True)
+    a = _activations(rng, rows, k)
+    outputs = []
+    for scalar in (0, 1):
+        y = np.zeros((rows, n), np.float32)
+        args = [a, packed, scales, offsets]
+        assert lib.matmul_int4(*(x.ctypes.data for x in args), rows, n, k, 32, y.ctypes.data, scalar) == 0
+        outputs.append(y)
+    assert np.allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_weights_that_are_not_initializers_are_refused() -> None:
+    """The kernel packs its weights once, when the session is made: a B fed at run time would be
+    silently stale, so the session refuses it."""
+    rng = np.random.default_rng(3)
+    packed, scales, offsets, *_ = _weights(rng, 16, 64, 32, True)
+    with pytest.raises(Exception, match="must be constant initializers"):
+        _session(packed, scales, offsets, 16, 64, 32, b_input=True)
+
+
+def test_inconsistent_shapes_are_refused_with_what_is_wrong() -> None:
+    rng = np.random.default_rng(4)
+    packed, scales, offsets, *_ = _weights(rng, 16, 64, 32, True)
+    with pytest.raises(Exception, match=r"B must be \[N, K / block_size, block_size / 2\]"):
+        _session(packed, scales, offsets, 16, 128, 32)  # K says 128, B holds 64
+    with pytest.raises(Exception, match="block_size a multiple of 32"):
+        _session(packed, scales, offsets, 16, 64, 16)
+    session = _session(packed, scales, offsets, 16, 64, 32, open_k=True)  # ONNX Runtime's own check passes
+    with pytest.raises(Exception, match="A's last dimension must be K"):
+        session.run(None, {"a": np.zeros((1, 65), np.float32)})
