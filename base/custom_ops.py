@@ -24,10 +24,6 @@ def library_path() -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin else None
 
 
-def uses_custom_ops(opset_domains: set[str]) -> bool:
-    return DOMAIN in opset_domains
-
-
 MISSING_LIBRARY = (
     "this artifact's int4 products run llamatrt's MatMulInt4 kernel, which this install lacks (it was "
     "installed without a C compiler); reinstall with gcc present (`pip install -e .`), or re-export with "

@@ -15,13 +15,16 @@ from llamatrt.base.custom_ops import DOMAIN, MATMUL_INT4, library_path
 pytestmark = pytest.mark.skipif(library_path() is None, reason="llamatrt was installed without a C compiler")
 
 
-def _weights(rng: np.random.Generator, n: int, k: int, block: int, offsets: bool):
+def _weights(rng: np.random.Generator, n: int, k: int, block: int, offsets: bool, fp16: bool = False):
     """Codes, scales and offsets as the artifact stores them, the float W [N, K] they mean, and the
-    magnitude of W's two terms (d * q and the offset), which a product sums before they cancel."""
+    magnitude of W's two terms (d * q and the offset), which a product sums before they cancel.
+    `fp16`: every scale and offset an fp16 value, as a GGUF stores them (the kernel then holds them so)."""
     blocks = -(-k // block)
     codes = rng.integers(0, 16, (n, blocks, block), dtype=np.uint8)
     scales = (rng.random((n, blocks), dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
     m = (rng.standard_normal((n, blocks)) * 0.05).astype(np.float32) if offsets else -8 * scales
+    if fp16:
+        scales, m = (v.astype(np.float16).astype(np.float32) for v in (scales, m))
     terms = codes.astype(np.float64) * scales[..., None], np.broadcast_to(m[..., None], codes.shape)
     w = (terms[0] + terms[1]).reshape(n, blocks * block)[:, :k]
     magnitude = (np.abs(terms[0]) + np.abs(terms[1])).reshape(n, blocks * block)[:, :k]
@@ -93,9 +96,12 @@ def _fp32_error_bound(a: np.ndarray, w_magnitude: np.ndarray) -> np.ndarray:
     ],
 )
 @pytest.mark.parametrize("rows", [1, 2, 3, 17])
-def test_the_product_is_fp32_to_within_rounding(n: int, k: int, block: int, offsets: bool, rows: int) -> None:
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32-scales", "fp16-scales"])
+def test_the_product_is_fp32_to_within_rounding(
+    n: int, k: int, block: int, offsets: bool, rows: int, fp16: bool
+) -> None:
     rng = np.random.default_rng(n * 1000 + k + rows)
-    packed, scales, stored_offsets, w, w_magnitude = _weights(rng, n, k, block, offsets)
+    packed, scales, stored_offsets, w, w_magnitude = _weights(rng, n, k, block, offsets, fp16)
     a = _activations(rng, rows, k)
     y = _session(packed, scales, stored_offsets, n, k, block).run(None, {"a": a})[0]
     exact = a.astype(np.float64) @ w.T
@@ -123,15 +129,16 @@ def test_the_vector_path_equals_the_portable_one() -> None:
     lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, ctypes.c_int]
     rng = np.random.default_rng(2)
     n, k, rows = 50, 160, 5
-    packed, scales, offsets, *_ = _weights(rng, n, k, 32, True)
-    a = _activations(rng, rows, k)
-    outputs = []
-    for scalar in (0, 1):
-        y = np.zeros((rows, n), np.float32)
-        args = [a, packed, scales, offsets]
-        assert lib.matmul_int4(*(x.ctypes.data for x in args), rows, n, k, 32, y.ctypes.data, scalar) == 0
-        outputs.append(y)
-    assert np.allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    for fp16 in (False, True):
+        packed, scales, offsets, *_ = _weights(rng, n, k, 32, True, fp16)
+        a = _activations(rng, rows, k)
+        outputs = []
+        for scalar in (0, 1):
+            y = np.zeros((rows, n), np.float32)
+            args = [a, packed, scales, offsets]
+            assert lib.matmul_int4(*(x.ctypes.data for x in args), rows, n, k, 32, y.ctypes.data, scalar) == 0
+            outputs.append(y)
+        assert np.allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
 
 
 def test_weights_that_are_not_initializers_are_refused() -> None:
