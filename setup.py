@@ -11,6 +11,7 @@ setup(
             sources=["runtime/kernels/matmul_int4.c"],
             extra_compile_args=["-O3", "-std=c11", "-fvisibility=hidden"],
             define_macros=[("MATMUL_INT4_PYTHON_MODULE", "1")],
+            libraries=["m"],
             optional=True,  # no compiler: the install goes on, and exports use MatMulNBits' own kernel
         )
     ]

@@ -18,8 +18,9 @@
  *
  * Inputs: A [..., K] float; B uint8 [N, K / block, block / 2] (MatMulNBits' layout: element 2i in
  * the low nibble of byte i); scales float [N * K / block] (row n's blocks together); offsets
- * float [K / block, N] (optional: absent means -8 * scales; the layout llamatrt's artifacts store). block_size a multiple of 32. B, scales and offsets must be constant
- * initializers: they are repacked once, when the session is made, into tiles of 16 output rows.
+ * float [K / block, N] (optional: absent means -8 * scales; the layout llamatrt's artifacts store).
+ * block_size a multiple of 32. B, scales and offsets must be constant initializers: they are
+ * repacked once, when the session is made, into tiles of 16 output rows.
  * Output: Y [..., N] float.
  *
  * Only the few ONNX Runtime C API entries this uses are declared below, at their indices in
@@ -65,21 +66,48 @@ typedef struct {
 
 /* A weight's d and o go to the tiles as fp16 where that loses nothing: a GGUF's Q4_0/Q4_1 blocks
  * store them in fp16, and decoding reads every weight byte once per token, so 320 bytes per 512
- * weights instead of 384 is that much less to read. */
-static int exact_in_half(float value) {
-  _Float16 h = (_Float16)value;
-  return (float)h == value;
+ * weights instead of 384 is that much less to read. The conversions are written out (rather than
+ * _Float16, which older compilers lack); the AVX2 path reads the same bits with F16C. */
+static int float_to_half(float value, uint16_t* out) { /* 1 where value is exactly an fp16 value */
+  uint16_t sign = signbit(value) ? 0x8000 : 0;
+  float a = fabsf(value);
+  if (a == 0.0f) {
+    *out = sign;
+    return 1;
+  }
+  if (!isfinite(a)) return 0;
+  int e;
+  float f = frexpf(a, &e); /* a = f * 2^e, f in [0.5, 1) */
+  if (e - 1 >= -14) {      /* a normal fp16: (1 + m / 1024) * 2^(e - 1) */
+    float m = ldexpf(f, 11);
+    if (e - 1 > 15 || m != floorf(m)) return 0;
+    *out = (uint16_t)(sign | ((e - 1 + 15) << 10) | ((int)m - 1024));
+    return 1;
+  }
+  float m = ldexpf(a, 24); /* a subnormal one: m * 2^-24 */
+  if (m != floorf(m)) return 0;
+  *out = (uint16_t)(sign | (int)m);
+  return 1;
+}
+
+static float half_to_float(uint16_t h) {
+  int exponent = (h >> 10) & 31, mantissa = h & 1023;
+  float v = exponent == 0    ? ldexpf((float)mantissa, -24)
+            : exponent == 31 ? (mantissa ? NAN : INFINITY)
+                             : ldexpf((float)(mantissa | 1024), exponent - 25);
+  return (h & 0x8000) ? -v : v;
 }
 
 static int64_t weights_stride(const float* scales, const float* offsets, int64_t count, int* half) {
+  uint16_t unused;
   *half = 1;
   for (int64_t i = 0; i < count && *half; i++)
-    *half = exact_in_half(scales[i]) && exact_in_half(offsets ? offsets[i] : -8.0f * scales[i]);
+    *half = float_to_half(scales[i], &unused) && float_to_half(offsets ? offsets[i] : -8.0f * scales[i], &unused);
   return *half ? TILE_STRIDE_HALF : TILE_STRIDE;
 }
 
 static float scale_at(const uint8_t* p, int half, int r) {
-  return half ? (float)((const _Float16*)(p + TILE_CODES))[r] : ((const float*)(p + TILE_CODES))[r];
+  return half ? half_to_float(((const uint16_t*)(p + TILE_CODES))[r]) : ((const float*)(p + TILE_CODES))[r];
 }
 
 /* A tile-group's codes are four 64-byte rows j = 0..3; byte r*4 + i of row j holds code k = 4j + i
@@ -109,9 +137,9 @@ static void pack_weights(Weights* w, const uint8_t* b, const float* scales, cons
           scale = scales[row * blocks + g / per_block];
           offset = offsets ? offsets[(g / per_block) * w->n + row] : -8.0f * scale;
         }
-        if (w->half) {
-          ((_Float16*)(p + TILE_CODES))[r] = (_Float16)scale;
-          ((_Float16*)(p + TILE_CODES))[TILE + r] = (_Float16)offset;
+        if (w->half) { /* exact: weights_stride checked every one */
+          float_to_half(scale, (uint16_t*)(p + TILE_CODES) + r);
+          float_to_half(offset, (uint16_t*)(p + TILE_CODES) + TILE + r);
         } else {
           ((float*)(p + TILE_CODES))[r] = scale;
           ((float*)(p + TILE_CODES))[TILE + r] = offset;

@@ -24,7 +24,9 @@ def _weights(rng: np.random.Generator, n: int, k: int, block: int, offsets: bool
     scales = (rng.random((n, blocks), dtype=np.float32) * 0.02 + 1e-3).astype(np.float32)
     m = (rng.standard_normal((n, blocks)) * 0.05).astype(np.float32) if offsets else -8 * scales
     if fp16:
+        scales[0, 0], m[0, 0] = 3e-6, -5e-6  # fp16 subnormals: the kernel's conversions must keep them too
         scales, m = (v.astype(np.float16).astype(np.float32) for v in (scales, m))
+        m = m if offsets else -8 * scales
     terms = codes.astype(np.float64) * scales[..., None], np.broadcast_to(m[..., None], codes.shape)
     w = (terms[0] + terms[1]).reshape(n, blocks * block)[:, :k]
     magnitude = (np.abs(terms[0]) + np.abs(terms[1])).reshape(n, blocks * block)[:, :k]
