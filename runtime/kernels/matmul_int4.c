@@ -365,7 +365,8 @@ typedef OrtStatus* (*GetConstantInputFn)(const OrtKernelInfo* info, size_t index
                                          const OrtValue** out);
 typedef OrtStatus* (*ParallelForFn)(const OrtKernelContext* context, void (*fn)(void*, size_t), size_t total,
                                     size_t num_batch, void* data);
-typedef OrtStatus* (*GetInputCountFn)(const OrtKernelContext* context, size_t* out);
+typedef OrtStatus* (*KernelInfoGetInputCountFn)(const OrtKernelInfo* info, size_t* out);
+typedef void (*ReleaseStatusFn)(OrtStatus* status);
 
 enum {
   CREATE_STATUS = 0,
@@ -377,10 +378,11 @@ enum {
   GET_DIMENSIONS = 62,
   GET_TENSOR_TYPE_AND_SHAPE = 65,
   KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
-  KERNEL_CONTEXT_GET_INPUT_COUNT = 88,
+  RELEASE_STATUS = 93,
   KERNEL_CONTEXT_GET_INPUT = 90,
   KERNEL_CONTEXT_GET_OUTPUT = 91,
   RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  KERNEL_INFO_GET_INPUT_COUNT = 230,
   KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR = 249,
   KERNEL_CONTEXT_PARALLEL_FOR = 274,
 };
@@ -470,10 +472,16 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
   const OrtValue *b_value, *scales_value, *offsets_value = NULL;
   RETURN_IF_ERROR(constant_input(info, 1, &b_value));
   RETURN_IF_ERROR(constant_input(info, 2, &scales_value));
-  int is_constant = 0;
-  OrtStatus* status = ORT_CALL(GetConstantInputFn, KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR)(info, 3, &is_constant,
-                                                                                          &offsets_value);
-  if (status || !is_constant) offsets_value = NULL; /* absent: symmetric blocks */
+  size_t inputs = 0;
+  RETURN_IF_ERROR(ORT_CALL(KernelInfoGetInputCountFn, KERNEL_INFO_GET_INPUT_COUNT)(info, &inputs));
+  if (inputs > 3) { /* offsets given: they too must be an initializer (absent: symmetric blocks) */
+    int is_constant = 0;
+    OrtStatus* status = ORT_CALL(GetConstantInputFn, KERNEL_INFO_GET_CONSTANT_INPUT_TENSOR)(info, 3, &is_constant,
+                                                                                            &offsets_value);
+    if (status) ORT_CALL(ReleaseStatusFn, RELEASE_STATUS)(status);
+    if (status || !is_constant || !offsets_value)
+      return fail("MatMulInt4: B, scales and offsets must be constant initializers");
+  }
   int64_t dims[8];
   size_t rank;
   void *b, *scales, *offsets = NULL;

@@ -35,7 +35,16 @@ def _weights(rng: np.random.Generator, n: int, k: int, block: int, offsets: bool
 
 
 def _session(
-    packed, scales, offsets, n: int, k: int, block: int, b_input: bool = False, lead: int = 1, open_k: bool = False
+    packed,
+    scales,
+    offsets,
+    n: int,
+    k: int,
+    block: int,
+    b_input: bool = False,
+    lead: int = 1,
+    open_k: bool = False,
+    offsets_input: bool = False,
 ):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -49,7 +58,10 @@ def _session(
         inits.append(numpy_helper.from_array(packed, "b"))
     names = ["a", "b", "scales"]
     if offsets is not None:
-        inits.append(numpy_helper.from_array(offsets, "offsets"))
+        if offsets_input:
+            inputs.append(helper.make_tensor_value_info("offsets", TensorProto.FLOAT, list(offsets.shape)))
+        else:
+            inits.append(numpy_helper.from_array(offsets, "offsets"))
         names.append("offsets")
     node = helper.make_node(MATMUL_INT4, names, ["y"], domain=DOMAIN, K=k, N=n, block_size=block)
     graph = helper.make_graph(
@@ -150,6 +162,8 @@ def test_weights_that_are_not_initializers_are_refused() -> None:
     packed, scales, offsets, *_ = _weights(rng, 16, 64, 32, True)
     with pytest.raises(Exception, match="must be constant initializers"):
         _session(packed, scales, offsets, 16, 64, 32, b_input=True)
+    with pytest.raises(Exception, match="must be constant initializers"):  # not read as symmetric blocks
+        _session(packed, scales, offsets, 16, 64, 32, offsets_input=True)
 
 
 def test_inconsistent_shapes_are_refused_with_what_is_wrong() -> None:
