@@ -148,6 +148,24 @@ static void pack_weights(Weights* w, const uint8_t* b, const float* scales, cons
     }
 }
 
+/* A weight's tiles (0, or 1 where memory ran out). K is padded to whole blocks, as MatMulNBits pads a
+ * last partial block; w->k is then the activations' own width. */
+static int make_weights(Weights* w, const uint8_t* b, const float* scales, const float* offsets, int64_t n,
+                        int64_t k, int64_t block) {
+  int64_t blocks = (k + block - 1) / block;
+  w->n = n;
+  w->k = blocks * block;
+  w->groups = w->k / GROUP;
+  w->tiles = (n + TILE - 1) / TILE;
+  w->stride = weights_stride(scales, offsets, n * blocks, &w->half);
+  size_t bytes = (size_t)(w->tiles * w->groups * w->stride);
+  w->packed = (uint8_t*)aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!w->packed) return 1;
+  pack_weights(w, b, scales, offsets, block);
+  w->k = k;
+  return 0;
+}
+
 /* One row of activations into groups (a last partial group is padded with zeros). */
 static void quantize_row(const float* x, int64_t k, int64_t groups, Group* out) {
   for (int64_t g = 0; g < groups; g++) {
@@ -306,6 +324,16 @@ typedef struct {
   int64_t rows;
   TileFn tile;
 } Job;
+
+typedef struct { /* what a session's node holds */
+  Weights w;
+  TileFn tile;
+} Kernel;
+
+/* rows of activations into their groups, one row after another */
+static void quantize_rows(const float* a, int64_t rows, const Weights* w, Group* groups) {
+  for (int64_t r = 0; r < rows; r++) quantize_row(a + r * w->k, w->k, w->groups, groups + r * w->groups);
+}
 
 static void run_tile(void* data, size_t t) {
   const Job* job = (const Job*)data;
@@ -494,38 +522,26 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
     RETURN_IF_ERROR(tensor_of(offsets_value, dims, &rank, &offsets));
     if (product(dims, rank) != n * blocks) return fail("MatMulInt4: offsets must hold N * K / block_size values");
   }
-  Weights* w = (Weights*)calloc(1, sizeof(Weights));
-  if (!w) return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
-  w->n = n;
-  w->k = blocks * block; /* MatMulNBits pads a last partial block; so does the packed layout */
-  w->groups = w->k / GROUP;
-  w->tiles = (n + TILE - 1) / TILE;
-  w->stride = weights_stride((const float*)scales, (const float*)offsets, n * blocks, &w->half);
-  size_t bytes = (size_t)(w->tiles * w->groups * w->stride);
-  w->packed = (uint8_t*)aligned_alloc(64, (bytes + 63) / 64 * 64);
-  if (!w->packed) {
-    free(w);
+  Kernel* kernel_state = (Kernel*)calloc(1, sizeof(Kernel));
+  if (!kernel_state || make_weights(&kernel_state->w, (const uint8_t*)b, (const float*)scales,
+                                    (const float*)offsets, n, k, block)) {
+    free(kernel_state);
     return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
   }
-  pack_weights(w, (const uint8_t*)b, (const float*)scales, (const float*)offsets, block);
-  w->k = k; /* the activations' own width */
-  *kernel = w;
+  kernel_state->tile = choose_tile(0); /* once: the CPU does not change under a session */
+  *kernel = kernel_state;
   return NULL;
 }
 
 static void destroy_kernel(void* kernel) {
-  Weights* w = (Weights*)kernel;
-  if (w) free(w->packed);
-  free(w);
-}
-
-static int force_scalar(void) {
-  const char* value = getenv("LLAMATRT_MATMUL_INT4_SCALAR");
-  return value && value[0] == '1';
+  Kernel* state = (Kernel*)kernel;
+  if (state) free(state->w.packed);
+  free(state);
 }
 
 static OrtStatus* compute(void* kernel, OrtKernelContext* context) {
-  const Weights* w = (const Weights*)kernel;
+  const Kernel* state = (const Kernel*)kernel;
+  const Weights* w = &state->w;
   const OrtValue* a_value = NULL;
   RETURN_IF_ERROR(ORT_CALL(GetInputFn, KERNEL_CONTEXT_GET_INPUT)(context, 0, &a_value));
   int64_t dims[8];
@@ -542,8 +558,8 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* context) {
   if (rows == 0) return NULL;
   Group* groups = (Group*)malloc((size_t)(rows * w->groups) * sizeof(Group));
   if (!groups) return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
-  for (int64_t r = 0; r < rows; r++) quantize_row((const float*)a + r * w->k, w->k, w->groups, groups + r * w->groups);
-  Job job = {w, groups, (float*)y, rows, choose_tile(force_scalar())};
+  quantize_rows((const float*)a, rows, w, groups);
+  Job job = {w, groups, (float*)y, rows, state->tile};
   OrtStatus* status = ORT_CALL(ParallelForFn, KERNEL_CONTEXT_PARALLEL_FOR)(context, run_tile, (size_t)w->tiles, 0, &job);
   free(groups);
   return status;
@@ -636,19 +652,14 @@ __attribute__((visibility("default"))) int matmul_int4(const float* a, const uin
                                                         const float* offsets, int64_t rows, int64_t n, int64_t k,
                                                         int64_t block, float* y, int scalar) {
   if (block % GROUP != 0) return 1;
-  int64_t blocks = (k + block - 1) / block;
-  Weights w = {n, blocks * block, blocks * block / GROUP, (n + TILE - 1) / TILE, 0, 0, NULL};
-  w.stride = weights_stride(scales, offsets, n * blocks, &w.half);
-  w.packed = (uint8_t*)malloc((size_t)(w.tiles * w.groups * w.stride));
+  Weights w;
+  if (make_weights(&w, b, scales, offsets, n, k, block)) return 2;
   Group* groups = (Group*)malloc((size_t)(rows * w.groups) * sizeof(Group));
-  if (!w.packed || !groups) {
+  if (!groups) {
     free(w.packed);
-    free(groups);
     return 2;
   }
-  pack_weights(&w, b, scales, offsets, block);
-  w.k = k;
-  for (int64_t r = 0; r < rows; r++) quantize_row(a + r * k, k, w.groups, groups + r * w.groups);
+  quantize_rows(a, rows, &w, groups);
   Job job = {&w, groups, y, rows, choose_tile(scalar)};
   for (int64_t t = 0; t < w.tiles; t++) run_tile(&job, (size_t)t);
   free(w.packed);
