@@ -146,7 +146,7 @@ def quantize_graph(
 
     def matmul(node: ir.Node, name: str, inits: Initializers) -> None:
         parts = held_parts(weights[name], accuracy_level)
-        _replace_matmul(model.graph, node, name, parts, inits, accuracy_level, own_int4)
+        replace_matmul(model.graph, node, name, parts, inits, accuracy_level, own_int4)
 
     def lookup(node: ir.Node, name: str, inits: Initializers) -> bool:
         _replace_lookup(model.graph, node, name, held_parts(weights[name], accuracy_level), inits)
@@ -212,7 +212,7 @@ def _quantized_inputs(name: str, weight: QuantizedWeight, inits: Initializers) -
     return [inits.get(name + packed, STORED[packed](weight)), inits.get(f"{name}.scales", STORED[".scales"](weight))]
 
 
-def _replace_matmul(
+def replace_matmul(
     graph: ir.Graph,
     node: ir.Node,
     name: str,

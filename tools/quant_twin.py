@@ -32,51 +32,41 @@ def set_accuracy_level(model: Any, level: int) -> None:
 
 
 def as_matmulnbits(model: Any, inits: Mapping[str, np.ndarray]) -> int:
-    """Every llamatrt MatMulInt4 of an ONNX model rewritten, in place, as the exporter writes the same
-    product for MatMulNBits (the same codes and scales; a Q4_1 offset as MatMulNBits' symmetric kernel
-    plus the block sums of x times m + 8d), so that `diff --layerwise` can run it at level 4 beside
-    level 0. Returns how many it rewrote."""
-    from onnx import helper, numpy_helper
+    """Every llamatrt MatMulInt4 of an ONNX model (onnx.ModelProto, in place) rewritten into the nodes
+    the exporter writes for the same product on MatMulNBits (`--int4-kernel onnxruntime`: the same
+    codes and scales, by name; a Q4_1 offset as MatMulNBits' symmetric kernel plus the block sums of x
+    times m + 8d), so that `diff --layerwise` can run it at level 4 beside level 0. Returns how many."""
+    import onnx_ir as ir
 
-    rewritten, nodes = 0, []
-    for node in model.graph.node:
-        if node.op_type != MATMUL_INT4 or node.domain != DOMAIN:
-            nodes.append(node)
-            continue
-        attrs = {a.name: a.i for a in node.attribute}
-        n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
-        x, packed, scales, out = node.input[0], node.input[1], node.input[2], node.output[0]
-        offsets = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        product = out if offsets is None else f"{out}.symmetric"
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits", [x, packed, scales], [product], domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block
-            )
+    from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight
+    from llamatrt.exporter.quantize import Initializers, replace_matmul
+
+    rewritten = ir.from_proto(model)
+    graph = rewritten.graph
+    nodes = [n for n in graph if n.op_type == MATMUL_INT4 and n.domain == DOMAIN]
+    if not nodes:
+        return 0
+    made = Initializers(graph)
+    made.made.update(graph.initializers)  # the artifact's own tensors, reused by name
+    for node in nodes:
+        n, k, block = (node.attributes[a].as_int() for a in ("N", "K", "block_size"))
+        codes, scales = (v.name for v in node.inputs[1:3] if v is not None)
+        m = inits[node.inputs[3].name].T if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        weight = QuantizedWeight(
+            4,
+            block,
+            n,
+            k,
+            inits[codes].reshape(n, -1, block // 2),
+            inits[scales].reshape(n, -1),
+            DEFAULT_ZERO[4] if m is None else 0,
+            m,
+            "the artifact's blocks",
         )
-        if offsets is not None:
-            blocks = -(-k // block)
-            shifted = inits[offsets] + 8 * inits[scales].reshape(n, blocks).T  # [blocks, N]
-            names = (f"{out}.shifted", f"{out}.blocks_shape", f"{out}.last_axis")
-            model.graph.initializer.extend(
-                [
-                    numpy_helper.from_array(shifted.astype(np.float32), names[0]),
-                    numpy_helper.from_array(np.array([0, 0, blocks, block], dtype=np.int64), names[1]),
-                    numpy_helper.from_array(np.array([-1], dtype=np.int64), names[2]),
-                ]
-            )
-            nodes += [
-                helper.make_node("Reshape", [x, names[1]], [f"{out}.blocked"]),
-                helper.make_node("ReduceSum", [f"{out}.blocked", names[2]], [f"{out}.sums"], keepdims=0),
-                helper.make_node("MatMul", [f"{out}.sums", names[0]], [f"{out}.offset"]),
-                helper.make_node("Add", [product, f"{out}.offset"], [out]),
-            ]
-        rewritten += 1
-    if rewritten:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return rewritten
+        replace_matmul(graph, node, codes.removesuffix(".q4"), {"": weight}, made, accuracy_level=0)
+    rewritten.opset_imports.setdefault(MS_DOMAIN, 1)
+    model.CopyFrom(ir.to_proto(rewritten))
+    return len(nodes)
 
 
 def exact_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:

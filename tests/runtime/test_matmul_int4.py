@@ -6,6 +6,7 @@ error rather than a wrong answer."""
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def _weights(rng: np.random.Generator, n: int, k: int, block: int, offsets: bool
     return packed, scales, (np.ascontiguousarray(m.T) if offsets else None), w, magnitude
 
 
-def _session(
+def _model(
     packed,
     scales,
     offsets,
@@ -46,28 +47,35 @@ def _session(
     open_k: bool = False,
     offsets_input: bool = False,
 ):
-    import onnxruntime as ort
+    """A graph of one MatMulInt4 node, its tensors named as an artifact names them."""
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = [numpy_helper.from_array(scales.reshape(-1), "scales")]
+    inits = [numpy_helper.from_array(scales, "proj.scales")]  # [N, K / block], as STORED[".scales"]
     leading = [f"d{i}" for i in range(lead)]
     inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, [*leading, "K" if open_k else k])]
     if b_input:
-        inputs.append(helper.make_tensor_value_info("b", TensorProto.UINT8, list(packed.shape)))
+        inputs.append(helper.make_tensor_value_info("proj.q4", TensorProto.UINT8, list(packed.shape)))
     else:
-        inits.append(numpy_helper.from_array(packed, "b"))
-    names = ["a", "b", "scales"]
+        inits.append(numpy_helper.from_array(packed, "proj.q4"))
+    names = ["a", "proj.q4", "proj.scales"]
     if offsets is not None:
         if offsets_input:
-            inputs.append(helper.make_tensor_value_info("offsets", TensorProto.FLOAT, list(offsets.shape)))
+            inputs.append(helper.make_tensor_value_info("proj.offsets", TensorProto.FLOAT, list(offsets.shape)))
         else:
-            inits.append(numpy_helper.from_array(offsets, "offsets"))
-        names.append("offsets")
+            inits.append(numpy_helper.from_array(offsets, "proj.offsets"))
+        names.append("proj.offsets")
     node = helper.make_node(MATMUL_INT4, names, ["y"], domain=DOMAIN, K=k, N=n, block_size=block)
     graph = helper.make_graph(
         [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*leading, n])], inits
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+
+
+def _session(*args: Any, **kwargs: Any) -> Any:
+    """ONNX Runtime's session of `_model(*args, **kwargs)`, with the library registered."""
+    import onnxruntime as ort
+
+    model = _model(*args, **kwargs)
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library_path()))
     options.intra_op_num_threads = 2
@@ -176,3 +184,29 @@ def test_inconsistent_shapes_are_refused_with_what_is_wrong() -> None:
     session = _session(packed, scales, offsets, 16, 64, 32, open_k=True)  # ONNX Runtime's own check passes
     with pytest.raises(Exception, match="A's last dimension must be K"):
         session.run(None, {"a": np.zeros((1, 65), np.float32)})
+
+
+@pytest.mark.parametrize("offsets", [True, False], ids=["q4_1", "symmetric"])
+def test_layerwise_reads_a_matmulint4_node_as_the_matmulnbits_nodes_the_exporter_writes(offsets: bool) -> None:
+    """`diff --layerwise` compares MatMulNBits at levels 4 and 0: on a MatMulInt4 artifact it first
+    rewrites each node into the exporter's MatMulNBits form, which must compute the same product."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from llamatrt.tools.quant_twin import as_matmulnbits
+
+    rng = np.random.default_rng(5)
+    packed, scales, stored_offsets, w, _ = _weights(rng, 48, 96, 32, offsets)
+    session = _session(packed, scales, stored_offsets, 48, 96, 32, lead=2)
+    model = _model(packed, scales, stored_offsets, 48, 96, 32, lead=2)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert as_matmulnbits(model, inits) == 1
+    kept = {i.name for i in model.graph.initializer}
+    assert {"proj.q4", "proj.scales"} <= kept and "proj.q4.q4" not in kept  # the same tensors, by name
+    assert {n.op_type for n in model.graph.node} >= {"MatMulNBits"} and MATMUL_INT4 not in {
+        n.op_type for n in model.graph.node
+    }
+    a = rng.standard_normal((2, 3, 96)).astype(np.float32)
+    rewritten = ort.InferenceSession(model.SerializeToString()).run(None, {"a": a})[0]
+    assert np.allclose(rewritten, session.run(None, {"a": a})[0], rtol=1e-5, atol=1e-5)
+    assert np.allclose(rewritten, a.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
