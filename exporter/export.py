@@ -24,7 +24,7 @@ from llamatrt.base.artifact.precision import WEIGHT_FORMATS, dtype_name, precisi
 from llamatrt.base.artifact.reader import file_sha256
 from llamatrt.base.artifact.variants import ONNXRUNTIME
 from llamatrt.base.config import LlamaConfig
-from llamatrt.base.custom_ops import MISSING_LIBRARY, library_path
+from llamatrt.base.custom_ops import library_path
 from llamatrt.base.errors import CheckpointError, InputError, ValidationError
 from llamatrt.base.progress import Progress, no_progress
 from llamatrt.exporter.artifacts import (
@@ -296,7 +296,11 @@ def _runs_matmul_int4(options: ExportOptions) -> bool:
     if options.int4_kernel != "llamatrt" or options.accuracy_level != 0:
         return False
     if library_path() is None:
-        log.warning("%s; exporting 4-bit products on MatMulNBits' fp32-activation kernel instead", MISSING_LIBRARY)
+        log.warning(
+            "llamatrt's MatMulInt4 kernel is not built here (installed without a C compiler): 4-bit products "
+            "go on MatMulNBits' fp32-activation kernel, several times slower; reinstall with gcc present "
+            "(`pip install -e .`) for the fast one"
+        )
         return False
     return True
 
