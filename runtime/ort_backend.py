@@ -86,6 +86,8 @@ class OrtBackend(Backend):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("onnxruntime has no CUDA provider here; pip install onnxruntime-gpu")
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})]
+        if manifest.quantization.get("int4_kernel") == "llamatrt" and library_path() is None:
+            raise BackendUnavailable(MISSING_LIBRARY)  # said before a session fails on the unknown op
         self.sessions: dict[str, Any] = {}
         for name, graph in self.graphs.items():
             path = inside(self.folder, graph.path, f"graph {name!r} path")
@@ -130,8 +132,6 @@ class OrtBackend(Backend):
         library = library_path()  # the installed package's own, never a path the artifact names
         if library is not None:
             opts.register_custom_ops_library(str(library))
-        elif manifest.quantization.get("int4_kernel") == "llamatrt":
-            raise BackendUnavailable(MISSING_LIBRARY)
         opts.intra_op_num_threads = threads or physical_cores()
         opts.log_severity_level = 3
         if manifest.quantization:

@@ -356,3 +356,30 @@ def test_layerwise_compares_int8_with_fp32_activations_in_onnx_runtimes_graph(
     )
     assert result.returncode == 0 and "own error of each projection kind" in result.stdout, result.stderr
     assert "| down_proj |" in (tmp_path / "l.md").read_text()
+
+
+@pytest.mark.slow  # an export end to end
+def test_without_the_built_kernel_an_export_falls_back_and_an_artifact_that_needs_it_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An install without a C compiler has no MatMulInt4 library: exporting still works, on
+    MatMulNBits, and an artifact made where it was built names what is missing when opened."""
+    import llamatrt.exporter.export as export_module
+    import llamatrt.runtime.ort_backend as ort_backend
+    from llamatrt.base.errors import BackendUnavailable
+    from llamatrt.runtime.registry import open_backend
+
+    tiny_hf_model("gqa-tied").save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    built = export_artifact(tmp_path / "hf", tmp_path / "built", ExportOptions(quantize="int4", **OPTIONS))
+    assert built.quantization["int4_kernel"] == "llamatrt"
+    monkeypatch.setattr(export_module, "library_path", lambda: None)
+    fallback = export_artifact(tmp_path / "hf", tmp_path / "fallback", ExportOptions(quantize="int4", **OPTIONS))
+    assert fallback.quantization["int4_kernel"] == "onnxruntime"
+    graph = onnx.load(tmp_path / "fallback" / "model.ort.onnx", load_external_data=False)
+    assert MATMUL_INT4 not in {n.op_type for n in graph.graph.node}
+    assert "not built here" in caplog.text and "pip install -e ." in caplog.text
+    monkeypatch.setattr(ort_backend, "library_path", lambda: None)
+    with pytest.raises(BackendUnavailable, match=r"lacks .* reinstall with gcc present"):
+        open_backend(tmp_path / "built", "onnxruntime", verify=False)
+    open_backend(tmp_path / "fallback", "onnxruntime", verify=False).close()  # needs nothing more
