@@ -195,7 +195,7 @@ class OrtBackend(Backend):
         bind(name, self._ort_device, self.device.index or 0, dtype, tuple(tensor.shape), tensor.data_ptr())
 
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        cache = [feeds[t.name] for t in graph.inputs if names.is_cache(t.name)]
+        cache = [feeds[name] for name in graph.cache_inputs]
         # the outputs' shapes: the call's rows (and its tokens, where the graph returns every position's logits)
         rows, tokens = feeds[names.INPUT_IDS].shape
         key = (graph.name, rows, tokens if graph.full_logits else 0, *map(torch.Tensor.data_ptr, cache))

@@ -6,12 +6,13 @@ export validation, the graph-step benchmark and the tests. So the contract lives
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from llamatrt.base.artifact import names
-from llamatrt.base.artifact.manifest import GraphSpec
+from llamatrt.base.artifact.manifest import GraphSpec, TensorSpec
 from llamatrt.base.artifact.precision import TENSOR_DTYPES, torch_dtype
 from llamatrt.base.errors import InputError
 
@@ -77,22 +78,29 @@ def packed_feeds(
 
 
 def packing_feeds(lengths: Sequence[int], width: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The packing inputs of rows whose first lengths[b] of `width` tokens are real (names.PACKING_INPUTS)."""
+    """The packing inputs of rows whose first lengths[b] of `width` tokens are real (names.PACKING_INPUTS).
+    The same few shapes recur every step (a decode step's rows of one token), so each is made once:
+    the tensors are shared and read-only, as every input is to the backends, which copy or bind them."""
+    return dict(_packing(tuple(int(n) for n in lengths), width, str(device)))
+
+
+@functools.lru_cache(maxsize=256)
+def _packing(lengths: tuple[int, ...], width: int, device: str) -> tuple[tuple[str, torch.Tensor], ...]:
     counts = torch.as_tensor(lengths, dtype=torch.long)  # (rows,)
     columns = torch.arange(width)
     real = columns[None, :] < counts[:, None]  # (rows, width)
     flat = (torch.arange(len(counts))[:, None] * width + columns).masked_select(real)
     firsts = counts.cumsum(0) - counts  # each row's first packed index
     padded = firsts[:, None] + torch.minimum(columns[None, :], counts[:, None] - 1)
-    return {
-        names.PACKED_TOKENS: flat.to(device),
-        names.PADDED_TOKENS: padded.to(device),
-        names.QUERY_LENGTHS: counts.to(device),
-    }
+    return (
+        (names.PACKED_TOKENS, flat.to(device)),
+        (names.PADDED_TOKENS, padded.to(device)),
+        (names.QUERY_LENGTHS, counts.to(device)),
+    )
 
 
 def _add_cache(graph: GraphSpec, feeds: dict[str, torch.Tensor], cache: Cache) -> None:
-    past = [t.name for t in graph.inputs if names.is_cache(t.name)]
+    past = graph.cache_inputs
     if len(past) != len(cache):
         raise InputError(f"{graph.name} takes {len(past)} cache tensors, {len(cache)} were given")
     feeds.update(zip(past, cache, strict=True))
@@ -108,27 +116,20 @@ def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
             "named in manifest.json"
         )
     sizes: dict[str, int] = {}  # what each open dim ("batch", "tokens") is in this call
-    wants: dict[tuple[int | str, ...], tuple[int, ...]] = {}  # each spec shape resolved once (the cache's 2L share one)
-    for t in graph.inputs:
-        value = feeds[t.name]
-        want = wants.get(t.shape)
-        if want is None:
-            want = wants[t.shape] = tuple(
-                sizes.setdefault(d, n) if isinstance(d, str) else d for d, n in zip(t.shape, value.shape, strict=False)
-            )
-        if value.shape != want or value.dtype != _TORCH_DTYPES[t.dtype]:
-            bound = (
-                f" with {', '.join(f'{k}={v}' for k, v in sizes.items())} from the inputs before it" if sizes else ""
-            )
-            raise InputError(
-                f"{graph.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
-                f"{t.shape} {t.dtype}{bound}"
-            )
+    for t in graph.step_inputs:
+        _check_input(graph, t, feeds[t.name], sizes)
+    if graph.cache_inputs:  # 2L buffers of one spec: resolved once, then compared as they are
+        spec = graph.input(graph.cache_inputs[0])
+        want, dtype = _resolved(spec, feeds[spec.name], sizes), _TORCH_DTYPES[spec.dtype]
+        for name in graph.cache_inputs:
+            value = feeds[name]
+            if value.shape != want or value.dtype != dtype:
+                _check_input(graph, graph.input(name), value, sizes)
     if graph.packs_tokens:
         _check_packing(graph, feeds)
     capacity = feeds[names.ATTENTION_MASK].shape[1]
     position = feeds[names.CACHE_POSITION]
-    low, high = int(position[:, 0].min()), int(position[:, -1].max())
+    low, high = min(position[:, 0].tolist()), max(position[:, -1].tolist())
     if low < 0 or high >= capacity:
         raise InputError(
             f"cache_position {low}..{high} is outside the cache of {capacity} slots; the cache is full — "
@@ -136,24 +137,35 @@ def check_feeds(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
         )
 
 
+def _resolved(t: TensorSpec, value: torch.Tensor, sizes: dict[str, int]) -> tuple[int, ...]:
+    """t's shape with its open dims as this call has them (the first input to bring a dim sets it)."""
+    return tuple(
+        sizes.setdefault(d, n) if isinstance(d, str) else d for d, n in zip(t.shape, value.shape, strict=False)
+    )
+
+
+def _check_input(graph: GraphSpec, t: TensorSpec, value: torch.Tensor, sizes: dict[str, int]) -> None:
+    if value.shape != _resolved(t, value, sizes) or value.dtype != _TORCH_DTYPES[t.dtype]:
+        bound = f" with {', '.join(f'{k}={v}' for k, v in sizes.items())} from the inputs before it" if sizes else ""
+        raise InputError(
+            f"{graph.name} input {t.name!r} is {tuple(value.shape)} {value.dtype}, the graph takes "
+            f"{t.shape} {t.dtype}{bound}"
+        )
+
+
 def _check_packing(graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> None:
     """The packing inputs agree with each other (what packing_feeds makes): a bad index would read
     another row's token."""
-    lengths, packed = feeds[names.QUERY_LENGTHS], feeds[names.PACKED_TOKENS]
+    lengths, packed = feeds[names.QUERY_LENGTHS].tolist(), feeds[names.PACKED_TOKENS].tolist()
     rows, width = feeds[names.INPUT_IDS].shape
-    total = int(lengths.sum())
-    if int(lengths.min()) < 1 or int(lengths.max()) > width or len(packed) != total:
+    total = sum(lengths)
+    if min(lengths) < 1 or max(lengths) > width or len(packed) != total:
         raise InputError(
-            f"{graph.name}: query_lengths {lengths.tolist()[:8]} and {len(packed)} packed tokens do not fit "
+            f"{graph.name}: query_lengths {lengths[:8]} and {len(packed)} packed tokens do not fit "
             f"{rows} rows of {width}; build the feeds with base.artifact.feeds.packed_feeds"
         )
-    padded = feeds[names.PADDED_TOKENS]
-    if (
-        int(packed.min()) < 0
-        or int(packed.max()) >= rows * width
-        or int(padded.min()) < 0
-        or int(padded.max()) >= total
-    ):
+    padded = feeds[names.PADDED_TOKENS].flatten().tolist()
+    if min(packed) < 0 or max(packed) >= rows * width or min(padded) < 0 or max(padded) >= total:
         raise InputError(
             f"{graph.name}: a packing index is out of range; build the feeds with base.artifact.feeds.packed_feeds"
         )

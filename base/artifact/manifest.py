@@ -65,13 +65,13 @@ class GraphSpec:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
-    @property
+    @functools.cached_property
     def batch(self) -> int | None:
         """Rows per call; None where the graph takes any number."""
         dim = self.input(names.INPUT_IDS).shape[0]
         return dim if isinstance(dim, int) else None
 
-    @property
+    @functools.cached_property
     def seq_len(self) -> int | None:
         """Tokens per call; None where the graph takes any number."""
         dim = self.input(names.INPUT_IDS).shape[1]
@@ -101,6 +101,16 @@ class GraphSpec:
     @functools.cached_property
     def input_names(self) -> frozenset[str]:
         return frozenset(t.name for t in self.inputs)
+
+    @functools.cached_property
+    def step_inputs(self) -> tuple[TensorSpec, ...]:
+        """The inputs other than the past buffers: what changes from call to call."""
+        return tuple(t for t in self.inputs if not names.is_cache(t.name))
+
+    @functools.cached_property
+    def cache_inputs(self) -> tuple[str, ...]:
+        """The past buffers' input names, in graph order (each call feeds them all)."""
+        return tuple(t.name for t in self.inputs if names.is_cache(t.name))
 
     @functools.cached_property
     def aliases(self) -> tuple[tuple[str, str], ...]:
