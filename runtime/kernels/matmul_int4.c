@@ -167,41 +167,67 @@ static int make_weights(Weights* w, const uint8_t* b, const float* scales, const
   return 0;
 }
 
-/* One row of activations into groups (a last partial group is padded with zeros). */
-static void quantize_row(const float* x, int64_t k, int64_t groups, Group* out) {
-  for (int64_t g = 0; g < groups; g++) {
-    float values[GROUP] = {0};
-    int64_t count = k - g * GROUP < GROUP ? k - g * GROUP : GROUP;
-    if (count > 0) memcpy(values, x + g * GROUP, (size_t)count * sizeof(float)); /* blocks past K: padding */
-    float amax = 0.0f, sum = 0.0f;
-    for (int i = 0; i < GROUP; i++) {
-      float a = fabsf(values[i]);
-      amax = a > amax ? a : amax;
-      sum += values[i];
+/* A group's scale, or 0 / NaN where its digits are all zero: all-zero activations, or a NaN / inf
+ * (which the group's sum then carries into the product). */
+static int group_scale(float amax, Group* o) {
+  if (!(amax > 0.0f) || !isfinite(amax)) {
+    memset(o->part, 0, sizeof o->part);
+    o->scale = amax > 0.0f ? NAN : 0.0f;
+    return 0;
+  }
+  o->scale = (float)(amax / (double)LIMIT);
+  return 1;
+}
+
+/* A group's fp32 sum in the order the AVX2 path adds it (8 lanes, then halves), so that both paths
+ * give the same sums. */
+static float group_sum(const float* values) {
+  float lane[8];
+  for (int j = 0; j < 8; j++) lane[j] = ((values[j] + values[8 + j]) + values[16 + j]) + values[24 + j];
+  for (int j = 0; j < 4; j++) lane[j] += lane[4 + j];
+  return (lane[0] + lane[2]) + (lane[1] + lane[3]);
+}
+
+/* 32 activations into their digits (the portable path) */
+static void quantize_group(const float* values, Group* o) {
+  float amax = 0.0f;
+  for (int i = 0; i < GROUP; i++) {
+    float a = fabsf(values[i]);
+    amax = a > amax ? a : amax;
+  }
+  o->sum = group_sum(values);
+  if (!group_scale(amax, o)) return;
+  double inverse = (double)LIMIT / amax;
+  for (int i = 0; i < GROUP; i++) {
+    long v = lrint(values[i] * inverse);
+    v = v > LIMIT ? LIMIT : (v < -LIMIT ? -LIMIT : v);
+    long a = (v + 32768) >> 16; /* nearest: the rest in [-32768, 32767] */
+    long rest = v - 65536 * a;
+    long b = (rest + 128) >> 8; /* nearest: c in [-128, 127] */
+    long c = rest - 256 * b;
+    if (b > 127) { /* rest near +32768: carry into a (a < 127 here, since |v| <= LIMIT) */
+      a += 1;
+      b -= 256;
     }
-    Group* o = out + g;
-    o->sum = sum;
-    if (!(amax > 0.0f) || !isfinite(amax)) { /* all zero, or a NaN/inf, which the sum carries on */
-      memset(o->part, 0, sizeof o->part);
-      o->scale = amax > 0.0f ? NAN : 0.0f;
+    o->part[0][i] = (int8_t)a;
+    o->part[1][i] = (int8_t)b;
+    o->part[2][i] = (int8_t)c;
+  }
+}
+
+typedef void (*QuantizeFn)(const float* values, Group* out);
+
+/* One row of activations into groups (a last partial group is padded with zeros). */
+static void quantize_row(QuantizeFn quantize, const float* x, int64_t k, int64_t groups, Group* out) {
+  for (int64_t g = 0; g < groups; g++) {
+    int64_t count = k - g * GROUP < GROUP ? k - g * GROUP : GROUP;
+    if (count == GROUP) {
+      quantize(x + g * GROUP, out + g);
       continue;
     }
-    double inverse = (double)LIMIT / amax;
-    o->scale = (float)(amax / (double)LIMIT);
-    for (int i = 0; i < GROUP; i++) {
-      long v = lrint(values[i] * inverse);
-      v = v > LIMIT ? LIMIT : (v < -LIMIT ? -LIMIT : v);
-      long a = (v + 32768) >> 16; /* nearest: the rest in [-32768, 32767] */
-      long rest = v - 65536 * a;
-      long b = (rest + 128) >> 8; /* nearest: c in [-128, 127] */
-      if (b > 127) { /* rest near +32768: carry into a (a < 127 here, since |v| <= LIMIT) */
-        a += 1;
-        b -= 256;
-      }
-      o->part[0][i] = (int8_t)a;
-      o->part[1][i] = (int8_t)b;
-      o->part[2][i] = (int8_t)(rest - 256 * b);
-    }
+    float values[GROUP] = {0};
+    if (count > 0) memcpy(values, x + g * GROUP, (size_t)count * sizeof(float)); /* blocks past K: padding */
+    quantize(values, out + g);
   }
 }
 
@@ -255,6 +281,52 @@ static inline AVX2 __m256 group_dot(__m256i a, __m256i b, __m256i c) {
   __m256i bc = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(b, ones), 8), _mm256_madd_epi16(c, ones));
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), _mm256_set1_ps(65536.0f),
                          _mm256_cvtepi32_ps(bc));
+}
+
+/* The portable quantize_group's digits with 8 lanes at a time: v rounded in double as lrint rounds
+ * (to nearest even), then the same shifts; the group's sum in another fp32 order. */
+static AVX2 void quantize_group_avx2(const float* values, Group* o) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 x[4], amax8 = _mm256_setzero_ps(), sum8 = _mm256_setzero_ps();
+  for (int i = 0; i < 4; i++) {
+    x[i] = _mm256_loadu_ps(values + 8 * i);
+    amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, x[i]));
+    sum8 = _mm256_add_ps(sum8, x[i]);
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  t = _mm_add_ss(t, _mm_movehdup_ps(t));
+  float amax = _mm_cvtss_f32(m);
+  o->sum = _mm_cvtss_f32(t);
+  if (isnan(o->sum) && !isnan(amax)) amax = NAN; /* max_ps drops a NaN lane that the sum keeps */
+  if (!group_scale(amax, o)) return;
+  const __m256d inverse = _mm256_set1_pd((double)LIMIT / amax);
+  const __m256i limit = _mm256_set1_epi32(LIMIT), half_a = _mm256_set1_epi32(32768), half_b = _mm256_set1_epi32(128);
+  const __m256i top = _mm256_set1_epi32(127), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i digit[PARTS][4];
+  for (int i = 0; i < 4; i++) {
+    __m128i low = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x[i])), inverse));
+    __m128i high = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x[i], 1)), inverse));
+    __m256i v = _mm256_set_m128i(high, low);
+    v = _mm256_max_epi32(_mm256_min_epi32(v, limit), _mm256_sub_epi32(_mm256_setzero_si256(), limit));
+    __m256i a = _mm256_srai_epi32(_mm256_add_epi32(v, half_a), 16);
+    __m256i rest = _mm256_sub_epi32(v, _mm256_slli_epi32(a, 16));
+    __m256i b = _mm256_srai_epi32(_mm256_add_epi32(rest, half_b), 8);
+    __m256i c = _mm256_sub_epi32(rest, _mm256_slli_epi32(b, 8));
+    __m256i carry = _mm256_cmpgt_epi32(b, top); /* -1 where b is 128 */
+    digit[0][i] = _mm256_sub_epi32(a, carry);
+    digit[1][i] = _mm256_add_epi32(b, _mm256_slli_epi32(carry, 8)); /* b - 256 */
+    digit[2][i] = c;
+  }
+  for (int part = 0; part < PARTS; part++) { /* 32 int32 -> 32 int8, in order */
+    __m256i words = _mm256_packs_epi32(digit[part][0], digit[part][1]);
+    __m256i words2 = _mm256_packs_epi32(digit[part][2], digit[part][3]);
+    __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2), order);
+    _mm256_storeu_si256((__m256i*)o->part[part], bytes);
+  }
 }
 
 /* Half a tile (8 output rows) at a time, so that few registers are live: a row's three sums, the
@@ -311,32 +383,40 @@ static AVX2 void tile_avx2(const uint8_t* w, int half_scales, const Group* const
 /* rows (1 or 2) rows of activations against one tile: 16 outputs each */
 typedef void (*TileFn)(const uint8_t*, int, const Group* const*, int, int64_t, float* const*);
 
-static TileFn choose_tile(int force_scalar) {
+typedef struct { /* the CPU's code for the two steps, chosen once per session */
+  QuantizeFn quantize;
+  TileFn tile;
+} Path;
+
+static Path choose_path(int force_scalar) {
+  Path path = {quantize_group, tile_scalar};
 #ifdef MATMUL_INT4_X86
   if (!force_scalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
-    return tile_avx2;
+    path = (Path){quantize_group_avx2, tile_avx2};
 #endif
   (void)force_scalar;
-  return tile_scalar;
+  return path;
 }
 
 typedef struct {
   const Weights* w;
-  const Group* x;
+  const float* a;
+  Group* x;
   float* y;
   int64_t rows;
-  TileFn tile;
+  Path path;
 } Job;
 
 typedef struct { /* what a session's node holds */
   Weights w;
-  TileFn tile;
+  Path path;
 } Kernel;
 
-/* rows of activations into their groups, one row after another */
-static void quantize_rows(const float* a, int64_t rows, const Weights* w, Group* groups) {
-  for (int64_t r = 0; r < rows; r++) quantize_row(a + r * w->k, w->k, w->groups, groups + r * w->groups);
+static void quantize_one(void* data, size_t r) {
+  const Job* job = (const Job*)data;
+  const Weights* w = job->w;
+  quantize_row(job->path.quantize, job->a + (int64_t)r * w->k, w->k, w->groups, job->x + (int64_t)r * w->groups);
 }
 
 static void run_tile(void* data, size_t t) {
@@ -349,7 +429,7 @@ static void run_tile(void* data, size_t t) {
     int rows = job->rows - r >= 2 ? 2 : 1;
     const Group* x[2] = {job->x + r * w->groups, job->x + (r + rows - 1) * w->groups};
     float* y[2] = {out[0], out[1]};
-    job->tile(tile, w->half, x, rows, w->groups, y);
+    job->path.tile(tile, w->half, x, rows, w->groups, y);
     for (int m = 0; m < rows; m++)
       memcpy(job->y + (r + m) * w->n + (int64_t)t * TILE, out[m], (size_t)count * sizeof(float));
   }
@@ -532,7 +612,7 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
     free(kernel_state);
     return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
   }
-  kernel_state->tile = choose_tile(0); /* once: the CPU does not change under a session */
+  kernel_state->path = choose_path(0); /* once: the CPU does not change under a session */
   *kernel = kernel_state;
   return NULL;
 }
@@ -562,9 +642,14 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* context) {
   if (rows == 0) return NULL;
   Group* groups = (Group*)malloc((size_t)(rows * w->groups) * sizeof(Group));
   if (!groups) return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
-  quantize_rows((const float*)a, rows, w, groups);
-  Job job = {w, groups, (float*)y, rows, state->tile};
-  OrtStatus* status = ORT_CALL(ParallelForFn, KERNEL_CONTEXT_PARALLEL_FOR)(context, run_tile, (size_t)w->tiles, 0, &job);
+  Job job = {w, (const float*)a, groups, (float*)y, rows, state->path};
+  OrtStatus* status = NULL;
+  if (rows == 1) /* a decode step's row: not worth waking the pool for */
+    quantize_one(&job, 0);
+  else
+    status = ORT_CALL(ParallelForFn, KERNEL_CONTEXT_PARALLEL_FOR)(context, quantize_one, (size_t)rows, 0, &job);
+  if (!status)
+    status = ORT_CALL(ParallelForFn, KERNEL_CONTEXT_PARALLEL_FOR)(context, run_tile, (size_t)w->tiles, 0, &job);
   free(groups);
   return status;
 }
@@ -663,8 +748,8 @@ __attribute__((visibility("default"))) int matmul_int4(const float* a, const uin
     free(w.packed);
     return 2;
   }
-  quantize_rows(a, rows, &w, groups);
-  Job job = {&w, groups, y, rows, choose_tile(scalar)};
+  Job job = {&w, a, groups, y, rows, choose_path(scalar)};
+  for (int64_t r = 0; r < rows; r++) quantize_one(&job, (size_t)r);
   for (int64_t t = 0; t < w.tiles; t++) run_tile(&job, (size_t)t);
   free(w.packed);
   free(groups);

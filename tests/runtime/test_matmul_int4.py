@@ -144,23 +144,41 @@ def test_leading_dimensions_and_an_empty_batch_pass_through() -> None:
 
 
 def test_the_vector_path_equals_the_portable_one() -> None:
-    """The AVX2 kernel and the plain C one (any CPU) compute the same sums; only float order differs."""
-    lib = ctypes.CDLL(str(library_path()))
-    lib.matmul_int4.restype = ctypes.c_int
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, ctypes.c_int]
+    """The AVX2 kernel and the plain C one (any CPU) compute the same digits and sums; only the order
+    of the float accumulation differs (FMA)."""
     rng = np.random.default_rng(2)
     n, k, rows = 50, 160, 5
     for fp16 in (False, True):
         packed, scales, offsets, *_ = _weights(rng, n, k, 32, True, fp16)
         a = _activations(rng, rows, k)
-        outputs = []
-        for scalar in (0, 1):
-            y = np.zeros((rows, n), np.float32)
-            args = [a, packed, scales, offsets]
-            assert lib.matmul_int4(*(x.ctypes.data for x in args), rows, n, k, 32, y.ctypes.data, scalar) == 0
-            outputs.append(y)
-        assert np.allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+        vector, portable = (_ctypes_product(a, packed, scales, offsets, n, k, scalar) for scalar in (0, 1))
+        assert np.allclose(vector, portable, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scalar", [0, 1], ids=["avx2", "portable"])
+def test_a_nan_or_inf_activation_spoils_its_own_row_only(scalar: int) -> None:
+    """As in an fp32 product: a row holding a NaN or an inf comes out NaN/inf everywhere (the loop's
+    check then names the broken graph), and the rows beside it are untouched."""
+    rng = np.random.default_rng(3)
+    n, k = 40, 96
+    packed, scales, offsets, w, magnitude = _weights(rng, n, k, 32, True)
+    a = _activations(rng, 3, k)
+    a[0, 5], a[1, 70] = np.nan, np.inf
+    y = _ctypes_product(a, packed, scales, offsets, n, k, scalar)
+    assert not np.isfinite(y[:2]).any()
+    assert np.all(np.abs(y[2] - a[2].astype(np.float64) @ w.T) <= _fp32_error_bound(a[2:], magnitude)[0])
+
+
+def _ctypes_product(a, packed, scales, offsets, n: int, k: int, scalar: int) -> np.ndarray:
+    """The kernel's product through its ctypes entry: `scalar` 1 takes the portable path."""
+    lib = ctypes.CDLL(str(library_path()))
+    lib.matmul_int4.restype = ctypes.c_int
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, ctypes.c_int]
+    y = np.zeros((a.shape[0], n), np.float32)
+    args = [np.ascontiguousarray(a), packed, scales, offsets]
+    assert lib.matmul_int4(*(x.ctypes.data for x in args), a.shape[0], n, k, 32, y.ctypes.data, scalar) == 0
+    return y
 
 
 def test_weights_that_are_not_initializers_are_refused() -> None:
