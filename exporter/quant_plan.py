@@ -26,8 +26,8 @@ from llamatrt.models.llama import StaticLlama
 from llamatrt.models.mapped_parameters import MappedParameters
 
 log = logging.getLogger(__name__)
-# MatMulNBits' CPU kernels: 0 (fp32 activations, exact: SmolLM2 decodes 0.2x fp32's speed) and
-# 4 (int8 activations per block: 2.6x fp32's speed), README "Quantized weights"
+# MatMulNBits' CPU kernels: 0 (fp32 activations, exact) and 4 (int8 activations per block, faster;
+# their speeds: docs/quantization.md)
 ACCURACY_LEVELS = (0, 4)
 # What runs the 4-bit products at accuracy level 0: llamatrt's MatMulInt4 (fp32-grade activations,
 # base.custom_ops) or MatMulNBits' fp32-activation kernel
@@ -45,8 +45,10 @@ class QuantPlan:
 
     @property
     def int4_kernel(self) -> str:
-        """The manifest's name for what runs the 4-bit products."""
-        return "llamatrt" if self.own_int4 else "onnxruntime"
+        """The manifest's name for what runs the 4-bit products: llamatrt's kernel only where some
+        product runs it (an int8 artifact's hold none, and need no library to open)."""
+        runs = self.own_int4 and any(w.fits_matmul_int4() for w in self.weights.values())
+        return "llamatrt" if runs else "onnxruntime"
 
     def origins(self) -> dict[str, str]:
         return {name: w.describe() for name, w in self.weights.items()}

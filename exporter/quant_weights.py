@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from llamatrt.base.artifact.precision import WEIGHT_FORMATS
+from llamatrt.base.custom_ops import INT4_ACTIVATION_BLOCK
 from llamatrt.base.errors import CheckpointError, InputError
 
 # MatMulNBits' zero point when the graph gives none, by bits
@@ -43,6 +44,11 @@ class QuantizedWeight:
     def form(self) -> tuple[int, int, int, int, int, bool]:
         """What a graph over this weight depends on: a weight of the same form fits the same nodes."""
         return self.bits, self.block, self.n, self.k, self.zero, self.offsets is None
+
+    def fits_matmul_int4(self) -> bool:
+        """Whether llamatrt's MatMulInt4 can run this weight's product: 4-bit blocks made of whole
+        groups of the kernel's 32 activations (base.custom_ops)."""
+        return self.bits == 4 and self.block % INT4_ACTIVATION_BLOCK == 0
 
     def describe(self) -> str:
         """Where the blocks came from, as the manifest records it."""

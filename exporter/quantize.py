@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llamatrt.base.artifact.variants import MS_DOMAIN
-from llamatrt.base.custom_ops import DOMAIN, INT4_ACTIVATION_BLOCK, MATMUL_INT4
+from llamatrt.base.custom_ops import DOMAIN, MATMUL_INT4
 from llamatrt.exporter.quant_weights import DEFAULT_ZERO, STORED, QuantizedWeight
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def _product(
 ) -> ir.Value:
     """x @ W^T for one held weight."""
     packed, scales = _quantized_inputs(name, weight, inits)
-    if own_int4 and accuracy_level == 0 and weight.bits == 4 and weight.block % INT4_ACTIVATION_BLOCK == 0:
+    if own_int4 and accuracy_level == 0 and weight.fits_matmul_int4():
         # the same codes, scales and (Q4_1) offsets as MatMulNBits reads: the weights file is the same
         offsets = [] if weight.offsets is None else [inits.get(f"{name}.offsets", STORED[".offsets"](weight))]
         return build.op(

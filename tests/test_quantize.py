@@ -165,8 +165,9 @@ def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_ch
     # one product per projection and the tied head: llamatrt's MatMulInt4 (fp32 activations as int8
     # digits) for 4 bits, two int8 passes of MatMulNBits for 8
     assert len(products) == 1 + 4 * 2
-    if qtype == "Q8_0":
+    if qtype == "Q8_0":  # no 4-bit product: the artifact names no kernel of llamatrt's, needs no library
         assert {n.op_type for n in products} == {"MatMulNBits"} and levels == {4}
+        assert manifest.quantization["int4_kernel"] == "onnxruntime"
     else:
         assert {n.op_type for n in products} == {MATMUL_INT4} and manifest.quantization["int4_kernel"] == "llamatrt"
     # the head reads the quantized rows, not a transposed float table (Q4_1 transposes its scales)
