@@ -1,6 +1,7 @@
 """What the loop costs around its graph runs, without a server: a decode step of every row (B rows
 decoding greedily) timed as wall time against the time inside ONNX Runtime's run, then the same step
-with the graph run replaced by nothing (the loop's Python alone), then bench-serve's mixed workload
+with the graph run replaced by nothing (the loop's Python alone) and by a 128 MiB read (that Python
+finding its data out of the caches, as after a real run), then bench-serve's mixed workload
 (32 requests, 8 callers, greedy) run on a fresh scheduler in this process: what `llamatrt serve` would
 deliver if HTTP cost nothing (compare with `llamatrt bench-serve URL --clients 8 --requests 32`).
 
@@ -15,32 +16,39 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from llamatrt.runtime.backend import torch_threads
 from llamatrt.runtime.llm import LLM, load
 from llamatrt.runtime.requests import Request
 from llamatrt.tools.bench_serve import mixed_prompts
 
 STEPS = 150
+COOLING_BYTES = 128 << 20  # more than the host's last-level cache
+_COOLING = np.ones(COOLING_BYTES, np.uint8)
 
 
 class _TimedSession:
-    """An ONNX Runtime session whose runs add up their seconds (or do nothing, `skip`)."""
+    """An ONNX Runtime session whose runs add up their seconds; or, `skip`, a run that does nothing,
+    or, `cool`, one that only reads COOLING_BYTES (as a decode step streams its weights, leaving the
+    loop's Python to find its data out of the caches)."""
 
-    def __init__(self, session: Any, skip: bool = False) -> None:
-        self.session, self.skip, self.seconds = session, skip, 0.0
+    def __init__(self, session: Any, skip: bool = False, cool: bool = False) -> None:
+        self.session, self.skip, self.cool, self.seconds = session, skip, cool, 0.0
 
     def run_with_iobinding(self, binding: Any) -> None:
-        if self.skip:
-            return
         started = time.perf_counter()
-        self.session.run_with_iobinding(binding)
+        if self.cool:
+            int(_COOLING[::64].sum())  # one byte of every cache line
+        elif not self.skip:
+            self.session.run_with_iobinding(binding)
         self.seconds += time.perf_counter() - started
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)
 
 
-def decode_steps(llm: LLM, skip_graph: bool) -> tuple[float, float]:
+def decode_steps(llm: LLM, skip_graph: bool, cool: bool = False) -> tuple[float, float]:
     """ms a step outside the graph run, and inside it, over STEPS steps of every row decoding."""
     scheduler = llm.scheduler
     backend = scheduler.backend
@@ -51,7 +59,7 @@ def decode_steps(llm: LLM, skip_graph: bool) -> tuple[float, float]:
     ]
     scheduler.step()  # admits and prefills every row
     scheduler.step()
-    timed = {name: _TimedSession(session, skip_graph) for name, session in real.items()}
+    timed = {name: _TimedSession(session, skip_graph, cool) for name, session in real.items()}
     backend.sessions = timed
     started = time.perf_counter()
     for _ in range(STEPS):
@@ -114,9 +122,11 @@ def main(artifact: str, rounds: int) -> None:
         for k in range(rounds):
             outside, inside = decode_steps(llm, skip_graph=False)
             python, _ = decode_steps(llm, skip_graph=True)
+            cooled, _ = decode_steps(llm, skip_graph=True, cool=True)
             print(
                 f"round {k + 1}: a decode step of {batch} rows: {inside:.2f} ms in the graph run, {outside:.2f} ms "
-                f"outside it; the loop's Python alone (no graph run) {python:.2f} ms"
+                f"outside it; the loop's Python alone (no graph run) {python:.2f} ms, after a {COOLING_BYTES >> 20} "
+                f"MiB read in the run's place {cooled:.2f} ms"
             )
     llm.close()
     served = []
