@@ -33,6 +33,7 @@
 #include <string.h>
 #include <math.h>
 #include <pthread.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -49,6 +50,7 @@
 #define PARTS 3                                    /* int8 digits of an activation */
 #define LIMIT 8323072                              /* 127 * 65536: the top digit stays within int8 */
 #define PREFETCH_GROUPS 8 /* how far ahead the AVX2 path asks for a tile's codes (2.5 KiB) */
+#define WORK_ITEMS_PER_CPU 4
 
 /* A block of 32 activations as s * (65536 * a + 256 * b + c), a, b, c int8 (part[0..2]), and the
  * block's exact sum for the offsets. */
@@ -335,6 +337,8 @@ static AVX2 void tile_avx2(const uint8_t* w, int half_scales, const Group* const
                            float* const* y) {
   const __m256i mask = _mm256_set1_epi8(15);
   int64_t stride = half_scales ? TILE_STRIDE_HALF : TILE_STRIDE;
+  for (int64_t g = 0; g < PREFETCH_GROUPS && g < groups; g++) /* the tile's first groups, all at once */
+    for (int64_t line = 0; line < stride; line += 64) _mm_prefetch((const char*)(w + g * stride + line), _MM_HINT_T0);
   for (int half = 0; half < 2; half++) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
@@ -406,17 +410,36 @@ typedef struct {
   float* y;
   int64_t rows;
   Path path;
+  int64_t span; /* tiles per work item of the pool */
 } Job;
 
 typedef struct { /* what a session's node holds */
   Weights w;
   Path path;
+  int64_t span;
 } Kernel;
+
+/* Tiles per work item: a thread runs a span of neighbouring tiles, so that its prefetch, which runs
+ * ahead of a tile's groups, runs on into its own next tile; about WORK_ITEMS_PER_CPU items a CPU keep
+ * the threads evenly loaded (docs/quantization.md has the measured choice). */
+static int64_t tile_span(int64_t tiles) {
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  int64_t items = WORK_ITEMS_PER_CPU * (cpus > 0 ? cpus : 1);
+  return tiles <= items ? 1 : (tiles + items - 1) / items;
+}
 
 static void quantize_one(void* data, size_t r) {
   const Job* job = (const Job*)data;
   const Weights* w = job->w;
   quantize_row(job->path.quantize, job->a + (int64_t)r * w->k, w->k, w->groups, job->x + (int64_t)r * w->groups);
+}
+
+static void run_tile(void* data, size_t t);
+
+static void run_span(void* data, size_t item) {
+  const Job* job = (const Job*)data;
+  int64_t first = (int64_t)item * job->span, end = first + job->span;
+  for (int64_t t = first; t < job->w->tiles && t < end; t++) run_tile(data, (size_t)t);
 }
 
 static void run_tile(void* data, size_t t) {
@@ -613,6 +636,7 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
     return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
   }
   kernel_state->path = choose_path(0); /* once: the CPU does not change under a session */
+  kernel_state->span = tile_span(kernel_state->w.tiles);
   *kernel = kernel_state;
   return NULL;
 }
@@ -642,14 +666,15 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* context) {
   if (rows == 0) return NULL;
   Group* groups = (Group*)malloc((size_t)(rows * w->groups) * sizeof(Group));
   if (!groups) return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
-  Job job = {w, (const float*)a, groups, (float*)y, rows, state->path};
+  Job job = {w, (const float*)a, groups, (float*)y, rows, state->path, state->span};
   OrtStatus* status = NULL;
   if (rows == 1) /* a decode step's row: not worth waking the pool for */
     quantize_one(&job, 0);
   else
     status = ORT_CALL(ParallelForFn, KERNEL_CONTEXT_PARALLEL_FOR)(context, quantize_one, (size_t)rows, 0, &job);
   if (!status)
-    status = ORT_CALL(ParallelForFn, KERNEL_CONTEXT_PARALLEL_FOR)(context, run_tile, (size_t)w->tiles, 0, &job);
+    status = ORT_CALL(ParallelForFn, KERNEL_CONTEXT_PARALLEL_FOR)(context, run_span,
+                                                                  (size_t)((w->tiles + job.span - 1) / job.span), 0, &job);
   free(groups);
   return status;
 }
@@ -748,7 +773,7 @@ __attribute__((visibility("default"))) int matmul_int4(const float* a, const uin
     free(w.packed);
     return 2;
   }
-  Job job = {&w, a, groups, y, rows, choose_path(scalar)};
+  Job job = {&w, a, groups, y, rows, choose_path(scalar), 1};
   for (int64_t r = 0; r < rows; r++) quantize_one(&job, (size_t)r);
   for (int64_t t = 0; t < w.tiles; t++) run_tile(&job, (size_t)t);
   free(w.packed);
