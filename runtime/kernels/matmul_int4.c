@@ -331,10 +331,66 @@ static AVX2 void quantize_group_avx2(const float* values, Group* o) {
   }
 }
 
-/* Half a tile (8 output rows) at a time, so that few registers are live: a row's three sums, the
- * unpacked codes, its float accumulator. With two rows the codes are unpacked once for both. */
+static inline AVX2 __m256i add_products(__m256i sum, __m256i low, __m256i high, __m256i d_low, __m256i d_high) {
+  sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(low, d_low));
+  return _mm256_add_epi16(sum, _mm256_maddubs_epi16(high, d_high));
+}
+
+/* One row of activations (a decode step's) against the whole tile in one pass: each digit broadcast
+ * serves both halves' 8 rows, and each group's codes are read once. */
+static AVX2 void tile_one_row_avx2(const uint8_t* w, int half_scales, const Group* x, int64_t groups, float* y) {
+  const __m256i mask = _mm256_set1_epi8(15);
+  int64_t stride = half_scales ? TILE_STRIDE_HALF : TILE_STRIDE;
+  for (int64_t g = 0; g < PREFETCH_GROUPS && g < groups; g++) /* the tile's first groups, all at once */
+    for (int64_t line = 0; line < stride; line += 64) _mm_prefetch((const char*)(w + g * stride + line), _MM_HINT_T0);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < groups; g++) {
+    const uint8_t* p = w + g * stride;
+    for (int64_t line = 0; line < stride; line += 64)
+      _mm_prefetch((const char*)(p + PREFETCH_GROUPS * stride + line), _MM_HINT_T0);
+    const Group* xg = x + g;
+    __m256i sum[2][PARTS];
+    for (int h = 0; h < 2; h++)
+      for (int part = 0; part < PARTS; part++) sum[h][part] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+      __m256i v0 = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
+      __m256i v1 = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32));
+      __m256i low0 = _mm256_and_si256(v0, mask), high0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+      __m256i low1 = _mm256_and_si256(v1, mask), high1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+      for (int part = 0; part < PARTS; part++) {
+        __m256i d_low = digits(xg, part, 4 * j), d_high = digits(xg, part, 4 * j + 16);
+        sum[0][part] = add_products(sum[0][part], low0, high0, d_low, d_high);
+        sum[1][part] = add_products(sum[1][part], low1, high1, d_low, d_high);
+      }
+    }
+    const uint8_t* at = p + TILE_CODES;
+    __m256 x_scale = _mm256_set1_ps(xg->scale), x_sum = _mm256_set1_ps(xg->sum);
+    for (int h = 0; h < 2; h++) {
+      __m256 scale, offset;
+      if (half_scales) {
+        scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + 8 * h)));
+        offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + TILE + 8 * h)));
+      } else {
+        scale = _mm256_loadu_ps((const float*)at + 8 * h);
+        offset = _mm256_loadu_ps((const float*)at + TILE + 8 * h);
+      }
+      acc[h] = _mm256_fmadd_ps(offset, x_sum, acc[h]);
+      acc[h] = _mm256_fmadd_ps(group_dot(sum[h][0], sum[h][1], sum[h][2]), _mm256_mul_ps(scale, x_scale), acc[h]);
+    }
+  }
+  _mm256_storeu_ps(y, acc[0]);
+  _mm256_storeu_ps(y + 8, acc[1]);
+}
+
+/* Two rows of activations: half a tile (8 output rows) at a time, so that few registers are live
+ * (each row's three sums, the unpacked codes, the float accumulators); the codes are unpacked once
+ * for both rows. One row goes to tile_one_row_avx2. */
 static AVX2 void tile_avx2(const uint8_t* w, int half_scales, const Group* const* x, int rows, int64_t groups,
                            float* const* y) {
+  if (rows == 1) {
+    tile_one_row_avx2(w, half_scales, x[0], groups, y[0]);
+    return;
+  }
   const __m256i mask = _mm256_set1_epi8(15);
   int64_t stride = half_scales ? TILE_STRIDE_HALF : TILE_STRIDE;
   for (int64_t g = 0; g < PREFETCH_GROUPS && g < groups; g++) /* the tile's first groups, all at once */
