@@ -286,7 +286,7 @@ static inline AVX2 __m256 group_dot(__m256i a, __m256i b, __m256i c) {
 }
 
 /* The portable quantize_group's digits with 8 lanes at a time: v rounded in double as lrint rounds
- * (to nearest even), then the same shifts; the group's sum in another fp32 order. */
+ * (to nearest even), then the same shifts and carry; the group's sum in group_sum's order. */
 static AVX2 void quantize_group_avx2(const float* values, Group* o) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 x[4], amax8 = _mm256_setzero_ps(), sum8 = _mm256_setzero_ps();
