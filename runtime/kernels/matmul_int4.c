@@ -278,6 +278,17 @@ static inline AVX2 __m256i digits(const Group* g, int part, int at) {
   sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(low, digits(x, part, 4 * j)));             \
   sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(high, digits(x, part, 4 * j + 16)))
 
+/* Half h's 8 rows' d and o of the tile-group whose codes end at `at` (fp16 or fp32, as packed). */
+static inline AVX2 void group_scales(const uint8_t* at, int fp16, int h, __m256* scale, __m256* offset) {
+  if (fp16) {
+    *scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + 8 * h)));
+    *offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + TILE + 8 * h)));
+  } else {
+    *scale = _mm256_loadu_ps((const float*)at + 8 * h);
+    *offset = _mm256_loadu_ps((const float*)at + TILE + 8 * h);
+  }
+}
+
 static inline AVX2 __m256 group_dot(__m256i a, __m256i b, __m256i c) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i bc = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(b, ones), 8), _mm256_madd_epi16(c, ones));
@@ -363,17 +374,10 @@ static AVX2 void tile_one_row_avx2(const uint8_t* w, int half_scales, const Grou
         sum[1][part] = add_products(sum[1][part], low1, high1, d_low, d_high);
       }
     }
-    const uint8_t* at = p + TILE_CODES;
     __m256 x_scale = _mm256_set1_ps(xg->scale), x_sum = _mm256_set1_ps(xg->sum);
     for (int h = 0; h < 2; h++) {
       __m256 scale, offset;
-      if (half_scales) {
-        scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + 8 * h)));
-        offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + TILE + 8 * h)));
-      } else {
-        scale = _mm256_loadu_ps((const float*)at + 8 * h);
-        offset = _mm256_loadu_ps((const float*)at + TILE + 8 * h);
-      }
+      group_scales(p + TILE_CODES, half_scales, h, &scale, &offset);
       acc[h] = _mm256_fmadd_ps(offset, x_sum, acc[h]);
       acc[h] = _mm256_fmadd_ps(group_dot(sum[h][0], sum[h][1], sum[h][2]), _mm256_mul_ps(scale, x_scale), acc[h]);
     }
@@ -418,15 +422,8 @@ static AVX2 void tile_avx2(const uint8_t* w, int half_scales, const Group* const
           ADD_PART(c1, x1, 2);
         }
       }
-      const uint8_t* at = w + g * stride + TILE_CODES;
       __m256 scale, offset;
-      if (half_scales) {
-        scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + 8 * half)));
-        offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + TILE + 8 * half)));
-      } else {
-        scale = _mm256_loadu_ps((const float*)at + 8 * half);
-        offset = _mm256_loadu_ps((const float*)at + TILE + 8 * half);
-      }
+      group_scales(w + g * stride + TILE_CODES, half_scales, half, &scale, &offset);
       acc0 = _mm256_fmadd_ps(offset, _mm256_set1_ps(x0->sum), acc0);
       acc0 = _mm256_fmadd_ps(group_dot(a0, b0, c0), _mm256_mul_ps(scale, _mm256_set1_ps(x0->scale)), acc0);
       if (rows == 2) {
