@@ -111,6 +111,11 @@ class ArtifactTokenizer:
 
 
 def _encoded(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    if any("\ud800" <= ch <= "\udfff" for ch in text):  # what Python makes of bytes that are not UTF-8
-        raise InputError("the prompt is not valid UTF-8 text; fix its encoding")
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: what Python makes of bytes that are not UTF-8
+        raise InputError("the prompt is not valid UTF-8 text; fix its encoding") from None
+    # encode_batch, unlike encode, lets go of the GIL while it runs: a megabyte prompt tokenizes for
+    # over a second, and a server's event loop and generation thread go on meanwhile
+    (encoding,) = tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+    return encoding.ids

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llamatrt.server.app import MAX_DEPTH, _nesting
 from tests.server_helpers import PROMPT, Server
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -215,3 +216,16 @@ def test_a_sampling_extreme_cannot_stop_the_loop(server: Server) -> None:
         response = httpx.post(server.url + CHAT, json=chat(max_tokens=4, **extreme), timeout=60)
         assert response.status_code == 200, (extreme, response.text)
     assert httpx.get(server.url + "/health").json()["status"] == "ok" and _idle(server)
+
+
+@pytest.mark.parametrize(
+    ("body", "depth"),
+    [
+        (b'{"a": [1, {"b": []}], "c": {}}', 4),
+        (json.dumps({"a": '\\"' + "[{" * 40 + '"' + "]}" * 40}).encode(), 1),  # text, with an escaped quote
+        (json.dumps({"a": ["]]", "\\", ["[[", "\\\\"]]}).encode(), 3),
+        (nested(100), MAX_DEPTH + 1),  # it stops counting past the limit
+    ],
+)
+def test_nesting_counts_brackets_outside_strings_only(body: bytes, depth: int) -> None:
+    assert _nesting(body) == depth

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -113,6 +114,8 @@ async def _body(request: Request, limit: int) -> Any:
         return json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise protocol.BadRequest(f"the request body is not JSON ({e.msg if hasattr(e, 'msg') else e})") from e
+    except RecursionError as e:  # nesting that the check above did not see (the body is not JSON there)
+        raise protocol.BadRequest(f"the request body nests JSON deeper than {MAX_DEPTH} levels; flatten it") from e
 
 
 def _no_constant(name: str) -> Any:
@@ -120,27 +123,25 @@ def _no_constant(name: str) -> Any:
 
 
 def _nesting(raw: bytes) -> int:
-    """The deepest nesting of [ and { outside strings (checked before parsing, which recurses)."""
+    """The deepest nesting of [ and { outside strings (checked before parsing, which recurses).
+    Escapes, then strings, then every other byte are dropped at C speed, so Python loops only over
+    the brackets: a megabyte prompt is a millisecond here, not 50 ms on the event loop."""
+    brackets = _STRING.sub(b"", _ESCAPE.sub(b"", raw)).translate(None, _NOT_BRACKETS)
     depth = deepest = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
+    for byte in brackets:
+        if byte in (0x5B, 0x7B):
             depth += 1
             deepest = max(deepest, depth)
             if deepest > MAX_DEPTH:
                 return deepest
-        elif byte in (0x5D, 0x7D):
+        else:
             depth -= 1
     return deepest
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and what it escapes: never a string's end
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 async def _complete(kind: str, request: Request, engine: Engine, metrics: Metrics, max_body: int) -> Response:
