@@ -35,6 +35,7 @@ from llamatrt.exporter.artifacts import (
     locked,
     remove_stale_temp,
 )
+from llamatrt.exporter.calibration import Calibration, calibration_ids
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
 from llamatrt.exporter.ort_fusions import fuse_skip_rms_norm
@@ -104,6 +105,7 @@ class ExportOptions:
     accuracy_level: int = 0  # MatMulNBits' activation arithmetic (0: fp32, exact; 4: int8, may change answers)
     head_quantize: str | None = None  # the output head's (and a tied embedding's) format; None: quant_plan.default_head
     int4_kernel: str = "llamatrt"  # what runs 4-bit products at accuracy level 0 (quant_plan.INT4_KERNELS)
+    calibration: Path | None = None  # text whose inputs GPTQ weighs rounding errors by (exporter.calibration)
 
     def checked(self) -> ExportOptions:
         """Validate at the edge; returns a copy with the dtype spelled canonically."""
@@ -119,6 +121,10 @@ class ExportOptions:
             )
         if self.quantize is not None and dtype != "float32":
             raise InputError(f"--quantize runs on ONNX Runtime CPU with fp32 activations; drop --dtype {self.dtype}")
+        if self.calibration is not None and self.quantize is None:
+            raise InputError("--calibration goes with --quantize (GPTQ makes the blocks); add --quantize int4")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise InputError(f"calibration text {self.calibration} is not a file; give a UTF-8 text file")
         if self.head_quantize is not None and self.quantize is None:
             raise InputError(f"--head-quantize {self.head_quantize} goes with --quantize; add --quantize int4")
         if self.quantize is not None and self.full_logits:
@@ -220,7 +226,7 @@ def _export_twin_and_layers(
     quant, quantizer, no_portable = None, None, None
     if options.quantize is not None:
         progress("quantizing weights")
-        quant, quantizer, no_portable = _quantize_twin(checkpoint, twin, mapped, options)
+        quant, quantizer, no_portable = _quantize_twin(checkpoint, tokenizer, twin, mapped, options)
         if no_portable is not None:  # MatMulNBits is an ONNX Runtime op: ONNX Runtime's graph only
             plans = [p for p in plans if p.attention.name == ONNXRUNTIME.name]
     c = options.max_cache_len
@@ -306,12 +312,16 @@ def _runs_matmul_int4(options: ExportOptions) -> bool:
 
 
 def _quantize_twin(
-    checkpoint: Checkpoint, twin: StaticLlama, mapped: MappedParameters, options: ExportOptions
+    checkpoint: Checkpoint, tokenizer: Any, twin: StaticLlama, mapped: MappedParameters, options: ExportOptions
 ) -> tuple[QuantPlan, ParameterQuantizer, str | None]:
     """The twin's quantized weights, their quantizer (which every other layer's go through), and
     why TensorRT's graphs cannot take them (None where they can)."""
     assert options.quantize is not None
-    quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size, options.head_quantize)
+    calibration = None
+    if options.calibration is not None:
+        text = Path(options.calibration)
+        calibration = Calibration(checkpoint, calibration_ids(tokenizer, text), text.name)
+    quantizer = ParameterQuantizer(checkpoint, options.quantize, options.block_size, options.head_quantize, calibration)
     quant = plan_quantization(
         quantizer,
         twin,
@@ -460,6 +470,7 @@ def _quantization_entry(quant: QuantPlan, quantizer: Any, no_portable: str | Non
         "int4_kernel": quant.int4_kernel,
         "tensors": {**quant.origins(), **quantizer.origins},
         "portable": _portable_note(quant, no_portable),
+        **({} if quantizer.calibration is None else {"calibration": quantizer.calibration.describe()}),
     }
 
 

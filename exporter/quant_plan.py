@@ -4,7 +4,8 @@ Every linear layer, the output head and the embedding are stored block-quantized
 From a GGUF the file's own blocks are carried over whatever `--quantize` says (they are the
 checkpoint's weights; re-quantizing them would only lose accuracy), and only tensors the file holds
 as floats are quantized to the requested bits. From float checkpoints, ONNX Runtime's quantizer
-(round-to-nearest, symmetric) makes every block.
+(round-to-nearest, symmetric) makes every block, or, given calibration text (`--calibration`),
+GPTQ makes the decoder projections' (exporter.gptq) and round-to-nearest the head's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 from llamatrt.base.artifact.precision import WEIGHT_FORMATS
 from llamatrt.base.errors import InputError
+from llamatrt.exporter.calibration import Calibration, is_calibrated
 from llamatrt.exporter.gguf_blocks import gguf_quantized_weights
+from llamatrt.exporter.gptq import gptq_quantize
 from llamatrt.exporter.quant_weights import QuantizedWeight, check_block_size, rtn_quantize
 from llamatrt.models.checkpoint import Checkpoint
 from llamatrt.models.llama import StaticLlama
@@ -104,13 +107,23 @@ def default_head(scheme: str, block_size: int) -> str:
 
 class ParameterQuantizer:
     """One parameter's blocks at a time: the GGUF's own where the file holds them (and they are the
-    weights transformers loaded), else round-to-nearest of the float. The export calls it for the
-    traced twin's parameters and again, tensor by tensor, for every replicated layer's."""
+    weights transformers loaded), else GPTQ of the float where calibration text is given (the decoder
+    projections; exporter.gptq), else round-to-nearest. The export calls it for the traced twin's
+    parameters and again, tensor by tensor, for every replicated layer's."""
 
-    def __init__(self, checkpoint: Checkpoint, scheme: str, block_size: int, head: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        scheme: str,
+        block_size: int,
+        head: str | None = None,
+        calibration: Calibration | None = None,
+    ) -> None:
         """`head`: the output head's format (and the tied embedding's, which is the same matrix); None:
         `default_head`."""
         self.bits, self.block_size = WEIGHT_FORMATS[scheme].bits, block_size
+        self.calibration = calibration
+        self.solved: dict[str, QuantizedWeight] = {}  # GPTQ's blocks, made once: the export asks for some twice
         self.head_bits = WEIGHT_FORMATS[head or default_head(scheme, block_size)].bits
         self.head_name = "model.embed_tokens.weight" if checkpoint.config.tie_word_embeddings else "lm_head.weight"
         self.carried = gguf_quantized_weights(checkpoint.gguf, checkpoint.config) if checkpoint.gguf is not None else {}
@@ -125,6 +138,10 @@ class ParameterQuantizer:
                 name,
             )
             weight = None
+        if weight is None and self.calibration is not None and is_calibrated(name):
+            if name not in self.solved:
+                self.solved[name] = gptq_quantize(array, self.calibration.hessian(name), self.bits, self.block_size)
+            weight = self.solved[name]
         if weight is None:
             bits = self.head_bits if name == self.head_name else self.bits
             weight = rtn_quantize(array, bits, self.block_size)

@@ -52,6 +52,13 @@ DTYPE_CHOICE = click.Choice([p.alias for p in PRECISIONS.values()] + list(PRECIS
     help="What runs 4-bit products at accuracy level 0: llamatrt's MatMulInt4 (fp32 activations "
     "to within fp32 rounding, near level 4's speed) or MatMulNBits' fp32-activation kernel (slower).",
 )
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Text of the kind the model will read (a few thousand tokens): --quantize makes the decoder's "
+    "blocks by GPTQ, weighing rounding errors by the inputs this text gives them, instead of round-to-nearest.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing artifact (only an artifact, or an empty folder).")
 def export(
     model_spec: str,
@@ -67,6 +74,7 @@ def export(
     accuracy_level: int,
     head_quantize: str | None,
     int4_kernel: str,
+    calibration: Path | None,
     force: bool,
 ) -> None:
     """Export prefill and decode ONNX graphs, one weights file and a manifest."""
@@ -85,6 +93,7 @@ def export(
         accuracy_level,
         head_quantize,
         int4_kernel,
+        calibration,
     ).checked()
     started = time.perf_counter()
     with StepBar(export_steps(options), "export") as bar:

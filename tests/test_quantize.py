@@ -306,12 +306,17 @@ def test_a_weight_quantized_a_slice_of_rows_at_a_time_equals_it_quantized_whole(
 def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:
     tiny_hf_model("gqa-tied").save_pretrained(tmp_path / "hf")
     save_tiny_tokenizer(tmp_path / "hf")
+    short = tmp_path / "short.txt"
+    short.write_text("w5 w6 w7")
     for args, words in [
         (["--quantize", "int4", "--dtype", "fp16"], "drop --dtype"),
         (["--quantize", "int4", "--block-size", "24"], "block size 24"),
         (["--quantize", "int2"], "int2"),
         (["--quantize", "int4", "--accuracy-level", "2"], "--accuracy-level 2"),
         (["--head-quantize", "int8"], "--head-quantize int8 goes with --quantize"),
+        (["--calibration", str(short)], "--calibration goes with --quantize"),
+        (["--quantize", "int4", "--calibration", str(tmp_path / "none.txt")], "is not a file"),
+        (["--quantize", "int4", "--calibration", str(short)], "is 3 tokens; give at least 256"),
     ]:
         result = run_cli(["export", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "x"), *args], tmp_path)
         assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -169,7 +169,7 @@ class Manifest:
     engines: Mapping[str, Any] = field(default_factory=dict)  # filled by `llamatrt build`
     versions: Mapping[str, str] = field(default_factory=dict)
     # weight-only quantization: scheme, block size, accuracy_level, and per parameter where its
-    # blocks came from ("gguf Q4_1": carried over, "rtn": quantized at export); {} for float weights
+    # blocks came from ("gguf Q4_1": carried over, "rtn" or "gptq": quantized at export); {} for float weights
     quantization: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -153,6 +153,12 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "tensors": {"type": "object", "additionalProperties": {"type": "string"}},
                 # how the portable graphs (TensorRT's) hold the weights, or why there are none
                 "portable": {"type": "string"},
+                # the text GPTQ's blocks were calibrated on (export --calibration): its name and tokens
+                "calibration": {
+                    "type": "object",
+                    "required": ["text", "tokens"],
+                    "properties": {"text": {"type": "string"}, "tokens": {"type": "integer", "minimum": 1}},
+                },
             },
         },
     },

@@ -1,0 +1,121 @@
+"""The second moments H = Σ xᵀx of every projection's inputs over calibration text: what GPTQ
+(exporter.gptq) weighs each weight's rounding error by.
+
+Computed one decoder layer at a time from the checkpoint, as the export streams its weights: the
+calibration tokens' hidden states and one layer's parameters are all that is held, never the model.
+Each layer runs on the previous layer's float outputs (GPTQ's reference code feeds each layer the
+outputs of the layers already quantized; with float inputs every layer's H is known before any
+weight is quantized, which lets the export quantize layers in any thread, in any order it asks).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from llamatrt.base.errors import InputError
+from llamatrt.models.checkpoint import Checkpoint
+from llamatrt.models.layers import DecoderLayer
+from llamatrt.models.mask import causal_mask
+from llamatrt.models.rope import Rotary, inv_freq_from_config, rope_cos_sin
+
+CALIBRATION_CONTEXT = 256  # tokens per calibration sequence
+CALIBRATION_SEQUENCES = 32  # at most: 8,192 tokens, GPTQ's paper's 128 x 2,048 scaled to small models
+SEQUENCES_PER_CALL = 8
+# the projections GPTQ quantizes, by their input: each module's parameter is `{module}.weight`
+PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+
+
+def calibration_ids(tokenizer: object, path: Path) -> list[list[int]]:
+    """The text's tokens in sequences of CALIBRATION_CONTEXT (the last partial one dropped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read calibration text {path} ({e}); give a UTF-8 text file") from e
+    if tokenizer is None:
+        raise InputError("this checkpoint has no tokenizer to read calibration text with; drop --calibration")
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    if len(ids) < CALIBRATION_CONTEXT:
+        raise InputError(
+            f"calibration text {path} is {len(ids)} tokens; give at least {CALIBRATION_CONTEXT} "
+            f"(a few thousand, up to {CALIBRATION_CONTEXT * CALIBRATION_SEQUENCES}, of the kind the model will read)"
+        )
+    count = min(len(ids) // CALIBRATION_CONTEXT, CALIBRATION_SEQUENCES)
+    return [ids[i * CALIBRATION_CONTEXT : (i + 1) * CALIBRATION_CONTEXT] for i in range(count)]
+
+
+def is_calibrated(name: str) -> bool:
+    """Whether GPTQ quantizes this parameter (every decoder projection; the head and embedding not)."""
+    match = _LAYER.match(name)
+    return match is not None and match.group(2) in PROJECTIONS
+
+
+class Calibration:
+    """H of each projection, layer by layer as they are asked for. Thread-safe: the export quantizes
+    later layers in a background thread while it traces."""
+
+    def __init__(self, checkpoint: Checkpoint, ids: Sequence[Sequence[int]], text: str = "") -> None:
+        self.checkpoint, self.text = checkpoint, text
+        config = checkpoint.config
+        tokens = torch.tensor(ids, dtype=torch.long)
+        self.hidden = checkpoint.parameter("model.embed_tokens.weight")[tokens]  # [sequences, context, hidden]
+        positions = torch.arange(tokens.shape[1]).expand(SEQUENCES_PER_CALL, -1)
+        cos, sin = rope_cos_sin(inv_freq_from_config(config), positions, torch.float32)
+        self.rotary = Rotary(cos, sin, positions)
+        self.mask = causal_mask(positions, torch.ones_like(positions))
+        self.next_layer = 0
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def describe(self) -> dict[str, object]:
+        """What the manifest records of it."""
+        return {"text": self.text, "tokens": int(self.hidden.shape[0] * self.hidden.shape[1])}
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """H of parameter `name` (is_calibrated). Layers are run in order up to its own; the H of a
+        layer already passed is gone (the quantizer keeps what it made of it)."""
+        match = _LAYER.match(name)
+        assert match is not None and match.group(2) in PROJECTIONS, name
+        layer = int(match.group(1))
+        with self.lock:
+            if layer < self.next_layer - 1:
+                raise RuntimeError(f"{name}: calibration has moved past layer {layer}")
+            while self.next_layer <= layer:
+                self._run_next_layer()
+            return self.hessians[name]
+
+    @torch.no_grad()
+    def _run_next_layer(self) -> None:
+        """One layer on every sequence: its projections' H, and its outputs as the next layer's inputs."""
+        config, index = self.checkpoint.config, self.next_layer
+        with torch.device("meta"):
+            layer = DecoderLayer(config)
+        prefix = f"model.layers.{index}."
+        layer.load_state_dict({k: self.checkpoint.parameter(prefix + k) for k in layer.state_dict()}, assign=True)
+        hessians = {f"{prefix}{p}.weight": torch.zeros(0, dtype=torch.float64) for p in PROJECTIONS}
+
+        def accumulate(name: str) -> object:
+            def hook(_: torch.nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
+                x = inputs[0].reshape(-1, inputs[0].shape[-1])
+                moment = (x.T @ x).to(torch.float64)
+                hessians[name] = moment if hessians[name].numel() == 0 else hessians[name] + moment
+
+            return hook
+
+        handles = [layer.get_submodule(p).register_forward_hook(accumulate(f"{prefix}{p}.weight")) for p in PROJECTIONS]
+        cache_position = self.rotary.position_ids
+        for start in range(0, self.hidden.shape[0], SEQUENCES_PER_CALL):
+            x = self.hidden[start : start + SEQUENCES_PER_CALL]
+            rows = x.shape[0]
+            key, value = (torch.zeros(rows, config.num_kv_heads, x.shape[1], config.head_dim) for _ in range(2))
+            rotary = Rotary(self.rotary.cos[:rows], self.rotary.sin[:rows], cache_position[:rows])
+            self.hidden[start : start + rows] = layer(x, rotary, self.mask[:rows], cache_position[:rows], key, value)[0]
+        for handle in handles:
+            handle.remove()
+        self.hessians = hessians
+        self.next_layer += 1
