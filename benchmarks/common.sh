@@ -54,3 +54,14 @@ llama_bench_tg128() {  # $1 .gguf: prints llama-bench's tg128 decode tok/s, 2 th
     "$CPP/build/bin/llama-bench" -m "$1" -t 2 -p 0 -n 128 -r 1 -o json 2>/dev/null | \
         $PY -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'], 1))"
 }
+
+llamacpp_kl() {  # $1 the f32 .gguf (the reference), $2 a quantized .gguf, $3 a text: llama-perplexity's
+    # KL of $2 against $1 on $3, context 256, 2 threads; prints its mean, 99th percentile, max and same-top lines
+    local label
+    label=$(basename "$2" .gguf)
+    "$CPP/build/bin/llama-perplexity" -m "$1" -f "$3" -c 256 -t 2 \
+        --kl-divergence-base "$OUT/base.kld" > "$OUT/ppl-f32.log" 2>&1
+    "$CPP/build/bin/llama-perplexity" -m "$2" -f "$3" -c 256 -t 2 \
+        --kl-divergence-base "$OUT/base.kld" --kl-divergence > "$OUT/kl-$label.log" 2>&1
+    grep -E "Mean +KLD|99.0%|Maximum KLD|Same top p" "$OUT/kl-$label.log" || tail -20 "$OUT/kl-$label.log"
+}

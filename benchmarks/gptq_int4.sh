@@ -43,12 +43,8 @@ if [ ! -f "$OUT/q4_0.gguf" ]; then  # the f32 GGUF is also KL's reference
 fi
 
 echo "== accuracy: KL against fp32 on $TEXT, context 256"
-"$CPP/build/bin/llama-perplexity" -m "$OUT/f32.gguf" -f "$TEXT" -c 256 -t 2 \
-    --kl-divergence-base "$OUT/base.kld" > "$OUT/ppl-f32.log" 2>&1
-"$CPP/build/bin/llama-perplexity" -m "$OUT/q4_0.gguf" -f "$TEXT" -c 256 -t 2 \
-    --kl-divergence-base "$OUT/base.kld" --kl-divergence > "$OUT/kl-q4_0.log" 2>&1
 echo "llama.cpp Q4_0:"
-grep -E "Mean +KLD|99.0%|Maximum KLD|Same top p" "$OUT/kl-q4_0.log" || tail -20 "$OUT/kl-q4_0.log"
+llamacpp_kl "$OUT/f32.gguf" "$OUT/q4_0.gguf" "$TEXT"
 for name in rtn gptq-self gptq-licences; do
     echo "llamatrt $name: $($PY benchmarks/kl_on_text.py "$OUT/fp32" "$OUT/$name" "$TEXT" 256)"
 done

@@ -32,12 +32,8 @@ if [ ! -f "$OUT/smollm2-q4_0.gguf" ]; then  # the f32 GGUF is also KL's referenc
 fi
 
 echo "== accuracy: SmolLM2, KL against fp32 on $TEXT, context 256"
-"$CPP/build/bin/llama-perplexity" -m "$OUT/smollm2-f32.gguf" -f "$TEXT" -c 256 -t 2 \
-    --kl-divergence-base "$OUT/base.kld" > "$OUT/ppl-f32.log" 2>&1
-"$CPP/build/bin/llama-perplexity" -m "$OUT/smollm2-q4_0.gguf" -f "$TEXT" -c 256 -t 2 \
-    --kl-divergence-base "$OUT/base.kld" --kl-divergence > "$OUT/kl-q4_0.log" 2>&1
 echo "llama.cpp Q4_0 ($(grep -oE 'type +q6_K: +[0-9]+ tensors' "$OUT/quantize.log" | head -1 || true)):"
-grep -E "Mean +KLD|99.0%|Maximum KLD|Same top p" "$OUT/kl-q4_0.log" || tail -20 "$OUT/kl-q4_0.log"
+llamacpp_kl "$OUT/smollm2-f32.gguf" "$OUT/smollm2-q4_0.gguf" "$TEXT"
 for v in $VARIANTS; do
     IFS=: read -r block level head <<< "$v"
     echo "llamatrt int4 block $block, accuracy level $level, head $head: $($PY benchmarks/kl_on_text.py "$OUT/fp32" \
