@@ -63,7 +63,8 @@ class Calibration:
         self.checkpoint, self.text = checkpoint, text
         config = checkpoint.config
         tokens = torch.tensor(ids, dtype=torch.long)
-        self.hidden = checkpoint.parameter("model.embed_tokens.weight")[tokens]  # [sequences, context, hidden]
+        # [sequences, context, hidden]: the rows read in the stored dtype, only they made fp32
+        self.hidden = checkpoint.stored_parameter("model.embed_tokens.weight")[tokens].to(torch.float32)
         positions = torch.arange(tokens.shape[1]).expand(SEQUENCES_PER_CALL, -1)
         cos, sin = rope_cos_sin(inv_freq_from_config(config), positions, torch.float32)
         self.rotary = Rotary(cos, sin, positions)
@@ -97,13 +98,13 @@ class Calibration:
             layer = DecoderLayer(config)
         prefix = f"model.layers.{index}."
         layer.load_state_dict({k: self.checkpoint.parameter(prefix + k) for k in layer.state_dict()}, assign=True)
-        hessians = {f"{prefix}{p}.weight": torch.zeros(0, dtype=torch.float64) for p in PROJECTIONS}
+        hessians: dict[str, torch.Tensor] = {}
 
         def accumulate(name: str) -> object:
             def hook(_: torch.nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
                 x = inputs[0].reshape(-1, inputs[0].shape[-1])
                 moment = (x.T @ x).to(torch.float64)
-                hessians[name] = moment if hessians[name].numel() == 0 else hessians[name] + moment
+                hessians[name] = hessians[name] + moment if name in hessians else moment
 
             return hook
 
