@@ -1,5 +1,5 @@
-"""The second moments H = Σ xᵀx of every projection's inputs over calibration text: what GPTQ
-(exporter.gptq) weighs each weight's rounding error by.
+"""The second moments H = Σ xᵀx of every projection's inputs, and of the output head's, over
+calibration text: what GPTQ (exporter.gptq) weighs each weight's rounding error by.
 
 Computed one decoder layer at a time from the checkpoint, as the export streams its weights: the
 calibration tokens' hidden states and one layer's parameters are all that is held, never the model.
@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from llamatrt.base.errors import InputError
+from llamatrt.exporter.onnx_export import TRACING
 from llamatrt.models.checkpoint import Checkpoint
 from llamatrt.models.layers import DecoderLayer
 from llamatrt.models.mask import causal_mask
@@ -50,7 +52,8 @@ def calibration_ids(tokenizer: object, path: Path) -> list[list[int]]:
 
 
 def is_calibrated(name: str) -> bool:
-    """Whether GPTQ quantizes this parameter (every decoder projection; the head and embedding not)."""
+    """Whether this is a decoder projection, whose H `Calibration.hessian` gives (the head's is
+    `Calibration.head_hessian`)."""
     match = _LAYER.match(name)
     return match is not None and match.group(2) in PROJECTIONS
 
@@ -71,6 +74,7 @@ class Calibration:
         self.mask = causal_mask(positions, torch.ones_like(positions))
         self.next_layer = 0
         self.hessians: dict[str, torch.Tensor] = {}
+        self.head: torch.Tensor | None = None
         self.lock = threading.Lock()
 
     def describe(self) -> dict[str, object]:
@@ -91,13 +95,46 @@ class Calibration:
             return self.hessians[name]
 
     @torch.no_grad()
-    def _run_next_layer(self) -> None:
-        """One layer on every sequence: its projections' H, and its outputs as the next layer's inputs."""
-        config, index = self.checkpoint.config, self.next_layer
+    def head_hessian(self) -> torch.Tensor:
+        """H of the output head's inputs (the final norm's outputs). The export asks for the head
+        before the layers it streams, so the layers not yet run are run here on a copy of the hidden
+        states, without their H: one more pass over the calibration text, a layer at a time."""
+        with self.lock:
+            if self.head is None:
+                hidden = self.hidden.clone()
+                for index in range(self.next_layer, self.checkpoint.config.num_layers):
+                    self._forward(self._layer(index), hidden)
+                norm = self.checkpoint.parameter("model.norm.weight")
+                x = F.rms_norm(hidden, (hidden.shape[-1],), norm, self.checkpoint.config.rms_norm_eps)
+                x = x.reshape(-1, x.shape[-1])
+                self.head = (x.T @ x).to(torch.float64)
+            return self.head
+
+    def _layer(self, index: int) -> DecoderLayer:
+        """Decoder layer `index` over the checkpoint's (mapped) tensors, read alone."""
         with torch.device("meta"):
-            layer = DecoderLayer(config)
+            layer = DecoderLayer(self.checkpoint.config)
         prefix = f"model.layers.{index}."
         layer.load_state_dict({k: self.checkpoint.parameter(prefix + k) for k in layer.state_dict()}, assign=True)
+        return layer
+
+    def _forward(self, layer: DecoderLayer, hidden: torch.Tensor) -> None:
+        """`hidden` [sequences, context, size] through `layer`, in place, SEQUENCES_PER_CALL at a time;
+        never while a graph is traced (onnx_export.TRACING: the layer would take the trace's paths)."""
+        config, cache_position = self.checkpoint.config, self.rotary.position_ids
+        with TRACING:
+            for start in range(0, hidden.shape[0], SEQUENCES_PER_CALL):
+                x = hidden[start : start + SEQUENCES_PER_CALL]
+                rows = x.shape[0]
+                key, value = (torch.zeros(rows, config.num_kv_heads, x.shape[1], config.head_dim) for _ in range(2))
+                rotary = Rotary(self.rotary.cos[:rows], self.rotary.sin[:rows], cache_position[:rows])
+                hidden[start : start + rows] = layer(x, rotary, self.mask[:rows], cache_position[:rows], key, value)[0]
+
+    @torch.no_grad()
+    def _run_next_layer(self) -> None:
+        """One layer on every sequence: its projections' H, and its outputs as the next layer's inputs."""
+        prefix = f"model.layers.{self.next_layer}."
+        layer = self._layer(self.next_layer)
         hessians: dict[str, torch.Tensor] = {}
 
         def accumulate(name: str) -> object:
@@ -109,13 +146,7 @@ class Calibration:
             return hook
 
         handles = [layer.get_submodule(p).register_forward_hook(accumulate(f"{prefix}{p}.weight")) for p in PROJECTIONS]
-        cache_position = self.rotary.position_ids
-        for start in range(0, self.hidden.shape[0], SEQUENCES_PER_CALL):
-            x = self.hidden[start : start + SEQUENCES_PER_CALL]
-            rows = x.shape[0]
-            key, value = (torch.zeros(rows, config.num_kv_heads, x.shape[1], config.head_dim) for _ in range(2))
-            rotary = Rotary(self.rotary.cos[:rows], self.rotary.sin[:rows], cache_position[:rows])
-            self.hidden[start : start + rows] = layer(x, rotary, self.mask[:rows], cache_position[:rows], key, value)[0]
+        self._forward(layer, self.hidden)
         for handle in handles:
             handle.remove()
         self.hessians = hessians

@@ -25,33 +25,43 @@ from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight, check
 
 DAMPING = 0.01  # of the mean diagonal, added to it: keeps the Cholesky factor of a rank-poor H finite
 COLUMNS_PER_PASS = 128  # columns whose updates are applied lazily, as one matrix product
+CHUNK_ELEMENTS = 1 << 23  # weights solved at once (64 MiB in float64; a few copies of it are held)
 SCALE_FACTORS = torch.linspace(0.7, 1.15, 46, dtype=torch.float64)  # the grid around the max's scale
 
 
 def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block: int) -> QuantizedWeight:
     """W [N, K] in symmetric blocks of `block` along K, given H = Σ xᵀx [K, K] over the calibration
-    inputs x of this weight's product."""
+    inputs x of this weight's product. Rows are independent given H, so they are solved
+    CHUNK_ELEMENTS at a time: a 128k-row head never has a float64 copy of its own."""
     check_block_size(block)
     n, k = weight.shape
     levels = 1 << (bits - 1)
     padded = -(-k // block) * block
-    w = torch.zeros(n, padded, dtype=torch.float64)
-    w[:, :k] = torch.from_numpy(np.asarray(weight, dtype=np.float32))
     h = torch.eye(padded, dtype=torch.float64)
     h[:k, :k] = hessian.to(torch.float64)
     unseen = torch.diagonal(h) == 0  # an input that never fired: its weights cannot matter
     h[unseen, unseen] = 1
-    w[:, unseen] = 0
-
-    scales = _block_scales(w, torch.diagonal(h).clone(), levels, block)  # [N, K/block]
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-    codes = _quantize_columns(w[:, order], h[order][:, order], scales[:, order // block], levels)
-    codes = codes[:, torch.argsort(order)].to(torch.int16) + DEFAULT_ZERO[bits]
-    codes_np = codes.numpy().astype(np.uint8).reshape(n, padded // block, block)
-    packed = (codes_np[..., 0::2] | (codes_np[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else codes_np
-    return QuantizedWeight(
-        bits, block, n, k, packed, scales.to(torch.float32).numpy(), DEFAULT_ZERO[bits], None, "gptq"
-    )
+    importance = torch.diagonal(h).clone()
+    order = torch.argsort(importance, descending=True, stable=True)
+    h = h[order][:, order]
+    h += DAMPING * torch.diagonal(h).mean() * torch.eye(padded, dtype=h.dtype)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = np.empty((n, padded), dtype=np.uint8)
+    scales = np.empty((n, padded // block), dtype=np.float32)
+    rows = max(1, CHUNK_ELEMENTS // padded)
+    for first in range(0, n, rows):
+        w = torch.zeros(min(rows, n - first), padded, dtype=torch.float64)
+        w[:, :k] = torch.from_numpy(np.asarray(weight[first : first + rows], dtype=np.float32))
+        w[:, unseen] = 0
+        chunk_scales = _block_scales(w, importance, levels, block)  # [rows, K/block]
+        chunk_codes = _quantize_columns(w[:, order], inverse, chunk_scales[:, order // block], levels)
+        codes[first : first + rows] = (
+            chunk_codes[:, torch.argsort(order)].to(torch.int16) + DEFAULT_ZERO[bits]
+        ).numpy()
+        scales[first : first + rows] = chunk_scales.to(torch.float32).numpy()
+    codes = codes.reshape(n, padded // block, block)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else codes
+    return QuantizedWeight(bits, block, n, k, packed, scales, DEFAULT_ZERO[bits], None, "gptq")
 
 
 def _block_scales(w: torch.Tensor, importance: torch.Tensor, levels: int, block: int) -> torch.Tensor:
@@ -72,15 +82,13 @@ def _block_scales(w: torch.Tensor, importance: torch.Tensor, levels: int, block:
     return best
 
 
-def _quantize_columns(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, levels: int) -> torch.Tensor:
-    """The codes (-levels .. levels-1) of W [N, K], column by column in the given order, each column's
-    error carried into the later ones through the upper Cholesky factor of H⁻¹ (the paper's
-    Algorithm 1, updates applied COLUMNS_PER_PASS columns at a time). `scales` [N, K]: each column's."""
+def _quantize_columns(w: torch.Tensor, inverse: torch.Tensor, scales: torch.Tensor, levels: int) -> torch.Tensor:
+    """The codes (-levels .. levels-1) of W [N, K] (updated in place), column by column in the given
+    order, each column's error carried into the later ones through `inverse`, the upper Cholesky
+    factor of the damped H⁻¹ in that order (the paper's Algorithm 1, updates applied
+    COLUMNS_PER_PASS columns at a time). `scales` [N, K]: each column's."""
     k = w.shape[1]
-    h = h + DAMPING * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
-    w = w.clone()
     for start in range(0, k, COLUMNS_PER_PASS):
         end = min(start + COLUMNS_PER_PASS, k)
         part, errors = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start, dtype=w.dtype)

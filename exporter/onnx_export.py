@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,12 @@ def dynamic_shapes(spec: GraphSpec, max_batch: int) -> dict[str, tuple[dict[int,
     return {"inputs": shapes} if any(shapes) else None
 
 
+# Held while torch traces. torch.compiler.is_exporting() is process-wide, so a model run eagerly in
+# another thread meanwhile (the calibration's layer runs, exporter.calibration, beside the stream)
+# would take the traced paths (the custom ops) and break the trace's own state.
+TRACING = threading.Lock()
+
+
 def graph_to_onnx(model: StaticLlama, spec: GraphSpec, max_batch: int) -> ir.Model:
     """Export one variant (rows per call up to `max_batch` where they are open); returns the
     in-memory onnx_ir model (weights still in memory)."""
@@ -109,7 +116,7 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec, max_batch: int) -> ir.Mod
     spec = replace(spec, inputs=tuple(t for t in spec.inputs if t.name not in names.PACKING_INPUTS))
     fused = spec.attention == ONNXRUNTIME.name
     module = GraphModule(model, spec.full_logits, int(spec.input("attention_mask").shape[1]) if fused else None)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with TRACING, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,

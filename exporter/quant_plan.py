@@ -5,7 +5,8 @@ From a GGUF the file's own blocks are carried over whatever `--quantize` says (t
 checkpoint's weights; re-quantizing them would only lose accuracy), and only tensors the file holds
 as floats are quantized to the requested bits. From float checkpoints, ONNX Runtime's quantizer
 (round-to-nearest, symmetric) makes every block, or, given calibration text (`--calibration`),
-GPTQ makes the decoder projections' (exporter.gptq) and round-to-nearest the head's.
+GPTQ makes the decoder projections' and the head's (exporter.gptq; a tied embedding reads the
+head's blocks, an untied one keeps round-to-nearest: no product weighs its rows).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def default_head(scheme: str, block_size: int) -> str:
 class ParameterQuantizer:
     """One parameter's blocks at a time: the GGUF's own where the file holds them (and they are the
     weights transformers loaded), else GPTQ of the float where calibration text is given (the decoder
-    projections; exporter.gptq), else round-to-nearest. The export calls it for the traced twin's
+    projections and the head; exporter.gptq), else round-to-nearest. The export calls it for the traced twin's
     parameters and again, tensor by tensor, for every replicated layer's."""
 
     def __init__(
@@ -138,12 +139,14 @@ class ParameterQuantizer:
                 name,
             )
             weight = None
-        if weight is None and self.calibration is not None and is_calibrated(name):
+        bits = self.head_bits if name == self.head_name else self.bits
+        if weight is None and self.calibration is not None and (is_calibrated(name) or name == self.head_name):
             if name not in self.solved:
-                self.solved[name] = gptq_quantize(array, self.calibration.hessian(name), self.bits, self.block_size)
+                calibration = self.calibration
+                hessian = calibration.head_hessian() if name == self.head_name else calibration.hessian(name)
+                self.solved[name] = gptq_quantize(array, hessian, bits, self.block_size)
             weight = self.solved[name]
         if weight is None:
-            bits = self.head_bits if name == self.head_name else self.bits
             weight = rtn_quantize(array, bits, self.block_size)
         self.origins[name] = weight.describe()
         return weight

@@ -1,6 +1,7 @@
 """GPTQ blocks (`export --quantize ... --calibration TEXT`): they cut the product's error on
 correlated inputs against round-to-nearest in the very layout MatMulNBits reads, the second moments
-computed a layer at a time equal the whole model's, and an export records and validates them."""
+computed a layer at a time (and the head's) equal the whole model's, and an export records and
+validates them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from llamatrt.exporter import gptq
 from llamatrt.exporter.calibration import CALIBRATION_CONTEXT, Calibration
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.exporter.gptq import gptq_quantize
@@ -42,6 +44,16 @@ def test_gptq_cuts_the_products_error_in_round_to_nearests_layout(n: int, k: int
         return float(((x @ (weight - w).T) ** 2).sum())
 
     assert error(gptq.dequantize()) < 0.75 * error(rtn.dequantize())  # about 0.6 on these inputs
+
+
+def test_rows_solved_in_chunks_give_the_same_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((50, 96)).astype(np.float32)
+    x = _correlated_inputs(96, rng)
+    whole = gptq_quantize(weight, torch.from_numpy(x.T @ x), 4, 32)
+    monkeypatch.setattr(gptq, "CHUNK_ELEMENTS", 7 * 96)  # 7 rows a chunk, the last one short
+    chunked = gptq_quantize(weight, torch.from_numpy(x.T @ x), 4, 32)
+    assert np.array_equal(whole.packed, chunked.packed) and np.array_equal(whole.scales, chunked.scales)
 
 
 def test_an_input_that_never_fires_zeroes_its_weights_and_leaves_the_rest_finite() -> None:
@@ -85,6 +97,7 @@ def test_second_moments_a_layer_at_a_time_equal_the_whole_models(tmp_path: Path)
 
         return accumulate
 
+    model.lm_head.register_forward_hook(hook("head"))
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.q_proj.register_forward_hook(hook(f"model.layers.{i}.self_attn.qkv_proj.weight"))
         layer.self_attn.o_proj.register_forward_hook(hook(f"model.layers.{i}.self_attn.o_proj.weight"))
@@ -92,11 +105,34 @@ def test_second_moments_a_layer_at_a_time_equal_the_whole_models(tmp_path: Path)
         layer.mlp.down_proj.register_forward_hook(hook(f"model.layers.{i}.mlp.down_proj.weight"))
     with torch.no_grad():
         model(torch.tensor(ids))
+
+    def close(mine: torch.Tensor, expected: torch.Tensor) -> bool:
+        return torch.allclose(mine, expected, rtol=1e-4, atol=1e-3 * float(expected.abs().max()))
+
+    expected_head = moments.pop("head")
+    assert close(calibration.head_hessian(), expected_head)  # asked first, as an export asks for the head
     for name in sorted(moments, key=lambda n: int(n.split(".")[2])):  # layers in order, as an export asks
-        expected = moments[name]
-        assert torch.allclose(calibration.hessian(name), expected, rtol=1e-4, atol=1e-3 * float(expected.abs().max()))
+        assert close(calibration.hessian(name), moments[name])  # the head's pass left the layers' inputs alone
     with pytest.raises(RuntimeError, match="moved past layer 0"):
         calibration.hessian("model.layers.0.mlp.down_proj.weight")
+
+
+def test_calibration_runs_no_layer_while_a_graph_is_traced(tmp_path: Path) -> None:
+    """torch.compiler.is_exporting() is process-wide: a layer run beside a trace took the trace's
+    custom ops and broke it (a KeyError from torch.fx in a SmolLM2 export at blocks of 64)."""
+    import threading
+
+    from llamatrt.exporter.onnx_export import TRACING
+
+    folder = _tiny_folder(tmp_path, layers=1)
+    calibration = Calibration(load_checkpoint(folder), [[5] * CALIBRATION_CONTEXT])
+    with TRACING:
+        asker = threading.Thread(target=calibration.head_hessian)
+        asker.start()
+        asker.join(timeout=0.5)
+        assert asker.is_alive()  # waiting for the trace to end
+    asker.join(timeout=30)
+    assert not asker.is_alive() and calibration.head is not None
 
 
 @pytest.mark.slow  # an export end to end
@@ -107,7 +143,7 @@ def test_an_export_with_calibration_text_records_gptq_blocks_and_validates(tmp_p
     options = ExportOptions(quantize="int4", calibration=text, max_cache_len=32, prefill_chunk=8)
     manifest = export_artifact(folder, tmp_path / "q", options)
     tensors = dict(manifest.quantization["tensors"])
-    assert tensors.pop("model.embed_tokens.weight") == "rtn (8-bit, block 32)"  # the head keeps round-to-nearest
+    assert tensors.pop("model.embed_tokens.weight") == "gptq (8-bit, block 32)"  # the tied head, 8-bit by default
     assert len(tensors) == 4 * 3 and set(tensors.values()) == {"gptq (4-bit, block 32)"}, tensors
     assert manifest.quantization["calibration"] == {"text": "calibration.txt", "tokens": 3 * CALIBRATION_CONTEXT}
     assert manifest.validation["max_abs_logits_error"] < 1e-4
