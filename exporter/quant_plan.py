@@ -5,7 +5,7 @@ From a GGUF the file's own blocks are carried over whatever `--quantize` says (t
 checkpoint's weights; re-quantizing them would only lose accuracy), and only tensors the file holds
 as floats are quantized to the requested bits. From float checkpoints, ONNX Runtime's quantizer
 (round-to-nearest, symmetric) makes every block, or, given calibration text (`--calibration`),
-GPTQ makes the decoder projections' and the head's (exporter.gptq; a tied embedding reads the
+GPTQ makes the decoder projections' and a 4-bit head's (exporter.gptq; a tied embedding reads the
 head's blocks, an untied one keeps round-to-nearest: no product weighs its rows).
 """
 
@@ -109,7 +109,7 @@ def default_head(scheme: str, block_size: int) -> str:
 class ParameterQuantizer:
     """One parameter's blocks at a time: the GGUF's own where the file holds them (and they are the
     weights transformers loaded), else GPTQ of the float where calibration text is given (the decoder
-    projections and the head; exporter.gptq), else round-to-nearest. The export calls it for the traced twin's
+    projections and a 4-bit head; exporter.gptq), else round-to-nearest. The export calls it for the traced twin's
     parameters and again, tensor by tensor, for every replicated layer's."""
 
     def __init__(
@@ -140,7 +140,8 @@ class ParameterQuantizer:
             )
             weight = None
         bits = self.head_bits if name == self.head_name else self.bits
-        if weight is None and self.calibration is not None and (is_calibrated(name) or name == self.head_name):
+        gptq_head = name == self.head_name and bits == 4  # an 8-bit head's rounding costs too little to pay a pass for
+        if weight is None and self.calibration is not None and (is_calibrated(name) or gptq_head):
             if name not in self.solved:
                 calibration = self.calibration
                 hessian = calibration.head_hessian() if name == self.head_name else calibration.hessian(name)

@@ -140,10 +140,12 @@ def test_an_export_with_calibration_text_records_gptq_blocks_and_validates(tmp_p
     folder = _tiny_folder(tmp_path, layers=3)  # layers 2.. are quantized as the export streams them
     text = tmp_path / "calibration.txt"
     text.write_text(_calibration_text(3 * CALIBRATION_CONTEXT + 17))
-    options = ExportOptions(quantize="int4", calibration=text, max_cache_len=32, prefill_chunk=8)
+    options = ExportOptions(quantize="int4", head_quantize="int4", calibration=text, max_cache_len=32, prefill_chunk=8)
     manifest = export_artifact(folder, tmp_path / "q", options)
     tensors = dict(manifest.quantization["tensors"])
-    assert tensors.pop("model.embed_tokens.weight") == "gptq (8-bit, block 32)"  # the tied head, 8-bit by default
+    assert (
+        tensors.pop("model.embed_tokens.weight") == "gptq (4-bit, block 32)"
+    )  # the tied head (8-bit: round-to-nearest)
     assert len(tensors) == 4 * 3 and set(tensors.values()) == {"gptq (4-bit, block 32)"}, tensors
     assert manifest.quantization["calibration"] == {"text": "calibration.txt", "tokens": 3 * CALIBRATION_CONTEXT}
     assert manifest.validation["max_abs_logits_error"] < 1e-4
