@@ -41,7 +41,9 @@ def calibration_ids(tokenizer: object, path: Path) -> list[list[int]]:
         raise InputError(f"cannot read calibration text {path} ({e}); give a UTF-8 text file") from e
     if tokenizer is None:
         raise InputError("this checkpoint has no tokenizer to read calibration text with; drop --calibration")
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    # verbose=False: a text longer than the tokenizer's model_max_length is cut into sequences below,
+    # so transformers' warning about that length would be noise
+    ids: list[int] = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # type: ignore[operator]
     if len(ids) < CALIBRATION_CONTEXT:
         raise InputError(
             f"calibration text {path} is {len(ids)} tokens; give at least {CALIBRATION_CONTEXT} "
