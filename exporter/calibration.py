@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llamatrt.base.errors import InputError
 from llamatrt.exporter.onnx_export import TRACING
 from llamatrt.models.checkpoint import Checkpoint
-from llamatrt.models.layers import DecoderLayer
+from llamatrt.models.layers import DecoderLayer, RMSNorm
 from llamatrt.models.mask import causal_mask
 from llamatrt.models.rope import Rotary, inv_freq_from_config, rope_cos_sin
 
@@ -106,9 +105,10 @@ class Calibration:
                 hidden = self.hidden.clone()
                 for index in range(self.next_layer, self.checkpoint.config.num_layers):
                     self._forward(self._layer(index), hidden)
-                norm = self.checkpoint.parameter("model.norm.weight")
-                x = F.rms_norm(hidden, (hidden.shape[-1],), norm, self.checkpoint.config.rms_norm_eps)
-                x = x.reshape(-1, x.shape[-1])
+                config = self.checkpoint.config
+                norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+                norm.load_state_dict({"weight": self.checkpoint.parameter("model.norm.weight")})
+                x = norm(hidden).reshape(-1, config.hidden_size)
                 self.head = (x.T @ x).to(torch.float64)
             return self.head
 

@@ -43,6 +43,7 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block: i
     h[unseen, unseen] = 1
     importance = torch.diagonal(h).clone()
     order = torch.argsort(importance, descending=True, stable=True)
+    unorder = torch.argsort(order)
     h = h[order][:, order]
     h += DAMPING * torch.diagonal(h).mean() * torch.eye(padded, dtype=h.dtype)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -55,9 +56,7 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block: i
         w[:, unseen] = 0
         chunk_scales = _block_scales(w, importance, levels, block)  # [rows, K/block]
         chunk_codes = _quantize_columns(w[:, order], inverse, chunk_scales[:, order // block], levels)
-        codes[first : first + rows] = (
-            chunk_codes[:, torch.argsort(order)].to(torch.int16) + DEFAULT_ZERO[bits]
-        ).numpy()
+        codes[first : first + rows] = (chunk_codes[:, unorder].to(torch.int16) + DEFAULT_ZERO[bits]).numpy()
         scales[first : first + rows] = chunk_scales.to(torch.float32).numpy()
     codes = codes.reshape(n, padded // block, block)
     packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else codes

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from llamatrt.exporter import gptq
 from llamatrt.exporter.calibration import CALIBRATION_CONTEXT, Calibration
 from llamatrt.exporter.export import ExportOptions
 from llamatrt.exporter.gptq import gptq_quantize
@@ -51,7 +50,7 @@ def test_rows_solved_in_chunks_give_the_same_blocks(monkeypatch: pytest.MonkeyPa
     weight = rng.standard_normal((50, 96)).astype(np.float32)
     x = _correlated_inputs(96, rng)
     whole = gptq_quantize(weight, torch.from_numpy(x.T @ x), 4, 32)
-    monkeypatch.setattr(gptq, "CHUNK_ELEMENTS", 7 * 96)  # 7 rows a chunk, the last one short
+    monkeypatch.setattr("llamatrt.exporter.gptq.CHUNK_ELEMENTS", 7 * 96)  # 7 rows a chunk, the last one short
     chunked = gptq_quantize(weight, torch.from_numpy(x.T @ x), 4, 32)
     assert np.array_equal(whole.packed, chunked.packed) and np.array_equal(whole.scales, chunked.scales)
 
