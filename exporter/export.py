@@ -38,7 +38,7 @@ from llamatrt.exporter.artifacts import (
 from llamatrt.exporter.calibration import Calibration, calibration_ids
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
-from llamatrt.exporter.ort_fusions import fuse_skip_rms_norm
+from llamatrt.exporter.ort_fusions import fuse_skip_rms_norm, fuse_swiglu
 from llamatrt.exporter.ort_packing import pack_tokens
 from llamatrt.exporter.quant_plan import (
     ParameterQuantizer,
@@ -388,9 +388,10 @@ def _saved_twin(spec: GraphSpec, graph: Any, folder: Path) -> GraphSpec:
 
 
 def _ort_form(graph: Any) -> None:
-    """What only ONNX Runtime's graph gets, once its layers are all there: the fused residual norms
-    (exporter.ort_fusions) and packed tokens (exporter.ort_packing)."""
+    """What only ONNX Runtime's graph gets, once its layers are all there: the fused residual norms and
+    SwiGLU (exporter.ort_fusions) and packed tokens (exporter.ort_packing)."""
     fuse_skip_rms_norm(graph)
+    fuse_swiglu(graph)
     pack_tokens(graph)
 
 

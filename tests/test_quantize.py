@@ -170,6 +170,10 @@ def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_ch
         assert manifest.quantization["int4_kernel"] == "onnxruntime"
     else:
         assert {n.op_type for n in products} == {MATMUL_INT4} and manifest.quantization["int4_kernel"] == "llamatrt"
+        # each layer's gate/up product applies SwiGLU in the kernel (exporter.ort_fusions.fuse_swiglu),
+        # and the validation above ran that graph
+        gated = [n for n in products if any(a.name == "swiglu" and a.i == 1 for a in n.attribute)]
+        assert len(gated) == 2 and not [n for n in graph.graph.node if n.op_type == "Sigmoid"]
     # the head reads the quantized rows, not a transposed float table (Q4_1 transposes its scales)
     assert all(n.input[0].endswith(".scales") for n in graph.graph.node if n.op_type == "Transpose")
     assert not [

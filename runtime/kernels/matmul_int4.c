@@ -21,7 +21,10 @@
  * float [K / block, N] (optional: absent means -8 * scales; the layout llamatrt's artifacts store).
  * block_size a multiple of 32. B, scales and offsets must be constant initializers: they are
  * repacked once, when the session is made, into tiles of 16 output rows.
- * Output: Y [..., N] float.
+ * Output: Y [..., N] float; or, with the attribute swiglu = 1, Y [..., N / 2] = silu(P[..., :N / 2]) *
+ * P[..., N / 2:] for the product P (a Llama MLP's gate and up projections held as one weight, N / 2 a
+ * multiple of 8): the activation is applied as each tile's outputs are made, so the graph needs no
+ * Slice, Sigmoid or Mul nodes after it (on a small model's decode step each node costs dispatch time).
  *
  * Only the few ONNX Runtime C API entries this uses are declared below, at their indices in
  * OrtApi (a table that only ever grows); RegisterCustomOps asks for API version 20 (ONNX Runtime
@@ -62,6 +65,7 @@ typedef struct {
 
 typedef struct {
   int64_t n, k, groups, tiles;
+  int gated;      /* swiglu: tile t holds gate rows 8t..8t+7, then up rows N/2 + 8t..N/2 + 8t+7 */
   int half;       /* d and o held as fp16: every one of them is an fp16 value (a GGUF's are) */
   int64_t stride; /* bytes of one tile-group: TILE_STRIDE or TILE_STRIDE_HALF */
   uint8_t* packed; /* tiles * groups * stride bytes */
@@ -113,6 +117,13 @@ static float scale_at(const uint8_t* p, int half, int r) {
   return half ? half_to_float(((const uint16_t*)(p + TILE_CODES))[r]) : ((const float*)(p + TILE_CODES))[r];
 }
 
+/* The weight row a tile's row r holds: rows in order, or (gated) half a tile of gate rows and the
+ * matching half of up rows, so that a tile's 16 outputs make 8 of the activation's. */
+static int64_t source_row(const Weights* w, int64_t t, int r) {
+  if (!w->gated) return t * TILE + r;
+  return r < TILE / 2 ? t * (TILE / 2) + r : w->n / 2 + t * (TILE / 2) + (r - TILE / 2);
+}
+
 /* A tile-group's codes are four 64-byte rows j = 0..3; byte r*4 + i of row j holds code k = 4j + i
  * of output row r in its low nibble and k = 4(j + 4) + i in its high one, so one 32-byte load and a
  * mask give eight rows' codes for four consecutive k, which a broadcast of four activations meets. */
@@ -123,7 +134,7 @@ static void pack_weights(Weights* w, const uint8_t* b, const float* scales, cons
     for (int64_t g = 0; g < w->groups; g++) {
       uint8_t* p = w->packed + (t * w->groups + g) * w->stride;
       for (int r = 0; r < TILE; r++) {
-        int64_t row = t * TILE + r;
+        int64_t row = source_row(w, t, r);
         for (int j = 0; j < 4; j++)
           for (int i = 0; i < 4; i++) {
             uint8_t low = 0, high = 0;
@@ -154,9 +165,10 @@ static void pack_weights(Weights* w, const uint8_t* b, const float* scales, cons
 /* A weight's tiles (0, or 1 where memory ran out). K is padded to whole blocks, as MatMulNBits pads a
  * last partial block; w->k is then the activations' own width. */
 static int make_weights(Weights* w, const uint8_t* b, const float* scales, const float* offsets, int64_t n,
-                        int64_t k, int64_t block) {
+                        int64_t k, int64_t block, int gated) {
   int64_t blocks = (k + block - 1) / block;
   w->n = n;
+  w->gated = gated;
   w->k = blocks * block;
   w->groups = w->k / GROUP;
   w->tiles = (n + TILE - 1) / TILE;
@@ -437,20 +449,57 @@ static AVX2 void tile_avx2(const uint8_t* w, int half_scales, const Group* const
 }
 #endif
 
+/* silu(gate) * up for 8 outputs: gate in p[0..7], up in p[8..15] */
+static void swiglu_scalar(const float* p, float* out) {
+  for (int i = 0; i < TILE / 2; i++) out[i] = p[i] / (1.0f + expf(-p[i])) * p[TILE / 2 + i];
+}
+
+#ifdef MATMUL_INT4_X86
+/* e^x for x in [-88, 88] (clamped), 8 lanes: 2^n * e^r with r = x - n ln 2 in [-ln2/2, ln2/2], e^r by
+ * its degree-6 Taylor polynomial (relative error below 2e-7, a couple of fp32 ulps), ln 2 in two
+ * parts so that r is exact; the method of Cephes' expf. */
+static inline AVX2 __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static AVX2 void swiglu_avx2(const float* p, float* out) {
+  __m256 gate = _mm256_loadu_ps(p), up = _mm256_loadu_ps(p + TILE / 2);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), up));
+}
+#endif
+
 /* rows (1 or 2) rows of activations against one tile: 16 outputs each */
 typedef void (*TileFn)(const uint8_t*, int, const Group* const*, int, int64_t, float* const*);
 
-typedef struct { /* the CPU's code for the two steps, chosen once per session */
+typedef void (*SwigluFn)(const float* tile_outputs, float* out);
+
+typedef struct { /* the CPU's code for the steps, chosen once per session */
   QuantizeFn quantize;
   TileFn tile;
+  SwigluFn swiglu;
 } Path;
 
 static Path choose_path(int force_scalar) {
-  Path path = {quantize_group, tile_scalar};
+  Path path = {quantize_group, tile_scalar, swiglu_scalar};
 #ifdef MATMUL_INT4_X86
   if (!force_scalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
-    path = (Path){quantize_group_avx2, tile_avx2};
+    path = (Path){quantize_group_avx2, tile_avx2, swiglu_avx2};
 #endif
   (void)force_scalar;
   return path;
@@ -506,8 +555,12 @@ static void run_tile(void* data, size_t t) {
     const Group* x[2] = {job->x + r * w->groups, job->x + (r + rows - 1) * w->groups};
     float* y[2] = {out[0], out[1]};
     job->path.tile(tile, w->half, x, rows, w->groups, y);
-    for (int m = 0; m < rows; m++)
-      memcpy(job->y + (r + m) * w->n + (int64_t)t * TILE, out[m], (size_t)count * sizeof(float));
+    for (int m = 0; m < rows; m++) {
+      if (w->gated) /* whole tiles: N / 2 is a multiple of 8 */
+        job->path.swiglu(out[m], job->y + (r + m) * (w->n / 2) + (int64_t)t * (TILE / 2));
+      else
+        memcpy(job->y + (r + m) * w->n + (int64_t)t * TILE, out[m], (size_t)count * sizeof(float));
+    }
   }
 }
 
@@ -654,8 +707,16 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
   RETURN_IF_ERROR(attribute(info, "K", &k));
   RETURN_IF_ERROR(attribute(info, "N", &n));
   RETURN_IF_ERROR(attribute(info, "block_size", &block));
+  int64_t swiglu = 0; /* optional: absent means a plain product */
+  OrtStatus* absent = attribute(info, "swiglu", &swiglu);
+  if (absent) {
+    ORT_CALL(ReleaseStatusFn, RELEASE_STATUS)(absent);
+    swiglu = 0;
+  }
   if (k <= 0 || n <= 0 || block <= 0 || block % GROUP != 0)
     return fail("MatMulInt4: K and N must be positive and block_size a multiple of 32");
+  if (swiglu != 0 && (swiglu != 1 || n % TILE != 0))
+    return fail("MatMulInt4: swiglu must be 0 or 1, and with 1, N a multiple of 16 (gate and up halves)");
   int64_t blocks = (k + block - 1) / block;
   const OrtValue *b_value, *scales_value, *offsets_value = NULL;
   RETURN_IF_ERROR(constant_input(info, 1, &b_value));
@@ -684,7 +745,7 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
   }
   Kernel* kernel_state = (Kernel*)calloc(1, sizeof(Kernel));
   if (!kernel_state || make_weights(&kernel_state->w, (const uint8_t*)b, (const float*)scales,
-                                    (const float*)offsets, n, k, block)) {
+                                    (const float*)offsets, n, k, block, (int)swiglu)) {
     free(kernel_state);
     return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
   }
@@ -711,7 +772,7 @@ static OrtStatus* compute(void* kernel, OrtKernelContext* context) {
   RETURN_IF_ERROR(tensor_of(a_value, dims, &rank, &a));
   if (rank < 1 || dims[rank - 1] != w->k) return fail("MatMulInt4: A's last dimension must be K");
   int64_t rows = product(dims, rank - 1);
-  dims[rank - 1] = w->n;
+  dims[rank - 1] = w->gated ? w->n / 2 : w->n;
   OrtValue* y_value = NULL;
   RETURN_IF_ERROR(ORT_CALL(GetOutputFn, KERNEL_CONTEXT_GET_OUTPUT)(context, 0, dims, rank, &y_value));
   void* y;
@@ -814,13 +875,14 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   return ORT_CALL(AddCustomOpDomainFn, ADD_CUSTOM_OP_DOMAIN)(options, g_domain);
 }
 
-/* For the tests and benchmarks (ctypes): the kernel without ONNX Runtime, one thread. */
+/* For the tests and benchmarks (ctypes): the kernel without ONNX Runtime, one thread; `swiglu` as the
+ * attribute (y then [rows, n / 2]). */
 __attribute__((visibility("default"))) int matmul_int4(const float* a, const uint8_t* b, const float* scales,
                                                         const float* offsets, int64_t rows, int64_t n, int64_t k,
-                                                        int64_t block, float* y, int scalar) {
-  if (block % GROUP != 0) return 1;
+                                                        int64_t block, float* y, int scalar, int swiglu) {
+  if (block % GROUP != 0 || (swiglu && n % TILE != 0)) return 1;
   Weights w;
-  if (make_weights(&w, b, scales, offsets, n, k, block)) return 2;
+  if (make_weights(&w, b, scales, offsets, n, k, block, swiglu)) return 2;
   Group* groups = (Group*)malloc((size_t)(rows * w.groups) * sizeof(Group));
   if (!groups) {
     free(w.packed);

@@ -46,8 +46,10 @@ def _model(
     lead: int = 1,
     open_k: bool = False,
     offsets_input: bool = False,
+    swiglu: bool = False,
 ):
-    """A graph of one MatMulInt4 node, its tensors named as an artifact names them."""
+    """A graph of one MatMulInt4 node, its tensors named as an artifact names them (`swiglu`: the
+    gate/up form, output N / 2 wide)."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(scales, "proj.scales")]  # [N, K / block], as STORED[".scales"]
@@ -64,9 +66,11 @@ def _model(
         else:
             inits.append(numpy_helper.from_array(offsets, "proj.offsets"))
         names.append("proj.offsets")
-    node = helper.make_node(MATMUL_INT4, names, ["y"], domain=DOMAIN, K=k, N=n, block_size=block)
+    gated = {"swiglu": 1} if swiglu else {}
+    node = helper.make_node(MATMUL_INT4, names, ["y"], domain=DOMAIN, K=k, N=n, block_size=block, **gated)
+    width = n // 2 if swiglu else n
     graph = helper.make_graph(
-        [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*leading, n])], inits
+        [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*leading, width])], inits
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
 
@@ -169,16 +173,63 @@ def test_a_nan_or_inf_activation_spoils_its_own_row_only(scalar: int) -> None:
     assert np.all(np.abs(y[2] - a[2].astype(np.float64) @ w.T) <= _fp32_error_bound(a[2:], magnitude)[0])
 
 
-def _ctypes_product(a, packed, scales, offsets, n: int, k: int, scalar: int) -> np.ndarray:
+def _ctypes_product(a, packed, scales, offsets, n: int, k: int, scalar: int, swiglu: int = 0) -> np.ndarray:
     """The kernel's product through its ctypes entry: `scalar` 1 takes the portable path."""
     lib = ctypes.CDLL(str(library_path()))
     lib.matmul_int4.restype = ctypes.c_int
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, ctypes.c_int]
-    y = np.zeros((a.shape[0], n), np.float32)
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, i32, i32]
+    y = np.zeros((a.shape[0], n // 2 if swiglu else n), np.float32)
     args = [np.ascontiguousarray(a), packed, scales, offsets]
-    assert lib.matmul_int4(*(x.ctypes.data for x in args), a.shape[0], n, k, 32, y.ctypes.data, scalar) == 0
+    rows = a.shape[0]
+    pointers = (None if x is None else x.ctypes.data for x in args)  # no offsets: symmetric blocks
+    assert lib.matmul_int4(*pointers, rows, n, k, 32, y.ctypes.data, scalar, swiglu) == 0
     return y
+
+
+def _swiglu_bound(a: np.ndarray, w: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """silu(gate) * up in float64 from the exact product, and what fp32 may be off by: the product's
+    own bound carried through (silu's slope is at most 1.1) plus a few ulps of the activation's
+    arithmetic (exp, a division, two products)."""
+    exact = a.astype(np.float64) @ w.T
+    bound = _fp32_error_bound(a, magnitude)
+    half = w.shape[0] // 2
+    gate, up, gate_bound, up_bound = exact[:, :half], exact[:, half:], bound[:, :half], bound[:, half:]
+    silu = gate * 0.5 * (1 + np.tanh(gate / 2))  # sigmoid without overflow
+    result = silu * up
+    carried = 1.1 * gate_bound * (np.abs(up) + up_bound) + np.abs(silu) * up_bound
+    return result, carried + 8 * UNIT_ROUNDOFF * np.abs(result)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "block", "offsets"), [(96, 64, 32, True), (64, 576, 32, False), (32, 256, 128, True)]
+)
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+def test_swiglu_is_silu_of_the_gate_half_times_the_up_half(
+    n: int, k: int, block: int, offsets: bool, rows: int
+) -> None:
+    """A Llama MLP's gate/up weight with the activation in the kernel: the first N/2 outputs are the
+    gate, the rest the up projection, as the graph's Slice -> Sigmoid -> Mul -> Mul computed them."""
+    rng = np.random.default_rng(n + k + rows)
+    packed, scales, stored_offsets, w, magnitude = _weights(rng, n, k, block, offsets, fp16=offsets)
+    a = _activations(rng, rows, k) * 0.05  # gate values over a range where silu bends
+    y = _session(packed, scales, stored_offsets, n, k, block, swiglu=True).run(None, {"a": a})[0]
+    expected, bound = _swiglu_bound(a, w, magnitude)
+    assert y.shape == (rows, n // 2)
+    assert np.all(np.abs(y - expected) <= bound), np.max(np.abs(y - expected) / bound)
+    if block == 32:  # the portable path (any CPU) too, through the ctypes entry
+        portable = _ctypes_product(a, packed, scales, stored_offsets, n, k, scalar=1, swiglu=1)
+        assert np.all(np.abs(portable - expected) <= bound)
+
+
+def test_swiglu_saturates_as_silu_does() -> None:
+    """Gates far below zero give 0 (not NaN from an overflowing exp), far above give the gate itself."""
+    rng = np.random.default_rng(6)
+    packed, scales, offsets, w, magnitude = _weights(rng, 32, 64, 32, False)
+    a = _activations(rng, 4, 64) * 40
+    y = _session(packed, scales, offsets, 32, 64, 32, swiglu=True).run(None, {"a": a})[0]
+    expected, bound = _swiglu_bound(a, w, magnitude)
+    assert np.isfinite(y).all() and np.all(np.abs(y - expected) <= bound)
 
 
 def test_weights_that_are_not_initializers_are_refused() -> None:
@@ -199,6 +250,9 @@ def test_inconsistent_shapes_are_refused_with_what_is_wrong() -> None:
         _session(packed, scales, offsets, 16, 128, 32)  # K says 128, B holds 64
     with pytest.raises(Exception, match="block_size a multiple of 32"):
         _session(packed, scales, offsets, 16, 64, 16)
+    odd = _weights(rng, 24, 64, 32, True)[:3]  # gate and up halves of 12 rows: not whole half-tiles
+    with pytest.raises(Exception, match="with 1, N a multiple of 16"):
+        _session(*odd, 24, 64, 32, swiglu=True)
     session = _session(packed, scales, offsets, 16, 64, 32, open_k=True)  # ONNX Runtime's own check passes
     with pytest.raises(Exception, match="A's last dimension must be K"):
         session.run(None, {"a": np.zeros((1, 65), np.float32)})
@@ -228,3 +282,23 @@ def test_layerwise_reads_a_matmulint4_node_as_the_matmulnbits_nodes_the_exporter
     rewritten = ort.InferenceSession(model.SerializeToString()).run(None, {"a": a})[0]
     assert np.allclose(rewritten, session.run(None, {"a": a})[0], rtol=1e-5, atol=1e-5)
     assert np.allclose(rewritten, a.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_layerwise_reads_a_swiglu_node_as_the_product_and_the_activation_it_fused() -> None:
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from llamatrt.tools.quant_twin import as_matmulnbits
+
+    rng = np.random.default_rng(7)
+    packed, scales, offsets, *_ = _weights(rng, 64, 96, 32, True)
+    model = _model(packed, scales, offsets, 64, 96, 32, lead=2, swiglu=True)
+    fused = _session(packed, scales, offsets, 64, 96, 32, lead=2, swiglu=True)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert as_matmulnbits(model, inits) == 1
+    assert {"MatMulNBits", "Slice", "Sigmoid", "Mul"} <= {n.op_type for n in model.graph.node}
+    assert [o.name for o in model.graph.output] == ["y"]  # the activation keeps the fused node's name
+    a = rng.standard_normal((2, 3, 96)).astype(np.float32) * 0.1
+    rewritten = ort.InferenceSession(model.SerializeToString()).run(None, {"a": a})[0]
+    assert rewritten.shape == (2, 3, 32)
+    assert np.allclose(rewritten, fused.run(None, {"a": a})[0], rtol=1e-5, atol=1e-6)
