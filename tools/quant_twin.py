@@ -64,39 +64,40 @@ def as_matmulnbits(model: Any, inits: Mapping[str, np.ndarray]) -> int:
             "the artifact's blocks",
         )
         if node.attributes.get_int("swiglu", 0):
-            _unfuse_swiglu(graph, node, n)
+            _unfuse_swiglu(graph, node, n, made)
         replace_matmul(graph, node, codes.removesuffix(".q4"), {"": weight}, made, accuracy_level=0)
     rewritten.opset_imports.setdefault(MS_DOMAIN, 1)
     model.CopyFrom(ir.to_proto(rewritten))
     return len(nodes)
 
 
-def _unfuse_swiglu(graph: Any, node: Any, n: int) -> None:
+def _unfuse_swiglu(graph: Any, node: Any, n: int, made: Any) -> None:
     """A MatMulInt4 with swiglu = 1 (exporter.ort_fusions.fuse_swiglu) given back the nodes it
-    replaced: its readers now read silu(P[..., :N/2]) * P[..., N/2:] of its plain product P."""
+    replaced: its readers now read silu(P[..., :N/2]) * P[..., N/2:] of its plain product P. The
+    slice bounds are initializers (`made`, exporter.quantize.Initializers), shared by the layers."""
     import onnx_ir as ir
 
     product = node.outputs[0]
     readers = list(product.uses())
-
-    def ints(*values: int) -> ir.Value:
-        constant = ir.node("Constant", [], {"value": ir.tensor(np.array(values, dtype=np.int64))})
-        chain.append(constant)
-        return constant.outputs[0]
-
-    chain: list[ir.Node] = []
-    axis, middle = ints(-1), ints(n // 2)
-    gate = ir.node("Slice", [product, ints(0), middle, axis])
-    up = ir.node("Slice", [product, middle, ints(n), axis])
+    start, middle, end, axis = (
+        made.get(name, np.array([value], dtype=np.int64))
+        for name, value in (
+            ("swiglu.start", 0),
+            (f"swiglu.half.{n}", n // 2),
+            (f"swiglu.end.{n}", n),
+            ("swiglu.axis", -1),
+        )
+    )
+    gate = ir.node("Slice", [product, start, middle, axis])
+    up = ir.node("Slice", [product, middle, end, axis])
     sigmoid = ir.node("Sigmoid", [gate.outputs[0]])
     silu = ir.node("Mul", [gate.outputs[0], sigmoid.outputs[0]])
     out = ir.node("Mul", [silu.outputs[0], up.outputs[0]])
-    chain += [gate, up, sigmoid, silu, out]
     for use in readers:
         use.node.replace_input_with(use.idx, out.outputs[0])
     if product.is_graph_output():
         graph.outputs[graph.outputs.index(product)] = out.outputs[0]
-    graph.insert_after(node, chain)
+    graph.insert_after(node, [gate, up, sigmoid, silu, out])
     out.outputs[0].name, product.name = product.name, f"{product.name}/gate_up"
     node.attributes.pop("swiglu")
 
