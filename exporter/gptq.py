@@ -21,7 +21,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llamatrt.exporter.quant_weights import DEFAULT_ZERO, QuantizedWeight, check_block_size
+from llamatrt.exporter.quant_weights import (
+    DEFAULT_ZERO,
+    QuantizedWeight,
+    block_extremes,
+    check_block_size,
+    pack_codes,
+    scales_in_fp16,
+)
 
 DAMPING = 0.01  # of the mean diagonal, added to it: keeps the Cholesky factor of a rank-poor H finite
 COLUMNS_PER_PASS = 128  # columns whose updates are applied lazily, as one matrix product
@@ -38,6 +45,8 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block: i
     n, k = weight.shape
     levels = 1 << (bits - 1)
     padded = -(-k // block) * block
+    factors = (float(SCALE_FACTORS[0]), float(SCALE_FACTORS[-1]))
+    fp16 = scales_in_fp16(block_extremes(weight, block), levels, factors)  # the weight's choice, not a chunk's
     inverse, importance, order, unseen = _solve_setup(hessian, padded)
     unorder = torch.argsort(order)
     codes = np.empty((n, padded), dtype=np.uint8)
@@ -47,15 +56,14 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block: i
         w = torch.zeros(min(rows, n - first), padded, dtype=torch.float64)
         w[:, :k] = torch.from_numpy(np.asarray(weight[first : first + rows], dtype=np.float32))
         w[:, unseen] = 0
-        chunk_scales = _block_scales(w, importance, levels, block)  # [rows, K/block]
+        chunk_scales = _block_scales(w, importance, levels, block, fp16)  # [rows, K/block]
         columns = w[:, order].T.contiguous()  # the weight's columns in their order, each one contiguous
         column_scales = chunk_scales[:, order // block].T.contiguous()
         chunk_codes = _quantize_columns(columns, inverse, column_scales, levels)
         codes[first : first + rows] = (chunk_codes[unorder].T.to(torch.int16) + DEFAULT_ZERO[bits]).numpy()
         scales[first : first + rows] = chunk_scales.to(torch.float32).numpy()
     codes = codes.reshape(n, padded // block, block)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else codes
-    return QuantizedWeight(bits, block, n, k, packed, scales, DEFAULT_ZERO[bits], None, "gptq")
+    return QuantizedWeight(bits, block, n, k, pack_codes(codes, bits), scales, DEFAULT_ZERO[bits], None, "gptq")
 
 
 def _solve_setup(hessian: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,10 +88,10 @@ def _solve_setup(hessian: torch.Tensor, padded: int) -> tuple[torch.Tensor, torc
     return torch.linalg.cholesky(h_inverse, upper=True), importance, order, unseen
 
 
-def _block_scales(w: torch.Tensor, importance: torch.Tensor, levels: int, block: int) -> torch.Tensor:
+def _block_scales(w: torch.Tensor, importance: torch.Tensor, levels: int, block: int, fp16: bool) -> torch.Tensor:
     """Each block's scale: of the grid around max/-levels, the one whose rounding error, weighted by
-    its columns' input second moments, is least (the first such, on a tie). Stored in fp32, so chosen
-    in fp32. Every candidate of a few rows at a time (CANDIDATE_ELEMENTS): the temporaries stay in
+    its columns' input second moments, is least (the first such, on a tie). Stored as fp16 values
+    (`fp16`, quant_weights.scales_in_fp16) or fp32, so chosen among those. Every candidate of a few rows at a time (CANDIDATE_ELEMENTS): the temporaries stay in
     the CPU's caches, where one pass per candidate over the whole weight streamed them from memory."""
     n, k = w.shape
     blocks = k // block
@@ -95,7 +103,8 @@ def _block_scales(w: torch.Tensor, importance: torch.Tensor, levels: int, block:
         groups = w[first : first + rows].reshape(-1, blocks, block)
         extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]
         base = torch.where(extreme == 0, torch.ones_like(extreme), extreme / -levels)
-        scales = (base[..., None] * factors).to(torch.float32).to(torch.float64)  # [rows, blocks, candidates]
+        stored = torch.float16 if fp16 else torch.float32
+        scales = (base[..., None] * factors).to(stored).to(torch.float64)  # [rows, blocks, candidates]
         values, candidate = groups[:, :, None, :], scales[..., None]
         rounded = torch.clamp(torch.round(values / candidate), -levels, levels - 1) * candidate
         error = ((values - rounded) ** 2 * weights).sum(-1)

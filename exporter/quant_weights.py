@@ -6,9 +6,8 @@
   a small fp32 MatMul of the activations' block sums (exporter.quantize). The dequantized weights then equal the `gguf`
   package's dequantization bit for bit, which is what transformers loads: the artifact holds the
   same weights as the fp32 reference `diff` compares it with.
-- A float weight, quantized round-to-nearest, symmetric, by ONNX Runtime's own block quantizer
-  (`onnxruntime.quantization.matmul_nbits_quantizer`): its packing is by definition what
-  MatMulNBits reads, so we do not write that layout a second time.
+- A float weight, quantized round-to-nearest, symmetric (`rtn_quantize`), or by GPTQ
+  (exporter.gptq), with fp16-valued scales as a GGUF's blocks have.
 
 Layout (MatMulNBits, weight W of shape [N, K], blocks of `block` along K): `packed` is uint8
 [N, K/block, block·bits/8], two 4-bit values per byte low nibble first; `scales` fp32 [N, K/block].
@@ -180,28 +179,76 @@ def check_block_size(block: int) -> None:
         )
 
 
-RTN_CHUNK_BYTES = 16 << 20  # the transposed fp32 copy ONNX Runtime's quantizer takes, a slice of rows at a time
+RTN_CHUNK_BYTES = 16 << 20  # the rows quantized at once: a large weight (a 49,152-row head) is never copied whole
+FP16_NORMAL = (2.0**-14, 65504.0)  # the fp16 normal range: rounding into it errs by at most 2^-11 relatively
+
+
+def as_scales(values: np.ndarray, fp16: bool) -> np.ndarray:
+    """Block scales in fp32 arrays, rounded to fp16 values where `scales_in_fp16` chose so."""
+    return values.astype(np.float16).astype(np.float32) if fp16 else values.astype(np.float32)
+
+
+def padded_rows(weight: np.ndarray, start: int, rows: int, block: int) -> np.ndarray:
+    """Rows start..start+rows of W [N, K] in float32 blocks [rows, K/block, block], K zero-padded to
+    whole blocks (MatMulNBits pads a last partial block)."""
+    k = weight.shape[1]
+    part = weight[start : start + rows]
+    groups = np.zeros((len(part), -(-k // block) * block), np.float32)
+    groups[:, :k] = part
+    return groups.reshape(len(part), -1, block)
+
+
+def block_extremes(weight: np.ndarray, block: int) -> np.ndarray:
+    """Each block's value of largest magnitude, signed, float32 [N, K/block], RTN_CHUNK_BYTES of rows
+    at a time."""
+    n, k = weight.shape
+    rows = max(1, RTN_CHUNK_BYTES // (4 * k))
+    extremes = np.empty((n, -(-k // block)), np.float32)
+    for start in range(0, n, rows):
+        groups = padded_rows(weight, start, rows, block)
+        at = np.abs(groups).argmax(-1)[..., None]
+        extremes[start : start + rows] = np.take_along_axis(groups, at, -1)[..., 0]
+    return extremes
+
+
+def scales_in_fp16(extremes: np.ndarray, levels: int, factors: tuple[float, float] = (1.0, 1.0)) -> bool:
+    """Whether a weight's block scales (its blocks' extremes over `levels`, times any of `factors`'
+    range) are kept as fp16 values (in fp32 arrays), as a GGUF's Q4_0 / Q8_0 blocks keep them:
+    MatMulInt4 then packs them in half the bytes, and a decode step reads every weight byte once
+    (docs/quantization.md has the measured cost of fp32 scales). Within fp16's normal range the
+    rounding moves a scale by at most 2^-11 of itself, a hundredth of what 4-bit rounding already
+    errs by; a weight with scales outside it keeps fp32 ones."""
+    magnitudes = np.abs(extremes[extremes != 0]) / levels
+    if magnitudes.size == 0:
+        return True
+    low, high = float(magnitudes.min()) * factors[0], float(magnitudes.max()) * factors[1]
+    return FP16_NORMAL[0] <= low and high <= FP16_NORMAL[1]
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [..., block] in MatMulNBits' bytes: two 4-bit codes a byte, low nibble first."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else codes.astype(np.uint8)
 
 
 def rtn_quantize(weight: np.ndarray, bits: int, block: int) -> QuantizedWeight:
-    """Symmetric round-to-nearest blocks of W [N, K] by ONNX Runtime's quantizer. It takes W
-    transposed and contiguous in fp32, and each row's blocks are its own, so it is given
-    RTN_CHUNK_BYTES of rows at a time: a large weight (a 49,152-row head) is never copied whole."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
-
+    """Symmetric round-to-nearest blocks of W [N, K]: each block's scale is its largest-magnitude
+    value over -2^(bits-1) (llama.cpp's Q4_0 / Q8_0 and ONNX Runtime's quantizer choose the same), as
+    an fp16 value where `scales_in_fp16` allows, and the codes are rounded with that scale. Written here
+    (ONNX Runtime's quantizer makes fp32 scales) in two passes of RTN_CHUNK_BYTES of rows: the
+    scales of the whole weight first (the fp16 choice is the weight's), then its codes."""
     check_block_size(block)
     n, k = weight.shape
-    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits))
+    levels = 1 << (bits - 1)
+    extremes = block_extremes(weight, block)
+    scales = as_scales(extremes / np.float32(-levels), scales_in_fp16(extremes, levels))
+    packed = np.empty((n, scales.shape[1], block * bits // 8), np.uint8)
     rows = max(1, RTN_CHUNK_BYTES // (4 * k))
-    packed, scales = [], []
     for start in range(0, n, rows):
-        part = np.ascontiguousarray(weight[start : start + rows].T, dtype=np.float32)
-        codes, part_scales, _ = quantizer.qbits_block_quant(part)
-        packed.append(codes)
-        scales.append(part_scales.astype(np.float32).reshape(part.shape[1], -1))
-    return QuantizedWeight(
-        bits, block, n, k, np.concatenate(packed), np.concatenate(scales), DEFAULT_ZERO[bits], None, "rtn"
-    )
+        chunk = scales[start : start + rows, :, None]
+        signed = np.rint(padded_rows(weight, start, rows, block) / np.where(chunk == 0, 1, chunk))
+        codes = (np.clip(signed, -levels, levels - 1) + DEFAULT_ZERO[bits]).astype(np.uint8)
+        packed[start : start + rows] = pack_codes(codes, bits)
+    return QuantizedWeight(bits, block, n, k, packed, scales, DEFAULT_ZERO[bits], None, "rtn")
 
 
 def from_gguf_blocks(type_name: str, data: np.ndarray, k: int) -> QuantizedWeight:

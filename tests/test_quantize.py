@@ -297,14 +297,47 @@ def test_an_8_bit_weight_is_the_sum_of_its_two_4_bit_halves() -> None:
 @pytest.mark.slow  # end to end, over 6 s here: `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_weight_quantized_a_slice_of_rows_at_a_time_equals_it_quantized_whole(monkeypatch, bits: int) -> None:
-    """rtn_quantize hands ONNX Runtime's quantizer a few rows at a time (no whole transposed copy of
-    a large head): each row's blocks are its own, so the result is the same bytes, whatever the slice."""
+    """rtn_quantize works a few rows at a time (no whole fp32 copy of a large head): each row's blocks
+    are its own and the fp16 choice is the weight's, so the result is the same bytes, whatever the slice."""
     weight = np.random.default_rng(1).standard_normal((300, 96)).astype(np.float32)
     whole = rtn_quantize(weight, bits, 32)
     monkeypatch.setattr(quant_weights, "RTN_CHUNK_BYTES", 7 * 96 * 4)  # 7 rows a slice, the last of 6
     sliced = rtn_quantize(weight, bits, 32)
     assert np.array_equal(sliced.packed, whole.packed) and np.array_equal(sliced.scales, whole.scales)
     assert sliced.packed.shape[0] == sliced.scales.shape[0] == 300
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_to_nearest_keeps_onnxruntimes_scales_as_fp16_values(bits: int) -> None:
+    """The scale of each block is ONNX Runtime's quantizer's (its largest-magnitude value over
+    -2^(bits-1)) rounded to fp16, as a GGUF's Q4_0 keeps it, and each code is its value rounded with
+    that scale, clipped to the codes there are (a value of the extreme's magnitude and the other sign
+    clips to 2^(bits-1) - 1)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    weight = np.random.default_rng(2).standard_normal((40, 80)).astype(np.float32) * 0.05  # 80: a padded block
+    ours = rtn_quantize(weight, bits, 32)
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits)
+    _, theirs, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(weight.T))
+    theirs = theirs.astype(np.float32).reshape(40, -1)
+    assert np.array_equal(ours.scales, theirs.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(ours.scales, theirs)  # the rounding did something here
+    padded = np.zeros((40, 96), np.float32)
+    padded[:, :80] = weight
+    levels = 1 << (bits - 1)
+    rounded = np.clip(np.rint(padded.reshape(40, 3, 32) / ours.scales[..., None]), -levels, levels - 1)
+    assert np.array_equal(ours.codes().astype(np.int64) - levels, rounded)
+
+
+def test_scales_outside_fp16s_normal_range_stay_fp32() -> None:
+    weight = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32)
+    weight[3, :32] *= 1e-5  # one block's scale below 2^-14
+    quantized = rtn_quantize(weight, 4, 32)
+    extremes = np.take_along_axis(
+        weight.reshape(16, 2, 32), np.abs(weight.reshape(16, 2, 32)).argmax(-1)[..., None], -1
+    )
+    assert np.array_equal(quantized.scales, extremes[..., 0] / np.float32(-8))  # exact fp32 scales, every block
+    assert not np.array_equal(quantized.scales, quantized.scales.astype(np.float16).astype(np.float32))
 
 
 def test_quantize_refuses_what_it_cannot_make(tmp_path: Path) -> None:

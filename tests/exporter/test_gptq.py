@@ -38,6 +38,7 @@ def test_gptq_cuts_the_products_error_in_round_to_nearests_layout(n: int, k: int
     codes = gptq.codes()
     assert codes.min() >= 0 and codes.max() < (1 << bits)
     assert (codes.reshape(n, -1)[:, k:] == gptq.zero).all()  # the padding of a last block holds zeros
+    assert np.array_equal(gptq.scales, gptq.scales.astype(np.float16))  # fp16 values, as rtn's and a GGUF's
 
     def error(w: np.ndarray) -> float:
         return float(((x @ (weight - w).T) ** 2).sum())
