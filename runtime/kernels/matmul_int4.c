@@ -48,8 +48,8 @@
 #define GROUP 32                                   /* activations per scale */
 #define TILE 16                                    /* output rows per tile */
 #define TILE_CODES (TILE * GROUP / 2)              /* bytes of one tile-group's codes: 256 */
-#define TILE_STRIDE (TILE_CODES + 2 * TILE * 4)    /* codes, then d[16] and o[16] floats: 384 */
-#define TILE_STRIDE_HALF (TILE_CODES + 2 * TILE * 2) /* the same with fp16 d and o: 320 */
+#define LAYOUT_HALF 1      /* a tile-group's d (and o) are fp16, else fp32 */
+#define LAYOUT_SYMMETRIC 2 /* no o: every block's is -8 d (MatMulNBits' symmetric blocks, Q4_0) */
 #define PARTS 3                                    /* int8 digits of an activation */
 #define LIMIT 8323072                              /* 127 * 65536: the top digit stays within int8 */
 #define PREFETCH_GROUPS 8 /* how far ahead the AVX2 path asks for a tile's codes (2.5 KiB) */
@@ -66,14 +66,20 @@ typedef struct {
 typedef struct {
   int64_t n, k, groups, tiles;
   int gated;      /* swiglu: tile t holds gate rows 8t..8t+7, then up rows N/2 + 8t..N/2 + 8t+7 */
-  int half;       /* d and o held as fp16: every one of them is an fp16 value (a GGUF's are) */
-  int64_t stride; /* bytes of one tile-group: TILE_STRIDE or TILE_STRIDE_HALF */
+  int layout;     /* LAYOUT_HALF: every d and o is an fp16 value (a GGUF's are); LAYOUT_SYMMETRIC: no o */
+  int64_t stride; /* bytes of one tile-group: layout_stride(layout) */
   uint8_t* packed; /* tiles * groups * stride bytes */
 } Weights;
 
-/* A weight's d and o go to the tiles as fp16 where that loses nothing: a GGUF's Q4_0/Q4_1 blocks
- * store them in fp16, and decoding reads every weight byte once per token, so 320 bytes per 512
- * weights instead of 384 is that much less to read. The conversions are written out (rather than
+/* A tile-group: its codes, then d[16] and (unless symmetric) o[16], fp16 or fp32: 288 to 384 bytes. */
+static int64_t layout_stride(int layout) {
+  return TILE_CODES + TILE * (layout & LAYOUT_HALF ? 2 : 4) * (layout & LAYOUT_SYMMETRIC ? 1 : 2);
+}
+
+/* A weight's d and o go to the tiles as fp16 where that loses nothing (a GGUF's Q4_0/Q4_1 blocks
+ * store them in fp16; llamatrt's own quantizers choose fp16 scales), and symmetric blocks keep no o:
+ * decoding reads every weight byte once per token, so 288 bytes per 512 weights (Q4_0's 18 per 32)
+ * or 320 (Q4_1's 20) instead of 384 is that much less to read. The conversions are written out (rather than
  * _Float16, which older compilers lack); the AVX2 path reads the same bits with F16C. */
 static int float_to_half(float value, uint16_t* out) { /* 1 where value is exactly an fp16 value */
   uint16_t sign = signbit(value) ? 0x8000 : 0;
@@ -105,16 +111,23 @@ static float half_to_float(uint16_t h) {
   return (h & 0x8000) ? -v : v;
 }
 
-static int64_t weights_stride(const float* scales, const float* offsets, int64_t count, int* half) {
+static int weights_layout(const float* scales, const float* offsets, int64_t count) {
   uint16_t unused;
-  *half = 1;
-  for (int64_t i = 0; i < count && *half; i++)
-    *half = float_to_half(scales[i], &unused) && float_to_half(offsets ? offsets[i] : -8.0f * scales[i], &unused);
-  return *half ? TILE_STRIDE_HALF : TILE_STRIDE;
+  int half = 1;
+  for (int64_t i = 0; i < count && half; i++)
+    half = float_to_half(scales[i], &unused) && (!offsets || float_to_half(offsets[i], &unused));
+  return (half ? LAYOUT_HALF : 0) | (offsets ? 0 : LAYOUT_SYMMETRIC);
 }
 
-static float scale_at(const uint8_t* p, int half, int r) {
-  return half ? half_to_float(((const uint16_t*)(p + TILE_CODES))[r]) : ((const float*)(p + TILE_CODES))[r];
+/* d of a tile-group's row r (r < 16), as packed */
+static float scale_at(const uint8_t* p, int layout, int r) {
+  return layout & LAYOUT_HALF ? half_to_float(((const uint16_t*)(p + TILE_CODES))[r])
+                              : ((const float*)(p + TILE_CODES))[r];
+}
+
+/* o of row r: -8 d (exact in fp32) for symmetric blocks */
+static float offset_at(const uint8_t* p, int layout, int r) {
+  return layout & LAYOUT_SYMMETRIC ? -8.0f * scale_at(p, layout, r) : scale_at(p, layout, TILE + r);
 }
 
 /* The weight row a tile's row r holds: rows in order, or (gated) half a tile of gate rows and the
@@ -149,14 +162,15 @@ static void pack_weights(Weights* w, const uint8_t* b, const float* scales, cons
         float scale = 0.0f, offset = 0.0f;
         if (row < w->n) {
           scale = scales[row * blocks + g / per_block];
-          offset = offsets ? offsets[(g / per_block) * w->n + row] : -8.0f * scale;
+          offset = offsets ? offsets[(g / per_block) * w->n + row] : 0.0f;
         }
-        if (w->half) { /* exact: weights_stride checked every one */
-          float_to_half(scale, (uint16_t*)(p + TILE_CODES) + r);
-          float_to_half(offset, (uint16_t*)(p + TILE_CODES) + TILE + r);
-        } else {
-          ((float*)(p + TILE_CODES))[r] = scale;
-          ((float*)(p + TILE_CODES))[TILE + r] = offset;
+        int values = w->layout & LAYOUT_SYMMETRIC ? 1 : 2; /* d, then o unless symmetric */
+        for (int i = 0; i < values; i++) {
+          float value = i ? offset : scale;
+          if (w->layout & LAYOUT_HALF) /* exact: weights_layout checked every one */
+            float_to_half(value, (uint16_t*)(p + TILE_CODES) + i * TILE + r);
+          else
+            ((float*)(p + TILE_CODES))[i * TILE + r] = value;
         }
       }
     }
@@ -172,7 +186,8 @@ static int make_weights(Weights* w, const uint8_t* b, const float* scales, const
   w->k = blocks * block;
   w->groups = w->k / GROUP;
   w->tiles = (n + TILE - 1) / TILE;
-  w->stride = weights_stride(scales, offsets, n * blocks, &w->half);
+  w->layout = weights_layout(scales, offsets, n * blocks);
+  w->stride = layout_stride(w->layout);
   size_t bytes = (size_t)(w->tiles * w->groups * w->stride);
   w->packed = (uint8_t*)aligned_alloc(64, (bytes + 63) / 64 * 64);
   if (!w->packed) return 1;
@@ -249,9 +264,9 @@ static void quantize_row(QuantizeFn quantize, const float* x, int64_t k, int64_t
  * so b's and c's together are exact in int32 and the total in a float. */
 static float combine(int32_t a, int32_t b, int32_t c) { return (float)a * 65536.0f + (float)(b * 256 + c); }
 
-static void tile_scalar(const uint8_t* w, int half, const Group* const* x, int rows, int64_t groups,
+static void tile_scalar(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
                         float* const* y) {
-  int64_t stride = half ? TILE_STRIDE_HALF : TILE_STRIDE;
+  int64_t stride = layout_stride(layout);
   for (int m = 0; m < rows; m++) {
     float acc[TILE] = {0};
     for (int64_t g = 0; g < groups; g++) {
@@ -265,7 +280,7 @@ static void tile_scalar(const uint8_t* w, int half, const Group* const* x, int r
               uint8_t v = p[j * 64 + r * 4 + i];
               dot[part] += (v & 15) * xg->part[part][4 * j + i] + (v >> 4) * xg->part[part][4 * (j + 4) + i];
             }
-        float d = scale_at(p, half, r), o = scale_at(p, half, TILE + r);
+        float d = scale_at(p, layout, r), o = offset_at(p, layout, r);
         acc[r] += combine(dot[0], dot[1], dot[2]) * (d * xg->scale) + o * xg->sum;
       }
     }
@@ -290,15 +305,17 @@ static inline AVX2 __m256i digits(const Group* g, int part, int at) {
   sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(low, digits(x, part, 4 * j)));             \
   sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(high, digits(x, part, 4 * j + 16)))
 
-/* Half h's 8 rows' d and o of the tile-group whose codes end at `at` (fp16 or fp32, as packed). */
-static inline AVX2 void group_scales(const uint8_t* at, int fp16, int h, __m256* scale, __m256* offset) {
-  if (fp16) {
+/* Half h's 8 rows' d and o of the tile-group whose codes end at `at` (as packed: offset_at). */
+static inline AVX2 void group_scales(const uint8_t* at, int layout, int h, __m256* scale, __m256* offset) {
+  if (layout & LAYOUT_HALF) {
     *scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + 8 * h)));
-    *offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + TILE + 8 * h)));
+    if (!(layout & LAYOUT_SYMMETRIC))
+      *offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)at + TILE + 8 * h)));
   } else {
     *scale = _mm256_loadu_ps((const float*)at + 8 * h);
-    *offset = _mm256_loadu_ps((const float*)at + TILE + 8 * h);
+    if (!(layout & LAYOUT_SYMMETRIC)) *offset = _mm256_loadu_ps((const float*)at + TILE + 8 * h);
   }
+  if (layout & LAYOUT_SYMMETRIC) *offset = _mm256_mul_ps(*scale, _mm256_set1_ps(-8.0f));
 }
 
 static inline AVX2 __m256 group_dot(__m256i a, __m256i b, __m256i c) {
@@ -361,9 +378,9 @@ static inline AVX2 __m256i add_products(__m256i sum, __m256i low, __m256i high, 
 
 /* One row of activations (a decode step's) against the whole tile in one pass: each digit broadcast
  * serves both halves' 8 rows, and each group's codes are read once. */
-static AVX2 void tile_one_row_avx2(const uint8_t* w, int half_scales, const Group* x, int64_t groups, float* y) {
+static AVX2 void tile_one_row_avx2(const uint8_t* w, int layout, const Group* x, int64_t groups, float* y) {
   const __m256i mask = _mm256_set1_epi8(15);
-  int64_t stride = half_scales ? TILE_STRIDE_HALF : TILE_STRIDE;
+  int64_t stride = layout_stride(layout);
   for (int64_t g = 0; g < PREFETCH_GROUPS && g < groups; g++) /* the tile's first groups, all at once */
     for (int64_t line = 0; line < stride; line += 64) _mm_prefetch((const char*)(w + g * stride + line), _MM_HINT_T0);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -389,7 +406,7 @@ static AVX2 void tile_one_row_avx2(const uint8_t* w, int half_scales, const Grou
     __m256 x_scale = _mm256_set1_ps(xg->scale), x_sum = _mm256_set1_ps(xg->sum);
     for (int h = 0; h < 2; h++) {
       __m256 scale, offset;
-      group_scales(p + TILE_CODES, half_scales, h, &scale, &offset);
+      group_scales(p + TILE_CODES, layout, h, &scale, &offset);
       acc[h] = _mm256_fmadd_ps(offset, x_sum, acc[h]);
       acc[h] = _mm256_fmadd_ps(group_dot(sum[h][0], sum[h][1], sum[h][2]), _mm256_mul_ps(scale, x_scale), acc[h]);
     }
@@ -401,14 +418,14 @@ static AVX2 void tile_one_row_avx2(const uint8_t* w, int half_scales, const Grou
 /* Two rows of activations: half a tile (8 output rows) at a time, so that few registers are live
  * (each row's three sums, the unpacked codes, the float accumulators); the codes are unpacked once
  * for both rows. One row goes to tile_one_row_avx2. */
-static AVX2 void tile_avx2(const uint8_t* w, int half_scales, const Group* const* x, int rows, int64_t groups,
+static AVX2 void tile_avx2(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
                            float* const* y) {
   if (rows == 1) {
-    tile_one_row_avx2(w, half_scales, x[0], groups, y[0]);
+    tile_one_row_avx2(w, layout, x[0], groups, y[0]);
     return;
   }
   const __m256i mask = _mm256_set1_epi8(15);
-  int64_t stride = half_scales ? TILE_STRIDE_HALF : TILE_STRIDE;
+  int64_t stride = layout_stride(layout);
   for (int64_t g = 0; g < PREFETCH_GROUPS && g < groups; g++) /* the tile's first groups, all at once */
     for (int64_t line = 0; line < stride; line += 64) _mm_prefetch((const char*)(w + g * stride + line), _MM_HINT_T0);
   for (int half = 0; half < 2; half++) {
@@ -435,7 +452,7 @@ static AVX2 void tile_avx2(const uint8_t* w, int half_scales, const Group* const
         }
       }
       __m256 scale, offset;
-      group_scales(w + g * stride + TILE_CODES, half_scales, half, &scale, &offset);
+      group_scales(w + g * stride + TILE_CODES, layout, half, &scale, &offset);
       acc0 = _mm256_fmadd_ps(offset, _mm256_set1_ps(x0->sum), acc0);
       acc0 = _mm256_fmadd_ps(group_dot(a0, b0, c0), _mm256_mul_ps(scale, _mm256_set1_ps(x0->scale)), acc0);
       if (rows == 2) {
@@ -554,7 +571,7 @@ static void run_tile(void* data, size_t t) {
     int rows = job->rows - r >= 2 ? 2 : 1;
     const Group* x[2] = {job->x + r * w->groups, job->x + (r + rows - 1) * w->groups};
     float* y[2] = {out[0], out[1]};
-    job->path.tile(tile, w->half, x, rows, w->groups, y);
+    job->path.tile(tile, w->layout, x, rows, w->groups, y);
     for (int m = 0; m < rows; m++) {
       if (w->gated) /* whole tiles: N / 2 is a multiple of 8 */
         job->path.swiglu(out[m], job->y + (r + m) * (w->n / 2) + (int64_t)t * (TILE / 2));

@@ -6,6 +6,7 @@ error rather than a wrong answer."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 from typing import Any
 
 import numpy as np
@@ -152,8 +153,8 @@ def test_the_vector_path_equals_the_portable_one() -> None:
     of the float accumulation differs (FMA)."""
     rng = np.random.default_rng(2)
     n, k, rows = 50, 160, 5
-    for fp16 in (False, True):
-        packed, scales, offsets, *_ = _weights(rng, n, k, 32, True, fp16)
+    for fp16, asymmetric in itertools.product((False, True), (False, True)):  # symmetric blocks pack no offsets
+        packed, scales, offsets, *_ = _weights(rng, n, k, 32, asymmetric, fp16)
         a = _activations(rng, rows, k)
         vector, portable = (_ctypes_product(a, packed, scales, offsets, n, k, scalar) for scalar in (0, 1))
         assert np.allclose(vector, portable, rtol=1e-6, atol=1e-6)
