@@ -13,7 +13,11 @@ which the scheduler's budget accounts for), so only the rest of the graph needs 
 - the trace's views of the tokens as (batch, seq, ...), sized from the inputs' shapes, become
   (1, T, ...);
 - each attention node's packed q/k/v are laid out (rows, width) again (`padded_tokens`: a pad
-  repeats its row's last token), its output is packed back;
+  repeats its row's last token), its output is packed back, each by one GatherND whose indices
+  are made once for all layers; the trace's views between the projections and the attention
+  (to (batch, seq, heads, head_dim) and back) do nothing on the packed stream and are dropped, so
+  a layer's attention costs two nodes besides its own, not six to eight (a decode step's nodes each
+  cost ONNX Runtime a dispatch);
 - `query_lengths` is each row's n_b (the attention's query_seqlens, S for every row before);
 - the logits are each row's last real token's (`padded_tokens`' last column), where they were each
   row's last position's.
@@ -85,30 +89,33 @@ def pack_tokens(model: ir.Model) -> None:
         sizes = shape.producer() if shape is not None else None
         assert sizes is not None, "_token_views found it"
         view.replace_input_with(1, add("Concat", add.ints(1), real, *sizes.inputs[2:], axis=0))
-    first_axis, one_row = add.ints(0), add.ints(1, -1)
+    first_axis, one_row, last_axis = add.ints(0), add.ints(1, -1), add.ints(-1)
     packed_ids = add("Gather", add("Reshape", ids, one_row), packed, axis=1)
     for user, index in uses:
         user.replace_input_with(index, packed_ids)  # (1, T): every later node sees T tokens in one row
     query_lengths = add("Cast", lengths, to=ir.DataType.INT32)
-    widths: dict[int, ir.Value] = {}
+    # GatherND's indices, made once for every layer: (0, t) for each padded slot, (row, column) for each real token
+    padded_at = add("Unsqueeze", padded, last_axis)
+    to_rows = add("Concat", add("Sub", padded_at, padded_at), padded_at, axis=-1)  # (rows, width, 2)
+    row_width = add("Shape", padded, start=1, end=2)
+    by_row_index = [add("Unsqueeze", add(op, packed, row_width), last_axis) for op in ("Div", "Mod")]
+    to_packed = add("Unsqueeze", add("Concat", *by_row_index, axis=-1), first_axis)  # (1, T, 2)
     for node in attention:
-        heads = node.attributes.get_int("num_heads")
+        # (1, T, packed heads) -> (rows, width, packed heads): a pad repeats its row's last token
+        heads, kv_heads = node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")
         past_key = node.inputs[3]  # (batch, kv_heads, capacity, head_dim)
-        assert past_key is not None and past_key.shape is not None
-        head_dim = past_key.shape[-1]
-        assert isinstance(head_dim, int)
-        # (1, T, packed heads) -> (1, rows, width, packed heads) -> (rows, width, ...): a pad repeats its row's last token
-        by_row = add("Squeeze", add("Gather", node.inputs[0], padded, axis=1), first_axis)
-        node.replace_input_with(0, by_row)
+        assert past_key is not None and past_key.shape is not None and isinstance(past_key.shape[-1], int)
+        head_dim, qkv = past_key.shape[-1], node.inputs[0]
+        assert qkv is not None, "GroupQueryAttention's packed q/k/v"
+        qkv = _without_views_before(qkv, (heads + 2 * kv_heads) * head_dim)
+        node.replace_input_with(0, add("GatherND", qkv, to_rows))
         node.replace_input_with(_QUERY_SEQLENS, query_lengths)
         out = node.outputs[0]  # (rows, width, heads * head_dim)
         out_uses = list(out.uses())
-        if heads * head_dim not in widths:
-            widths[heads * head_dim] = add.ints(1, -1, heads * head_dim)
-        in_one_row = add("Reshape", out, widths[heads * head_dim])
-        packed_out = add("Gather", in_one_row, packed, axis=1)  # (1, T, heads * head_dim): the real queries'
+        packed_out = add("GatherND", out, to_packed)  # (1, T, heads * head_dim): the real queries'
         for user, index in out_uses:
             user.replace_input_with(index, packed_out)
+        _skip_views_after(packed_out, heads * head_dim)
     # each row's last real token: the last column of padded_tokens, (rows, 1)
     last_tokens = add("Slice", padded, add.ints(-1), add.ints(1 << 62), add.ints(1))
     hidden = last.inputs[0]  # (1, T, hidden) now
@@ -122,6 +129,50 @@ def pack_tokens(model: ir.Model) -> None:
     graph.sort()
     ir.passes.common.RemoveUnusedNodesPass()(model)
     model.opset_imports.setdefault(MS_DOMAIN, 1)
+
+
+def _projection_widths(node: ir.Node | None) -> tuple[int, int] | None:
+    """(K, N) of a node that maps each token's K values to N, keeping the leading dims: MatMulInt4 and
+    MatMulNBits (attributes; N / 2 out with MatMulInt4's swiglu), or MatMul by a constant [K, N]."""
+    if node is None:
+        return None
+    if "K" in node.attributes and "N" in node.attributes:
+        halved = node.attributes.get_int("swiglu", 0) == 1
+        return node.attributes.get_int("K"), node.attributes.get_int("N") // (2 if halved else 1)
+    right = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+    weight = right.const_value if right is not None else None
+    if weight is None or len(weight.shape) != 2:
+        return None
+    k, n = weight.shape.numpy()
+    return int(k), int(n)
+
+
+def _is_view(node: ir.Node) -> bool:
+    return node.op_type == "Reshape" and node.domain == ""
+
+
+def _without_views_before(value: ir.Value, width: int) -> ir.Value:
+    """The projection output that `value` is Reshapes of, where it gives `width` values a token: on the
+    packed stream every such value is (1, T, width) already, and the trace's views of it (to
+    (1, T, heads, head_dim) and back) are work ONNX Runtime cannot know is none. Else `value`."""
+    source = value
+    while (node := source.producer()) is not None and _is_view(node) and node.inputs[0] is not None:
+        source = node.inputs[0]
+    widths = _projection_widths(source.producer())
+    return source if widths is not None and widths[1] == width else value
+
+
+def _skip_views_after(value: ir.Value, width: int) -> None:
+    """Feed `value`, (1, T, width), straight to each projection that the trace reached through views
+    (chains of Reshapes) of it; other users keep the views."""
+    views = [user for user, _ in value.uses() if _is_view(user)]
+    while views:
+        for consumer, index in list(views.pop().outputs[0].uses()):
+            widths = _projection_widths(consumer)
+            if _is_view(consumer):
+                views.append(consumer)
+            elif index == 0 and widths is not None and widths[0] == width:
+                consumer.replace_input_with(0, value)
 
 
 def _token_views(ids: ir.Value) -> list[ir.Node]:
