@@ -84,6 +84,41 @@ def test_a_path_out_of_the_artifact_is_refused_even_when_its_file_matches(
         read_manifest(art)
 
 
+def test_a_graph_reads_its_weights_through_a_hard_link_but_never_out_of_its_folder(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """The layerwise tools read a graph with its weights by the reader's rules, not onnx's loader (which
+    refuses a weights file with several hard links, as `cp -l` and llamatrt's own twins make): the same
+    tensors as onnx reads from the original; a location out of the folder is still refused."""
+    import onnx
+    from onnx import numpy_helper
+
+    from llamatrt.base.artifact.reader import load_graph_with_weights
+
+    original = Path(shutil.copytree(tiny_artifact, tmp_path / "original"))
+    graph = next(p.name for p in original.glob("*.onnx"))
+    theirs = onnx.load(str(original / graph))  # (before the link: then onnx refuses the original too)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for item in original.iterdir():
+        if item.name == "weights.data":
+            (linked / item.name).hardlink_to(item)
+        elif item.is_file():
+            shutil.copy(item, linked / item.name)
+    ours = load_graph_with_weights(linked, graph, "graph")
+    assert [t.name for t in ours.graph.initializer] == [t.name for t in theirs.graph.initializer]
+    for mine, original in zip(ours.graph.initializer, theirs.graph.initializer, strict=True):
+        assert (numpy_helper.to_array(mine) == numpy_helper.to_array(original)).all()
+    outside = onnx.load(str(linked / graph), load_external_data=False)
+    for tensor in outside.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.data"
+    onnx.save(outside, str(linked / graph))
+    with pytest.raises(ManifestMismatchError, match="points outside the artifact"):
+        load_graph_with_weights(linked, graph, "graph")
+
+
 @pytest.mark.parametrize(
     "source",
     [

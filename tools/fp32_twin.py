@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from llamatrt.base.artifact.manifest import GraphSpec, Manifest, TensorSpec
-from llamatrt.base.artifact.reader import inside
+from llamatrt.base.artifact.reader import load_graph_with_weights
 
 
-def _fp32_graph(source: Path, target: Path) -> None:
+def _fp32_graph(model: Any, target: Path) -> None:
+    """`model` (with its weights) with every bf16/fp16 tensor, value and cast made fp32, saved at `target`."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
     low, fp32 = (TensorProto.BFLOAT16, TensorProto.FLOAT16), TensorProto.FLOAT
-    model = onnx.load(str(source))  # with its external data (the artifact's weights file)
     graph = model.graph
     for i, tensor in enumerate(graph.initializer):
         if tensor.data_type in low:
@@ -55,7 +56,7 @@ def fp32_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
     for name, graph in manifest.graphs.items():
         if graph.attention != "portable":
             continue
-        _fp32_graph(inside(folder, graph.path, f"graph {name!r} path"), out / graph.path)
+        _fp32_graph(load_graph_with_weights(folder, graph.path, f"graph {name!r} path"), out / graph.path)
 
         def fp32(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
             return tuple(

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from llamatrt.base.artifact.manifest import GraphSpec, Manifest
-from llamatrt.base.artifact.reader import inside, read_manifest
+from llamatrt.base.artifact.reader import inside, load_graph_with_weights, read_manifest
 from llamatrt.base.errors import InputError
 from llamatrt.base.progress import Progress, no_progress
 
@@ -145,15 +145,14 @@ def _quiet_polygraphy() -> None:
     G_LOGGER.module_severity = G_LOGGER.CRITICAL
 
 
-def _marked(path: Path) -> tuple[Any, bytes]:
-    """(the graph, loaded with its weights, every intermediate marked as an output; its bytes)."""
-    import onnx
+def _marked(model: Any) -> tuple[Any, bytes]:
+    """(the graph, with its weights, every intermediate marked as an output; its bytes)."""
     from polygraphy import constants
     from polygraphy.backend.onnx import modify_outputs
 
     _quiet_polygraphy()
 
-    model = modify_outputs(onnx.load(str(path)), outputs=constants.MARK_ALL)
+    model = modify_outputs(model, outputs=constants.MARK_ALL)
     return model, model.SerializeToString()
 
 
@@ -308,7 +307,7 @@ def run_layerwise(
         raise InputError(f"unknown --against {against!r}; use fp32, onnxruntime, torch or level0")
     atol, rtol = TOLERANCE[manifest.dtype]
     progress(f"running {graph.name} with every tensor marked")
-    model, candidate_bytes = _marked(inside(folder, graph.path, f"graph {graph.name!r} path"))
+    model, candidate_bytes = _marked(load_graph_with_weights(folder, graph.path, f"graph {graph.name!r} path"))
     feeds = _feeds(graph, manifest, manifest.dtype)
     candidate_dtype = np.float16 if manifest.dtype == "float16" else np.float32
     if manifest.dtype == "bfloat16":
@@ -321,7 +320,11 @@ def run_layerwise(
     with tempfile.TemporaryDirectory() as scratch:
         reference_path = _reference_graph(manifest, graph, Path(scratch))
         progress("running the fp32 reference with every tensor marked")
-        reference = _run(_marked(reference_path)[1], _as(feeds, np.float32), "reference")
+        reference = _run(
+            _marked(load_graph_with_weights(reference_path.parent, reference_path.name, "reference graph"))[1],
+            _as(feeds, np.float32),
+            "reference",
+        )
     compared, first, layers = compare_runs(model, candidate, reference, atol, rtol)
     return LayerwiseReport(
         str(artifact),
@@ -414,7 +417,7 @@ def _engine_vs_onnxruntime(
         EngineFromNetwork(mark(NetworkFromOnnxPath(str(path), strongly_typed=True), constants.MARK_ALL))
     ) as runner:
         candidate = dict(runner.infer(feeds))
-    model, model_bytes = _marked(path)
+    model, model_bytes = _marked(load_graph_with_weights(folder, graph.path, f"graph {graph.name!r} path"))
     reference = _run(model_bytes, feeds, "reference")
     compared, first, layers = compare_runs(model, candidate, reference, atol, rtol)
     return LayerwiseReport(str(folder), graph.name, "onnxruntime", manifest.dtype, atol, rtol, compared, first, layers)
@@ -443,11 +446,11 @@ def fp16_scan(artifact: str | Path, prompts: int = 2) -> list[Fp16Finding]:
     if manifest.dtype != "float16":
         raise InputError("the fp16 safety scan is for fp16 artifacts; export with --dtype fp16")
     graph = _candidate_graph(manifest, "prefill")
-    model, fp16_bytes = _marked(inside(folder, graph.path, f"graph {graph.name!r} path"))
+    model, fp16_bytes = _marked(load_graph_with_weights(folder, graph.path, f"graph {graph.name!r} path"))
     findings: dict[str, Fp16Finding] = {}
     with tempfile.TemporaryDirectory() as scratch:
         twin = fp32_twin(folder, manifest, Path(scratch))
-        twin_bytes = _marked(Path(scratch) / twin.graphs[graph.name].path)[1]
+        twin_bytes = _marked(load_graph_with_weights(Path(scratch), twin.graphs[graph.name].path, "twin graph"))[1]
         for k in range(prompts):
             feeds = _feeds(graph, manifest, "float16")
             feeds["input_ids"] = (feeds["input_ids"] + 977 * k) % manifest.config.vocab_size

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from llamatrt.base.artifact.manifest import GraphSpec, Manifest
-from llamatrt.base.artifact.reader import inside, read_manifest
+from llamatrt.base.artifact.reader import load_graph_with_weights, read_manifest
 from llamatrt.base.artifact.variants import MS_DOMAIN
 from llamatrt.base.errors import InputError
 from llamatrt.base.progress import Progress, no_progress
@@ -275,8 +275,7 @@ def run_quant_layerwise(
         ids = [llm.encode(text, chat=chat) for chat, text in chosen]
         kernel = kernel_note(backend, with_level=False)
     progress("loading the graph with its weights")
-    path = inside(folder, graph.path, f"graph {graph.name!r} path")
-    model = onnx.load(str(path))
+    model = load_graph_with_weights(folder, graph.path, f"graph {graph.name!r} path")
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     # llamatrt's MatMulInt4 runs no int8 arithmetic: its products are compared as MatMulNBits would run them
     own_kernel = as_matmulnbits(model, inits)
@@ -287,7 +286,7 @@ def run_quant_layerwise(
         for level in (INT8_ACTIVATIONS, FP32_ACTIVATIONS):
             twin = Path(scratch) / f"level{level}.onnx"
             onnx.save(_with_level(model, level), str(twin), save_as_external_data=True, location=f"level{level}.data")
-            levels[level] = _marked(twin)
+            levels[level] = _marked(load_graph_with_weights(Path(scratch), twin.name, "twin graph"))
         runs4, runs0 = [], []
         for k, prompt in enumerate(ids):
             progress(f"prompt {k + 1} of {len(ids)} at levels 4 and 0, every tensor marked")

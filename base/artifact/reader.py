@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from llamatrt.base.artifact import names
 from llamatrt.base.artifact.manifest import GraphSpec, Manifest, contract_io, load_manifest_json
@@ -126,6 +127,38 @@ def check_graph_file(path: Path, graph: GraphSpec, manifest: Manifest) -> None:
                 f"{path.name} reads weights from {info.get('location')!r} (bytes up to {end}), outside "
                 f"the artifact's {manifest.weights_file}; {REEXPORT}"
             )
+
+
+def load_graph_with_weights(folder: Path, relative: str, what: str) -> Any:
+    """An artifact's ONNX graph (an onnx ModelProto) with its initializers' external data read in, by
+    this reader's rules (a location inside `folder`; `check_graph_file` has held each one to the
+    weights file's bounds) rather than onnx's loader: that one refuses a weights file with several
+    hard links, which a copy made with `cp -l` has, and so do the twins llamatrt's own tools link."""
+    import onnx
+
+    path = inside(folder, relative, what)
+    model = onnx.load(str(path), load_external_data=False)
+    files: dict[str, Any] = {}
+    try:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info.get("location", "")
+            if location not in files:
+                files[location] = inside(path.parent, location, f"external data of {path.name}").open("rb")
+            data = files[location]
+            data.seek(int(info.get("offset", 0)))
+            length = int(info["length"]) if "length" in info else -1
+            tensor.raw_data = data.read(length)
+            if length >= 0 and len(tensor.raw_data) != length:
+                raise ManifestMismatchError(f"{location} ends before {tensor.name}'s data (truncated); {REEXPORT}")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    finally:
+        for file in files.values():
+            file.close()
+    return model
 
 
 def read_manifest(folder: Path, verify: bool = True, graph_files: bool = True) -> Manifest:
