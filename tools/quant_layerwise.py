@@ -309,9 +309,12 @@ def run_quant_layerwise(
         "own error: each MatMulNBits run alone on the level-0 run's input to it, so no error is inherited; "
         "simulated: the same input quantized to int8 per weight block in numpy (scale max |x| / 127); "
         "outliers: max |x| / rms(x) of that input",
-        "the Q4_1 offset term (block sums of x times m + 8d) is fp32 arithmetic on the exact input at every "
-        "level: int8 activations touch only the MatMulNBits products",
     ]
+    if any(origin.startswith("gguf Q4_1") for origin in manifest.quantization.get("tensors", {}).values()):
+        notes.append(
+            "the Q4_1 offset term (block sums of x times m + 8d) is fp32 arithmetic on the exact input at every "
+            "level: int8 activations touch only the MatMulNBits products"
+        )
     if own_kernel:
         notes.append(
             f"this artifact runs its {own_kernel} 4-bit products on llamatrt's MatMulInt4 (fp32 activations as "
