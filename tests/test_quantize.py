@@ -174,6 +174,22 @@ def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_ch
         # and the validation above ran that graph
         gated = [n for n in products if any(a.name == "swiglu" and a.i == 1 for a in n.attribute)]
         assert len(gated) == 2 and not [n for n in graph.graph.node if n.op_type == "Sigmoid"]
+        # packing (exporter.ort_packing): each attention node reads its q/k/v product through one GatherND
+        # and its output reaches the o projection through one, with no view of the trace left between them
+        # (an 8-bit weight's two passes end in an Add, which keeps its view)
+        producer = {out: n for n in graph.graph.node for out in n.output}
+        consumers = {
+            name: [n for n in graph.graph.node if name in n.input] for n in graph.graph.node for name in n.output
+        }
+        for attention in (n for n in graph.graph.node if n.op_type == "GroupQueryAttention"):
+            gather_in = producer[attention.input[0]]
+            assert gather_in.op_type == "GatherND" and producer[gather_in.input[0]].op_type in (
+                "MatMulNBits",
+                MATMUL_INT4,
+            )
+            (gather_out,) = consumers[attention.output[0]]
+            assert gather_out.op_type == "GatherND"
+            assert {n.op_type for n in consumers[gather_out.output[0]]} == {MATMUL_INT4}
     # the head reads the quantized rows, not a transposed float table (Q4_1 transposes its scales)
     assert all(n.input[0].endswith(".scales") for n in graph.graph.node if n.op_type == "Transpose")
     assert not [
