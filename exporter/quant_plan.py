@@ -3,10 +3,11 @@
 Every linear layer, the output head and the embedding are stored block-quantized; norms stay fp32.
 From a GGUF the file's own blocks are carried over whatever `--quantize` says (they are the
 checkpoint's weights; re-quantizing them would only lose accuracy), and only tensors the file holds
-as floats are quantized to the requested bits. From float checkpoints, ONNX Runtime's quantizer
-(round-to-nearest, symmetric) makes every block, or, given calibration text (`--calibration`),
-GPTQ makes the decoder projections' and a 4-bit head's (exporter.gptq; a tied embedding reads the
-head's blocks, an untied one keeps round-to-nearest: no product weighs its rows).
+as floats are quantized to the requested bits. From float checkpoints, round-to-nearest symmetric
+blocks with fp16-valued scales (quant_weights.rtn_quantize) make every block, or, given calibration
+text (`--calibration`), GPTQ makes the decoder projections' and a 4-bit head's (exporter.gptq; a
+tied embedding reads the head's blocks, an untied one keeps round-to-nearest: no product weighs its
+rows).
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def stack_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
 
 
 def check_block_size(block: int) -> None:
-    """The block sizes ONNX Runtime's quantizer and MatMulNBits take (the export checks before any work)."""
+    """The block sizes MatMulNBits takes (the export checks before any work)."""
     if block < 16 or block & (block - 1):
         raise InputError(
             f"block size {block} is not supported; pass --block-size a power of two >= 16 (32 is the usual)"
