@@ -91,19 +91,20 @@ def _solve_setup(hessian: torch.Tensor, padded: int) -> tuple[torch.Tensor, torc
 def _block_scales(w: torch.Tensor, importance: torch.Tensor, levels: int, block: int, fp16: bool) -> torch.Tensor:
     """Each block's scale: of the grid around max/-levels, the one whose rounding error, weighted by
     its columns' input second moments, is least (the first such, on a tie). Stored as fp16 values
-    (`fp16`, quant_weights.scales_in_fp16) or fp32, so chosen among those. Every candidate of a few rows at a time (CANDIDATE_ELEMENTS): the temporaries stay in
-    the CPU's caches, where one pass per candidate over the whole weight streamed them from memory."""
+    (`fp16`, quant_weights.scales_in_fp16) or fp32, so chosen among those. Every candidate of a few
+    rows at a time (CANDIDATE_ELEMENTS): the temporaries stay in the CPU's caches, where one pass per
+    candidate over the whole weight streamed them from memory."""
     n, k = w.shape
     blocks = k // block
     weights = importance.reshape(1, blocks, 1, block)
     factors = SCALE_FACTORS.reshape(1, 1, -1)
+    stored = torch.float16 if fp16 else torch.float32
     best = torch.empty(n, blocks, dtype=torch.float64)
     rows = max(1, CANDIDATE_ELEMENTS // (k * len(SCALE_FACTORS)))
     for first in range(0, n, rows):
         groups = w[first : first + rows].reshape(-1, blocks, block)
         extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]
         base = torch.where(extreme == 0, torch.ones_like(extreme), extreme / -levels)
-        stored = torch.float16 if fp16 else torch.float32
         scales = (base[..., None] * factors).to(stored).to(torch.float64)  # [rows, blocks, candidates]
         values, candidate = groups[:, :, None, :], scales[..., None]
         rounded = torch.clamp(torch.round(values / candidate), -levels, levels - 1) * candidate

@@ -183,11 +183,6 @@ RTN_CHUNK_BYTES = 16 << 20  # the rows quantized at once: a large weight (a 49,1
 FP16_NORMAL = (2.0**-14, 65504.0)  # the fp16 normal range: rounding into it errs by at most 2^-11 relatively
 
 
-def as_scales(values: np.ndarray, fp16: bool) -> np.ndarray:
-    """Block scales in fp32 arrays, rounded to fp16 values where `scales_in_fp16` chose so."""
-    return values.astype(np.float16).astype(np.float32) if fp16 else values.astype(np.float32)
-
-
 def padded_rows(weight: np.ndarray, start: int, rows: int, block: int) -> np.ndarray:
     """Rows start..start+rows of W [N, K] in float32 blocks [rows, K/block, block], K zero-padded to
     whole blocks (MatMulNBits pads a last partial block)."""
@@ -240,7 +235,9 @@ def rtn_quantize(weight: np.ndarray, bits: int, block: int) -> QuantizedWeight:
     n, k = weight.shape
     levels = 1 << (bits - 1)
     extremes = block_extremes(weight, block)
-    scales = as_scales(extremes / np.float32(-levels), scales_in_fp16(extremes, levels))
+    scales = extremes / np.float32(-levels)
+    if scales_in_fp16(extremes, levels):
+        scales = scales.astype(np.float16).astype(np.float32)
     packed = np.empty((n, scales.shape[1], block * bits // 8), np.uint8)
     rows = max(1, RTN_CHUNK_BYTES // (4 * k))
     for start in range(0, n, rows):

@@ -107,8 +107,8 @@ def test_a_graph_reads_its_weights_through_a_hard_link_but_never_out_of_its_fold
             shutil.copy(item, linked / item.name)
     ours = load_graph_with_weights(linked, graph, "graph")
     assert [t.name for t in ours.graph.initializer] == [t.name for t in theirs.graph.initializer]
-    for mine, original in zip(ours.graph.initializer, theirs.graph.initializer, strict=True):
-        assert (numpy_helper.to_array(mine) == numpy_helper.to_array(original)).all()
+    for mine, onnx_read in zip(ours.graph.initializer, theirs.graph.initializer, strict=True):
+        assert (numpy_helper.to_array(mine) == numpy_helper.to_array(onnx_read)).all()
     outside = onnx.load(str(linked / graph), load_external_data=False)
     for tensor in outside.graph.initializer:
         for entry in tensor.external_data:
