@@ -1,7 +1,8 @@
 """llamatrt's own ONNX Runtime op and the library that holds it (runtime/kernels/matmul_int4.c).
 
 `ai.llamatrt.MatMulInt4`: 4-bit weights times fp32 activations, written per block of 32 as three
-int8 digits (24 bits: fp32's rounding) so that int8 dot products compute them; the exporter's form
+int8 digits (24 bits: fp32's rounding) or, where the weights were re-quantized from floats, two (16
+bits: two dot products instead of three) so that int8 dot products compute them; the exporter's form
 for 4-bit products at accuracy level 0 (docs/quantization.md). The library is built
 by `pip install` (setup.py); an artifact that holds the op needs it to load, and the backend
 registers it from the installed package only, never from a path an artifact names.
@@ -15,6 +16,8 @@ from pathlib import Path
 DOMAIN = "ai.llamatrt"
 MATMUL_INT4 = "MatMulInt4"
 INT4_ACTIVATION_BLOCK = 32  # its blocks of activations; weight blocks must be a multiple of this
+EXACT_ACTIVATION_BITS = 24  # its attribute activation_bits: fp32's rounding (the default)
+REQUANTIZED_ACTIVATION_BITS = 16  # for blocks re-quantized from floats
 LIBRARY_MODULE = "llamatrt.runtime._matmul_int4"
 
 

@@ -1,7 +1,8 @@
 """MatMulInt4 beside MatMulNBits on one product shape, as a decode step meets it: a chain of L distinct
 weights of that shape (L * their bytes well past the last-level cache, so each product streams its
 weights from memory, or L = 1 to keep them cached), interleaved rounds, the median of each round's
-time per product and of its ratio to MatMulNBits at accuracy level 4 (int8 activations).
+time per product and of its ratio to MatMulNBits at accuracy level 4 (int8 activations). MatMulInt4
+runs with 24-bit activations (a GGUF's blocks) and 16-bit ones (blocks re-quantized from floats).
 
 Usage: .venv/bin/python benchmarks/matmul_int4_products.py [N=K] [THREADS] [L] [ROWS] [ROUNDS]
 (square products, so that the chain feeds each its predecessor's output; `LIBRARY=path` runs another
@@ -31,9 +32,11 @@ def chain(count: int, size: int, kernel: str, rng: np.random.Generator) -> bytes
         codes = rng.integers(0, 256, (size, size // BLOCK, BLOCK // 2), dtype=np.uint8)
         scales = (rng.random((size, size // BLOCK)) * 0.02).astype(np.float16).astype(np.float32)
         inits += [numpy_helper.from_array(codes, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
-        if kernel == "MatMulInt4":
+        if kernel.startswith("MatMulInt4"):
+            bits = int(kernel.split("-")[1])
+            inputs = [previous, f"q{i}", f"s{i}"]
             node = helper.make_node(
-                MATMUL_INT4, [previous, f"q{i}", f"s{i}"], [f"y{i}"], domain=DOMAIN, K=size, N=size, block_size=BLOCK
+                MATMUL_INT4, inputs, [f"y{i}"], domain=DOMAIN, K=size, N=size, block_size=BLOCK, activation_bits=bits
             )
         else:
             level = int(kernel[-1])
@@ -77,7 +80,11 @@ def main(size: int, threads: int, count: int, rows: int, rounds: int) -> None:
     libraries = {"MatMulInt4": str(installed)}
     if os.environ.get("LIBRARY"):
         libraries["MatMulInt4 (LIBRARY)"] = os.environ["LIBRARY"]
-    sessions = {name: session(chain(count, size, "MatMulInt4", rng), lib, threads) for name, lib in libraries.items()}
+    sessions = {
+        f"{name} {bits}-bit": session(chain(count, size, f"MatMulInt4-{bits}", rng), lib, threads)
+        for name, lib in libraries.items()
+        for bits in (24, 16)
+    }
     for level in (4, 0):
         sessions[f"MatMulNBits level {level}"] = session(chain(count, size, f"L{level}", rng), str(installed), threads)
     feed = {"a": rng.standard_normal((rows, size)).astype(np.float32)}
@@ -96,7 +103,7 @@ def main(size: int, threads: int, count: int, rows: int, rounds: int) -> None:
     for name, values in times.items():
         ratios = sorted(t / r for t, r in zip(values, reference, strict=True))
         print(
-            f"  {name:24s} {statistics.median(values) * 1e6:8.1f} us a product, "
+            f"  {name:31s} {statistics.median(values) * 1e6:8.1f} us a product, "
             f"{statistics.median(ratios):.2f}x level 4's time ({ratios[0]:.2f}-{ratios[-1]:.2f})"
         )
 

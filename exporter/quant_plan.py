@@ -55,6 +55,14 @@ class QuantPlan:
         runs = self.own_int4 and any(w.fits_matmul_int4() for w in self.weights.values())
         return "llamatrt" if runs else "onnxruntime"
 
+    @property
+    def int4_activation_bits(self) -> list[int]:
+        """The activation_bits of the MatMulInt4 products (QuantizedWeight.activation_bits), for the
+        manifest; none where no product runs the kernel."""
+        if self.int4_kernel != "llamatrt":
+            return []
+        return sorted({w.activation_bits() for w in self.weights.values() if w.fits_matmul_int4()})
+
     def origins(self) -> dict[str, str]:
         return {name: w.describe() for name, w in self.weights.items()}
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from llamatrt.base.artifact.precision import WEIGHT_FORMATS
-from llamatrt.base.custom_ops import INT4_ACTIVATION_BLOCK
+from llamatrt.base.custom_ops import EXACT_ACTIVATION_BITS, INT4_ACTIVATION_BLOCK, REQUANTIZED_ACTIVATION_BITS
 from llamatrt.base.errors import CheckpointError, InputError
 
 # MatMulNBits' zero point when the graph gives none, by bits
@@ -40,14 +40,21 @@ class QuantizedWeight:
     offsets: np.ndarray | None  # float32 [N, K/block]: Q4_1's `m`, added after the product
     origin: str  # "gguf Q4_1" (blocks carried over) or "rtn" (quantized here)
 
-    def form(self) -> tuple[int, int, int, int, int, bool]:
+    def form(self) -> tuple[int, int, int, int, int, bool, int]:
         """What a graph over this weight depends on: a weight of the same form fits the same nodes."""
-        return self.bits, self.block, self.n, self.k, self.zero, self.offsets is None
+        return self.bits, self.block, self.n, self.k, self.zero, self.offsets is None, self.activation_bits()
 
     def fits_matmul_int4(self) -> bool:
         """Whether llamatrt's MatMulInt4 can run this weight's product: 4-bit blocks made of whole
         groups of the kernel's 32 activations (base.custom_ops)."""
         return self.bits == 4 and self.block % INT4_ACTIVATION_BLOCK == 0
+
+    def activation_bits(self) -> int:
+        """MatMulInt4's activation digits for this weight's products: fp32's 24 bits for a GGUF's own
+        blocks, whose products must equal the fp32 reference's; 16 (two int8 dot products where 24 take
+        three) for blocks made here from floats, whose own rounding error is orders of magnitude
+        larger than 16-bit activations' (docs/quantization.md)."""
+        return EXACT_ACTIVATION_BITS if self.origin.startswith("gguf") else REQUANTIZED_ACTIVATION_BITS
 
     def describe(self) -> str:
         """Where the blocks came from, as the manifest records it."""

@@ -248,9 +248,9 @@ def _product(
     if own_int4 and accuracy_level == 0 and weight.fits_matmul_int4():
         # the same codes, scales and (Q4_1) offsets as MatMulNBits reads: the weights file is the same
         offsets = [] if weight.offsets is None else [inits.get(f"{name}.offsets", STORED[".offsets"](weight))]
-        return build.op(
-            MATMUL_INT4, x, packed, scales, *offsets, domain=DOMAIN, K=weight.k, N=weight.n, block_size=weight.block
-        )
+        shape = {"K": weight.k, "N": weight.n, "block_size": weight.block}
+        bits = weight.activation_bits()
+        return build.op(MATMUL_INT4, x, packed, scales, *offsets, domain=DOMAIN, activation_bits=bits, **shape)
     if weight.bits == 8 and accuracy_level == 0 and _splits_into_blocks(weight):
         return _two_pass(build, x, packed, scales, weight, inits)
     out = build.op(

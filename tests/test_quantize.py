@@ -170,6 +170,9 @@ def test_the_artifact_carries_the_gguf_blocks_and_equals_pytorch_on_them(gguf_ch
         assert manifest.quantization["int4_kernel"] == "onnxruntime"
     else:
         assert {n.op_type for n in products} == {MATMUL_INT4} and manifest.quantization["int4_kernel"] == "llamatrt"
+        # a GGUF's own blocks keep fp32's 24-bit activations: their products equal the reference's
+        assert {a.i for n in products for a in n.attribute if a.name == "activation_bits"} == {24}
+        assert manifest.quantization["int4_activation_bits"] == [24]
         # each layer's gate/up product applies SwiGLU in the kernel (exporter.ort_fusions.fuse_swiglu),
         # and the validation above ran that graph
         gated = [n for n in products if any(a.name == "swiglu" and a.i == 1 for a in n.attribute)]
@@ -252,6 +255,11 @@ def test_a_float_checkpoint_is_quantized_by_onnxruntime_and_runs_its_dequantized
     assert ("accuracy_level 0" in manifest.validation["backend"]) == (level == 4)
     assert {g.weights for g in manifest.graphs.values()} == {scheme}
     assert all(origin.startswith("rtn") for origin in manifest.quantization["tensors"].values())
+    if scheme == "int4":  # blocks made here: 16-bit activations, validated through their 24-bit twin
+        graph = onnx.load(tmp_path / "q" / "model.ort.onnx", load_external_data=False)
+        products = [n for n in graph.graph.node if n.op_type == MATMUL_INT4]
+        assert products and {a.i for n in products for a in n.attribute if a.name == "activation_bits"} == {16}
+        assert manifest.quantization["int4_activation_bits"] == [16] and "24-bit" in manifest.validation["backend"]
     fp32 = sum(p.numel() * 4 for p in tiny_hf_model(variant).parameters())
     assert manifest.weights_bytes < fp32 * (0.3 if scheme == "int4" else 0.45)
     generated = run_cli(["generate", str(tmp_path / "q"), "--prompt", "w5 w6 w7", "--max-new-tokens", "4"], tmp_path)

@@ -124,9 +124,10 @@ def kernel_note(backend: Backend, with_level: bool = True) -> str:
     )
     if level is not None and quantization.get("int4_kernel") == "llamatrt":
         path = "AVX2" if {"avx2"} <= set(cpu_features()) else "portable C"
+        digits = {24: "three int8 digits (24 bits)", 16: "two int8 digits (16 bits)"}
+        written = " or ".join(digits[b] for b in quantization.get("int4_activation_bits", [24]))
         arithmetic += (
-            f"; 4-bit products on llamatrt's MatMulInt4, {path} path (fp32 activations as three int8 digits per "
-            "block of 32)"
+            f"; 4-bit products on llamatrt's MatMulInt4, {path} path (fp32 activations as {written} per block of 32)"
         )
     return (
         f"kernel path of {backend.name}: onnxruntime {onnxruntime.__version__} on a CPU with "

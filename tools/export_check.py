@@ -17,6 +17,7 @@ from typing import Any
 from llamatrt.base.artifact.feeds import fixed_prompt
 from llamatrt.base.artifact.manifest import Manifest
 from llamatrt.base.artifact.precision import PRECISIONS
+from llamatrt.base.custom_ops import EXACT_ACTIVATION_BITS
 from llamatrt.base.errors import ValidationError
 from llamatrt.base.heap import map_large_blocks
 from llamatrt.models.llama import StaticLlama
@@ -64,11 +65,16 @@ def validate_artifact(
     graphs (runtime.fp32_twin) against PyTorch in fp32 on the same bf16-rounded weights: the same
     arithmetic on both sides, so the fp32 tolerance applies and a wrong wire in the graph cannot hide
     in bf16 rounding. A quantized artifact is checked against PyTorch on its dequantized weights, its
-    graph run at accuracy_level 0 (runtime.quant_twin) so that the fp32 tolerance applies too."""
+    graph run at accuracy_level 0 and 24-bit MatMulInt4 activations (tools.quant_twin) so that the
+    fp32 tolerance applies too."""
     map_large_blocks()  # the runs' large buffers leave memory when freed (the export's memory bound)
     twin = PRECISIONS[manifest.dtype].numpy is None
     tolerance = PRECISIONS["float32" if twin else manifest.dtype].export_tolerance
-    inexact = bool(manifest.quantization) and manifest.quantization["accuracy_level"] != 0
+    quantization = manifest.quantization or {}
+    int8_activations = quantization.get("accuracy_level", 0) != 0
+    inexact = int8_activations or quantization.get("int4_activation_bits", [EXACT_ACTIVATION_BITS]) != [
+        EXACT_ACTIVATION_BITS
+    ]
     if manifest.quantization:
         tolerance = QUANTIZED_TOLERANCE
     forms = list(dict.fromkeys(g.attention for g in manifest.graphs.values()))  # ONNX Runtime runs every form
@@ -95,8 +101,12 @@ def validate_artifact(
             )
     if twin:
         how = "onnxruntime-cpu, fp32 twins of the bf16 graphs vs PyTorch fp32 on the bf16 weights"
-    elif inexact:
+    elif int8_activations:
         how = "onnxruntime-cpu, the graph's twin at accuracy_level 0 vs PyTorch on the dequantized weights"
+    elif inexact:
+        how = (
+            "onnxruntime-cpu, the graph's twin with 24-bit MatMulInt4 activations vs PyTorch on the dequantized weights"
+        )
     elif manifest.quantization:
         how = "onnxruntime-cpu vs PyTorch on the dequantized weights"
     else:

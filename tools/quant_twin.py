@@ -1,8 +1,9 @@
 """The exact-arithmetic twin of a quantized artifact's graph: the same nodes and weights with
 MatMulNBits (and the portable graphs' fused DequantizeLinear -> MatMul) at accuracy_level 0
-(fp32 activations). Export validation runs it against PyTorch on the
-dequantized weights at the fp32 tolerance, so the graph's wiring is checked exactly; the int8
-activations of accuracy_level 4 are kernel arithmetic, which `llamatrt diff` measures.
+(fp32 activations) and MatMulInt4 at 24-bit activations. Export validation runs it against PyTorch
+on the dequantized weights at the fp32 tolerance, so the graph's wiring is checked exactly; the int8
+activations of accuracy_level 4 and MatMulInt4's 16-bit ones are kernel arithmetic, which
+`llamatrt diff` measures (and tests/runtime/test_matmul_int4.py bounds).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from llamatrt.base.artifact.manifest import Manifest
 from llamatrt.base.artifact.reader import inside
 from llamatrt.base.artifact.variants import MS_DOMAIN
-from llamatrt.base.custom_ops import DOMAIN, MATMUL_INT4
+from llamatrt.base.custom_ops import DOMAIN, EXACT_ACTIVATION_BITS, MATMUL_INT4
 
 
 def set_accuracy_level(model: Any, level: int) -> None:
@@ -114,6 +115,19 @@ def exact_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
     for name, graph in manifest.graphs.items():
         model = onnx.load(str(inside(folder, graph.path, f"graph {name!r} path")), load_external_data=False)
         set_accuracy_level(model, 0)
+        set_exact_activations(model)
         onnx.save(model, str(out / graph.path))
     # a portable graph's DequantizeLinear -> MatMul runs at the manifest's level (OrtBackend)
-    return replace(manifest, quantization={**manifest.quantization, "accuracy_level": 0})
+    exact = {"accuracy_level": 0} | (
+        {"int4_activation_bits": [EXACT_ACTIVATION_BITS]} if "int4_activation_bits" in manifest.quantization else {}
+    )
+    return replace(manifest, quantization={**manifest.quantization, **exact})
+
+
+def set_exact_activations(model: Any) -> None:
+    """Every llamatrt MatMulInt4 of an ONNX model (onnx.ModelProto) at 24-bit activations, in place."""
+    for node in model.graph.node:
+        if node.op_type == MATMUL_INT4 and node.domain == DOMAIN:
+            for attribute in node.attribute:
+                if attribute.name == "activation_bits":
+                    attribute.i = EXACT_ACTIVATION_BITS

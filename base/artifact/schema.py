@@ -150,6 +150,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "accuracy_level": {"type": "integer", "minimum": 0, "maximum": 4},
                 # what runs the 4-bit products: MatMulNBits, or llamatrt's MatMulInt4 (base.custom_ops)
                 "int4_kernel": {"enum": ["onnxruntime", "llamatrt"]},
+                # MatMulInt4's activation digits, 24 or 16 bits (absent: 24, as written before 16 existed)
+                "int4_activation_bits": {"type": "array", "items": {"enum": [16, 24]}},
                 "tensors": {"type": "object", "additionalProperties": {"type": "string"}},
                 # how the portable graphs (TensorRT's) hold the weights, or why there are none
                 "portable": {"type": "string"},

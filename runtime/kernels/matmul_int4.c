@@ -16,6 +16,13 @@
  * where a weight is d * q + o (Q4_1's form; MatMulNBits' symmetric blocks are o = -8 d) and X is the
  * fp32 sum of a block's activations.
  *
+ * With the attribute activation_bits = 16, two digits: x = s * (256 a + c), s = max|x| / (127 * 256),
+ * an error of at most max|x| / 2^16 per element (finer than fp16's 11-bit mantissa for every element
+ * within 32x of its block's largest), two int8 dot products instead of three. The exporter writes it
+ * where the weights were re-quantized from floats (their own error is orders of magnitude larger;
+ * docs/quantization.md has the measurements) and keeps 24 bits (the default, absent the attribute)
+ * for a GGUF's blocks, whose products must equal the fp32 reference's.
+ *
  * Inputs: A [..., K] float; B uint8 [N, K / block, block / 2] (MatMulNBits' layout: element 2i in
  * the low nibble of byte i); scales float [N * K / block] (row n's blocks together); offsets
  * float [K / block, N] (optional: absent means -8 * scales; the layout llamatrt's artifacts store).
@@ -50,13 +57,14 @@
 #define TILE_CODES (TILE * GROUP / 2)              /* bytes of one tile-group's codes: 256 */
 #define LAYOUT_HALF 1      /* a tile-group's d (and o) are fp16, else fp32 */
 #define LAYOUT_SYMMETRIC 2 /* no o: every block's is -8 d (MatMulNBits' symmetric blocks, Q4_0) */
-#define PARTS 3                                    /* int8 digits of an activation */
-#define LIMIT 8323072                              /* 127 * 65536: the top digit stays within int8 */
+#define PARTS 3       /* int8 digits of an activation, at most */
+#define LIMIT_24 8323072 /* 127 * 65536: three digits, the top one within int8 */
+#define LIMIT_16 32512   /* 127 * 256: two digits */
 #define PREFETCH_GROUPS 8 /* how far ahead the AVX2 path asks for a tile's codes (2.5 KiB) */
 #define WORK_ITEMS_PER_CPU 4
 
-/* A block of 32 activations as s * (65536 * a + 256 * b + c), a, b, c int8 (part[0..2]), and the
- * block's exact sum for the offsets. */
+/* A block of 32 activations as s * (65536 * a + 256 * b + c), a, b, c int8 (part[0..2]), or with
+ * 16-bit activations s * (256 * a + c) (part[0..1]), and the block's exact sum for the offsets. */
 typedef struct {
   int8_t part[PARTS][GROUP];
   float scale;
@@ -198,15 +206,17 @@ static int make_weights(Weights* w, const uint8_t* b, const float* scales, const
 
 /* A group's scale, or 0 / NaN where its digits are all zero: all-zero activations, or a NaN / inf
  * (which the group's sum then carries into the product). */
-static int group_scale(float amax, Group* o) {
+static int group_scale(float amax, int32_t limit, Group* o) {
   if (!(amax > 0.0f) || !isfinite(amax)) {
     memset(o->part, 0, sizeof o->part);
     o->scale = amax > 0.0f ? NAN : 0.0f;
     return 0;
   }
-  o->scale = (float)(amax / (double)LIMIT);
+  o->scale = (float)(amax / (double)limit);
   return 1;
 }
+
+static inline int32_t digits_limit(int parts) { return parts == 3 ? LIMIT_24 : LIMIT_16; }
 
 /* A group's fp32 sum in the order the AVX2 path adds it (8 lanes, then halves), so that both paths
  * give the same sums. */
@@ -217,19 +227,26 @@ static float group_sum(const float* values) {
   return (lane[0] + lane[2]) + (lane[1] + lane[3]);
 }
 
-/* 32 activations into their digits (the portable path) */
-static void quantize_group(const float* values, Group* o) {
+/* 32 activations into their `parts` digits (the portable path) */
+static inline void quantize_digits(const float* values, Group* o, const int parts) {
   float amax = 0.0f;
   for (int i = 0; i < GROUP; i++) {
     float a = fabsf(values[i]);
     amax = a > amax ? a : amax;
   }
   o->sum = group_sum(values);
-  if (!group_scale(amax, o)) return;
-  double inverse = (double)LIMIT / amax;
+  const long limit = digits_limit(parts);
+  if (!group_scale(amax, (int32_t)limit, o)) return;
+  double inverse = (double)limit / amax;
   for (int i = 0; i < GROUP; i++) {
     long v = lrint(values[i] * inverse);
-    v = v > LIMIT ? LIMIT : (v < -LIMIT ? -LIMIT : v);
+    v = v > limit ? limit : (v < -limit ? -limit : v);
+    if (parts == 2) {
+      long a = (v + 128) >> 8; /* nearest: |a| <= 127 as |v| <= 127 * 256, c in [-128, 127] */
+      o->part[0][i] = (int8_t)a;
+      o->part[1][i] = (int8_t)(v - 256 * a);
+      continue;
+    }
     long a = (v + 32768) >> 16; /* nearest: the rest in [-32768, 32767] */
     long rest = v - 65536 * a;
     long b = (rest + 128) >> 8; /* nearest: c in [-128, 127] */
@@ -243,6 +260,9 @@ static void quantize_group(const float* values, Group* o) {
     o->part[2][i] = (int8_t)c;
   }
 }
+
+static void quantize_group_24(const float* values, Group* o) { quantize_digits(values, o, 3); }
+static void quantize_group_16(const float* values, Group* o) { quantize_digits(values, o, 2); }
 
 typedef void (*QuantizeFn)(const float* values, Group* out);
 
@@ -261,11 +281,15 @@ static void quantize_row(QuantizeFn quantize, const float* x, int64_t k, int64_t
 }
 
 /* sum_k q * (65536 a + 256 b + c) from the three int8 dot products: a's is at most 15 * 127 * 32,
- * so b's and c's together are exact in int32 and the total in a float. */
-static float combine(int32_t a, int32_t b, int32_t c) { return (float)a * 65536.0f + (float)(b * 256 + c); }
+ * so b's and c's together are exact in int32 and the total in a float; with two digits,
+ * sum_k q * (256 a + c) is exact in int32 and, below 2^24, in a float. */
+static float combine(const int32_t* dot, int parts) {
+  if (parts == 2) return (float)(dot[0] * 256 + dot[1]);
+  return (float)dot[0] * 65536.0f + (float)(dot[1] * 256 + dot[2]);
+}
 
-static void tile_scalar(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
-                        float* const* y) {
+static inline void tile_scalar(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
+                               float* const* y, const int parts) {
   int64_t stride = layout_stride(layout);
   for (int m = 0; m < rows; m++) {
     float acc[TILE] = {0};
@@ -274,18 +298,28 @@ static void tile_scalar(const uint8_t* w, int layout, const Group* const* x, int
       const Group* xg = x[m] + g;
       for (int r = 0; r < TILE; r++) {
         int32_t dot[PARTS] = {0};
-        for (int part = 0; part < PARTS; part++)
+        for (int part = 0; part < parts; part++)
           for (int j = 0; j < 4; j++)
             for (int i = 0; i < 4; i++) {
               uint8_t v = p[j * 64 + r * 4 + i];
               dot[part] += (v & 15) * xg->part[part][4 * j + i] + (v >> 4) * xg->part[part][4 * (j + 4) + i];
             }
         float d = scale_at(p, layout, r), o = offset_at(p, layout, r);
-        acc[r] += combine(dot[0], dot[1], dot[2]) * (d * xg->scale) + o * xg->sum;
+        acc[r] += combine(dot, parts) * (d * xg->scale) + o * xg->sum;
       }
     }
     memcpy(y[m], acc, sizeof acc);
   }
+}
+
+static void tile_scalar_24(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
+                           float* const* y) {
+  tile_scalar(w, layout, x, rows, groups, y, 3);
+}
+
+static void tile_scalar_16(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
+                           float* const* y) {
+  tile_scalar(w, layout, x, rows, groups, y, 2);
 }
 
 #ifdef MATMUL_INT4_X86
@@ -293,17 +327,13 @@ static void tile_scalar(const uint8_t* w, int layout, const Group* const* x, int
  * eight pair-sums a lane adds per group stay below 32767. ROWS rows of activations share each load
  * and unpacking of the codes. */
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define ALWAYS_INLINE __attribute__((always_inline)) /* made once for each digit count */
 
 static inline AVX2 __m256i digits(const Group* g, int part, int at) {
   int32_t four;
   memcpy(&four, g->part[part] + at, 4);
   return _mm256_set1_epi32(four);
 }
-
-/* one part's int16 sums over a half-tile's 8 rows: codes (low, high nibbles) times its digits */
-#define ADD_PART(sum, x, part)                                                                   \
-  sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(low, digits(x, part, 4 * j)));             \
-  sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(high, digits(x, part, 4 * j + 16)))
 
 /* Half h's 8 rows' d and o of the tile-group whose codes end at `at` (as packed: offset_at). */
 static inline AVX2 void group_scales(const uint8_t* at, int layout, int h, __m256* scale, __m256* offset) {
@@ -318,16 +348,19 @@ static inline AVX2 void group_scales(const uint8_t* at, int layout, int h, __m25
   if (layout & LAYOUT_SYMMETRIC) *offset = _mm256_mul_ps(*scale, _mm256_set1_ps(-8.0f));
 }
 
-static inline AVX2 __m256 group_dot(__m256i a, __m256i b, __m256i c) {
+/* combine's sums for 8 rows, from each part's int16 pair sums */
+static inline AVX2 __m256 group_dot(const __m256i* sum, const int parts) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i bc = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(b, ones), 8), _mm256_madd_epi16(c, ones));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a, ones)), _mm256_set1_ps(65536.0f),
-                         _mm256_cvtepi32_ps(bc));
+  __m256i low = _mm256_madd_epi16(sum[parts - 1], ones);
+  __m256i middle = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(sum[parts - 2], ones), 8), low);
+  if (parts == 2) return _mm256_cvtepi32_ps(middle);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[0], ones)), _mm256_set1_ps(65536.0f),
+                         _mm256_cvtepi32_ps(middle));
 }
 
 /* The portable quantize_group's digits with 8 lanes at a time: v rounded in double as lrint rounds
  * (to nearest even), then the same shifts and carry; the group's sum in group_sum's order. */
-static AVX2 void quantize_group_avx2(const float* values, Group* o) {
+static inline ALWAYS_INLINE AVX2 void quantize_digits_avx2(const float* values, Group* o, const int parts) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 x[4], amax8 = _mm256_setzero_ps(), sum8 = _mm256_setzero_ps();
   for (int i = 0; i < 4; i++) {
@@ -344,9 +377,10 @@ static AVX2 void quantize_group_avx2(const float* values, Group* o) {
   float amax = _mm_cvtss_f32(m);
   o->sum = _mm_cvtss_f32(t);
   if (isnan(o->sum) && !isnan(amax)) amax = NAN; /* max_ps drops a NaN lane that the sum keeps */
-  if (!group_scale(amax, o)) return;
-  const __m256d inverse = _mm256_set1_pd((double)LIMIT / amax);
-  const __m256i limit = _mm256_set1_epi32(LIMIT), half_a = _mm256_set1_epi32(32768), half_b = _mm256_set1_epi32(128);
+  if (!group_scale(amax, digits_limit(parts), o)) return;
+  const __m256d inverse = _mm256_set1_pd((double)digits_limit(parts) / amax);
+  const __m256i limit = _mm256_set1_epi32(digits_limit(parts)), half_a = _mm256_set1_epi32(32768),
+                half_b = _mm256_set1_epi32(128);
   const __m256i top = _mm256_set1_epi32(127), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256i digit[PARTS][4];
   for (int i = 0; i < 4; i++) {
@@ -354,6 +388,12 @@ static AVX2 void quantize_group_avx2(const float* values, Group* o) {
     __m128i high = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x[i], 1)), inverse));
     __m256i v = _mm256_set_m128i(high, low);
     v = _mm256_max_epi32(_mm256_min_epi32(v, limit), _mm256_sub_epi32(_mm256_setzero_si256(), limit));
+    if (parts == 2) {
+      __m256i a = _mm256_srai_epi32(_mm256_add_epi32(v, half_b), 8);
+      digit[0][i] = a;
+      digit[1][i] = _mm256_sub_epi32(v, _mm256_slli_epi32(a, 8));
+      continue;
+    }
     __m256i a = _mm256_srai_epi32(_mm256_add_epi32(v, half_a), 16);
     __m256i rest = _mm256_sub_epi32(v, _mm256_slli_epi32(a, 16));
     __m256i b = _mm256_srai_epi32(_mm256_add_epi32(rest, half_b), 8);
@@ -363,7 +403,7 @@ static AVX2 void quantize_group_avx2(const float* values, Group* o) {
     digit[1][i] = _mm256_add_epi32(b, _mm256_slli_epi32(carry, 8)); /* b - 256 */
     digit[2][i] = c;
   }
-  for (int part = 0; part < PARTS; part++) { /* 32 int32 -> 32 int8, in order */
+  for (int part = 0; part < parts; part++) { /* 32 int32 -> 32 int8, in order */
     __m256i words = _mm256_packs_epi32(digit[part][0], digit[part][1]);
     __m256i words2 = _mm256_packs_epi32(digit[part][2], digit[part][3]);
     __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2), order);
@@ -371,6 +411,10 @@ static AVX2 void quantize_group_avx2(const float* values, Group* o) {
   }
 }
 
+static AVX2 void quantize_group_avx2_24(const float* values, Group* o) { quantize_digits_avx2(values, o, 3); }
+static AVX2 void quantize_group_avx2_16(const float* values, Group* o) { quantize_digits_avx2(values, o, 2); }
+
+/* one part's int16 sums over a half-tile's 8 rows: codes (low, high nibbles) times its digits */
 static inline AVX2 __m256i add_products(__m256i sum, __m256i low, __m256i high, __m256i d_low, __m256i d_high) {
   sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(low, d_low));
   return _mm256_add_epi16(sum, _mm256_maddubs_epi16(high, d_high));
@@ -378,7 +422,8 @@ static inline AVX2 __m256i add_products(__m256i sum, __m256i low, __m256i high, 
 
 /* One row of activations (a decode step's) against the whole tile in one pass: each digit broadcast
  * serves both halves' 8 rows, and each group's codes are read once. */
-static AVX2 void tile_one_row_avx2(const uint8_t* w, int layout, const Group* x, int64_t groups, float* y) {
+static inline ALWAYS_INLINE AVX2 void tile_one_row_avx2(const uint8_t* w, int layout, const Group* x, int64_t groups,
+                                                        float* y, const int parts) {
   const __m256i mask = _mm256_set1_epi8(15);
   int64_t stride = layout_stride(layout);
   for (int64_t g = 0; g < PREFETCH_GROUPS && g < groups; g++) /* the tile's first groups, all at once */
@@ -391,13 +436,13 @@ static AVX2 void tile_one_row_avx2(const uint8_t* w, int layout, const Group* x,
     const Group* xg = x + g;
     __m256i sum[2][PARTS];
     for (int h = 0; h < 2; h++)
-      for (int part = 0; part < PARTS; part++) sum[h][part] = _mm256_setzero_si256();
+      for (int part = 0; part < parts; part++) sum[h][part] = _mm256_setzero_si256();
     for (int j = 0; j < 4; j++) {
       __m256i v0 = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
       __m256i v1 = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32));
       __m256i low0 = _mm256_and_si256(v0, mask), high0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
       __m256i low1 = _mm256_and_si256(v1, mask), high1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
-      for (int part = 0; part < PARTS; part++) {
+      for (int part = 0; part < parts; part++) {
         __m256i d_low = digits(xg, part, 4 * j), d_high = digits(xg, part, 4 * j + 16);
         sum[0][part] = add_products(sum[0][part], low0, high0, d_low, d_high);
         sum[1][part] = add_products(sum[1][part], low1, high1, d_low, d_high);
@@ -408,7 +453,7 @@ static AVX2 void tile_one_row_avx2(const uint8_t* w, int layout, const Group* x,
       __m256 scale, offset;
       group_scales(p + TILE_CODES, layout, h, &scale, &offset);
       acc[h] = _mm256_fmadd_ps(offset, x_sum, acc[h]);
-      acc[h] = _mm256_fmadd_ps(group_dot(sum[h][0], sum[h][1], sum[h][2]), _mm256_mul_ps(scale, x_scale), acc[h]);
+      acc[h] = _mm256_fmadd_ps(group_dot(sum[h], parts), _mm256_mul_ps(scale, x_scale), acc[h]);
     }
   }
   _mm256_storeu_ps(y, acc[0]);
@@ -418,10 +463,10 @@ static AVX2 void tile_one_row_avx2(const uint8_t* w, int layout, const Group* x,
 /* Two rows of activations: half a tile (8 output rows) at a time, so that few registers are live
  * (each row's three sums, the unpacked codes, the float accumulators); the codes are unpacked once
  * for both rows. One row goes to tile_one_row_avx2. */
-static AVX2 void tile_avx2(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
-                           float* const* y) {
+static inline ALWAYS_INLINE AVX2 void tile_avx2(const uint8_t* w, int layout, const Group* const* x, int rows,
+                                                int64_t groups, float* const* y, const int parts) {
   if (rows == 1) {
-    tile_one_row_avx2(w, layout, x[0], groups, y[0]);
+    tile_one_row_avx2(w, layout, x[0], groups, y[0], parts);
     return;
   }
   const __m256i mask = _mm256_set1_epi8(15);
@@ -437,32 +482,39 @@ static AVX2 void tile_avx2(const uint8_t* w, int layout, const Group* const* x, 
           _mm_prefetch((const char*)(w + (g + PREFETCH_GROUPS) * stride + line), _MM_HINT_T0);
       const Group* x0 = x[0] + g;
       const Group* x1 = x[rows - 1] + g;
-      __m256i a0 = _mm256_setzero_si256(), b0 = _mm256_setzero_si256(), c0 = _mm256_setzero_si256();
-      __m256i a1 = _mm256_setzero_si256(), b1 = _mm256_setzero_si256(), c1 = _mm256_setzero_si256();
+      __m256i sum0[PARTS], sum1[PARTS];
+      for (int part = 0; part < parts; part++) sum0[part] = sum1[part] = _mm256_setzero_si256();
       for (int j = 0; j < 4; j++) {
         __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j));
         __m256i low = _mm256_and_si256(v, mask), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        ADD_PART(a0, x0, 0);
-        ADD_PART(b0, x0, 1);
-        ADD_PART(c0, x0, 2);
-        if (rows == 2) {
-          ADD_PART(a1, x1, 0);
-          ADD_PART(b1, x1, 1);
-          ADD_PART(c1, x1, 2);
+        for (int part = 0; part < parts; part++) {
+          sum0[part] = add_products(sum0[part], low, high, digits(x0, part, 4 * j), digits(x0, part, 4 * j + 16));
+          if (rows == 2)
+            sum1[part] = add_products(sum1[part], low, high, digits(x1, part, 4 * j), digits(x1, part, 4 * j + 16));
         }
       }
       __m256 scale, offset;
       group_scales(w + g * stride + TILE_CODES, layout, half, &scale, &offset);
       acc0 = _mm256_fmadd_ps(offset, _mm256_set1_ps(x0->sum), acc0);
-      acc0 = _mm256_fmadd_ps(group_dot(a0, b0, c0), _mm256_mul_ps(scale, _mm256_set1_ps(x0->scale)), acc0);
+      acc0 = _mm256_fmadd_ps(group_dot(sum0, parts), _mm256_mul_ps(scale, _mm256_set1_ps(x0->scale)), acc0);
       if (rows == 2) {
         acc1 = _mm256_fmadd_ps(offset, _mm256_set1_ps(x1->sum), acc1);
-        acc1 = _mm256_fmadd_ps(group_dot(a1, b1, c1), _mm256_mul_ps(scale, _mm256_set1_ps(x1->scale)), acc1);
+        acc1 = _mm256_fmadd_ps(group_dot(sum1, parts), _mm256_mul_ps(scale, _mm256_set1_ps(x1->scale)), acc1);
       }
     }
     _mm256_storeu_ps(y[0] + 8 * half, acc0);
     if (rows == 2) _mm256_storeu_ps(y[1] + 8 * half, acc1);
   }
+}
+
+static AVX2 void tile_avx2_24(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
+                              float* const* y) {
+  tile_avx2(w, layout, x, rows, groups, y, 3);
+}
+
+static AVX2 void tile_avx2_16(const uint8_t* w, int layout, const Group* const* x, int rows, int64_t groups,
+                              float* const* y) {
+  tile_avx2(w, layout, x, rows, groups, y, 2);
 }
 #endif
 
@@ -511,12 +563,15 @@ typedef struct { /* the CPU's code for the steps, chosen once per session */
   SwigluFn swiglu;
 } Path;
 
-static Path choose_path(int force_scalar) {
-  Path path = {quantize_group, tile_scalar, swiglu_scalar};
+/* `bits`: 24 or 16 (activation_bits) */
+static Path choose_path(int force_scalar, int64_t bits) {
+  Path path = bits == 16 ? (Path){quantize_group_16, tile_scalar_16, swiglu_scalar}
+                         : (Path){quantize_group_24, tile_scalar_24, swiglu_scalar};
 #ifdef MATMUL_INT4_X86
   if (!force_scalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
-    path = (Path){quantize_group_avx2, tile_avx2, swiglu_avx2};
+    path = bits == 16 ? (Path){quantize_group_avx2_16, tile_avx2_16, swiglu_avx2}
+                      : (Path){quantize_group_avx2_24, tile_avx2_24, swiglu_avx2};
 #endif
   (void)force_scalar;
   return path;
@@ -724,16 +779,22 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
   RETURN_IF_ERROR(attribute(info, "K", &k));
   RETURN_IF_ERROR(attribute(info, "N", &n));
   RETURN_IF_ERROR(attribute(info, "block_size", &block));
-  int64_t swiglu = 0; /* optional: absent means a plain product */
+  int64_t swiglu = 0, bits = 24; /* optional: absent means a plain product, 24-bit activations */
   OrtStatus* absent = attribute(info, "swiglu", &swiglu);
   if (absent) {
     ORT_CALL(ReleaseStatusFn, RELEASE_STATUS)(absent);
     swiglu = 0;
   }
+  absent = attribute(info, "activation_bits", &bits);
+  if (absent) {
+    ORT_CALL(ReleaseStatusFn, RELEASE_STATUS)(absent);
+    bits = 24;
+  }
   if (k <= 0 || n <= 0 || block <= 0 || block % GROUP != 0)
     return fail("MatMulInt4: K and N must be positive and block_size a multiple of 32");
   if (swiglu != 0 && (swiglu != 1 || n % TILE != 0))
     return fail("MatMulInt4: swiglu must be 0 or 1, and with 1, N a multiple of 16 (gate and up halves)");
+  if (bits != 24 && bits != 16) return fail("MatMulInt4: activation_bits must be 24 or 16");
   int64_t blocks = (k + block - 1) / block;
   const OrtValue *b_value, *scales_value, *offsets_value = NULL;
   RETURN_IF_ERROR(constant_input(info, 1, &b_value));
@@ -766,7 +827,7 @@ static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const 
     free(kernel_state);
     return ORT_CALL(CreateStatusFn, CREATE_STATUS)(ORT_FAIL, "MatMulInt4: out of memory");
   }
-  kernel_state->path = choose_path(0); /* once: the CPU does not change under a session */
+  kernel_state->path = choose_path(0, bits); /* once: the CPU does not change under a session */
   kernel_state->span = tile_span(kernel_state->w.tiles);
   *kernel = kernel_state;
   return NULL;
@@ -892,12 +953,13 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   return ORT_CALL(AddCustomOpDomainFn, ADD_CUSTOM_OP_DOMAIN)(options, g_domain);
 }
 
-/* For the tests and benchmarks (ctypes): the kernel without ONNX Runtime, one thread; `swiglu` as the
- * attribute (y then [rows, n / 2]). */
+/* For the tests and benchmarks (ctypes): the kernel without ONNX Runtime, one thread; `swiglu` and
+ * `activation_bits` as the attributes (y then [rows, n / 2]). */
 __attribute__((visibility("default"))) int matmul_int4(const float* a, const uint8_t* b, const float* scales,
                                                         const float* offsets, int64_t rows, int64_t n, int64_t k,
-                                                        int64_t block, float* y, int scalar, int swiglu) {
-  if (block % GROUP != 0 || (swiglu && n % TILE != 0)) return 1;
+                                                        int64_t block, float* y, int scalar, int swiglu,
+                                                        int activation_bits) {
+  if (block % GROUP != 0 || (swiglu && n % TILE != 0) || (activation_bits != 24 && activation_bits != 16)) return 1;
   Weights w;
   if (make_weights(&w, b, scales, offsets, n, k, block, swiglu)) return 2;
   Group* groups = (Group*)malloc((size_t)(rows * w.groups) * sizeof(Group));
@@ -905,7 +967,7 @@ __attribute__((visibility("default"))) int matmul_int4(const float* a, const uin
     free(w.packed);
     return 2;
   }
-  Job job = {&w, a, groups, y, rows, choose_path(scalar), 1};
+  Job job = {&w, a, groups, y, rows, choose_path(scalar, activation_bits), 1};
   for (int64_t r = 0; r < rows; r++) quantize_one(&job, (size_t)r);
   for (int64_t t = 0; t < w.tiles; t++) run_tile(&job, (size_t)t);
   free(w.packed);

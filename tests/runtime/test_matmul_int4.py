@@ -1,7 +1,8 @@
 """llamatrt's MatMulInt4 (runtime/kernels/matmul_int4.c) through ONNX Runtime: 4-bit weights times
 fp32 activations, each block of 32 written as three int8 digits (24 bits), so the product equals
-float64's to within fp32 rounding, on every layout the exporter writes; and bad graphs get a clear
-error rather than a wrong answer."""
+float64's to within fp32 rounding, or (activation_bits = 16) as two, within 16 bits of each block's
+largest activation; on every layout the exporter writes; and bad graphs get a clear error rather
+than a wrong answer."""
 
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ def _model(
     open_k: bool = False,
     offsets_input: bool = False,
     swiglu: bool = False,
+    bits: int | None = None,
 ):
     """A graph of one MatMulInt4 node, its tensors named as an artifact names them (`swiglu`: the
-    gate/up form, output N / 2 wide)."""
+    gate/up form, output N / 2 wide; `bits`: the activation_bits attribute, None for none)."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(scales, "proj.scales")]  # [N, K / block], as STORED[".scales"]
@@ -67,8 +69,8 @@ def _model(
         else:
             inits.append(numpy_helper.from_array(offsets, "proj.offsets"))
         names.append("proj.offsets")
-    gated = {"swiglu": 1} if swiglu else {}
-    node = helper.make_node(MATMUL_INT4, names, ["y"], domain=DOMAIN, K=k, N=n, block_size=block, **gated)
+    optional = ({"swiglu": 1} if swiglu else {}) | ({} if bits is None else {"activation_bits": bits})
+    node = helper.make_node(MATMUL_INT4, names, ["y"], domain=DOMAIN, K=k, N=n, block_size=block, **optional)
     width = n // 2 if swiglu else n
     graph = helper.make_graph(
         [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*leading, width])], inits
@@ -96,17 +98,19 @@ def _activations(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
 
 
 UNIT_ROUNDOFF = 2.0**-24  # fp32's
+DIGITS_LIMIT = {24: 127 * 65536, 16: 127 * 256}  # a block's largest activation is written as this integer
 
 
-def _fp32_error_bound(a: np.ndarray, w_magnitude: np.ndarray) -> np.ndarray:
-    """What fp32 arithmetic may be off by: each activation rounded to 24 bits of its block of 32's
-    largest (the kernel's digits: max|x| / 2^24 per element), and a K-term sum in fp32 (Higham's
-    K * u of the sum of magnitudes). 16-bit digits would miss this by 256x, int8 activations by 65536x."""
+def _fp32_error_bound(a: np.ndarray, w_magnitude: np.ndarray, bits: int = 24) -> np.ndarray:
+    """What the product may be off by: each activation rounded to the nearest of its block of 32's
+    `bits`-bit grid (max|x| / (2 * DIGITS_LIMIT) per element: fp32's own rounding for 24 bits), and
+    a K-term sum in fp32 (Higham's K * u of the sum of magnitudes). int8 activations would miss the
+    24-bit bound by 65536x, the 16-bit one by 256x."""
     k = a.shape[1]
     padded = np.zeros((a.shape[0], -(-k // 32) * 32))
     padded[:, :k] = np.abs(a)
     block_max = np.repeat(padded.reshape(a.shape[0], -1, 32).max(axis=2), 32, axis=1)[:, :k]
-    digits = (block_max * UNIT_ROUNDOFF) @ w_magnitude.T
+    digits = (block_max / (2 * DIGITS_LIMIT[bits])) @ w_magnitude.T
     summation = (k + 2) * UNIT_ROUNDOFF * (np.abs(a.astype(np.float64)) @ w_magnitude.T)
     return digits + summation
 
@@ -124,17 +128,21 @@ def _fp32_error_bound(a: np.ndarray, w_magnitude: np.ndarray) -> np.ndarray:
 )
 @pytest.mark.parametrize("rows", [1, 2, 3, 17])
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32-scales", "fp16-scales"])
-def test_the_product_is_fp32_to_within_rounding(
-    n: int, k: int, block: int, offsets: bool, rows: int, fp16: bool
+@pytest.mark.parametrize("bits", [None, 16], ids=["24-bit", "16-bit"])
+def test_the_product_is_within_its_activations_rounding(
+    n: int, k: int, block: int, offsets: bool, rows: int, fp16: bool, bits: int | None
 ) -> None:
+    """No activation_bits attribute means 24 bits (the artifacts written before it existed)."""
     rng = np.random.default_rng(n * 1000 + k + rows)
     packed, scales, stored_offsets, w, w_magnitude = _weights(rng, n, k, block, offsets, fp16)
     a = _activations(rng, rows, k)
-    y = _session(packed, scales, stored_offsets, n, k, block).run(None, {"a": a})[0]
+    y = _session(packed, scales, stored_offsets, n, k, block, bits=bits).run(None, {"a": a})[0]
     exact = a.astype(np.float64) @ w.T
-    bound = _fp32_error_bound(a, w_magnitude)
+    bound = _fp32_error_bound(a, w_magnitude, bits or 24)
     assert y.shape == (rows, n)
     assert np.all(np.abs(y - exact) <= bound), np.max(np.abs(y - exact) / bound)
+    if bits == 16:  # the attribute chose the digits: not the 24-bit product
+        assert not np.array_equal(y, _session(packed, scales, stored_offsets, n, k, block).run(None, {"a": a})[0])
 
 
 def test_leading_dimensions_and_an_empty_batch_pass_through() -> None:
@@ -149,19 +157,23 @@ def test_leading_dimensions_and_an_empty_batch_pass_through() -> None:
 
 
 def test_the_vector_path_equals_the_portable_one() -> None:
-    """The AVX2 kernel and the plain C one (any CPU) compute the same digits and sums; only the order
-    of the float accumulation differs (FMA)."""
+    """The AVX2 kernel and the plain C one (any CPU) compute the same digits and integer sums; only the
+    float accumulation of each output's K / 32 group terms differs (FMA), by at most that sum's
+    rounding in either order: (groups + 2) * u of the terms' magnitudes, twice."""
     rng = np.random.default_rng(2)
     n, k, rows = 50, 160, 5
-    for fp16, asymmetric in itertools.product((False, True), (False, True)):  # symmetric blocks pack no offsets
-        packed, scales, offsets, *_ = _weights(rng, n, k, 32, asymmetric, fp16)
+    # symmetric blocks pack no offsets; fp16 scales are held as fp16; 16-bit activations are two digits
+    for fp16, asymmetric, bits in itertools.product((False, True), (False, True), (24, 16)):
+        packed, scales, offsets, _, magnitude = _weights(rng, n, k, 32, asymmetric, fp16)
         a = _activations(rng, rows, k)
-        vector, portable = (_ctypes_product(a, packed, scales, offsets, n, k, scalar) for scalar in (0, 1))
-        assert np.allclose(vector, portable, rtol=1e-6, atol=1e-6)
+        vector, portable = (_ctypes_product(a, packed, scales, offsets, n, k, s, bits=bits) for s in (0, 1))
+        accumulation = 2 * (k // 32 + 2) * UNIT_ROUNDOFF * (np.abs(a.astype(np.float64)) @ magnitude.T)
+        assert np.all(np.abs(vector - portable) <= accumulation)
 
 
 @pytest.mark.parametrize("scalar", [0, 1], ids=["avx2", "portable"])
-def test_a_nan_or_inf_activation_spoils_its_own_row_only(scalar: int) -> None:
+@pytest.mark.parametrize("bits", [24, 16])
+def test_a_nan_or_inf_activation_spoils_its_own_row_only(scalar: int, bits: int) -> None:
     """As in an fp32 product: a row holding a NaN or an inf comes out NaN/inf everywhere (the loop's
     check then names the broken graph), and the rows beside it are untouched."""
     rng = np.random.default_rng(3)
@@ -169,22 +181,24 @@ def test_a_nan_or_inf_activation_spoils_its_own_row_only(scalar: int) -> None:
     packed, scales, offsets, w, magnitude = _weights(rng, n, k, 32, True)
     a = _activations(rng, 3, k)
     a[0, 5], a[1, 70] = np.nan, np.inf
-    y = _ctypes_product(a, packed, scales, offsets, n, k, scalar)
+    y = _ctypes_product(a, packed, scales, offsets, n, k, scalar, bits=bits)
     assert not np.isfinite(y[:2]).any()
-    assert np.all(np.abs(y[2] - a[2].astype(np.float64) @ w.T) <= _fp32_error_bound(a[2:], magnitude)[0])
+    assert np.all(np.abs(y[2] - a[2].astype(np.float64) @ w.T) <= _fp32_error_bound(a[2:], magnitude, bits)[0])
 
 
-def _ctypes_product(a, packed, scales, offsets, n: int, k: int, scalar: int, swiglu: int = 0) -> np.ndarray:
+def _ctypes_product(
+    a, packed, scales, offsets, n: int, k: int, scalar: int, swiglu: int = 0, bits: int = 24
+) -> np.ndarray:
     """The kernel's product through its ctypes entry: `scalar` 1 takes the portable path."""
     lib = ctypes.CDLL(str(library_path()))
     lib.matmul_int4.restype = ctypes.c_int
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, i32, i32]
+    lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, i32, i32, i32]
     y = np.zeros((a.shape[0], n // 2 if swiglu else n), np.float32)
     args = [np.ascontiguousarray(a), packed, scales, offsets]
     rows = a.shape[0]
     pointers = (None if x is None else x.ctypes.data for x in args)  # no offsets: symmetric blocks
-    assert lib.matmul_int4(*pointers, rows, n, k, 32, y.ctypes.data, scalar, swiglu) == 0
+    assert lib.matmul_int4(*pointers, rows, n, k, 32, y.ctypes.data, scalar, swiglu, bits) == 0
     return y
 
 
@@ -254,6 +268,8 @@ def test_inconsistent_shapes_are_refused_with_what_is_wrong() -> None:
     odd = _weights(rng, 24, 64, 32, True)[:3]  # gate and up halves of 12 rows: not whole half-tiles
     with pytest.raises(Exception, match="with 1, N a multiple of 16"):
         _session(*odd, 24, 64, 32, swiglu=True)
+    with pytest.raises(Exception, match="activation_bits must be 24 or 16"):
+        _session(packed, scales, offsets, 16, 64, 32, bits=8)
     session = _session(packed, scales, offsets, 16, 64, 32, open_k=True)  # ONNX Runtime's own check passes
     with pytest.raises(Exception, match="A's last dimension must be K"):
         session.run(None, {"a": np.zeros((1, 65), np.float32)})
