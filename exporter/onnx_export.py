@@ -9,10 +9,12 @@ ONNX Runtime's GroupQueryAttention (exporter.ort_attention).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +103,51 @@ def dynamic_shapes(spec: GraphSpec, max_batch: int) -> dict[str, tuple[dict[int,
     return {"inputs": shapes} if any(shapes) else None
 
 
+def _custom_lowerings() -> dict[Any, Any]:
+    return {
+        torch.ops.llamatrt.write_kv.default: _write_kv_to_tensor_scatter,
+        torch.ops.llamatrt.cached_attention.default: ort_attention.cached_attention_to_gqa,
+    }
+
+
+@functools.cache
+def _lowerings(build: Any, opset_version: int) -> Any:
+    """torch.onnx's registry of lowerings, torchlib's ATen functions and our two custom ops, built
+    once a process: torch.onnx.export builds it anew on every call (about 1 s here, and an export
+    traces four graphs; the test suite exports dozens of times), and no export changes it (it is
+    only read: the dispatcher's lookups)."""
+    from torch.onnx._internal.exporter import _registration
+
+    registry = build(_registration.ONNXRegistry, opset_version)
+    for op, lowering in _custom_lowerings().items():
+        registry.register_op(op, lowering)
+    return registry
+
+
+@contextlib.contextmanager
+def _shared_lowerings() -> Iterator[dict[Any, Any] | None]:
+    """While torch.onnx.export runs, its registry comes from `_lowerings`; yields the custom
+    translation table still to pass (None: the shared registry holds it), or the whole table where
+    this torch has no such registry to share."""
+    try:
+        from torch.onnx._internal.exporter import _constants, _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, KeyError, AttributeError):
+        yield _custom_lowerings()
+        return
+
+    def shared(cls: Any, opset_version: int = _constants.TORCHLIB_OPSET) -> Any:
+        return _lowerings(build, opset_version)
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(shared)  # type: ignore[method-assign, assignment]
+    try:
+        yield None
+    finally:
+        _registration.ONNXRegistry.from_torchlib = original  # type: ignore[method-assign]
+
+
 # Held while torch traces. torch.compiler.is_exporting() is process-wide, so a model run eagerly in
 # another thread meanwhile (the calibration's layer runs, exporter.calibration, beside the stream)
 # would take the traced paths (the custom ops) and break the trace's own state.
@@ -116,7 +163,12 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec, max_batch: int) -> ir.Mod
     spec = replace(spec, inputs=tuple(t for t in spec.inputs if t.name not in names.PACKING_INPUTS))
     fused = spec.attention == ONNXRUNTIME.name
     module = GraphModule(model, spec.full_logits, int(spec.input("attention_mask").shape[1]) if fused else None)
-    with TRACING, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with (
+        TRACING,
+        _shared_lowerings() as lowerings,
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
@@ -126,10 +178,7 @@ def graph_to_onnx(model: StaticLlama, spec: GraphSpec, max_batch: int) -> ir.Mod
             opset_version=OPSET,
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
-            custom_translation_table={
-                torch.ops.llamatrt.write_kv.default: _write_kv_to_tensor_scatter,
-                torch.ops.llamatrt.cached_attention.default: ort_attention.cached_attention_to_gqa,
-            },
+            custom_translation_table=lowerings,
             optimize=False,  # our own pass (onnx_optimize) runs next, and export validation checks it
             verbose=False,
         )

@@ -287,3 +287,19 @@ def test_the_space_an_export_needs_counts_its_weights_as_stored(tiny_dir: Path, 
         manifest = read_manifest(folder)
         assert manifest.weights_bytes <= _quantized_bytes(config, options), block
         assert written <= _artifact_bytes(config, options, len(manifest.graphs)), block
+
+
+def test_the_graphs_of_an_export_share_one_registry_of_lowerings(tiny_dir: Path, tmp_path: Path) -> None:
+    """torch.onnx builds its registry of lowerings anew for every graph (about 1 s each); the exporter
+    builds it once a process (exporter.onnx_export._lowerings), and gives torch.onnx its own builder
+    back after each trace. The other tests here check the graphs it makes."""
+    from torch.onnx._internal.exporter import _registration
+
+    from llamatrt.exporter import onnx_export
+
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    onnx_export._lowerings.cache_clear()
+    manifest = read_manifest(_export(tiny_dir, tmp_path / "a"))
+    calls = onnx_export._lowerings.cache_info()
+    assert calls.misses == 1 and calls.hits == len(manifest.graphs) - 1 >= 2
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is original
