@@ -461,7 +461,7 @@ static inline ALWAYS_INLINE AVX2 void tile_one_row_avx2(const uint8_t* w, int la
 }
 
 /* Two rows of activations: half a tile (8 output rows) at a time, so that few registers are live
- * (each row's three sums, the unpacked codes, the float accumulators); the codes are unpacked once
+ * (each row's two or three sums, the unpacked codes, the float accumulators); the codes are unpacked once
  * for both rows. One row goes to tile_one_row_avx2. */
 static inline ALWAYS_INLINE AVX2 void tile_avx2(const uint8_t* w, int layout, const Group* const* x, int rows,
                                                 int64_t groups, float* const* y, const int parts) {
