@@ -11,7 +11,9 @@ registers it from the installed package only, never from a path an artifact name
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 DOMAIN = "ai.llamatrt"
 MATMUL_INT4 = "MatMulInt4"
@@ -19,6 +21,12 @@ INT4_ACTIVATION_BLOCK = 32  # its blocks of activations; weight blocks must be a
 EXACT_ACTIVATION_BITS = 24  # its attribute activation_bits: fp32's rounding (the default)
 REQUANTIZED_ACTIVATION_BITS = 16  # for blocks re-quantized from floats
 LIBRARY_MODULE = "llamatrt.runtime._matmul_int4"
+
+
+def int4_activation_bits(quantization: Mapping[str, Any]) -> list[int]:
+    """The activation_bits of an artifact's MatMulInt4 products, from its manifest's `quantization`:
+    artifacts written before the attribute existed record none and run 24 bits."""
+    return list(quantization.get("int4_activation_bits", [EXACT_ACTIVATION_BITS]))
 
 
 def library_path() -> Path | None:

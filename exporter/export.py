@@ -469,7 +469,7 @@ def _quantization_entry(quant: QuantPlan, quantizer: Any, no_portable: str | Non
         "block_size": quant.block_size,
         "accuracy_level": quant.accuracy_level,
         "int4_kernel": quant.int4_kernel,
-        **({"int4_activation_bits": quant.int4_activation_bits} if quant.int4_activation_bits else {}),
+        **({"int4_activation_bits": bits} if (bits := quant.int4_activation_bits) else {}),
         "tensors": {**quant.origins(), **quantizer.origins},
         "portable": _portable_note(quant, no_portable),
         **({} if quantizer.calibration is None else {"calibration": quantizer.calibration.describe()}),

@@ -16,6 +16,7 @@ import torch
 from llamatrt.base.artifact.manifest import Manifest
 from llamatrt.base.artifact.precision import Thresholds, stage_thresholds
 from llamatrt.base.artifact.variants import SHORT_PREFILL
+from llamatrt.base.custom_ops import int4_activation_bits
 from llamatrt.base.errors import InputError
 from llamatrt.base.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
@@ -125,7 +126,7 @@ def kernel_note(backend: Backend, with_level: bool = True) -> str:
     if level is not None and quantization.get("int4_kernel") == "llamatrt":
         path = "AVX2" if {"avx2"} <= set(cpu_features()) else "portable C"
         digits = {24: "three int8 digits (24 bits)", 16: "two int8 digits (16 bits)"}
-        written = " or ".join(digits[b] for b in quantization.get("int4_activation_bits", [24]))
+        written = " or ".join(digits[b] for b in int4_activation_bits(quantization))
         arithmetic += (
             f"; 4-bit products on llamatrt's MatMulInt4, {path} path (fp32 activations as {written} per block of 32)"
         )

@@ -17,7 +17,7 @@ from typing import Any
 from llamatrt.base.artifact.feeds import fixed_prompt
 from llamatrt.base.artifact.manifest import Manifest
 from llamatrt.base.artifact.precision import PRECISIONS
-from llamatrt.base.custom_ops import EXACT_ACTIVATION_BITS
+from llamatrt.base.custom_ops import EXACT_ACTIVATION_BITS, int4_activation_bits
 from llamatrt.base.errors import ValidationError
 from llamatrt.base.heap import map_large_blocks
 from llamatrt.models.llama import StaticLlama
@@ -72,9 +72,7 @@ def validate_artifact(
     tolerance = PRECISIONS["float32" if twin else manifest.dtype].export_tolerance
     quantization = manifest.quantization or {}
     int8_activations = quantization.get("accuracy_level", 0) != 0
-    inexact = int8_activations or quantization.get("int4_activation_bits", [EXACT_ACTIVATION_BITS]) != [
-        EXACT_ACTIVATION_BITS
-    ]
+    inexact = int8_activations or int4_activation_bits(quantization) != [EXACT_ACTIVATION_BITS]
     if manifest.quantization:
         tolerance = QUANTIZED_TOLERANCE
     forms = list(dict.fromkeys(g.attention for g in manifest.graphs.values()))  # ONNX Runtime runs every form

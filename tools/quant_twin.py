@@ -25,11 +25,21 @@ from llamatrt.base.custom_ops import DOMAIN, EXACT_ACTIVATION_BITS, MATMUL_INT4
 
 def set_accuracy_level(model: Any, level: int) -> None:
     """Every MatMulNBits of an ONNX model (onnx.ModelProto) at `level`, in place."""
+    _set_int_attribute(model, "MatMulNBits", None, "accuracy_level", level)
+
+
+def set_exact_activations(model: Any) -> None:
+    """Every llamatrt MatMulInt4 of an ONNX model (onnx.ModelProto) at 24-bit activations, in place."""
+    _set_int_attribute(model, MATMUL_INT4, DOMAIN, "activation_bits", EXACT_ACTIVATION_BITS)
+
+
+def _set_int_attribute(model: Any, op_type: str, domain: str | None, name: str, value: int) -> None:
+    """`name` = `value` on every node of `op_type` (of `domain`, where given) that has the attribute."""
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type == op_type and domain in (None, node.domain):
             for attribute in node.attribute:
-                if attribute.name == "accuracy_level":
-                    attribute.i = level
+                if attribute.name == name:
+                    attribute.i = value
 
 
 def as_matmulnbits(model: Any, inits: Mapping[str, np.ndarray]) -> int:
@@ -122,12 +132,3 @@ def exact_twin(folder: Path, manifest: Manifest, out: Path) -> Manifest:
         {"int4_activation_bits": [EXACT_ACTIVATION_BITS]} if "int4_activation_bits" in manifest.quantization else {}
     )
     return replace(manifest, quantization={**manifest.quantization, **exact})
-
-
-def set_exact_activations(model: Any) -> None:
-    """Every llamatrt MatMulInt4 of an ONNX model (onnx.ModelProto) at 24-bit activations, in place."""
-    for node in model.graph.node:
-        if node.op_type == MATMUL_INT4 and node.domain == DOMAIN:
-            for attribute in node.attribute:
-                if attribute.name == "activation_bits":
-                    attribute.i = EXACT_ACTIVATION_BITS
