@@ -35,6 +35,22 @@ def library_path() -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin else None
 
 
+KERNEL_PATHS = {1: "portable C", 2: "AVX2", 3: "AVX-512 VNNI"}  # the library's PATH_* values
+
+
+def kernel_path() -> str | None:
+    """The code MatMulInt4 runs on this CPU, as the library itself chooses it (None without the
+    library): products are equal on every path up to float summation order, which a note names."""
+    import ctypes
+
+    path = library_path()
+    if path is None:
+        return None
+    entry = ctypes.CDLL(str(path)).matmul_int4_path
+    entry.restype = ctypes.c_int
+    return KERNEL_PATHS.get(entry(), "unknown")
+
+
 MISSING_LIBRARY = (
     "this artifact's int4 products run llamatrt's MatMulInt4 kernel, which this install lacks (it was "
     "installed without a C compiler); reinstall with gcc present (`pip install -e .`), or re-export with "

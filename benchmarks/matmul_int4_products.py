@@ -5,8 +5,8 @@ time per product and of its ratio to MatMulNBits at accuracy level 4 (int8 activ
 runs with 24-bit activations (a GGUF's blocks) and 16-bit ones (blocks re-quantized from floats).
 
 Usage: .venv/bin/python benchmarks/matmul_int4_products.py [N=K] [THREADS] [L] [ROWS] [ROUNDS]
-(square products, so that the chain feeds each its predecessor's output; `LIBRARY=path` runs another
-build of the kernel beside the installed one)
+(square products, so that the chain feeds each its predecessor's output; `LIBRARY=path[:path...]` runs
+other builds of the kernel beside the installed one)
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def main(size: int, threads: int, count: int, rows: int, rounds: int) -> None:
         sys.exit("error: llamatrt's MatMulInt4 is not built here; reinstall with gcc present (`pip install -e .`)")
     rng = np.random.default_rng(0)
     libraries = {"MatMulInt4": str(installed)}
-    if os.environ.get("LIBRARY"):
-        libraries["MatMulInt4 (LIBRARY)"] = os.environ["LIBRARY"]
+    for other in filter(None, os.environ.get("LIBRARY", "").split(":")):
+        libraries[f"MatMulInt4 ({os.path.basename(other)})"] = other
     sessions = {
         f"{name} {bits}-bit": session(chain(count, size, f"MatMulInt4-{bits}", rng), lib, threads)
         for name, lib in libraries.items()
@@ -103,7 +103,7 @@ def main(size: int, threads: int, count: int, rows: int, rounds: int) -> None:
     for name, values in times.items():
         ratios = sorted(t / r for t, r in zip(values, reference, strict=True))
         print(
-            f"  {name:31s} {statistics.median(values) * 1e6:8.1f} us a product, "
+            f"  {name:40s} {statistics.median(values) * 1e6:8.1f} us a product, "
             f"{statistics.median(ratios):.2f}x level 4's time ({ratios[0]:.2f}-{ratios[-1]:.2f})"
         )
 

@@ -16,7 +16,7 @@ import torch
 from llamatrt.base.artifact.manifest import Manifest
 from llamatrt.base.artifact.precision import Thresholds, stage_thresholds
 from llamatrt.base.artifact.variants import SHORT_PREFILL
-from llamatrt.base.custom_ops import int4_activation_bits
+from llamatrt.base.custom_ops import int4_activation_bits, kernel_path
 from llamatrt.base.errors import InputError
 from llamatrt.base.progress import Progress, no_progress
 from llamatrt.runtime.backend import Backend
@@ -124,7 +124,7 @@ def kernel_note(backend: Backend, with_level: bool = True) -> str:
         else f", MatMulNBits accuracy level {level} ({'fp32' if level in (0, 1) else 'int8'} activations)"
     )
     if level is not None and quantization.get("int4_kernel") == "llamatrt":
-        path = "AVX2" if {"avx2"} <= set(cpu_features()) else "portable C"
+        path = kernel_path()
         digits = {24: "three int8 digits (24 bits)", 16: "two int8 digits (16 bits)"}
         written = " or ".join(digits[b] for b in int4_activation_bits(quantization))
         arithmetic += (

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llamatrt.base.custom_ops import DOMAIN, MATMUL_INT4, library_path
+from llamatrt.base.custom_ops import DOMAIN, KERNEL_PATHS, MATMUL_INT4, library_path
 
 pytestmark = pytest.mark.skipif(library_path() is None, reason="llamatrt was installed without a C compiler")
 
@@ -156,24 +156,43 @@ def test_leading_dimensions_and_an_empty_batch_pass_through() -> None:
     assert session.run(None, {"a": np.zeros((0, 3, 64), np.float32)})[0].shape == (0, 3, 32)
 
 
-def test_the_vector_path_equals_the_portable_one() -> None:
-    """The AVX2 kernel and the plain C one (any CPU) compute the same digits and integer sums; only the
-    float accumulation of each output's K / 32 group terms differs (FMA), by at most that sum's
-    rounding in either order: (groups + 2) * u of the terms' magnitudes, twice."""
+# the kernel's code paths (its PATH_* values); a test on one this CPU lacks skips
+PORTABLE, AVX2, VNNI = 1, 2, 3
+PATHS = {"portable": PORTABLE, "avx2": AVX2, "avx512-vnni": VNNI}
+
+
+@pytest.mark.parametrize("path", [AVX2, VNNI], ids=["avx2", "avx512-vnni"])
+def test_a_vector_path_equals_the_portable_one(path: int) -> None:
+    """The vector kernels (AVX2's int16 pair sums, AVX-512 VNNI's int32 ones) and the plain C one (any
+    CPU) compute the same digits and integer sums; only the float accumulation of each output's K / 32
+    group terms differs (FMA), by at most that sum's rounding in either order: (groups + 2) * u of the
+    terms' magnitudes, twice."""
     rng = np.random.default_rng(2)
     n, k, rows = 50, 160, 5
     # symmetric blocks pack no offsets; fp16 scales are held as fp16; 16-bit activations are two digits
     for fp16, asymmetric, bits in itertools.product((False, True), (False, True), (24, 16)):
         packed, scales, offsets, _, magnitude = _weights(rng, n, k, 32, asymmetric, fp16)
         a = _activations(rng, rows, k)
-        vector, portable = (_ctypes_product(a, packed, scales, offsets, n, k, s, bits=bits) for s in (0, 1))
+        vector, portable = (_ctypes_product(a, packed, scales, offsets, n, k, p, bits=bits) for p in (path, PORTABLE))
         accumulation = 2 * (k // 32 + 2) * UNIT_ROUNDOFF * (np.abs(a.astype(np.float64)) @ magnitude.T)
         assert np.all(np.abs(vector - portable) <= accumulation)
 
 
-@pytest.mark.parametrize("scalar", [0, 1], ids=["avx2", "portable"])
+def test_the_vector_paths_sum_the_same_integers() -> None:
+    """AVX2 and AVX-512 VNNI differ only in how the integer products are summed, which is exact in
+    both: their outputs are bit-identical (same digits, same float steps in the same order)."""
+    rng = np.random.default_rng(7)
+    n, k = 64, 256
+    for offsets, rows, bits in itertools.product((False, True), (1, 2, 3), (24, 16)):
+        packed, scales, stored_offsets, *_ = _weights(rng, n, k, 32, offsets, fp16=offsets)
+        a = _activations(rng, rows, k)
+        avx2, vnni = (_ctypes_product(a, packed, scales, stored_offsets, n, k, p, bits=bits) for p in (AVX2, VNNI))
+        assert np.array_equal(avx2, vnni)
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("bits", [24, 16])
-def test_a_nan_or_inf_activation_spoils_its_own_row_only(scalar: int, bits: int) -> None:
+def test_a_nan_or_inf_activation_spoils_its_own_row_only(path: int, bits: int) -> None:
     """As in an fp32 product: a row holding a NaN or an inf comes out NaN/inf everywhere (the loop's
     check then names the broken graph), and the rows beside it are untouched."""
     rng = np.random.default_rng(3)
@@ -181,25 +200,33 @@ def test_a_nan_or_inf_activation_spoils_its_own_row_only(scalar: int, bits: int)
     packed, scales, offsets, w, magnitude = _weights(rng, n, k, 32, True)
     a = _activations(rng, 3, k)
     a[0, 5], a[1, 70] = np.nan, np.inf
-    y = _ctypes_product(a, packed, scales, offsets, n, k, scalar, bits=bits)
+    y = _ctypes_product(a, packed, scales, offsets, n, k, path, bits=bits)
     assert not np.isfinite(y[:2]).any()
     assert np.all(np.abs(y[2] - a[2].astype(np.float64) @ w.T) <= _fp32_error_bound(a[2:], magnitude, bits)[0])
 
 
 def _ctypes_product(
-    a, packed, scales, offsets, n: int, k: int, scalar: int, swiglu: int = 0, bits: int = 24
+    a, packed, scales, offsets, n: int, k: int, path: int, swiglu: int = 0, bits: int = 24
 ) -> np.ndarray:
-    """The kernel's product through its ctypes entry: `scalar` 1 takes the portable path."""
-    lib = ctypes.CDLL(str(library_path()))
-    lib.matmul_int4.restype = ctypes.c_int
-    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.matmul_int4.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, i32, i32, i32]
+    """The kernel's product through its ctypes entry, on code path `path` (skips where this CPU
+    lacks it)."""
     y = np.zeros((a.shape[0], n // 2 if swiglu else n), np.float32)
-    args = [np.ascontiguousarray(a), packed, scales, offsets]
-    rows = a.shape[0]
-    pointers = (None if x is None else x.ctypes.data for x in args)  # no offsets: symmetric blocks
-    assert lib.matmul_int4(*pointers, rows, n, k, 32, y.ctypes.data, scalar, swiglu, bits) == 0
+    status = _ctypes_call(a, packed, scales, offsets, n, k, path, swiglu, bits, y)
+    if status == 3:
+        pytest.skip(f"this CPU has no {KERNEL_PATHS[path]} instructions")
+    assert status == 0
     return y
+
+
+def _ctypes_call(a, packed, scales, offsets, n: int, k: int, path: int, swiglu: int, bits: int, y) -> int:
+    """The ctypes entry's status: 0 done, 3 where this CPU lacks `path`."""
+    entry = ctypes.CDLL(str(library_path())).matmul_int4
+    entry.restype = ctypes.c_int
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    entry.argtypes = [pointer, pointer, pointer, pointer, i64, i64, i64, i64, pointer, i32, i32, i32]
+    args = [np.ascontiguousarray(a), packed, scales, offsets]
+    pointers = (None if x is None else x.ctypes.data for x in args)  # no offsets: symmetric blocks
+    return entry(*pointers, a.shape[0], n, k, 32, y.ctypes.data, path, swiglu, bits)
 
 
 def _swiglu_bound(a: np.ndarray, w: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +260,7 @@ def test_swiglu_is_silu_of_the_gate_half_times_the_up_half(
     assert y.shape == (rows, n // 2)
     assert np.all(np.abs(y - expected) <= bound), np.max(np.abs(y - expected) / bound)
     if block == 32:  # the portable path (any CPU) too, through the ctypes entry
-        portable = _ctypes_product(a, packed, scales, stored_offsets, n, k, scalar=1, swiglu=1)
+        portable = _ctypes_product(a, packed, scales, stored_offsets, n, k, PORTABLE, swiglu=1)
         assert np.all(np.abs(portable - expected) <= bound)
 
 
@@ -319,3 +346,18 @@ def test_layerwise_reads_a_swiglu_node_as_the_product_and_the_activation_it_fuse
     rewritten = ort.InferenceSession(model.SerializeToString()).run(None, {"a": a})[0]
     assert rewritten.shape == (2, 3, 32)
     assert np.allclose(rewritten, fused.run(None, {"a": a})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_library_names_the_path_this_cpu_runs() -> None:
+    """`diff`'s kernel note names the path the library chose: the fastest one the ctypes entry can
+    run here, and no faster one."""
+    from llamatrt.base.custom_ops import kernel_path
+
+    rng = np.random.default_rng(8)
+    packed, scales, offsets, *_ = _weights(rng, 16, 64, 32, True)
+    a = _activations(rng, 1, 64)
+    chosen = {name: number for number, name in KERNEL_PATHS.items()}[kernel_path()]
+    y = np.zeros((1, 16), np.float32)
+    assert _ctypes_call(a, packed, scales, offsets, 16, 64, chosen, 0, 24, y) == 0
+    if chosen < max(KERNEL_PATHS):
+        assert _ctypes_call(a, packed, scales, offsets, 16, 64, chosen + 1, 0, 24, y) == 3
