@@ -41,7 +41,15 @@ def main(artifact: str, port: int, budget: int | None) -> None:
         calls[role][2] += rows
         this_step.append(f"{role} {1e3 * seconds:.1f}")
 
-    step = scheduler.step
+    step, plan = scheduler.step, scheduler.plan
+
+    def recorded_plan() -> object:  # the step's prompt tokens and the furthest slot they start at
+        decided = plan()
+        if decided.prefill:
+            this_step.append(
+                f"{decided.prefill_tokens} prompt tokens from slot {max(call.start for call in decided.prefill)}"
+            )
+        return decided
 
     def timed_step() -> object:
         started = time.perf_counter()
@@ -80,6 +88,7 @@ def main(artifact: str, port: int, budget: int | None) -> None:
     if budget is not None:
         scheduler.budget = lambda: Budget(budget, scheduler.prefill_sizes is None, MIN_PREFILL_TOKENS)
     scheduler.step = timed_step
+    scheduler.plan = recorded_plan
     atexit.register(report)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
