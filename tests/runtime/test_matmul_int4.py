@@ -156,9 +156,8 @@ def test_leading_dimensions_and_an_empty_batch_pass_through() -> None:
     assert session.run(None, {"a": np.zeros((0, 3, 64), np.float32)})[0].shape == (0, 3, 32)
 
 
-# the kernel's code paths (its PATH_* values); a test on one this CPU lacks skips
+# the kernel's code paths (its PATH_* values, KERNEL_PATHS' keys); a test on one this CPU lacks skips
 PORTABLE, AVX2, VNNI = 1, 2, 3
-PATHS = {"portable": PORTABLE, "avx2": AVX2, "avx512-vnni": VNNI}
 
 
 @pytest.mark.parametrize("path", [AVX2, VNNI], ids=["avx2", "avx512-vnni"])
@@ -190,7 +189,7 @@ def test_the_vector_paths_sum_the_same_integers() -> None:
         assert np.array_equal(avx2, vnni)
 
 
-@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("path", KERNEL_PATHS, ids=KERNEL_PATHS.values())
 @pytest.mark.parametrize("bits", [24, 16])
 def test_a_nan_or_inf_activation_spoils_its_own_row_only(path: int, bits: int) -> None:
     """As in an fp32 product: a row holding a NaN or an inf comes out NaN/inf everywhere (the loop's
