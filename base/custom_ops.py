@@ -40,7 +40,8 @@ KERNEL_PATHS = {1: "portable C", 2: "AVX2", 3: "AVX-512 VNNI"}  # the library's 
 
 def kernel_path() -> str | None:
     """The code MatMulInt4 runs on this CPU, as the library itself chooses it (None without the
-    library): products are equal on every path up to float summation order, which a note names."""
+    library). The paths' products differ only in the order of their float sums, so `diff` names the
+    one that ran beside its figures."""
     import ctypes
 
     path = library_path()
