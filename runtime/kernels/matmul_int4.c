@@ -581,7 +581,7 @@ static inline ALWAYS_INLINE VNNI void tile_vnni(const uint8_t* w, int layout, co
     }
     for (int part = 0; part < parts; part++) {
       sum0[part] = _mm512_add_epi32(sum0[part], high0[part]);
-      sum1[part] = _mm512_add_epi32(sum1[part], high1[part]);
+      if (rows == 2) sum1[part] = _mm512_add_epi32(sum1[part], high1[part]);
     }
     __m512 scale, offset;
     group_scales_512(p + TILE_CODES, layout, &scale, &offset);
@@ -656,8 +656,8 @@ typedef struct { /* the CPU's code for the steps, chosen once per session */
  * and benchmarks, one named path. */
 enum { PATH_BEST = 0, PATH_PORTABLE = 1, PATH_AVX2 = 2, PATH_VNNI = 3 };
 
-/* `bits`: 24 or 16 (activation_bits). 0 where this CPU cannot run the path asked for. */
-static int choose_path(int requested, int64_t bits, Path* path) {
+/* The fastest path this CPU runs. */
+static int best_path(void) {
   int best = PATH_PORTABLE;
 #ifdef MATMUL_INT4_X86
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
@@ -667,6 +667,12 @@ static int choose_path(int requested, int64_t bits, Path* path) {
       best = PATH_VNNI;
   }
 #endif
+  return best;
+}
+
+/* `bits`: 24 or 16 (activation_bits). 0 where this CPU cannot run the path asked for. */
+static int choose_path(int requested, int64_t bits, Path* path) {
+  int best = best_path();
   if (requested == PATH_BEST) requested = best;
   if (requested < PATH_PORTABLE || requested > best) return 0;
   *path = bits == 16 ? (Path){quantize_group_16, tile_scalar_16, swiglu_scalar}
@@ -1084,12 +1090,7 @@ __attribute__((visibility("default"))) int matmul_int4(const float* a, const uin
 }
 
 /* The path sessions run on this CPU (PATH_*), for the notes that say which kernel computed a result. */
-__attribute__((visibility("default"))) int matmul_int4_path(void) {
-  Path unused;
-  for (int path = PATH_VNNI; path > PATH_PORTABLE; path--)
-    if (choose_path(path, 24, &unused)) return path;
-  return PATH_PORTABLE;
-}
+__attribute__((visibility("default"))) int matmul_int4_path(void) { return best_path(); }
 
 #ifdef MATMUL_INT4_PYTHON_MODULE
 /* Built by setup.py as an extension module so that pip compiles and installs it: importing it gives
