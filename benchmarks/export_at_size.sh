@@ -19,8 +19,8 @@ run() {  # label, output folder, command...: one row of the table
     rm -rf "$out"
     # every command starts alike: the checkpoint in the page cache (read once before, as a user's
     # second run finds it) and no earlier command's writes still to flush. Otherwise the first command
-    # of a pair reads the checkpoint from disk and the second does not (measured: 54 s cold against
-    # 37.5 s warm for the same 1B fp32 export)
+    # of a pair reads the checkpoint from disk and the second does not (docs/benchmarks.md has what
+    # that moved)
     sync
     cat "$ckpt"/*.safetensors > /dev/null  # the loop's checkpoint
     /usr/bin/time -f "%e %M" -o "$SCRATCH/time.txt" "$@" > "$SCRATCH/log.txt" 2>&1 || { tail -5 "$SCRATCH/log.txt"; echo "| $label | failed | | |"; return; }
