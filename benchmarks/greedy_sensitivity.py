@@ -50,12 +50,21 @@ def main() -> None:
             )
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def greedy() -> list[list[int]]:
+    def greedy() -> list[list[int]]:  # STEPS tokens each, past any EOS, as diff's reference runs them
+        answers = []
         with torch.no_grad():
-            return [
-                model.generate(torch.tensor([p]), max_new_tokens=STEPS, do_sample=False)[0, len(p) :].tolist()
-                for p in prompts
-            ]
+            for p in prompts:
+                x = torch.tensor([p])
+                out = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=STEPS,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+                answers.append(out[0, len(p) :].tolist())
+        return answers
 
     reference = greedy()
     sequences = [torch.tensor([p + r]) for p, r in zip(prompts, reference, strict=True)]
