@@ -36,6 +36,7 @@ from llamatrt.exporter.artifacts import (
     remove_stale_temp,
 )
 from llamatrt.exporter.calibration import Calibration, calibration_ids
+from llamatrt.exporter.float_pieces import FloatPieces
 from llamatrt.exporter.onnx_export import KV_WRITE, OPSET, graph_spec, graph_to_onnx
 from llamatrt.exporter.onnx_optimize import optimize_graph
 from llamatrt.exporter.ort_fusions import fuse_skip_rms_norm, fuse_swiglu
@@ -56,6 +57,8 @@ from llamatrt.exporter.replicate import (
     LayerTensor,
     TensorMaker,
     at_layer,
+    expected_layer_tensors,
+    ir_float,
     replicate_layers,
     streamed_layer_tensors,
     template_tensors,
@@ -65,6 +68,7 @@ from llamatrt.exporter.weights_file import (
     WeightsWriter,
     WrittenWeights,
     parameter_locations,
+    pieced_tensor,
     save_graph,
     write_shared_weights,
 )
@@ -181,7 +185,6 @@ def _export_locked(
     progress("loading checkpoint")
     checkpoint = load_checkpoint(model)
     config = checkpoint.config
-    tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
     checkpoint.check_parameters()  # every layer's tensors, from the headers: before minutes of work
     if options.quantize is not None:
         check_quantize_options(
@@ -201,10 +204,28 @@ def _export_locked(
     with atomic_output_dir(out) as tmp:
         twin_dir = tmp / TWIN_DIR
         twin_dir.mkdir()
-        # the twin's parameters are pages of a file: read where a phase reads them, given back between
-        twin, mapped = checkpoint.build_prefix(TWIN_DEPTH, dtype, twin_dir / TWIN_PARAMETERS)
-        manifest = _export_twin_and_layers(checkpoint, tokenizer, twin, mapped, plans, options, tmp, progress, validate)
+        with WeightsWriter(twin_dir / names.WEIGHTS) as writer:
+            if options.quantize is None:  # layers 2.. are written while the twin is made and traced
+                writer.stream(_expected_layers(checkpoint, twin_config, dtype))
+            tokenizer = _checkpoint_tokenizer(checkpoint)  # a checkpoint's problems surface before minutes of work
+            # the twin's parameters are pages of a file: read where a phase reads them, given back between
+            twin, mapped = checkpoint.build_prefix(TWIN_DEPTH, dtype, twin_dir / TWIN_PARAMETERS)
+            manifest = _export_twin_and_layers(
+                checkpoint, tokenizer, twin, mapped, plans, options, tmp, progress, validate, writer
+            )
     return manifest
+
+
+def _expected_layers(
+    checkpoint: Checkpoint, twin_config: LlamaConfig, dtype: torch.dtype
+) -> list[tuple[str, int, Callable[[], Any]]]:
+    """The float tensors of layers 2.. as the graphs are expected to hold them (replicate's
+    expected_layer_tensors), made from the checkpoint."""
+    with torch.device("meta"):
+        shapes = StaticLlama(twin_config).state_dict()
+    template = {k: tuple(v.shape) for k, v in shapes.items() if k.startswith(f"model.layers.{TWIN_DEPTH - 1}.")}
+    make = _layer_tensor_maker(checkpoint, dtype, None, None)
+    return expected_layer_tensors(template, dtype_name(dtype), checkpoint.config.num_layers, make)
 
 
 def _export_twin_and_layers(
@@ -217,10 +238,12 @@ def _export_twin_and_layers(
     tmp: Path,
     progress: Progress,
     validate: Validator | None,
+    writer: WeightsWriter,
 ) -> Manifest:
     """Trace, quantize and validate the twin, then replicate its layer 1 into every layer: the
-    artifact, written into `tmp`. The twin's mapped pages are given back after each phase that read
-    them, so no phase holds them beside its own."""
+    artifact, written into `tmp` (its weights by `writer`, which may be streaming layers 2.. in the
+    form expected). The twin's mapped pages are given back after each phase that read them, so no
+    phase holds them beside its own."""
     config = checkpoint.config
     twin_dir = tmp / TWIN_DIR
     quant, quantizer, no_portable = None, None, None
@@ -238,41 +261,47 @@ def _export_twin_and_layers(
         specs = [replace(spec, weights=quant.scheme) for spec in specs]
         twin_specs = [replace(spec, weights=quant.scheme) for spec in twin_specs]
     params = {k: v.detach() for k, v in twin.state_dict().items()}
-    make = _layer_tensor_maker(checkpoint, twin, quant, quantizer)
-    with WeightsWriter(twin_dir / names.WEIGHTS, params) as writer:
-        graphs, tensors = [], []
-        for spec in twin_specs:
-            progress(f"exporting {spec.name} graph")
-            graphs.append(_twin_graph(twin, spec, options.batch_size, quant, mapped.release))
-            tensors.append(template_tensors(graphs[-1], params))  # what each of layer 1's tensors is
-            writer.add(graphs[-1], after_write=mapped.release)  # its tensors leave memory before the next trace
-            if len(graphs) == 1:  # layers 2.. are written in the background while the other variants trace
-                writer.stream(streamed_layer_tensors(graphs[0], config.num_layers, tensors[0], make))
-        twin_graphs = [_saved_twin(spec, graph, twin_dir) for spec, graph in zip(twin_specs, graphs, strict=True)]
-        twin_written = writer.written()
-        quantization = {} if quant is None else _quantization_entry(quant, quantizer, no_portable)
-        twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization, {})
-        validation: dict[str, Any] = {"skipped": "--no-validate"}
-        if validate is not None and options.validate:
-            progress("validating against PyTorch")
-            reference = twin if quant is None else dequantize_in_place(twin, quant, mapped)
-            if quant is not None:
-                quant.drop_blocks()  # the twin's graphs read them from its file, the reference is dequantized
-            checked = validate(twin_dir, twin_manifest, reference, mapped.release)
-            validation = {**checked, "checked": _checked_note(config)}
-            mapped.release()
-        progress("writing weights")
-        writer.move(tmp / names.WEIGHTS)  # the twin's weights begin the artifact's: layers 2.. follow
-        streamed: dict[str, tuple[LayerTensor, list[int]]] = {}
-        for spec, graph, template in zip(specs, graphs, tensors, strict=True):
-            replicate_layers(graph, config.num_layers, template, make)
-            streamed.update(
-                {k: (t, list(graph.graph.initializers[k].const_value.shape.numpy())) for k, t in template.items()}
-            )
-            if spec.attention == ONNXRUNTIME.name:
-                _ort_form(graph)
-            writer.add(graph)
-        written = writer.close()
+    make = _layer_tensor_maker(checkpoint, twin.model.embed_tokens.weight.dtype, quant, quantizer)
+    writer.key_parameters(params)
+    graphs, tensors = [], []
+    for spec in twin_specs:
+        progress(f"exporting {spec.name} graph")
+        graphs.append(_twin_graph(twin, spec, options.batch_size, quant, mapped.release))
+        tensors.append(template_tensors(graphs[-1], params))  # what each of layer 1's tensors is
+        if len(graphs) == 1:  # layers 2.. are written in the background while the other variants trace
+            layers = streamed_layer_tensors(graphs[0], config.num_layers, tensors[0], make)
+            if not writer.streams(layers):
+                if writer.region:
+                    log.info("layers 2.. are not held in the form expected (equal norms?): streaming them again")
+                    writer.discard()
+                writer.stream(layers)
+        writer.add(graphs[-1], after_write=mapped.release)  # its tensors leave memory before the next trace
+    twin_graphs = [_saved_twin(spec, graph, twin_dir) for spec, graph in zip(twin_specs, graphs, strict=True)]
+    # validation runs beside the stream of layers 2..: the twin's graphs read none of its tensors
+    twin_written = writer.layout()
+    quantization = {} if quant is None else _quantization_entry(quant, quantizer, no_portable)
+    twin_manifest = _manifest(twin.config, checkpoint, options, twin_written, {}, twin_graphs, {}, quantization, {})
+    validation: dict[str, Any] = {"skipped": "--no-validate"}
+    if validate is not None and options.validate:
+        progress("validating against PyTorch")
+        reference = twin if quant is None else dequantize_in_place(twin, quant, mapped)
+        if quant is not None:
+            quant.drop_blocks()  # the twin's graphs read them from its file, the reference is dequantized
+        checked = validate(twin_dir, twin_manifest, reference, mapped.release)
+        validation = {**checked, "checked": _checked_note(config)}
+        mapped.release()
+    progress("writing weights")
+    writer.move(tmp / names.WEIGHTS)  # the artifact's: layers 2.. streamed, the twin's, what replication adds
+    streamed: dict[str, tuple[LayerTensor, list[int]]] = {}
+    for spec, graph, template in zip(specs, graphs, tensors, strict=True):
+        replicate_layers(graph, config.num_layers, template, make)
+        streamed.update(
+            {k: (t, list(graph.graph.initializers[k].const_value.shape.numpy())) for k, t in template.items()}
+        )
+        if spec.attention == ONNXRUNTIME.name:
+            _ort_form(graph)
+        writer.add(graph)
+    written = writer.close()
     specs = [_saved(spec, graph, tmp) for spec, graph in zip(specs, graphs, strict=True)]
     del graphs
     floats = {k: v for k, v in params.items() if quant is None or k not in quant.weights}
@@ -396,13 +425,11 @@ def _ort_form(graph: Any) -> None:
 
 
 def _layer_tensor_maker(
-    checkpoint: Checkpoint, twin: StaticLlama, quant: QuantPlan | None, quantizer: ParameterQuantizer | None
+    checkpoint: Checkpoint, compute: torch.dtype, quant: QuantPlan | None, quantizer: ParameterQuantizer | None
 ) -> TensorMaker:
     """Layer i's tensor for one of the template's initializers, from the checkpoint: the parameter
-    in the twin's compute dtype and the stored form, or its blocks as the quantizer makes them."""
+    in the graph's `compute` dtype and the stored form, or its blocks as the quantizer makes them."""
     import onnx_ir as ir
-
-    compute = twin.model.embed_tokens.weight.dtype
 
     @functools.lru_cache(maxsize=4)  # a weight's codes, scales and offsets are written one after another
     def blocks(param: str, template: str) -> QuantizedWeight:
@@ -417,6 +444,7 @@ def _layer_tensor_maker(
         return weight
 
     accuracy_level = 0 if quant is None else quant.accuracy_level
+    pieces = FloatPieces(checkpoint.stored_parameter_into)
 
     def make(tensor: LayerTensor, layer: int) -> ir.TensorProtocol:
         param = at_layer(tensor.param, layer)
@@ -425,7 +453,13 @@ def _layer_tensor_maker(
             held = held_parts(weight, accuracy_level)[tensor.part] if tensor.part else weight
             array = STORED[tensor.suffix](held)
             return ir.Tensor(array, dtype=ir.DataType.INT4) if tensor.suffix in INT4_STORED else ir.tensor(array)
-        return _stored_float(checkpoint.stored_parameter(param), tensor, compute)
+        shape = checkpoint.parameter_shape(param)
+        return pieced_tensor(
+            lambda: _stored_float(checkpoint.stored_parameter(param), tensor, compute),
+            lambda: pieces.pieces(param, tensor.transposed, compute, torch_dtype(tensor.dtype)),
+            ir_float(tensor.dtype),
+            shape[::-1] if tensor.transposed else shape,
+        )
 
     return make
 

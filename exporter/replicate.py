@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -114,6 +115,13 @@ def template_tensors(model: ir.Model, params: Mapping[str, torch.Tensor]) -> dic
 _FLOAT_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
 
 
+def ir_float(dtype: str) -> ir.DataType:
+    """onnx_ir's type of a float stored form (torch's dtype name)."""
+    import onnx_ir as ir
+
+    return ir.DataType[next(k for k, v in _FLOAT_NAMES.items() if v == dtype)]
+
+
 def _quantized_tensor(name: str, template: Mapping[str, torch.Tensor]) -> LayerTensor | None:
     for param in template:
         if name.startswith(param) and name != param:
@@ -166,10 +174,41 @@ def streamed_layer_tensors(
     template = _find_template(model.graph, tensors)
     weights = [(t, v.const_value) for t, v in _layer_weights(model.graph, template, tensors)]
     return [
-        (tensor.name(layer), like.nbytes, functools.partial(_checked, make, tensor, layer, like))
+        (tensor.name(layer), like.nbytes, functools.partial(_checked, make, tensor, layer, like.dtype, _shape(like)))
         for layer in range(TWIN_DEPTH, num_layers)
         for tensor, like in weights
         if like is not None
+    ]
+
+
+def expected_layer_tensors(
+    shapes: Mapping[str, Sequence[int]], dtype: str, num_layers: int, make: TensorMaker
+) -> list[tuple[str, int, Callable[[], ir.TensorProtocol]]]:
+    """What `streamed_layer_tensors` gives a float export, known before any graph is traced: each
+    matrix of the template layer transposed to MatMul's [in, out] in the graph's dtype, each norm
+    in fp32 (the graphs compute norms in fp32; a half-precision graph reads the upcast folded), any
+    other parameter (a projection's bias) as it is, in the graph's dtype.
+    The export streams these while the twin is made and traced, and keeps them only if the trace
+    then asks for exactly these (`shapes`: the template's parameters, `model.layers.1.*`, and
+    their shapes). A checkpoint whose layers hold equal norms misses (the exporter merges equal
+    tensors) and is streamed again from the trace."""
+    if num_layers <= TWIN_DEPTH:
+        return []
+    expected = []
+    for param, shape in shapes.items():
+        matrix = len(shape) == 2
+        norm = param.rsplit(".", 2)[-2].endswith("norm")  # `...input_layernorm.weight`
+        tensor = LayerTensor(param, transposed=matrix, dtype="float32" if norm else dtype)
+        stored = ir_float(tensor.dtype)
+        expected.append((tensor, stored, tuple(shape[::-1]) if matrix else tuple(shape)))
+    return [
+        (
+            tensor.name(layer),
+            int(math.prod(shape) * stored.itemsize),
+            functools.partial(_checked, make, tensor, layer, stored, shape),
+        )
+        for layer in range(TWIN_DEPTH, num_layers)
+        for tensor, stored, shape in expected
     ]
 
 
@@ -237,13 +276,19 @@ def _upstream(values: Iterable[ir.Value]) -> set[ir.Node]:
     return seen
 
 
-def _checked(make: TensorMaker, tensor: LayerTensor, layer: int, like: ir.TensorProtocol) -> ir.TensorProtocol:
-    """Layer `layer`'s tensor, which must have the template's shape and type: what its nodes read."""
+def _shape(tensor: ir.TensorProtocol) -> tuple[int, ...]:
+    return tuple(tensor.shape.numpy())
+
+
+def _checked(
+    make: TensorMaker, tensor: LayerTensor, layer: int, dtype: ir.DataType, shape: tuple[int, ...]
+) -> ir.TensorProtocol:
+    """Layer `layer`'s tensor, which must have the template's type and shape: what its nodes read."""
     made = make(tensor, layer)
-    if made.dtype != like.dtype or tuple(made.shape.numpy()) != tuple(like.shape.numpy()):
+    if made.dtype != dtype or _shape(made) != shape:
         raise ValidationError(
-            f"{tensor.name(layer)} is {made.dtype.name}{list(made.shape.numpy())} where layer {TEMPLATE}'s is "
-            f"{like.dtype.name}{list(like.shape.numpy())}: the checkpoint's layers differ in shape or format; "
+            f"{tensor.name(layer)} is {made.dtype.name}{list(_shape(made))} where layer {TEMPLATE}'s is "
+            f"{dtype.name}{list(shape)}: the checkpoint's layers differ in shape or format; "
             "export the float checkpoint (an HF folder) instead"
         )
     return made
@@ -270,7 +315,7 @@ def _copy_layer(
         assert source.const_value is not None
         stored = streamed_tensor(
             tensor.name(layer),
-            functools.partial(_checked, make, tensor, layer, source.const_value),
+            functools.partial(_checked, make, tensor, layer, source.const_value.dtype, _shape(source.const_value)),
             source.const_value.dtype,
             source.const_value.shape.numpy(),
         )

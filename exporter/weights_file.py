@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 ALIGNMENT = 64  # bytes; keeps every tensor aligned for vector loads when memory-mapped
 INLINE_LIMIT = 1024  # smaller integer tensors (shape constants) stay inside the .onnx file
+HASH_CHUNK = 4 << 20  # bytes read back at a time to bring the digest up to the file's end
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class WrittenWeights:
 
 
 STREAMED_KEY = "llamatrt.streamed"  # LazyTensor.meta key: what the tensor is, for sharing it unmade
+PIECES_KEY = "llamatrt.pieces"  # LazyTensor.meta key: a maker of its bytes as consecutive blocks
 
 
 def streamed_tensor(
@@ -51,24 +53,44 @@ def streamed_tensor(
     return lazy
 
 
+def pieced_tensor(
+    make: Callable[[], ir.TensorProtocol],
+    pieces: Callable[[], Iterable[memoryview | bytes]],
+    dtype: ir.DataType,
+    shape: Sequence[int],
+) -> ir.LazyTensor:
+    """A tensor that `make` makes whole and `pieces` as its bytes in consecutive blocks, each valid
+    until the next is asked for (exporter.float_pieces): the stream writes those as they come, so
+    the tensor is never whole in memory."""
+    import onnx_ir as ir
+
+    lazy = ir.LazyTensor(make, dtype, ir.Shape(list(shape)))
+    lazy.meta[PIECES_KEY] = pieces
+    return lazy
+
+
 class WeightsWriter:
     """The artifact's one weights file, filled graph by graph: each graph's large initializers move
     into it as the graph is made, so only one graph's own tensors are in memory at a time. The file
-    can be moved while it is written (`move`): the export writes the traced twin's weights first,
-    validates the twin over them, then moves the file into the artifact and appends the other layers.
+    can be moved while it is written (`move`): the export writes the traced twin's weights into it,
+    validates the twin over them, then moves the file into the artifact and appends what the other
+    layers' graphs add.
 
     Tensors whose sizes are known before any graph holds them (the replicated layers' streamed
     weights) can be written by a background thread (`stream`) into a region reserved for them, while
-    the caller goes on tracing and appending after it: making those tensors (reading, upcasting,
-    quantizing) and the kernel's page-cache writes release the GIL, so on two cores they overlap the
-    tracer's Python. The layout is fixed when the region is reserved and the digest is taken in file
-    order, so neither depends on thread timing."""
+    the caller goes on making the twin, tracing, validating and appending after it: making those
+    tensors (reading, upcasting, quantizing) and the kernel's page-cache writes release the GIL, so
+    on two cores they overlap the caller's Python. A float export streams them in the form it
+    expects before the first trace, which then confirms it (`streams`) or has the region emptied
+    and streamed again (`discard`). The layout is fixed when the region is reserved and the digest
+    is taken in file order, so neither depends on thread timing."""
 
     def __init__(self, path: Path, params: Mapping[str, torch.Tensor] | None = None) -> None:
         """`params`: the traced model's parameters, whose graph tensors (the parameters, or views of
-        them such as a pre-transposed weight) are then keyed by what they view, not hashed."""
+        them such as a pre-transposed weight) are then keyed by what they view, not hashed (or
+        later, `key_parameters`)."""
         self.path = path
-        self.owners = ParameterViews(params or {})
+        self.key_parameters(params or {})
         self.earlier: set[Path] = set()  # where the file was before a move: tensors there are ours
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read: `wait` hashes appends back
         self.offsets: dict[str, tuple[int, int]] = {}
@@ -79,6 +101,7 @@ class WeightsWriter:
         self.stream_thread: threading.Thread | None = None
         self.stream_error: BaseException | None = None
         self.stopping = threading.Event()
+        self.region: dict[str, int] = {}  # the last stream's tensors: key -> bytes
 
     def __enter__(self) -> WeightsWriter:
         return self
@@ -86,8 +109,7 @@ class WeightsWriter:
     def __exit__(self, *exc: object) -> None:
         """Stop a stream still running (the export failed) and close the file."""
         self.stopping.set()
-        if self.stream_thread is not None:
-            self.stream_thread.join()
+        self._joined()
         self._close_fd()
 
     def add(self, model: ir.Model, after_write: Callable[[], object] = lambda: None) -> None:
@@ -114,6 +136,9 @@ class WeightsWriter:
                 base_dir=self.path.parent,
             )
 
+    def key_parameters(self, params: Mapping[str, torch.Tensor]) -> None:
+        self.owners = ParameterViews(params)
+
     def stream(self, tensors: Iterable[tuple[str, int, Callable[[], ir.TensorProtocol]]]) -> None:
         """Reserve the file's next bytes for `tensors` ((streamed key, bytes, maker), in order) and
         write them from a background thread; a graph holding streamed tensors of those keys finds
@@ -126,16 +151,42 @@ class WeightsWriter:
                 self.offsets[key] = (offset, length)
                 self.size = offset + length
                 region.append((key, make))
+                self.region[key] = length
         os.ftruncate(self.fd, self.size)  # a hole until the stream fills it; appends go after it
         self.stopping.clear()
         one_arena()  # the stream's threads allocate from the process's arena, not arenas of their own
         self.stream_thread = threading.Thread(target=self._stream, args=(region,), name="weights-stream")
         self.stream_thread.start()
 
+    def _joined(self) -> None:
+        if self.stream_thread is not None:
+            self.stream_thread.join()
+            self.stream_thread = None
+
+    def streams(self, tensors: Iterable[tuple[str, int, object]]) -> bool:
+        """Whether the streams so far hold exactly `tensors` ((key, bytes, ...)): all of them, at
+        those sizes, and nothing else."""
+        wanted = {key: length for key, length, *_ in tensors}
+        return wanted == self.region
+
+    def discard(self) -> None:
+        """Stop a stream and empty the file: for a stream of tensors the graphs turned out not to
+        hold, before anything else was written."""
+        self.stopping.set()
+        self._joined()
+        self.stream_error = None
+        if set(self.offsets) != set(self.region):
+            raise ValidationError("the weights file holds more than a stream; please report")
+        os.ftruncate(self.fd, 0)
+        self.offsets, self.region, self.size, self.hashed = {}, {}, 0, 0
+        self.digest = hashlib.sha256()
+        trim_heap()
+
     def _stream(self, region: list[tuple[str, Callable[[], ir.TensorProtocol]]]) -> None:
         """Make and hash each tensor while a second thread writes the one before it: a buffered
         write holds the file's lock, so the writes cannot be split, but the making can run beside
-        them. Two tensors are in memory at most: one being written, one being made."""
+        them. Two tensors are in memory at most: one being written, one being made. A tensor made
+        in pieces (`pieced_tensor`) is written here, a piece at a time, as its pieces come."""
         made: queue.SimpleQueue[tuple[memoryview | bytes, int] | None] = queue.SimpleQueue()
         room = threading.Semaphore(2)
         writer = threading.Thread(target=self._write_made, args=(made, room), name="weights-stream-writer")
@@ -147,18 +198,45 @@ class WeightsWriter:
                 if self.stopping.is_set() or self.stream_error is not None:
                     break
                 offset, length = self.offsets[key]
-                data = _buffer(make())
-                if len(data) != length:
-                    raise ValidationError(f"{key} is {len(data)} bytes where {length} were reserved; please report")
-                self._hash_in_order(start, offset, data)  # nothing else writes in the region
+                tensor = make()
+                pieces = getattr(tensor, "meta", {}).get(PIECES_KEY)
+                if pieces is not None:
+                    done = self._write_pieces(pieces(), start, offset)
+                    room.release()
+                else:
+                    data = _buffer(tensor)
+                    done = len(data)
+                    if done == length:
+                        self._hash_in_order(start, offset, data)  # nothing else writes in the region
+                        made.put((data, offset))
+                    del data
+                del tensor
+                if done != length:
+                    raise ValidationError(f"{key} is {done} bytes where {length} were reserved; please report")
                 start = offset + length
-                made.put((data, offset))
-                del data
         except BaseException as e:  # handed to the exporting thread by `wait`
             self.stream_error = e
         finally:
             made.put(None)
             writer.join()
+        if self.stream_error is None and not self.stopping.is_set():
+            try:
+                self._hash_to_end()  # what the caller appended meanwhile: here, not in the caller's `wait`
+            except BaseException as e:
+                self.stream_error = e
+
+    def _write_pieces(self, pieces: Iterable[memoryview | bytes], start: int, offset: int) -> int:
+        """Hash and write consecutive pieces from `offset` (the digest stands at `start`); returns
+        the bytes written."""
+        position = offset
+        for piece in pieces:
+            if len(piece) == 0:
+                continue
+            self._hash_in_order(start, position, piece)
+            _write_at(self.fd, piece, position)
+            position += len(piece)
+            start = position
+        return position - offset
 
     def _write_made(
         self, made: queue.SimpleQueue[tuple[memoryview | bytes, int] | None], room: threading.Semaphore
@@ -177,17 +255,23 @@ class WeightsWriter:
         file's end (what was appended after the region, read back)."""
         if self.stream_thread is None:
             return
-        self.stream_thread.join()
-        self.stream_thread = None
+        self._joined()
         trim_heap()  # what the stream's threads freed stays in their arenas, beside the next phase
         if self.stream_error is not None:
             error, self.stream_error = self.stream_error, None
             raise error
+        self._hash_to_end()
+
+    def _hash_to_end(self) -> None:
+        """Bring the digest up to the file's end, reading back what was appended past the digest."""
+        chunk = bytearray(HASH_CHUNK)  # small: this runs beside validation, whose memory is bounded
         with self.lock:
             while self.hashed < self.size:
-                chunk = os.pread(self.fd, min(self.size - self.hashed, 64 << 20), self.hashed)
-                self.digest.update(chunk)
-                self.hashed += len(chunk)
+                done = os.preadv(self.fd, [memoryview(chunk)[: self.size - self.hashed]], self.hashed)
+                if not done:
+                    raise ValidationError(f"{self.path} ends at {self.hashed} bytes, before {self.size}; please report")
+                self.digest.update(memoryview(chunk)[:done])
+                self.hashed += done
 
     def _write(self, tensor: ir.TensorProtocol, after_write: Callable[[], object]) -> tuple[int, int]:
         import onnx_ir as ir
@@ -222,6 +306,12 @@ class WeightsWriter:
         os.replace(self.path, path)
         self.earlier.add(self.path)
         self.path = path
+
+    def layout(self) -> WrittenWeights:
+        """Where each tensor lies, a running stream's included, without waiting for it: the digest
+        is not known until the stream ends (empty here). What the twin's validation reads while
+        the stream writes the other layers; `written` is the file's record."""
+        return WrittenWeights(self.size, "", dict(self.offsets))
 
     def written(self) -> WrittenWeights:
         """What the file holds so far (the stream finished first)."""

@@ -4,6 +4,7 @@ Checkpoint: a validated config plus a way to get the weights and the tokenizer f
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,7 @@ from llamatrt.models.mapped_parameters import MappedParameters
 from llamatrt.models.weights import (
     TensorReader,
     fused_parameter,
+    fused_parts,
     fused_shape,
     hf_config_from_dir,
     state_dict_from_dir,
@@ -74,6 +76,29 @@ class Checkpoint:
         or converts it anyway reads, moving half the bytes of fp32 for a bf16 checkpoint."""
         return fused_parameter(self._tensor, self._source_name(name))
 
+    def parameter_shape(self, name: str) -> tuple[int, ...]:
+        """`parameter(name)`'s shape, from the files' headers."""
+        return fused_shape(self._shape, self._source_name(name))
+
+    def stored_parameter_into(self, name: str, buffer: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """`stored_parameter(name)` read into a buffer that `buffer(nbytes)` gives (bytes,
+        contiguous): a view of it. The export's weights stream reads every layer through one reused
+        buffer this way, so it takes no fresh memory per tensor; the parts of a fused projection
+        are read side by side, so they need no concatenation."""
+        parts = fused_parts(self._source_name(name))
+        reader = self._reader
+        if reader is None or len({reader.dtype(p) for p in parts}) > 1:
+            value = self.stored_parameter(name)
+            out = buffer(value.numel() * value.element_size())[: value.numel() * value.element_size()]
+            return out.view(value.dtype).view(value.shape).copy_(value)
+        lengths = [reader.nbytes(p) for p in parts]
+        held, start = buffer(sum(lengths)), 0
+        for part, length in zip(parts, lengths, strict=True):
+            reader.read_into(part, held[start : start + length])
+            start += length
+        shape = fused_shape(reader.shape, self._source_name(name))
+        return held[:start].view(reader.dtype(parts[0])).view(shape)
+
     def _source_name(self, name: str) -> str:
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return "model.embed_tokens.weight"
@@ -85,7 +110,7 @@ class Checkpoint:
         with torch.device("meta"):
             expected = StaticLlama(self.config).state_dict()
         for name, tensor in expected.items():
-            shape = fused_shape(self._shape, self._source_name(name))
+            shape = self.parameter_shape(name)
             if shape != tuple(tensor.shape):
                 raise CheckpointError(
                     f"tensor {name!r} has shape {shape}, config implies {tuple(tensor.shape)}; the checkpoint "

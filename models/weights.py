@@ -126,37 +126,65 @@ class TensorReader:
         return tuple(self._entry(name)[2])
 
     def get(self, name: str) -> torch.Tensor:
-        path, dtype, shape, offset, length = self._entry(name)
-        if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(
-                f"tensor {name!r} in {path.name} is {dtype}, which llamatrt does not read; save the checkpoint "
-                "in bf16, fp16 or fp32"
-            )
+        _, dtype, shape, _, length = self._checked_entry(name)
         data = bytearray(length)
-        with path.open("rb") as f:
-            f.seek(offset)
-            if f.readinto(data) != length:
-                raise CheckpointError(f"{path} is corrupt or truncated (tensor {name!r} is cut); re-download it")
+        self._read(name, data)
         if not length:
             return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
         return torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
 
+    def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
+        """`get(name)` read into the front of `buffer` (bytes, contiguous, at least nbytes(name)
+        long): a view of it. A reader that reuses one buffer for every tensor takes no fresh pages
+        for them (each a page fault per 4 KiB, most of an export's kernel time at 1B)."""
+        _, dtype, shape, _, length = self._checked_entry(name)
+        self._read(name, memoryview(buffer[:length].numpy()))
+        return buffer[:length].view(SAFETENSORS_DTYPES[dtype]).view(shape)
+
+    def nbytes(self, name: str) -> int:
+        return self._entry(name)[4]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self._checked_entry(name)[1]]
+
+    def _checked_entry(self, name: str) -> tuple[Path, str, list[int], int, int]:
+        entry = self._entry(name)
+        if entry[1] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"tensor {name!r} in {entry[0].name} is {entry[1]}, which llamatrt does not read; save the checkpoint "
+                "in bf16, fp16 or fp32"
+            )
+        return entry
+
+    def _read(self, name: str, data: bytearray | memoryview) -> None:
+        path, _, _, offset, length = self._entry(name)
+        with path.open("rb") as f:
+            f.seek(offset)
+            if f.readinto(data) != length:
+                raise CheckpointError(f"{path} is corrupt or truncated (tensor {name!r} is cut); re-download it")
+
+
+def fused_parts(name: str) -> list[str]:
+    """The HF-named tensors a StaticLlama parameter is made of, in order (`...qkv_proj.weight` is
+    q|k|v, `gate_up_proj` gate|up, concatenated along outputs); any other is its own."""
+    for target, parts in FUSED_PROJECTIONS.items():
+        if f".{target}." in name:
+            prefix, kind = name.split(f"{target}.")
+            return [f"{prefix}{part}.{kind}" for part in parts]
+    return [name]
+
 
 def fused_shape(shape: Callable[[str], tuple[int, ...]], name: str) -> tuple[int, ...]:
     """The shape `fused_parameter` gives, from the parts' shapes alone."""
-    for target, parts in FUSED_PROJECTIONS.items():
-        if f".{target}." in name:
-            prefix, kind = name.split(f"{target}.")
-            shapes = [shape(f"{prefix}{part}.{kind}") for part in parts]
-            return (sum(s[0] for s in shapes), *shapes[0][1:])
-    return shape(name)
+    parts = fused_parts(name)
+    if len(parts) == 1:
+        return shape(name)
+    shapes = [shape(part) for part in parts]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
 def fused_parameter(get: Callable[[str], torch.Tensor], name: str) -> torch.Tensor:
-    """One StaticLlama parameter (`...qkv_proj.weight` is q|k|v, `gate_up_proj` gate|up) from a
-    getter of HF-named tensors: what fuse_projections makes of the whole state dict, for one name."""
-    for target, parts in FUSED_PROJECTIONS.items():
-        if f".{target}." in name:
-            prefix, kind = name.split(f"{target}.")
-            return torch.cat([get(f"{prefix}{part}.{kind}") for part in parts])
-    return get(name)
+    """One StaticLlama parameter from a getter of HF-named tensors: what fuse_projections makes of
+    the whole state dict, for one name."""
+    parts = fused_parts(name)
+    return torch.cat([get(part) for part in parts]) if len(parts) > 1 else get(name)

@@ -14,7 +14,7 @@ import onnx_ir as ir
 import pytest
 
 from llamatrt.base.errors import CheckpointError, ValidationError
-from llamatrt.exporter.weights_file import WeightsWriter, WrittenWeights
+from llamatrt.exporter.weights_file import WeightsWriter, WrittenWeights, pieced_tensor
 
 
 def _model(arrays: dict[str, np.ndarray]) -> ir.Model:
@@ -94,3 +94,45 @@ def test_a_failed_export_stops_the_stream(tmp_path: Path) -> None:
         writer.stream((f"k{i}", 64, lambda i=i: slow(i)) for i in range(100))
         raise RuntimeError("tracing failed")
     assert len(made) < 10 and not any(t.name.startswith("weights-stream") for t in threading.enumerate())
+
+
+def test_a_pieced_tensor_is_written_as_its_pieces_come_never_whole(tmp_path: Path) -> None:
+    array = np.arange(1000, dtype=np.float32)
+
+    def whole() -> ir.TensorProtocol:
+        raise AssertionError("the stream made the tensor whole")
+
+    def pieces():  # type: ignore[no-untyped-def]
+        for start in range(0, 1000, 300):
+            yield memoryview(array[start : start + 300].view(np.uint8))
+
+    tensor = pieced_tensor(whole, pieces, ir.DataType.FLOAT, [1000])
+    with WeightsWriter(tmp_path / "w.data") as writer:
+        writer.add(_model(_arrays(1, [7])))
+        writer.stream([("p", array.nbytes, lambda: tensor)])
+        written = writer.close()
+    data = (tmp_path / "w.data").read_bytes()
+    offset, length = written.offsets["p"]
+    assert data[offset : offset + length] == array.tobytes()
+    assert written.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_discarded_stream_leaves_an_empty_file_to_stream_again(tmp_path: Path) -> None:
+    """The export streams the layers in the form it expects before the first trace; when the trace
+    holds another, the region is discarded and the right tensors streamed: the file is as if only
+    they had been."""
+    guessed = _arrays(4, [5000, 300])
+    with WeightsWriter(tmp_path / "w.data") as writer:
+        writer.stream((key, a.nbytes, lambda a=a: ir.tensor(a)) for key, a in guessed.items())
+        assert writer.streams((key, a.nbytes) for key, a in guessed.items())
+        assert not writer.streams((key, a.nbytes) for key, a in STREAMED.items())
+        writer.discard()
+        writer.stream((key, a.nbytes, lambda a=a: ir.tensor(a)) for key, a in STREAMED.items())
+        writer.add(_model(_arrays(3, [17, 2000])))
+        again = writer.close()
+    with WeightsWriter(tmp_path / "direct.data") as writer:
+        writer.stream((key, a.nbytes, lambda a=a: ir.tensor(a)) for key, a in STREAMED.items())
+        writer.add(_model(_arrays(3, [17, 2000])))
+        direct = writer.close()
+    assert again == direct
+    assert (tmp_path / "w.data").read_bytes() == (tmp_path / "direct.data").read_bytes()
