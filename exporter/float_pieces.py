@@ -2,8 +2,8 @@
 
 The export writes every layer beyond the twin straight from the checkpoint: read, transposed to the
 [in, out] form MatMul takes, rounded to the compute dtype. Made whole, each of those steps takes
-fresh memory (at 1B, 1.4 M page faults over an export: most of its kernel time) and the weight is
-held whole beside its write. Made here, the checkpoint's bytes go into one staging buffer reused for
+fresh memory (a page fault per page: most of the export's kernel time, docs/benchmarks.md) and the
+weight is held whole beside its write. Made here, the checkpoint's bytes go into one staging buffer reused for
 every weight, and the stored form comes out a block of rows at a time through small buffers, also
 reused, that stay in the CPU's cache: the digest and the write take each block while it is hot.
 """
@@ -62,8 +62,8 @@ class FloatPieces:
     def _buffer(self, slot: str, nbytes: int) -> torch.Tensor:
         """A reused buffer of at least `nbytes`: an anonymous mapping of its own, not the C heap's.
         Freeing a heap block of a few MiB raises glibc's dynamic mmap threshold to its size, after
-        which the tracer's and validation's blocks below it stay in the heap when freed: beside
-        the stream that held a 16-layer export 130 MiB above its bound (docs/benchmarks.md)."""
+        which the tracer's and validation's blocks below it stay in the heap when freed, and the
+        export grows past its memory bound (docs/benchmarks.md)."""
         held = getattr(self.local, slot, None)
         if held is None or held.numel() < nbytes:
             setattr(self.local, slot, None)  # the old one goes before the new one is made
