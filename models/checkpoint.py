@@ -96,8 +96,7 @@ class Checkpoint:
         for part, length in zip(parts, lengths, strict=True):
             reader.read_into(part, held[start : start + length])
             start += length
-        shape = fused_shape(reader.shape, self._source_name(name))
-        return held[:start].view(reader.dtype(parts[0])).view(shape)
+        return held[:start].view(reader.dtype(parts[0])).view(self.parameter_shape(name))
 
     def _source_name(self, name: str) -> str:
         if name == "lm_head.weight" and self.config.tie_word_embeddings:

@@ -136,7 +136,7 @@ class TensorReader:
     def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
         """`get(name)` read into the front of `buffer` (bytes, contiguous, at least nbytes(name)
         long): a view of it. A reader that reuses one buffer for every tensor takes no fresh pages
-        for them (each a page fault per 4 KiB, most of an export's kernel time at 1B)."""
+        for them (a page fault each: most of an export's kernel time, docs/benchmarks.md)."""
         _, dtype, shape, _, length = self._checked_entry(name)
         self._read(name, memoryview(buffer[:length].numpy()))
         return buffer[:length].view(SAFETENSORS_DTYPES[dtype]).view(shape)
