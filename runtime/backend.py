@@ -110,13 +110,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def _run(self, graph: GraphSpec, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
-    def allocate_cache(self) -> list[torch.Tensor]:
-        """Zeroed past buffers on this backend's device, flat in graph order; once per generation."""
+    def allocate_cache(self) -> torch.Tensor:
+        """Zeroed past buffers on this backend's device, once per generation: one tensor
+        (2 x layers, *cache_shape) whose entries along dim 0 are the graph's past inputs in graph order,
+        each contiguous. One allocation rather than one per input, so that a row's slots of every layer
+        are one strided view: the prefix cache copies a block of all layers in one op, not 2 x layers."""
         dtype = torch_dtype(self.manifest.dtype)
-        return [
-            torch.zeros(self.manifest.cache_shape, dtype=dtype, device=self.device)
-            for _ in names.cache_names(self.manifest.config.num_layers)
-        ]
+        count = len(names.cache_names(self.manifest.config.num_layers))
+        return torch.zeros((count, *self.manifest.cache_shape), dtype=dtype, device=self.device)
 
     def _input_buffers(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per graph, persistent device buffers for the small inputs: backends that bind by address

@@ -88,7 +88,8 @@ class KVState:
         self.batch = manifest.batch_size
         self.max_cache_len = manifest.max_cache_len
         self.present_names = names.cache_names(manifest.config.num_layers, "present")
-        self.buffers = backend.allocate_cache()  # once for the scheduler's life
+        self.cache = backend.allocate_cache()  # once for the scheduler's life: (2 x layers, B, Hkv, C, D)
+        self.buffers = list(self.cache.unbind(0))  # the graphs' past inputs, in graph order
         self.attention_mask = torch.ones(self.batch, self.max_cache_len, dtype=torch.long)
         # the views each call binds, made once: a backend that writes them in place hands the very
         # same objects back, so `take` checks identity instead of slicing 2 x layers tensors a step
@@ -137,15 +138,18 @@ class KVState:
 
     def read_slots(self, row: int, start: int, size: int) -> torch.Tensor:
         """A copy of row `row`'s slots start .. start + size - 1 in every cache tensor, stacked:
-        (2 * layers, kv_heads, size, head_dim), on the cache's device (what the prefix cache keeps)."""
-        return torch.stack([t[row, :, start : start + size] for t in self.buffers])
+        (2 * layers, kv_heads, size, head_dim), on the cache's device (what the prefix cache keeps).
+        One copy of a strided view: it runs inside a step, between a running row's tokens."""
+        return self.cache[:, row, :, start : start + size].clone(memory_format=torch.contiguous_format)
 
     def write_slots(self, row: int, blocks: Sequence[torch.Tensor]) -> None:
         """Row `row`'s first slots from `blocks` (each as `read_slots` gives), in order: one copy per
-        cache tensor, in place (the backends' bound addresses stay the same)."""
-        joined = blocks[0] if len(blocks) == 1 else torch.cat(list(blocks), dim=2)
-        for buffer, values in zip(self.buffers, joined, strict=True):
-            buffer[row, :, : values.shape[1]].copy_(values)
+        block, in place (the backends' bound addresses stay the same)."""
+        start = 0
+        for block in blocks:
+            size = block.shape[2]
+            self.cache[:, row, :, start : start + size].copy_(block)
+            start += size
 
     def take(self, outputs: dict[str, torch.Tensor], row: int | None = None, rows: int | None = None) -> None:
         """Present becomes past. Every backend here aliases present to the past buffer it was fed, so

@@ -4,7 +4,7 @@ Most prompts share a beginning with earlier ones (a system prompt, few-shot exam
 conversation so far). Their keys and values are the same in every row: a token's K/V depend only on
 the tokens before it and its position, and a shared prefix sits at the same positions in every row
 (slot = position once a row has no padding). So a row admitted with a cached prefix gets those slots
-by a copy, one per cache tensor, and prefills only the rest of its prompt.
+by a copy, one per block (runtime.kv_state), and prefills only the rest of its prompt.
 
 As vLLM's automatic prefix caching: the cache holds blocks of `block_size` tokens, each under a key
 that chains the key of the block before it with its own tokens (sha256), so a block is found only

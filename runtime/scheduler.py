@@ -47,6 +47,9 @@ from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
 from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Budget, Plan, Prefill, RowState, decide, prefill_budget
 from llamatrt.runtime.structured import GrammarEngine, PendingMasks
 
+# Prompt blocks a step copies into the prefix cache (each a copy of every layer's slots of 16 tokens)
+REMEMBERED_BLOCKS_PER_STEP = 4
+
 __all__ = ["GREEDY", "Handle", "LoopFailed", "Request", "Scheduler", "Step"]
 log = logging.getLogger(__name__)
 
@@ -284,7 +287,7 @@ class Scheduler:
 
     def step(self) -> list[Step]:
         """One iteration: drop cancelled requests, then apply the plan: admit, its prefill calls in
-        order, one decode call."""
+        order, one decode call; then a few prompt blocks go to the prefix cache."""
         events: list[Step] = []
         self._drop_cancelled(events)
         plan = self.plan()
@@ -293,13 +296,14 @@ class Scheduler:
                 self.rows[b] = self._new_row(b, self.queue.popleft())
         if self._packs(plan):
             self._packed_step(plan, events)
-            return events
-        for prefill in plan.prefill:
-            if self.rows[prefill.row] is not None:  # (an earlier call of this step may have failed it)
-                self._isolated(functools.partial(self._prefill, prefill, events), [prefill.row], events)
-        decoding = [b for b in plan.decode if (row := self.rows[b]) is not None and not row.windows]
-        if decoding:
-            self._isolated(lambda: self._decode(decoding, events), decoding, events)
+        else:
+            for prefill in plan.prefill:
+                if self.rows[prefill.row] is not None:  # (an earlier call of this step may have failed it)
+                    self._isolated(functools.partial(self._prefill, prefill, events), [prefill.row], events)
+            decoding = [b for b in plan.decode if (row := self.rows[b]) is not None and not row.windows]
+            if decoding:
+                self._isolated(lambda: self._decode(decoding, events), decoding, events)
+        self._remember_pending(events)
         return events
 
     def _packs(self, plan: Plan) -> bool:
@@ -379,6 +383,27 @@ class Scheduler:
             self.prefix.add(keys[i], self.kv.read_slots(b, i * size, size))
         row.remembered = max(row.remembered, len(keys))
 
+    def _remember_pending(self, events: list[Step]) -> None:
+        """Up to REMEMBERED_BLOCKS_PER_STEP prompt blocks of the rows whose prompts are in the cache go
+        to the prefix cache, oldest request first, a prompt's first blocks first. A block is a copy of
+        every layer's slots, so a step pays for a few of them rather than for a whole prompt's: the step
+        that completes a long prompt would otherwise lengthen every running row's gap between two
+        tokens by the prompt's size. A row that ends first has the rest kept then (`_remember_written`)."""
+        if self.prefix is None:
+            return
+        left = REMEMBERED_BLOCKS_PER_STEP
+        running = [(row.handle.submitted, b) for b, row in enumerate(self.rows) if row is not None and not row.windows]
+        for _, b in sorted(running):
+            row = self.rows[b]
+            keys = self._keys(row.handle)  # type: ignore[union-attr]
+            take = min(left, len(keys) - row.remembered)  # type: ignore[union-attr]
+            if take > 0:
+                some = keys[: row.remembered + take]  # type: ignore[union-attr]
+                self._isolated(functools.partial(self._remember, b, row, some), [b], events)  # type: ignore[arg-type]
+                left -= take
+            if left == 0:
+                return
+
     def _remember_written(self, b: int, row: Row) -> None:
         """At a request's end: its generated tokens' blocks too (a chat's next turn starts with them)."""
         if self.prefix is not None and row.fed // self.prefix.block_size > row.remembered:
@@ -429,10 +454,9 @@ class Scheduler:
         return ids, (slots - row.plan.pad).clamp(min=0), slots  # padding slots at position 0
 
     def _prompt_done(self, b: int, row: Row) -> None:
-        """Row b's prompt is all in the cache: the prefix cache keeps its blocks."""
+        """Row b's prompt is all in the cache: from the next step on, the prefix cache takes its
+        blocks (`_remember_pending`)."""
         row.fed = len(row.request.prompt)
-        if self.prefix is not None:
-            self._remember(b, row, self._keys(row.handle))
 
     def _prefill(self, call: Prefill, events: list[Step]) -> None:
         b, start, size = call.row, call.start, call.size

@@ -87,7 +87,7 @@ class TensorRTBackend(Backend):
             self.contexts[name] = engine.create_execution_context()
         self.static = self._input_buffers()
         self.logits = self._logits_buffers()
-        self.cache: list[torch.Tensor] | None = None
+        self.cache: torch.Tensor | None = None
         self.use_cuda_graph = cuda_graph
         self.cuda_graphs: dict[tuple[str, tuple[int, ...]], Any] = {}  # (graph, bound addresses) -> captured
 
@@ -107,7 +107,7 @@ class TensorRTBackend(Backend):
                 f"TensorRT could not refit the {graph.name} engine from {graph.path}; re-run `llamatrt build --force`"
             )
 
-    def allocate_cache(self) -> list[torch.Tensor]:
+    def allocate_cache(self) -> torch.Tensor:
         """One set of cache buffers for the backend's lifetime: fixed addresses for CUDA graphs."""
         if self.cache is None:
             self.cache = super().allocate_cache()

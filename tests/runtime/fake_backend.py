@@ -61,9 +61,9 @@ class ScriptedBackend(Backend):
         super().__init__(Path("."), manifest)
         self.calls: list[dict] = []
         self.flat = flat  # uniform logits, for sampling tests
-        self.cache: list[torch.Tensor] = []
+        self.cache = torch.empty(0)
 
-    def allocate_cache(self) -> list[torch.Tensor]:
+    def allocate_cache(self) -> torch.Tensor:
         self.cache = super().allocate_cache()
         return self.cache
 

@@ -10,10 +10,10 @@ import torch
 
 import llamatrt
 from llamatrt.runtime.generator import Generator
-from llamatrt.runtime.kv_state import PrefillPlan, plan_prefill, usable_cached
+from llamatrt.runtime.kv_state import KVState, PrefillPlan, plan_prefill, usable_cached
 from llamatrt.runtime.prefix_cache import PrefixCache, block_keys
 from llamatrt.runtime.registry import open_backend
-from llamatrt.runtime.scheduler import Request, Scheduler
+from llamatrt.runtime.scheduler import REMEMBERED_BLOCKS_PER_STEP, Request, Scheduler
 from llamatrt.tools.teacher_forcing import score
 
 SHARED = [7, 19, 23, 4, 88, 61, 12, 30, 45, 9, 14, 77, 52, 3, 68, 21, 33]  # 17 tokens: 4 blocks of 4, then one
@@ -154,6 +154,42 @@ def test_a_hit_is_copied_into_the_rows_own_slots_in_place(tmp_path: Path) -> Non
         assert torch.equal(t[0, :, :8], pattern[:, :8].expand_as(t[0, :, :8]))
     assert [t.data_ptr() for t in scheduler.kv.buffers] == addresses
     assert second.done.is_set()  # admitted, the rest prefilled, its one token given, in that step
+
+
+def test_a_block_is_every_layers_slots_in_graph_order(tiny_artifact: Path) -> None:
+    """The cache is one tensor whose entries are the graphs' past inputs (each contiguous, bound by
+    address), so a block of all layers is one strided copy each way."""
+    with open_backend(tiny_artifact, "onnxruntime") as backend:
+        kv = KVState(backend)
+        kv.cache.copy_(torch.randn(kv.cache.shape, generator=torch.Generator().manual_seed(0)))
+        assert all(t.is_contiguous() and t.untyped_storage().data_ptr() == kv.cache.data_ptr() for t in kv.buffers)
+        block = kv.read_slots(1, 4, 4)
+        assert block.is_contiguous() and torch.equal(block, torch.stack([t[1, :, 4:8] for t in kv.buffers]))
+        kv.write_slots(0, [block, kv.read_slots(1, 8, 4)])
+        for t in kv.buffers:
+            assert torch.equal(t[0, :, :8], t[1, :, 4:12])
+            assert not torch.equal(t[0, :, 8:12], t[1, :, 12:16])  # nothing past the blocks is written
+
+
+def test_a_completed_prompts_blocks_reach_the_cache_a_few_a_step(tiny_artifact: Path) -> None:
+    """Each block is a copy of every layer's slots: a step keeps at most REMEMBERED_BLOCKS_PER_STEP,
+    so the step that completes a long prompt does not stall the running rows by the prompt's size.
+    The rest follow in the next steps; a request that ends first has them all kept as it ends."""
+    assert REMEMBERED_BLOCKS_PER_STEP == 4  # SHARED's 8 blocks of 2 below: two steps' worth
+    with open_backend(tiny_artifact, "onnxruntime") as backend:
+        cache = PrefixCache(1 << 20, block_size=2)
+        scheduler = Scheduler(backend, prefix_cache=cache)
+        handle = scheduler.submit(Request(SHARED, max_new_tokens=8, use_eos=False))
+        kept = []  # blocks in the cache after each step from the one that gives the first token
+        while not handle.done.is_set():
+            if any(step.token_id is not None for step in scheduler.step()) or kept:
+                kept.append(len(cache.blocks))
+        assert kept[:3] == [4, 8, 8] and max(kept[:-1]) == 8
+        assert kept[-1] == (len(SHARED) + 7) // 2  # at its end, the generated tokens fed back too
+
+        ends_at_once = Scheduler(backend, prefix_cache=PrefixCache(1 << 20, block_size=2))
+        list(ends_at_once.run([ends_at_once.submit(Request(SHARED[::-1], max_new_tokens=1, use_eos=False))]))
+        assert len(ends_at_once.prefix.blocks) == len(SHARED) // 2  # type: ignore[union-attr]
 
 
 # --- where the loop runs: load(), generate, chat, the server -----------------------------------
