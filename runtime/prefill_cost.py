@@ -45,7 +45,8 @@ class PrefillCost:
 
 class AddedCost:
     """What a prompt's tokens add to a decode call that carries them (a graph that packs tokens):
-    the call's time beyond a decode step's, per prompt token, over the recent calls. Measured
+    the call's time beyond a decode call of as many rows, per token beyond one a row, over the
+    recent calls. Measured
     directly rather than fitted: those calls differ little in their tokens, so a line through them
     would be mostly noise, and what a token adds there includes the attention of the decode rows'
     padded slots, which grows with their context."""

@@ -146,6 +146,7 @@ class Scheduler:
         self.prefill_sizes = backend.seq_sizes("prefill", batch=1)
         self.prefill_chunk = max(self.prefill_sizes) if self.prefill_sizes else self.manifest.prefill_chunk
         self._decode_step_s: float | None = None  # a running average, for sizing interleaved prefill calls
+        self._decode_call_s: dict[int, float] = {}  # rows in a decode call -> its running average
         self.prefill_cost = PrefillCost()
         self.added_cost = AddedCost()  # what prompt tokens add to a packed decode call
         self.failed: str | None = None  # why the loop stopped for good; submit refuses from then on
@@ -499,6 +500,7 @@ class Scheduler:
         self.kv.take(outputs, rows=batch)
         seconds = time.perf_counter() - started
         self._decode_step_s = _average(self._decode_step_s, seconds)
+        self._decode_call_s[batch] = _average(self._decode_call_s.get(batch), seconds)
         if self.observer is not None:
             self.observer("decode", seconds, len(decoding))
         logits = _finite(outputs["logits"], graph.name)
@@ -576,8 +578,13 @@ class Scheduler:
         self.kv.take(outputs, rows=count)
         seconds = time.perf_counter() - started
         prompt_tokens = sum(len(taken[b][0]) for b in slices)
-        if decoding and self._decode_step_s is not None:
-            self.added_cost.observe(prompt_tokens, seconds - self._decode_step_s)
+        # what the prompt tokens added: beyond a decode call of as many rows (each slice's first token
+        # is one such row's), not nothing until one ran; against the average decode step, a call with
+        # a row still prefilling was measured against calls with that row decoding too: its tokens
+        # read cheap, and the budget let the step run longer than its share
+        base = self._decode_call_s.get(count)
+        if decoding and base is not None and prompt_tokens > len(slices):
+            self.added_cost.observe(prompt_tokens - len(slices), seconds - base)
         elif not decoding:
             self.prefill_cost.observe(prompt_tokens, seconds)
         if self.observer is not None:

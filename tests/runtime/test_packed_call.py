@@ -75,3 +75,45 @@ def test_packing_inputs_that_disagree_are_refused_with_one_line(tiny_artifact) -
         feeds[names.QUERY_LENGTHS] = torch.tensor([3, 3])  # says 6 real tokens, 4 are packed
         with pytest.raises(InputError, match="query_lengths"):
             backend.run(graph.name, feeds)
+
+
+def test_what_prompt_tokens_add_is_measured_beside_a_decode_call_of_as_many_rows(tiny_artifact, monkeypatch) -> None:
+    """The budget sizes a packed call's prompt tokens from what each added to a decode call. A call
+    with a row still prefilling has one row fewer decoding than the steps around it: measured against
+    their average decode step, its tokens read cheap and the budget let the step run past its share.
+    Here calls cost 10 ms, 5 ms a row and 1 ms a token beyond one a row, on a scripted clock."""
+    from types import SimpleNamespace
+
+    from llamatrt.runtime import scheduler as loop
+    from llamatrt.runtime.prefill_cost import CallCost
+    from llamatrt.runtime.scheduler import Request, Scheduler
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    manifest = read_manifest(tiny_artifact)
+    with OrtBackend(tiny_artifact, manifest, attention="onnxruntime") as backend:
+        scheduler = Scheduler(backend)
+        assert scheduler.packed_graph is not None
+        run = backend.run
+
+        def timed(graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            rows = feeds[names.INPUT_IDS].shape[0]
+            packed = feeds.get(names.PACKED_TOKENS)
+            tokens = packed.numel() if packed is not None else feeds[names.INPUT_IDS].numel()
+            clock[0] += 0.010 + 0.005 * rows + 0.001 * (tokens - rows)
+            return run(graph, feeds)
+
+        monkeypatch.setattr(backend, "run", timed)
+        vocab = manifest.config.vocab_size
+        long = scheduler.submit(Request(_prompt(3, 1, vocab).tolist(), max_new_tokens=30, use_eos=False))
+        short = scheduler.submit(Request(_prompt(3, 2, vocab).tolist(), max_new_tokens=4, use_eos=False))
+        while not short.done.is_set():  # rows 0 and 1 decode: 20 ms a call of two rows, then row 0 alone
+            scheduler.step()
+        for _ in range(3):
+            scheduler.step()
+        assert scheduler.added_cost.fit() is None
+        late = scheduler.submit(Request(_prompt(40, 3, vocab).tolist(), max_new_tokens=2, use_eos=False))
+        while not late.done.is_set():  # row 1's prompt rides in row 0's decode calls, a slice a step
+            scheduler.step()
+        assert not long.done.is_set() and scheduler.added_cost.calls, "the prompt's slices rode in row 0's calls"
+        assert scheduler.added_cost.fit() == CallCost(0.0, pytest.approx(0.001))
