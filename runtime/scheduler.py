@@ -393,7 +393,11 @@ class Scheduler:
         if self.prefix is None:
             return
         left = REMEMBERED_BLOCKS_PER_STEP
-        running = [(row.handle.submitted, b) for b, row in enumerate(self.rows) if row is not None and not row.windows]
+        running = [  # a padded row holds nothing to share (`_remember`)
+            (row.handle.submitted, b)
+            for b, row in enumerate(self.rows)
+            if row is not None and not row.windows and not row.plan.pad
+        ]
         for _, b in sorted(running):
             row = self.rows[b]
             keys = self._keys(row.handle)  # type: ignore[union-attr]

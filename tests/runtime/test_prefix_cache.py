@@ -192,6 +192,24 @@ def test_a_completed_prompts_blocks_reach_the_cache_a_few_a_step(tiny_artifact: 
         assert len(ends_at_once.prefix.blocks) == len(SHARED) // 2  # type: ignore[union-attr]
 
 
+def test_a_padded_row_does_not_hold_back_the_blocks_of_the_rows_after_it() -> None:
+    """A prompt shorter than the smallest static prefill graph is left-padded: its slots are not its
+    positions, so it shares nothing, and it must not take the step's blocks from the others."""
+    from tests.runtime.fake_backend import ScriptedBackend, fake_manifest
+
+    backend = ScriptedBackend(fake_manifest(batch=2, chunk=8, cache=24))  # prefill calls of 8 tokens
+    cache = PrefixCache(1 << 20, block_size=2)
+    scheduler = Scheduler(backend, prefix_cache=cache)
+    padded = scheduler.submit(Request(list(range(20, 27)), max_new_tokens=12, use_eos=False))  # 3 blocks' worth
+    scheduler.step()  # the oldest row: its 7-token prompt is in, behind a padding slot
+    after = scheduler.submit(Request(list(range(1, 13)), max_new_tokens=10, use_eos=False))
+    while after.events.empty():  # until its first token: its 12-token prompt is in
+        scheduler.step()
+    scheduler.step()
+    assert not padded.done.is_set() and not after.done.is_set()
+    assert len(cache.blocks) == 6  # the later row's six blocks, in the step that completed it and the next
+
+
 # --- where the loop runs: load(), generate, chat, the server -----------------------------------
 
 
