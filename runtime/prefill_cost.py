@@ -46,10 +46,9 @@ class PrefillCost:
 class AddedCost:
     """What a prompt's tokens add to a decode call that carries them (a graph that packs tokens):
     the call's time beyond a decode call of as many rows, per token beyond one a row, over the
-    recent calls. Measured
-    directly rather than fitted: those calls differ little in their tokens, so a line through them
-    would be mostly noise, and what a token adds there includes the attention of the decode rows'
-    padded slots, which grows with their context."""
+    recent calls. Measured directly rather than fitted: those calls differ little in their tokens,
+    so a line through them would be mostly noise, and what a token adds there includes the attention
+    of the decode rows' padded slots, which grows with their context."""
 
     def __init__(self, window: int = 8) -> None:
         # few calls: consecutive ones see the decode rows at nearly the same contexts

@@ -47,7 +47,7 @@ from llamatrt.runtime.sampling import sample, token_logprobs, top_logprobs
 from llamatrt.runtime.schedule import IN_FLIGHT, Admission, Budget, Plan, Prefill, RowState, decide, prefill_budget
 from llamatrt.runtime.structured import GrammarEngine, PendingMasks
 
-# Prompt blocks a step copies into the prefix cache (each a copy of every layer's slots of 16 tokens)
+# Prompt blocks a step copies into the prefix cache (each a copy of every layer's slots of a block's tokens)
 REMEMBERED_BLOCKS_PER_STEP = 4
 
 __all__ = ["GREEDY", "Handle", "LoopFailed", "Request", "Scheduler", "Step"]
@@ -458,9 +458,9 @@ class Scheduler:
         ids = torch.tensor(tokens[call.start : call.start + call.size], dtype=torch.long)
         return ids, (slots - row.plan.pad).clamp(min=0), slots  # padding slots at position 0
 
-    def _prompt_done(self, b: int, row: Row) -> None:
-        """Row b's prompt is all in the cache: from the next step on, the prefix cache takes its
-        blocks (`_remember_pending`)."""
+    def _prompt_done(self, row: Row) -> None:
+        """The row's prompt is all in the cache: from the end of this step on, the prefix cache takes
+        its blocks, a few a step (`_remember_pending`)."""
         row.fed = len(row.request.prompt)
 
     def _prefill(self, call: Prefill, events: list[Step]) -> None:
@@ -477,7 +477,7 @@ class Scheduler:
         if self.observer is not None:
             self.observer("prefill", seconds, 1)
         if not row.windows:  # the prompt is in the cache: its last position's logits give the first token
-            self._prompt_done(b, row)
+            self._prompt_done(row)
             logits = _finite(outputs["logits"], graph.name)[:1]
             if row.matcher is not None:  # (a row has a matcher only where the loop has grammars)
                 self.grammars.constrain([row.matcher], logits)  # type: ignore[union-attr]
@@ -583,9 +583,9 @@ class Scheduler:
         seconds = time.perf_counter() - started
         prompt_tokens = sum(len(taken[b][0]) for b in slices)
         # what the prompt tokens added: beyond a decode call of as many rows (each slice's first token
-        # is one such row's), not nothing until one ran; against the average decode step, a call with
-        # a row still prefilling was measured against calls with that row decoding too: its tokens
-        # read cheap, and the budget let the step run longer than its share
+        # stands for that row's one), observed once such a call has run. Against the average decode
+        # step, a call with a row still prefilling was measured against calls with that row decoding
+        # too: its tokens read cheap, and the budget let the step run longer than its share
         base = self._decode_call_s.get(count)
         if decoding and base is not None and prompt_tokens > len(slices):
             self.added_cost.observe(prompt_tokens - len(slices), seconds - base)
@@ -597,7 +597,7 @@ class Scheduler:
         for b in decoding:
             self.rows[b].fed += 1  # type: ignore[union-attr]
         for b in done:
-            self._prompt_done(b, self.rows[b])  # type: ignore[arg-type]
+            self._prompt_done(self.rows[b])  # type: ignore[arg-type]
         if advancing:
             self._choose_and_advance(advancing, logits, masks, events)
 
