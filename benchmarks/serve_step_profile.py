@@ -1,8 +1,9 @@
 """Where a served loop's time goes: `llamatrt serve` in this process with an observer on its
 scheduler. On Ctrl-C (or SIGTERM) it prints the steps, the prefill and decode graph calls (count,
 seconds, rows a call, ms a call), the Python time of a step outside its graph calls, the
-prefill budget and call cost the scheduler has learnt, and the steps' p50 and p99 with the calls of
-the slowest 1%. Drive it with `llamatrt bench-serve`. A
+prefill budget and call cost the scheduler has learnt, the prefix cache's copies (blocks read into
+it, blocks written into an admitted row), and the steps' p50 and p99 with the calls and copies of the
+slowest 1%. Drive it with `llamatrt bench-serve`. A
 BUDGET (tokens) replaces the learnt budget by a fixed one, to measure what the budget's size does;
 SHARE sets the share of a decode step a packed call's prompt tokens may add (schedule.PACKED_SHARE).
 
@@ -16,6 +17,7 @@ import atexit
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -41,6 +43,21 @@ def main(artifact: str, port: int, budget: int | None) -> None:
         calls[role][2] += rows
         this_step.append(f"{role} {1e3 * seconds:.1f}")
 
+    copies = {"read": 0.0, "write": 0.0}  # this step's prefix-cache copies, seconds
+    copied = {"read": [0, 0.0, 0.0], "write": [0, 0.0, 0.0]}  # steps with some, seconds, the most in a step
+
+    def timed_copy(kind: str, copy: Callable[..., object]) -> Callable[..., object]:
+        def timed(*args: object) -> object:
+            started = time.perf_counter()
+            try:
+                return copy(*args)
+            finally:
+                copies[kind] += time.perf_counter() - started
+
+        return timed
+
+    scheduler.kv.read_slots = timed_copy("read", scheduler.kv.read_slots)
+    scheduler.kv.write_slots = timed_copy("write", scheduler.kv.write_slots)
     step, plan = scheduler.step, scheduler.plan
 
     def recorded_plan() -> object:  # the step's prompt tokens and the furthest slot they start at
@@ -55,8 +72,15 @@ def main(artifact: str, port: int, budget: int | None) -> None:
         started = time.perf_counter()
         steps["first"] = steps["first"] or started
         this_step.clear()
+        copies.update(read=0.0, write=0.0)
         events = step()
         seconds = time.perf_counter() - started
+        for kind, spent in copies.items():
+            if spent:
+                this_step.append(f"prefix {kind} {1e3 * spent:.1f}")
+                copied[kind][0] += 1
+                copied[kind][1] += spent
+                copied[kind][2] = max(copied[kind][2], spent)
         steps["count"] += 1
         steps["seconds"] += seconds
         if this_step:
@@ -74,6 +98,8 @@ def main(artifact: str, port: int, budget: int | None) -> None:
             )
         outside = steps["seconds"] - sum(seconds for _, seconds, _ in calls.values())
         print(f"  a step outside its graph calls: {1e3 * outside / steps['count']:.2f} ms")
+        for kind, (count, spent, most) in copied.items():
+            print(f"  prefix-cache {kind}s: in {count} steps, {spent:.2f} s, the most in a step {1e3 * most:.1f} ms")
         print(
             f"  budget {scheduler.budget()}, call cost {scheduler.prefill_cost.fit()}, "
             f"a packed call's added cost {scheduler.added_cost.fit()}"
