@@ -393,18 +393,18 @@ class Scheduler:
         if self.prefix is None:
             return
         left = REMEMBERED_BLOCKS_PER_STEP
-        running = [  # a padded row holds nothing to share (`_remember`)
-            (row.handle.submitted, b)
+        running = sorted(  # oldest first (rows differ, so no two tuples get as far as the Row); a padded
+            # row holds nothing to share (`_remember`)
+            (row.handle.submitted, b, row)
             for b, row in enumerate(self.rows)
             if row is not None and not row.windows and not row.plan.pad
-        ]
-        for _, b in sorted(running):
-            row = self.rows[b]
-            keys = self._keys(row.handle)  # type: ignore[union-attr]
-            take = min(left, len(keys) - row.remembered)  # type: ignore[union-attr]
+        )
+        for _, b, row in running:
+            keys = self._keys(row.handle)
+            take = min(left, len(keys) - row.remembered)
             if take > 0:
-                some = keys[: row.remembered + take]  # type: ignore[union-attr]
-                self._isolated(functools.partial(self._remember, b, row, some), [b], events)  # type: ignore[arg-type]
+                some = keys[: row.remembered + take]
+                self._isolated(functools.partial(self._remember, b, row, some), [b], events)
                 left -= take
             if left == 0:
                 return

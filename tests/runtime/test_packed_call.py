@@ -3,6 +3,8 @@ call, and each row gets what it gets in a call of its own."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,7 +12,10 @@ from llamatrt.base.artifact import names
 from llamatrt.base.artifact.feeds import graph_feeds, packed_feeds
 from llamatrt.base.artifact.reader import read_manifest
 from llamatrt.base.errors import InputError
+from llamatrt.runtime import scheduler as loop
 from llamatrt.runtime.ort_backend import OrtBackend
+from llamatrt.runtime.prefill_cost import CallCost
+from llamatrt.runtime.scheduler import Request, Scheduler
 
 
 def _prompt(length: int, seed: int, vocab: int) -> torch.Tensor:
@@ -82,12 +87,6 @@ def test_what_prompt_tokens_add_is_measured_beside_a_decode_call_of_as_many_rows
     with a row still prefilling has one row fewer decoding than the steps around it: measured against
     their average decode step, its tokens read cheap and the budget let the step run past its share.
     Here calls cost 10 ms, 5 ms a row and 1 ms a token beyond one a row, on a scripted clock."""
-    from types import SimpleNamespace
-
-    from llamatrt.runtime import scheduler as loop
-    from llamatrt.runtime.prefill_cost import CallCost
-    from llamatrt.runtime.scheduler import Request, Scheduler
-
     clock = [0.0]
     monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     manifest = read_manifest(tiny_artifact)
